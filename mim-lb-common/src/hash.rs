@@ -1,0 +1,134 @@
+//! Hashes used by both sides. They are pure functions of their inputs with fixed seeds: two
+//! directors in front of the same masters, or one director before and after a restart, send a
+//! flow to the same master because they compute the same numbers.
+//!
+//! Inputs are wire-order words (as stored in map keys); each is read as a big-endian number
+//! first, so the result does not depend on the host's byte order.
+//!
+//! The mixing is MurmurHash3's 32-bit block and finalisation steps: cheap in BPF (no loops, no
+//! tables) and with full avalanche, which Maglev needs from its flow hash.
+
+const C1: u32 = 0xcc9e_2d51;
+const C2: u32 = 0x1b87_3593;
+
+/// Seed of the flow hash (the Maglev slot of a flow).
+pub const FLOW_SEED: u32 = 0x6d69_6d6c; // "miml"
+/// Seeds of a backend's Maglev permutation (offset and skip).
+pub const MAGLEV_OFFSET_SEED: u32 = 0x4d61_676c; // "Magl"
+pub const MAGLEV_SKIP_SEED: u32 = 0x6576_3031; // "ev01"
+
+#[inline(always)]
+const fn block(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn finish(h: u32, len_words: u32) -> u32 {
+    let mut h = h ^ (len_words * 4);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+const fn wire(w: u32) -> u32 {
+    u32::from_be(w)
+}
+
+/// Hash of an address (four wire-order words) and one extra host-order word.
+#[inline(always)]
+pub const fn hash_addr(seed: u32, addr: &[u32; 4], extra: u32) -> u32 {
+    let mut h = seed;
+    h = block(h, wire(addr[0]));
+    h = block(h, wire(addr[1]));
+    h = block(h, wire(addr[2]));
+    h = block(h, wire(addr[3]));
+    h = block(h, extra);
+    finish(h, 5)
+}
+
+/// The flow hash of the `maglev` scheduler: source and destination address, both ports
+/// (wire order) and the protocol.
+#[inline(always)]
+pub const fn flow_hash(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = FLOW_SEED;
+    h = block(h, wire(src[0]));
+    h = block(h, wire(src[1]));
+    h = block(h, wire(src[2]));
+    h = block(h, wire(src[3]));
+    h = block(h, wire(dst[0]));
+    h = block(h, wire(dst[1]));
+    h = block(h, wire(dst[2]));
+    h = block(h, wire(dst[3]));
+    let ports = ((u16::from_be(sport) as u32) << 16) | u16::from_be(dport) as u32;
+    h = block(h, ports);
+    h = block(h, proto as u32);
+    finish(h, 10)
+}
+
+/// The flow hash of the `maglev-source` scheduler: the client address only, so every
+/// connection of one client reaches the same master (persistence).
+#[inline(always)]
+pub const fn source_hash(src: &[u32; 4]) -> u32 {
+    hash_addr(FLOW_SEED, src, 0)
+}
+
+/// The service-index slot of (vip, port, protocol, family) for a given seed. The control plane
+/// searches for a seed under which all configured services land in distinct slots.
+#[inline(always)]
+pub const fn service_slot(seed: u32, vip: &[u32; 4], port: u16, proto: u8, family: u8) -> u32 {
+    let extra = ((u16::from_be(port) as u32) << 16) | ((proto as u32) << 8) | family as u32;
+    hash_addr(seed, vip, extra) & (crate::limits::SERVICE_SLOTS - 1)
+}
+
+/// Hash of arbitrary bytes (userspace only: names and addresses of backends for Maglev).
+pub fn hash_bytes(seed: u32, bytes: &[u8]) -> u32 {
+    let mut h = seed;
+    let mut chunks = bytes.chunks_exact(4);
+    for c in &mut chunks {
+        h = block(h, u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut last = [0u8; 4];
+        last[..rest.len()].copy_from_slice(rest);
+        // Same tail treatment as MurmurHash3: mixed without the rotate-multiply-add step.
+        let k = u32::from_le_bytes(last).wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+        h ^= k;
+    }
+    let mut h = h ^ bytes.len() as u32;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur3_reference_vectors() {
+        // Published MurmurHash3_x86_32 results, which pin the mixing steps down.
+        assert_eq!(hash_bytes(0, b""), 0);
+        assert_eq!(hash_bytes(1, b""), 0x514e_28b7);
+        assert_eq!(hash_bytes(0, b"test"), 0xba6b_d213);
+        assert_eq!(hash_bytes(0x9747_b28c, b"Hello, world!"), 0x2488_4cba);
+        assert_eq!(hash_bytes(0, b"The quick brown fox jumps over the lazy dog"), 0x2e4f_f723);
+    }
+
+    #[test]
+    fn flow_hash_depends_on_every_field() {
+        let a = [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0];
+        let b = [u32::from_ne_bytes([10, 0, 0, 100]), 0, 0, 0];
+        let base = flow_hash(&a, &b, 1000u16.to_be(), 80u16.to_be(), 6);
+        assert_ne!(base, flow_hash(&b, &a, 1000u16.to_be(), 80u16.to_be(), 6));
+        assert_ne!(base, flow_hash(&a, &b, 1001u16.to_be(), 80u16.to_be(), 6));
+        assert_ne!(base, flow_hash(&a, &b, 1000u16.to_be(), 81u16.to_be(), 6));
+        assert_ne!(base, flow_hash(&a, &b, 1000u16.to_be(), 80u16.to_be(), 17));
+    }
+}

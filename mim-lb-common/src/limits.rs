@@ -1,0 +1,35 @@
+//! Sizes of the data-path tables. The BPF program is compiled with these; the control plane
+//! validates configurations against them.
+
+/// Largest Maglev table a service may use (a prime). Each service owns two regions of this
+/// size in the Maglev map (one live, one being rebuilt), whatever its own table size is.
+pub const MAGLEV_MAX_TABLE_SIZE: u32 = 65_537;
+
+/// The default Maglev table size: a prime much larger than any backend count, which keeps
+/// the share of each backend within a fraction of a percent of its weight.
+pub const MAGLEV_DEFAULT_TABLE_SIZE: u32 = 65_537;
+
+/// How many services (VIP, port, protocol) one director serves.
+pub const MAX_SERVICES: u32 = 64;
+
+/// Slots in one half of the service index. A power of two much larger than `MAX_SERVICES`, so
+/// the control plane quickly finds a seed that places every service in a slot of its own.
+pub const SERVICE_SLOTS: u32 = 1024;
+
+/// Backend ids are `1..MAX_BACKENDS`; id 0 means "no backend" everywhere.
+pub const MAX_BACKENDS: u32 = 4096;
+
+/// Default capacity of the connection table (an LRU map; overridable at load time).
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+
+/// Number of entries in the Maglev map: two halves per service.
+pub const MAGLEV_MAP_ENTRIES: u32 = MAX_SERVICES * 2 * MAGLEV_MAX_TABLE_SIZE;
+
+/// Entries in the per-reason counter map. Reason codes are below this.
+pub const REASON_SLOTS: u32 = 32;
+
+/// Index of the Maglev slot `slot` of `service_id` in its `half` (0 or 1) of the Maglev map.
+#[inline(always)]
+pub const fn maglev_index(service_id: u32, half: u32, slot: u32) -> u32 {
+    (service_id * 2 + half) * MAGLEV_MAX_TABLE_SIZE + slot
+}

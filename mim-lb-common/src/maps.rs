@@ -1,0 +1,181 @@
+//! Map names, keys and values. Field names are what operators see in `bpftool map dump`.
+
+/// Names of the maps in the BPF object; they are also the file names under the pin directory.
+pub mod names {
+    pub const GLOBALS: &str = "GLOBALS";
+    pub const SERVICES: &str = "SERVICES";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const REASON_STATS: &str = "REASON_STATS";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// Every map the control plane owns and pins.
+    pub const ALL: [&str; 8] = [
+        GLOBALS,
+        SERVICES,
+        MAGLEV,
+        BACKENDS,
+        FLOWS,
+        REASON_STATS,
+        SERVICE_STATS,
+        BACKEND_STATS,
+    ];
+}
+
+/// Address families as stored in keys (0 marks an empty slot).
+pub const FAMILY_NONE: u8 = 0;
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `Globals::flags`: the control plane has filled the maps; until then every packet passes.
+pub const GLOBALS_F_READY: u32 = 1;
+
+/// Program-wide settings, one entry at index 0 of `GLOBALS`.
+///
+/// The service index is double-buffered: `service_seeds[h]` is the hash seed of half `h` of
+/// `SERVICES`, and `active_services` says which half the data path reads. The control plane
+/// writes a complete new half and its seed first, then flips `active_services` in a second
+/// write that changes no other word, so a reader never mixes the two halves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Globals {
+    /// Source MAC written into forwarded frames: the gateway interface's own address.
+    pub gateway_mac: [u8; 6],
+    pub _pad0: [u8; 2],
+    pub flags: u32,
+    pub active_services: u32,
+    pub service_seeds: [u32; 2],
+}
+
+/// `ServiceEntry::flags`: the service hashes the client address only (`maglev-source`).
+pub const SERVICE_F_SOURCE_HASH: u32 = 1;
+/// `ServiceEntry::flags`: the entry only marks `vip` as a VIP for `proto` (its port is 0), so
+/// that fragments, which may carry no port, are recognised as addressed to a VIP.
+pub const SERVICE_F_VIP_MARKER: u32 = 2;
+
+/// One slot of the service index (`SERVICES`, an array of `2 * SERVICE_SLOTS` entries). The
+/// data path hashes (vip, port, proto, family) to a slot and compares the whole key, so an
+/// empty or foreign slot never matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Wire-order address words (IPv4 in word 0).
+    pub vip: [u32; 4],
+    /// Wire order.
+    pub port: u16,
+    pub proto: u8,
+    /// `FAMILY_*`; `FAMILY_NONE` marks an empty slot.
+    pub family: u8,
+    /// Index of the service's Maglev regions and counters (`< MAX_SERVICES`).
+    pub service_id: u32,
+    pub flags: u32,
+    /// Number of slots of the service's Maglev table (a prime `<= MAGLEV_MAX_TABLE_SIZE`).
+    pub table_size: u32,
+    /// Which of the service's two Maglev regions is live (0 or 1). The control plane rebuilds
+    /// the other one and then flips this word alone.
+    pub active_table: u32,
+    pub _pad0: u32,
+}
+
+/// Low bits of a Maglev entry: the backend id (0 = no backend).
+pub const MAGLEV_BACKEND_MASK: u32 = 0x00ff_ffff;
+/// High bit of a Maglev entry: this slot's backend changed while flows recorded on the old one
+/// may still be alive, so packets of established flows must consult `FLOWS`. A clean slot lets
+/// established TCP packets skip the connection table: their recorded backend is the slot's.
+pub const MAGLEV_SLOT_CHANGED: u32 = 0x8000_0000;
+
+/// `BackendEntry::flags`: the entry describes a backend.
+pub const BACKEND_F_IN_USE: u32 = 1;
+/// `BackendEntry::flags`: flows recorded on this backend stay on it (it is up or draining).
+/// Without it (down, disabled), recorded flows are re-steered through the Maglev table.
+pub const BACKEND_F_KEEPS_FLOWS: u32 = 2;
+
+/// One master (`BACKENDS`, indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendEntry {
+    /// Destination MAC written into frames sent to this master.
+    pub mac: [u8; 6],
+    pub family: u8,
+    pub _pad0: u8,
+    pub flags: u32,
+    pub service_id: u32,
+    /// The master's address (wire order), for operators reading the map.
+    pub addr: [u32; 4],
+}
+
+/// Key of the connection table (`FLOWS`, an LRU hash map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Wire order.
+    pub sport: u16,
+    /// Wire order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad0: [u8; 2],
+}
+
+/// Value of the connection table: where a flow was sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// The Maglev slot the flow hashed to, so the control plane can tell which changed slots
+    /// still have live flows without recomputing hashes.
+    pub slot: u32,
+    pub _pad0: u32,
+    /// `bpf_ktime_get_ns` when the flow was recorded or last seen on a changed slot.
+    pub last_seen_ns: u64,
+}
+
+/// A packet and byte counter (`REASON_STATS`, per CPU, indexed by reason code).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Traffic of one service or one backend (`SERVICE_STATS`, `BACKEND_STATS`, per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows recorded in the connection table (TCP SYNs, first UDP datagrams).
+    pub new_flows: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), made of integers only, with every padding byte an
+    // explicit field, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for Globals {}
+    unsafe impl aya::Pod for ServiceEntry {}
+    unsafe impl aya::Pod for BackendEntry {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for TrafficStats {}
+}
+
+// Layout guards: a field added without its padding changes a size and fails the build.
+const _: () = {
+    assert!(core::mem::size_of::<Globals>() == 24);
+    assert!(core::mem::size_of::<ServiceEntry>() == 40);
+    assert!(core::mem::size_of::<BackendEntry>() == 32);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<FlowEntry>() == 24);
+    assert!(core::mem::size_of::<Counter>() == 16);
+    assert!(core::mem::size_of::<TrafficStats>() == 24);
+};

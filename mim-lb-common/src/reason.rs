@@ -1,0 +1,75 @@
+//! Why the XDP program returned the verdict it did. Every packet is counted under exactly one
+//! reason. Codes are stable: a code is never renumbered or reused once released, so dashboards
+//! and old dumps keep their meaning. New reasons take the next free number.
+
+/// Sent to a master with XDP_TX.
+pub const FORWARDED: u32 = 0;
+/// Passed: not IPv4 or IPv6 (ARP, LLDP, ...).
+pub const NOT_IP: u32 = 1;
+/// Passed: IP, but no service matches its destination address, port and protocol.
+pub const NOT_A_SERVICE: u32 = 2;
+/// Dropped: the service has no master that can take the packet.
+pub const NO_BACKEND: u32 = 3;
+/// Passed: a header is truncated or inconsistent; the kernel decides what to do with it.
+pub const MALFORMED: u32 = 4;
+/// Dropped: an IP fragment addressed to a VIP. Non-first fragments carry no ports, so they
+/// cannot be matched to a flow; dropping every fragment for a VIP guarantees that no two
+/// parts of one datagram reach different masters.
+pub const FRAGMENT: u32 = 5;
+/// Passed: an IPv6 extension header the program does not walk (ESP, AH, mobility, ...), or a
+/// chain longer than it walks.
+pub const IPV6_EXTENSION: u32 = 6;
+/// Passed: more VLAN tags than the two (802.1ad + 802.1Q) the program reads.
+pub const VLAN_TOO_DEEP: u32 = 7;
+/// Passed: IP but neither TCP nor UDP (ICMP to a VIP is answered by the gateway's kernel).
+pub const NOT_TCP_UDP: u32 = 8;
+/// Passed: the control plane has not finished filling the maps yet.
+pub const NOT_READY: u32 = 9;
+/// Dropped: the chosen backend id has no entry in the backend map (a control-plane bug).
+pub const BACKEND_MISSING: u32 = 10;
+/// Dropped: an internal map lookup failed where it cannot fail (a verifier-mandated check).
+pub const INTERNAL: u32 = 11;
+
+/// Every reason with its stable name, for status output, metrics and tests.
+pub const ALL: [(u32, &str); 12] = [
+    (FORWARDED, "forwarded"),
+    (NOT_IP, "not_ip"),
+    (NOT_A_SERVICE, "not_a_service"),
+    (NO_BACKEND, "no_backend"),
+    (MALFORMED, "malformed"),
+    (FRAGMENT, "fragment"),
+    (IPV6_EXTENSION, "ipv6_extension"),
+    (VLAN_TOO_DEEP, "vlan_too_deep"),
+    (NOT_TCP_UDP, "not_tcp_udp"),
+    (NOT_READY, "not_ready"),
+    (BACKEND_MISSING, "backend_missing"),
+    (INTERNAL, "internal"),
+];
+
+/// The stable name of a reason code.
+pub fn name(code: u32) -> &'static str {
+    let mut i = 0;
+    while i < ALL.len() {
+        if ALL[i].0 == code {
+            return ALL[i].1;
+        }
+        i += 1;
+    }
+    "unknown"
+}
+
+/// XDP verdicts (the kernel's `enum xdp_action`), named here so both sides agree.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// The verdict that goes with a reason: one table, used by the program to decide and by the
+/// tests and tools to check.
+#[inline(always)]
+pub const fn verdict(code: u32) -> u32 {
+    match code {
+        FORWARDED => XDP_TX,
+        NO_BACKEND | FRAGMENT | BACKEND_MISSING | INTERNAL => XDP_DROP,
+        _ => XDP_PASS,
+    }
+}

@@ -1,0 +1,73 @@
+//! The mim-lb XDP program: packets for a configured VIP:port are sent back out of the
+//! interface (XDP_TX) to a master, with only the two MAC addresses rewritten; everything else
+//! goes to the kernel untouched.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+use mim_lb_common::{GLOBALS_F_READY, SERVICE_F_VIP_MARKER, reason};
+use network_types::eth::EthHdr;
+
+use crate::maps::GLOBALS;
+
+/// The entry point: runs the data path and turns its outcome into a verdict, counting every
+/// packet under exactly one reason.
+#[xdp]
+pub fn mim_lb(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let code = match try_mim_lb(&ctx, bytes) {
+        Ok(()) => reason::FORWARDED,
+        Err(code) => code,
+    };
+    stats::count_reason(code, bytes);
+    reason::verdict(code)
+}
+
+/// Passes every packet. Attached to the peer of a veth that runs mim-lb in native mode:
+/// without an XDP program there, frames sent back with XDP_TX are dropped by the veth driver.
+#[xdp]
+pub fn mim_lb_pass(_ctx: XdpContext) -> u32 {
+    reason::XDP_PASS
+}
+
+#[inline(always)]
+fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
+    let globals = GLOBALS.get(0).ok_or(reason::INTERNAL)?;
+    if globals.flags & GLOBALS_F_READY == 0 {
+        return Err(reason::NOT_READY);
+    }
+    let packet = parse::parse(ctx)?;
+
+    if packet.fragment {
+        // Fragments carry no ports (after the first), so they are matched on the VIP alone.
+        return match select::service(globals, &packet, 0) {
+            Some(s) if s.flags & SERVICE_F_VIP_MARKER != 0 => Err(reason::FRAGMENT),
+            _ => Err(reason::NOT_A_SERVICE),
+        };
+    }
+    let service = select::service(globals, &packet, packet.dport).ok_or(reason::NOT_A_SERVICE)?;
+    let choice = select::choose(ctx, service, &packet)?;
+
+    let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
+    unsafe {
+        (*eth).dst_addr = choice.backend.mac;
+        (*eth).src_addr = globals.gateway_mac;
+    }
+    stats::count_forward(service.service_id, choice.backend_id, bytes, choice.new_flow);
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,46 @@
+//! Every map of the data path, and nothing else. All are BTF maps, so `bpftool map dump`
+//! prints their keys and values with field names. The control plane pins them by these names.
+
+use aya_ebpf::{
+    btf_maps::{Array, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use mim_lb_common::{
+    BackendEntry, Counter, FlowEntry, FlowKey, Globals, ServiceEntry, TrafficStats,
+    limits::{
+        DEFAULT_FLOW_TABLE_SIZE, MAGLEV_MAP_ENTRIES, MAX_BACKENDS, MAX_SERVICES, REASON_SLOTS,
+        SERVICE_SLOTS,
+    },
+};
+
+const TWO_SERVICE_HALVES: usize = 2 * SERVICE_SLOTS as usize;
+
+#[btf_map]
+pub static GLOBALS: Array<Globals, 1> = Array::new();
+
+/// The service index: two halves of `SERVICE_SLOTS` (see `Globals`).
+#[btf_map]
+pub static SERVICES: Array<ServiceEntry, TWO_SERVICE_HALVES> = Array::new();
+
+/// Maglev tables, built in userspace: entry = backend id | `MAGLEV_SLOT_CHANGED`.
+#[btf_map]
+pub static MAGLEV: Array<u32, { MAGLEV_MAP_ENTRIES as usize }> = Array::new();
+
+#[btf_map]
+pub static BACKENDS: Array<BackendEntry, { MAX_BACKENDS as usize }> = Array::new();
+
+/// The connection table. Its size is set by the control plane at load time.
+#[btf_map]
+pub static FLOWS: LruHashMap<FlowKey, FlowEntry, { DEFAULT_FLOW_TABLE_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static REASON_STATS: PerCpuArray<Counter, { REASON_SLOTS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static SERVICE_STATS: PerCpuArray<TrafficStats, { MAX_SERVICES as usize }> =
+    PerCpuArray::new();
+
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats, { MAX_BACKENDS as usize }> =
+    PerCpuArray::new();

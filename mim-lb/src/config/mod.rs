@@ -1,0 +1,1 @@
+//! Configuration: schema, validation with key-naming errors.
