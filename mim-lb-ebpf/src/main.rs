@@ -51,6 +51,10 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
         };
     }
     let service = select::service(globals, &packet, packet.dport).ok_or(reason::NOT_A_SERVICE)?;
+    if service.flags & SERVICE_F_VIP_MARKER != 0 {
+        // Port 0 matched a VIP marker: no service listens there.
+        return Err(reason::NOT_A_SERVICE);
+    }
     let choice = select::choose(ctx, service, &packet)?;
 
     let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;

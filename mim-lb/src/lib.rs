@@ -2,6 +2,10 @@
 //!
 //! Data flows one way: `config` (parse, validate) -> `director` (desired state: ids, Maglev
 //! tables, service index) -> `dataplane` (maps, program, attachment) -> kernel.
+pub mod check;
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
+pub mod director;
 pub mod maglev;

@@ -1,0 +1,72 @@
+//! `mim-lb check`: validate a config and print the plan, without touching the kernel.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    cli::CheckArgs,
+    config::{Config, format_mac},
+    maglev,
+};
+
+pub fn run(args: &CheckArgs) -> Result<()> {
+    let config = Config::from_file(&args.config)
+        .with_context(|| format!("{} is not a valid mim-lb config", args.config.display()))?;
+    print!("{}", plan(&config));
+    Ok(())
+}
+
+/// A human description of what `run` would set up, including each master's share of its
+/// service's Maglev table (the share of new flows it will get).
+pub fn plan(config: &Config) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "config OK: interface {} (xdp mode {}), maps pinned under {}, connection table {} flows",
+        config.interface,
+        config.xdp_mode,
+        config.pin_dir.display(),
+        config.flow_table_size
+    );
+    for service in &config.services {
+        let _ = writeln!(
+            out,
+            "service {}: {}:{}/{} scheduler {} table {} slots",
+            service.name, service.vip, service.port, service.protocol, service.scheduler, service.table_size
+        );
+        let keys: Vec<Vec<u8>> = service
+            .backends
+            .iter()
+            .map(|b| match b.address {
+                std::net::IpAddr::V4(a) => a.octets().to_vec(),
+                std::net::IpAddr::V6(a) => a.octets().to_vec(),
+            })
+            .collect();
+        let members: Vec<maglev::MaglevBackend> = service
+            .backends
+            .iter()
+            .zip(&keys)
+            .enumerate()
+            .map(|(i, (b, k))| maglev::MaglevBackend { id: i as u32 + 1, key: k, weight: b.weight })
+            .collect();
+        let table = maglev::build(&members, service.table_size);
+        for (i, b) in service.backends.iter().enumerate() {
+            let slots = table.iter().filter(|id| **id == i as u32 + 1).count();
+            let mac = b.mac.as_ref().map(format_mac).unwrap_or_else(|| "(unresolved)".into());
+            let _ = writeln!(
+                out,
+                "  backend {} mac {} weight {}: {} slots ({:.1}% of new flows)",
+                b.address,
+                mac,
+                b.weight,
+                slots,
+                100.0 * slots as f64 / service.table_size as f64
+            );
+        }
+        if table.iter().all(|id| *id == 0) {
+            let _ = writeln!(out, "  warning: no backend with weight > 0: packets to this service are dropped");
+        }
+    }
+    out
+}

@@ -1,0 +1,167 @@
+//! Typed readers and writers for each map. The only place that names map types.
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
+use mim_lb_common::{
+    BackendEntry, Counter, FlowEntry, FlowKey, Globals, ServiceEntry, TrafficStats, limits,
+    maps::names,
+};
+
+use super::DataplaneError;
+
+pub struct Maps<'a> {
+    ebpf: &'a mut Ebpf,
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+impl<'a> Maps<'a> {
+    pub(super) fn new(ebpf: &'a mut Ebpf) -> Self {
+        Maps { ebpf }
+    }
+
+    fn array<V: aya::Pod>(&mut self, name: &'static str) -> Result<Array<&mut MapData, V>, DataplaneError> {
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        Array::try_from(map).map_err(map_err(name))
+    }
+
+    fn array_ro<V: aya::Pod>(&self, name: &'static str) -> Result<Array<&MapData, V>, DataplaneError> {
+        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+        Array::try_from(map).map_err(map_err(name))
+    }
+
+    fn per_cpu<V: aya::Pod>(&self, name: &'static str) -> Result<PerCpuArray<&MapData, V>, DataplaneError> {
+        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+        PerCpuArray::try_from(map).map_err(map_err(name))
+    }
+
+    pub fn globals(&self) -> Result<Globals, DataplaneError> {
+        self.array_ro::<Globals>(names::GLOBALS)?.get(&0, 0).map_err(map_err(names::GLOBALS))
+    }
+
+    pub fn set_globals(&mut self, value: &Globals) -> Result<(), DataplaneError> {
+        self.array::<Globals>(names::GLOBALS)?.set(0, value, 0).map_err(map_err(names::GLOBALS))
+    }
+
+    /// Writes slot `slot` of half `half` of the service index.
+    pub fn set_service_slot(&mut self, half: u32, slot: u32, value: &ServiceEntry) -> Result<(), DataplaneError> {
+        let index = half * limits::SERVICE_SLOTS + slot;
+        self.array::<ServiceEntry>(names::SERVICES)?.set(index, value, 0).map_err(map_err(names::SERVICES))
+    }
+
+    pub fn service_slot(&self, half: u32, slot: u32) -> Result<ServiceEntry, DataplaneError> {
+        let index = half * limits::SERVICE_SLOTS + slot;
+        self.array_ro::<ServiceEntry>(names::SERVICES)?.get(&index, 0).map_err(map_err(names::SERVICES))
+    }
+
+    /// Writes the given (slot, entry) pairs into one Maglev region.
+    pub fn set_maglev_entries(
+        &mut self,
+        service_id: u32,
+        half: u32,
+        entries: impl IntoIterator<Item = (u32, u32)>,
+    ) -> Result<usize, DataplaneError> {
+        let mut map = self.array::<u32>(names::MAGLEV)?;
+        let mut written = 0;
+        for (slot, value) in entries {
+            map.set(limits::maglev_index(service_id, half, slot), value, 0)
+                .map_err(map_err(names::MAGLEV))?;
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    pub fn maglev_entry(&self, service_id: u32, half: u32, slot: u32) -> Result<u32, DataplaneError> {
+        self.array_ro::<u32>(names::MAGLEV)?
+            .get(&limits::maglev_index(service_id, half, slot), 0)
+            .map_err(map_err(names::MAGLEV))
+    }
+
+    pub fn set_backend(&mut self, id: u32, value: &BackendEntry) -> Result<(), DataplaneError> {
+        self.array::<BackendEntry>(names::BACKENDS)?.set(id, value, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<BackendEntry, DataplaneError> {
+        self.array_ro::<BackendEntry>(names::BACKENDS)?.get(&id, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    /// Every recorded flow.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowEntry)>, DataplaneError> {
+        let map = self.ebpf.map(names::FLOWS).ok_or(DataplaneError::MissingMap(names::FLOWS))?;
+        let flows: HashMap<&MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(map).map_err(map_err(names::FLOWS))?;
+        // Entries can be evicted while we walk; a vanished key just ends up missing.
+        Ok(flows.iter().filter_map(Result::ok).collect())
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowEntry>, DataplaneError> {
+        let map = self.ebpf.map(names::FLOWS).ok_or(DataplaneError::MissingMap(names::FLOWS))?;
+        let flows: HashMap<&MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(map).map_err(map_err(names::FLOWS))?;
+        match flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::FLOWS)(e)),
+        }
+    }
+
+    /// The per-reason counters, summed over CPUs, indexed by reason code.
+    pub fn reason_counters(&self) -> Result<Vec<Counter>, DataplaneError> {
+        let map = self.per_cpu::<Counter>(names::REASON_STATS)?;
+        (0..limits::REASON_SLOTS)
+            .map(|i| {
+                let per_cpu = map.get(&i, 0).map_err(map_err(names::REASON_STATS))?;
+                Ok(per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                }))
+            })
+            .collect()
+    }
+
+    pub fn service_stats(&self, service_id: u32) -> Result<TrafficStats, DataplaneError> {
+        sum_stats(&self.per_cpu::<TrafficStats>(names::SERVICE_STATS)?, service_id, names::SERVICE_STATS)
+    }
+
+    pub fn backend_stats(&self, backend_id: u32) -> Result<TrafficStats, DataplaneError> {
+        sum_stats(&self.per_cpu::<TrafficStats>(names::BACKEND_STATS)?, backend_id, names::BACKEND_STATS)
+    }
+
+    /// Zeroes the counters of a service id about to be (re)used.
+    pub fn reset_service_stats(&mut self, service_id: u32) -> Result<(), DataplaneError> {
+        reset_stats(self.ebpf, names::SERVICE_STATS, service_id)
+    }
+
+    /// Zeroes the counters of a backend id about to be (re)used.
+    pub fn reset_backend_stats(&mut self, backend_id: u32) -> Result<(), DataplaneError> {
+        reset_stats(self.ebpf, names::BACKEND_STATS, backend_id)
+    }
+}
+
+fn sum_stats(
+    map: &PerCpuArray<&MapData, TrafficStats>,
+    index: u32,
+    name: &'static str,
+) -> Result<TrafficStats, DataplaneError> {
+    let per_cpu = map.get(&index, 0).map_err(map_err(name))?;
+    Ok(per_cpu.iter().fold(TrafficStats::default(), |a, s| TrafficStats {
+        packets: a.packets + s.packets,
+        bytes: a.bytes + s.bytes,
+        new_flows: a.new_flows + s.new_flows,
+    }))
+}
+
+fn reset_stats(ebpf: &mut Ebpf, name: &'static str, index: u32) -> Result<(), DataplaneError> {
+    let map = ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+    let mut map: PerCpuArray<&mut MapData, TrafficStats> =
+        PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let cpus = nr_cpus().map_err(|(_, source)| DataplaneError::Cpus(source))?;
+    let zeros =
+        PerCpuValues::try_from(vec![TrafficStats::default(); cpus]).map_err(DataplaneError::Cpus)?;
+    map.set(index, zeros, 0).map_err(map_err(name))
+}

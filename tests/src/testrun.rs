@@ -1,0 +1,113 @@
+//! The real XDP program, loaded into the kernel with maps filled by the real control plane,
+//! run on single frames with BPF_PROG_TEST_RUN.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::programs::{TestRun as _, TestRunOptions};
+use mim_lb::{
+    config::Config,
+    dataplane::{Dataplane, LoadOptions},
+    director::{Director, ServiceKey},
+};
+use mim_lb_common::{Counter, MAGLEV_BACKEND_MASK, hash, reason};
+
+/// The source MAC the program writes into forwarded frames in these tests.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x47, 0x57, 0x00, 0x00, 0x01];
+
+pub struct ProgramUnderTest {
+    pub director: Director,
+}
+
+/// What one run of the program did to a frame.
+#[derive(Debug)]
+pub struct Outcome {
+    pub verdict: u32,
+    pub bytes: Vec<u8>,
+}
+
+impl ProgramUnderTest {
+    /// Loads the program (no pins, nothing attached) and applies `config`.
+    pub fn new(config: &str) -> Result<Self> {
+        let config = Config::parse(config).map_err(|e| anyhow!("test config: {e}"))?;
+        let dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size: 65_536 })
+            .context("loading the XDP program")?;
+        let mut director = Director::new(dataplane, GATEWAY_MAC);
+        director.apply(&config).context("applying the test config")?;
+        Ok(ProgramUnderTest { director })
+    }
+
+    /// Loads the program without applying any config.
+    pub fn unconfigured() -> Result<Self> {
+        let dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size: 65_536 })
+            .context("loading the XDP program")?;
+        Ok(ProgramUnderTest { director: Director::new(dataplane, GATEWAY_MAC) })
+    }
+
+    pub fn apply(&mut self, config: &str) -> Result<()> {
+        let config = Config::parse(config).map_err(|e| anyhow!("test config: {e}"))?;
+        self.director.apply(&config).context("applying the test config")?;
+        Ok(())
+    }
+
+    /// Runs the program once on `frame`.
+    pub fn run(&self, frame: &[u8]) -> Result<Outcome> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .director
+            .dataplane()
+            .program()
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok(Outcome { verdict: result.return_value, bytes: out })
+    }
+
+    /// Per-reason counters (summed over CPUs), indexed by reason code.
+    pub fn reasons(&mut self) -> Result<Vec<Counter>> {
+        Ok(self.director.dataplane_mut().maps().reason_counters()?)
+    }
+
+    pub fn reason_packets(&mut self, code: u32) -> Result<u64> {
+        Ok(self.reasons()?[code as usize].packets)
+    }
+
+    /// The MAC of the master at `addr` in the service `key`.
+    pub fn master_mac(&self, key: &ServiceKey, addr: IpAddr) -> [u8; 6] {
+        self.director.services()[key].backends[&addr].mac
+    }
+
+    /// Which master the control plane's live table gives to a flow of `key`: computed from
+    /// the shared hash and the table the director wrote, independent of the program.
+    pub fn table_master(&self, key: &ServiceKey, src: IpAddr, sport: u16, dport: u16) -> Option<IpAddr> {
+        let svc = &self.director.services()[key];
+        let (s, _) = mim_lb::dataplane::service_index::addr_words(src);
+        let (d, _) = mim_lb::dataplane::service_index::addr_words(key.vip);
+        let h = if svc.flags & mim_lb_common::SERVICE_F_SOURCE_HASH != 0 {
+            hash::source_hash(&s)
+        } else {
+            hash::flow_hash(&s, &d, sport.to_be(), dport.to_be(), key.protocol)
+        };
+        let id = svc.table()[(h % svc.table_size) as usize] & MAGLEV_BACKEND_MASK;
+        svc.backends.iter().find(|(_, b)| b.id == id).map(|(a, _)| *a)
+    }
+}
+
+/// The frame the program should send for `input` forwarded to `master_mac`: the input with
+/// only its two MAC addresses rewritten.
+pub fn forwarded(input: &[u8], master_mac: [u8; 6]) -> Vec<u8> {
+    let mut out = input.to_vec();
+    out[0..6].copy_from_slice(&master_mac);
+    out[6..12].copy_from_slice(&GATEWAY_MAC);
+    out
+}
+
+/// The name of a verdict, for messages.
+pub fn verdict_name(v: u32) -> &'static str {
+    match v {
+        reason::XDP_DROP => "XDP_DROP",
+        reason::XDP_PASS => "XDP_PASS",
+        reason::XDP_TX => "XDP_TX",
+        _ => "other",
+    }
+}

@@ -1,0 +1,380 @@
+//! Packet-in, packet-out: the real XDP program under BPF_PROG_TEST_RUN, with its maps filled
+//! by the real control plane. Each fixture states its input frame, the verdict, the exact
+//! output bytes and the reason it must be counted under.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use mim_lb::director::ServiceKey;
+use mim_lb_common::reason;
+use mim_lb_tests::{
+    packet::{Ext6, Frame, L4, TCP_ACK, TCP_PSH, TCP_SYN, ext_fragment, ext_padding},
+    testrun::{ProgramUnderTest, forwarded, verdict_name},
+};
+
+const VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+
+const CONFIG: &str = r#"
+interface = "lo"
+
+[[service]]
+name = "tcp4"
+vip = "10.0.0.100"
+port = 7000
+protocol = "tcp"
+[[service.backend]]
+address = "10.0.0.11"
+mac = "02:00:00:00:00:11"
+[[service.backend]]
+address = "10.0.0.12"
+mac = "02:00:00:00:00:12"
+[[service.backend]]
+address = "10.0.0.13"
+mac = "02:00:00:00:00:13"
+
+[[service]]
+name = "udp4"
+vip = "10.0.0.100"
+port = 5353
+protocol = "udp"
+[[service.backend]]
+address = "10.0.0.11"
+mac = "02:00:00:00:00:11"
+[[service.backend]]
+address = "10.0.0.12"
+mac = "02:00:00:00:00:12"
+
+[[service]]
+name = "tcp6"
+vip = "fd00::100"
+port = 7000
+[[service.backend]]
+address = "fd00::11"
+mac = "02:00:00:00:06:11"
+[[service.backend]]
+address = "fd00::12"
+mac = "02:00:00:00:06:12"
+
+[[service]]
+name = "sticky"
+vip = "10.0.0.101"
+port = 7000
+scheduler = "maglev-source"
+[[service.backend]]
+address = "10.0.0.11"
+mac = "02:00:00:00:00:11"
+[[service.backend]]
+address = "10.0.0.12"
+mac = "02:00:00:00:00:12"
+[[service.backend]]
+address = "10.0.0.13"
+mac = "02:00:00:00:00:13"
+
+[[service]]
+name = "empty"
+vip = "10.0.0.102"
+port = 7000
+[[service.backend]]
+address = "10.0.0.11"
+mac = "02:00:00:00:00:11"
+weight = 0
+"#;
+
+fn key(vip: impl Into<IpAddr>, port: u16, protocol: u8) -> ServiceKey {
+    ServiceKey { vip: vip.into(), port, protocol }
+}
+
+enum Expect {
+    /// XDP_PASS and the frame untouched.
+    Passed(u32),
+    /// XDP_DROP.
+    Dropped(u32),
+    /// XDP_TX to the master the control plane's table names for this flow.
+    Forwarded(ServiceKey),
+}
+
+struct Case {
+    description: &'static str,
+    input: Frame,
+    expect: Expect,
+}
+
+fn cases() -> Vec<Case> {
+    let tcp4 = key(VIP4, 7000, 6);
+    let with_options = {
+        let mut f = Frame::tcp(CLIENT4, 40001, VIP4, 7000, TCP_SYN);
+        // Record-route style filler: NOPs then end-of-options, 12 octets (IHL 8).
+        f.ipv4_options = vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0];
+        f
+    };
+    let fragment = |offset_field: u16, dst: Ipv4Addr| {
+        let mut f = Frame::udp(CLIENT4, 40002, dst, 5353).with_payload(&[7; 32]);
+        f.ipv4_frag = offset_field;
+        f
+    };
+    let v6_ext = |ext: Vec<Ext6>| {
+        let mut f = Frame::tcp(CLIENT6, 40003, VIP6, 7000, TCP_SYN);
+        f.ipv6_ext = ext;
+        f
+    };
+    vec![
+        Case { description: "TCP SYN to a VIP", input: Frame::tcp(CLIENT4, 40000, VIP4, 7000, TCP_SYN), expect: Expect::Forwarded(tcp4) },
+        Case { description: "TCP data of an established flow", input: Frame::tcp(CLIENT4, 40000, VIP4, 7000, TCP_ACK | TCP_PSH).with_payload(b"hello"), expect: Expect::Forwarded(tcp4) },
+        Case { description: "UDP to a VIP", input: Frame::udp(CLIENT4, 40000, VIP4, 5353).with_payload(b"q"), expect: Expect::Forwarded(key(VIP4, 5353, 17)) },
+        Case { description: "TCP to a VIP on a port with no service", input: Frame::tcp(CLIENT4, 40000, VIP4, 22, TCP_SYN), expect: Expect::Passed(reason::NOT_A_SERVICE) },
+        Case { description: "UDP to the VIP on the TCP service's port", input: Frame::udp(CLIENT4, 40000, VIP4, 7000), expect: Expect::Passed(reason::NOT_A_SERVICE) },
+        Case { description: "TCP to another address", input: Frame::tcp(CLIENT4, 40000, Ipv4Addr::new(10, 0, 0, 2), 7000, TCP_SYN), expect: Expect::Passed(reason::NOT_A_SERVICE) },
+        Case { description: "TCP to the VIP, port 0", input: Frame::tcp(CLIENT4, 40000, VIP4, 0, TCP_SYN), expect: Expect::Passed(reason::NOT_A_SERVICE) },
+        Case { description: "802.1Q-tagged SYN to a VIP keeps its tag", input: Frame::tcp(CLIENT4, 40010, VIP4, 7000, TCP_SYN).with_vlan(0x8100, 42), expect: Expect::Forwarded(tcp4) },
+        Case { description: "802.1ad + 802.1Q (QinQ) SYN to a VIP keeps both tags", input: Frame::tcp(CLIENT4, 40011, VIP4, 7000, TCP_SYN).with_vlan(0x88a8, 100).with_vlan(0x8100, 42), expect: Expect::Forwarded(tcp4) },
+        Case { description: "three VLAN tags are passed", input: Frame::tcp(CLIENT4, 40012, VIP4, 7000, TCP_SYN).with_vlan(0x88a8, 1).with_vlan(0x8100, 2).with_vlan(0x8100, 3), expect: Expect::Passed(reason::VLAN_TOO_DEEP) },
+        Case { description: "IPv4 with 12 octets of options (IHL 8)", input: with_options, expect: Expect::Forwarded(tcp4) },
+        Case { description: "IPv6 SYN to a VIP", input: Frame::tcp(CLIENT6, 40000, VIP6, 7000, TCP_SYN), expect: Expect::Forwarded(key(VIP6, 7000, 6)) },
+        Case { description: "IPv6 with hop-by-hop and destination options", input: v6_ext(vec![ext_padding(0, 1), ext_padding(60, 2)]), expect: Expect::Forwarded(key(VIP6, 7000, 6)) },
+        Case { description: "IPv6 with a routing header", input: v6_ext(vec![ext_padding(43, 1)]), expect: Expect::Forwarded(key(VIP6, 7000, 6)) },
+        Case { description: "IPv6 atomic fragment is a whole datagram", input: v6_ext(vec![ext_fragment(0, false)]), expect: Expect::Forwarded(key(VIP6, 7000, 6)) },
+        Case { description: "IPv6 fragment to a VIP is dropped", input: v6_ext(vec![ext_fragment(0, true)]), expect: Expect::Dropped(reason::FRAGMENT) },
+        Case { description: "IPv6 non-first fragment to a VIP is dropped", input: v6_ext(vec![ext_fragment(100, false)]), expect: Expect::Dropped(reason::FRAGMENT) },
+        Case { description: "IPv6 ESP is passed", input: Frame::new(CLIENT6.into(), VIP6.into(), L4::Other { proto: 50, bytes: vec![0; 16] }), expect: Expect::Passed(reason::IPV6_EXTENSION) },
+        Case { description: "IPv6 with five extension headers is passed", input: v6_ext(vec![ext_padding(0, 1), ext_padding(60, 1), ext_padding(60, 1), ext_padding(60, 1), ext_padding(60, 1)]), expect: Expect::Passed(reason::IPV6_EXTENSION) },
+        Case { description: "IPv4 first fragment to a VIP is dropped", input: fragment(0x2000, VIP4), expect: Expect::Dropped(reason::FRAGMENT) },
+        Case { description: "IPv4 later fragment to a VIP is dropped", input: fragment(0x0010, VIP4), expect: Expect::Dropped(reason::FRAGMENT) },
+        Case { description: "IPv4 fragment to another address is passed", input: fragment(0x2000, Ipv4Addr::new(10, 0, 0, 2)), expect: Expect::Passed(reason::NOT_A_SERVICE) },
+        Case { description: "IPv4 don't-fragment flag is not a fragment", input: fragment(0x4000, VIP4), expect: Expect::Forwarded(key(VIP4, 5353, 17)) },
+        Case { description: "ICMP echo to a VIP is passed", input: Frame::new(CLIENT4.into(), VIP4.into(), L4::Other { proto: 1, bytes: vec![8, 0, 0, 0, 0, 1, 0, 1] }), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "service whose only master has weight 0 drops", input: Frame::tcp(CLIENT4, 40000, Ipv4Addr::new(10, 0, 0, 102), 7000, TCP_SYN), expect: Expect::Dropped(reason::NO_BACKEND) },
+    ]
+}
+
+/// Frames whose bytes the builder cannot express directly.
+fn raw_cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 100]);
+    let mut bad_ihl = Frame::tcp(CLIENT4, 40004, VIP4, 7000, TCP_SYN).bytes();
+    bad_ihl[14] = 0x44; // IHL 4: shorter than the fixed header
+    let mut ipv6_as_v4 = Frame::tcp(CLIENT4, 40005, VIP4, 7000, TCP_SYN).bytes();
+    ipv6_as_v4[14] = 0x65; // IPv6 version nibble behind an IPv4 EtherType
+    let mut bad_doff = Frame::tcp(CLIENT4, 40006, VIP4, 7000, TCP_ACK).bytes();
+    bad_doff[14 + 20 + 12] = 0x40; // TCP data offset 4
+    vec![
+        ("ARP request for the VIP is passed", arp, Expect::Passed(reason::NOT_IP)),
+        ("IPv4 header length below 20 is malformed", bad_ihl, Expect::Passed(reason::MALFORMED)),
+        ("IPv4 EtherType with version 6 is malformed", ipv6_as_v4, Expect::Passed(reason::MALFORMED)),
+        ("TCP data offset below 5 is malformed", bad_doff, Expect::Passed(reason::MALFORMED)),
+    ]
+}
+
+fn flow_of(frame: &Frame) -> (IpAddr, u16, u16) {
+    match frame.l4 {
+        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (frame.src, sport, dport),
+        L4::Other { .. } => (frame.src, 0, 0),
+    }
+}
+
+#[test]
+fn fixtures_give_the_expected_verdict_bytes_and_reason() {
+    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    let mut all: Vec<(String, Vec<u8>, Expect, Option<(IpAddr, u16, u16)>)> = cases()
+        .into_iter()
+        .map(|c| (c.description.to_string(), c.input.bytes(), c.expect, Some(flow_of(&c.input))))
+        .collect();
+    all.extend(raw_cases().into_iter().map(|(d, b, e)| (d.to_string(), b, e, None)));
+
+    let mut failures = Vec::new();
+    for (description, input, expect, flow) in &all {
+        let before = prog.reasons().unwrap();
+        let out = prog.run(input).unwrap();
+        let after = prog.reasons().unwrap();
+        let (want_verdict, want_bytes, want_reason) = match expect {
+            Expect::Passed(r) => (reason::XDP_PASS, input.clone(), *r),
+            Expect::Dropped(r) => (reason::XDP_DROP, out.bytes.clone(), *r),
+            Expect::Forwarded(key) => {
+                let (src, sport, dport) = flow.expect("forwarded fixtures carry a flow");
+                let master = prog.table_master(key, src, sport, dport).expect("the table has a master");
+                (reason::XDP_TX, forwarded(input, prog.master_mac(key, master)), reason::FORWARDED)
+            }
+        };
+        let counted: Vec<u32> = (0..after.len() as u32)
+            .filter(|i| after[*i as usize].packets != before[*i as usize].packets)
+            .collect();
+        if out.verdict != want_verdict {
+            failures.push(format!("{description}: verdict {} want {}", verdict_name(out.verdict), verdict_name(want_verdict)));
+        } else if out.bytes != want_bytes {
+            failures.push(format!("{description}: output bytes differ\n  got  {:02x?}\n  want {:02x?}", out.bytes, want_bytes));
+        } else if counted != vec![want_reason] {
+            let names: Vec<&str> = counted.iter().map(|c| reason::name(*c)).collect();
+            failures.push(format!("{description}: counted under {names:?}, want [{}]", reason::name(want_reason)));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} fixtures failed:\n{}", failures.len(), all.len(), failures.join("\n"));
+}
+
+#[test]
+fn forwarding_changes_nothing_but_the_two_macs() {
+    let prog = ProgramUnderTest::new(CONFIG).unwrap();
+    let input = Frame::tcp(CLIENT4, 41000, VIP4, 7000, TCP_ACK | TCP_PSH)
+        .with_vlan(0x8100, 7)
+        .with_payload(&[0xab; 200])
+        .bytes();
+    let out = prog.run(&input).unwrap();
+    assert_eq!(out.verdict, reason::XDP_TX);
+    assert_eq!(out.bytes.len(), input.len());
+    assert_eq!(out.bytes[12..], input[12..], "everything after the MACs is untouched");
+    assert_eq!(&out.bytes[6..12], &mim_lb_tests::testrun::GATEWAY_MAC);
+}
+
+#[test]
+fn every_truncation_of_a_valid_frame_is_never_forwarded() {
+    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    let frames = [
+        Frame::tcp(CLIENT4, 42000, VIP4, 7000, TCP_SYN).bytes(),
+        Frame::udp(CLIENT4, 42000, VIP4, 5353).bytes(),
+        {
+            let mut f = Frame::tcp(CLIENT4, 42001, VIP4, 7000, TCP_SYN).with_vlan(0x88a8, 1).with_vlan(0x8100, 2);
+            f.ipv4_options = vec![1, 1, 1, 0];
+            f.bytes()
+        },
+        {
+            let mut f = Frame::tcp(CLIENT6, 42002, VIP6, 7000, TCP_SYN);
+            f.ipv6_ext = vec![ext_padding(0, 1), ext_padding(60, 2)];
+            f.bytes()
+        },
+    ];
+    for full in &frames {
+        assert_eq!(prog.run(full).unwrap().verdict, reason::XDP_TX, "the whole frame is forwarded");
+        let malformed_before = prog.reason_packets(reason::MALFORMED).unwrap();
+        let mut ran = 0;
+        for len in 0..full.len() {
+            let cut = &full[..len];
+            match prog.run(cut) {
+                Ok(out) => {
+                    ran += 1;
+                    assert_ne!(out.verdict, reason::XDP_TX, "a frame cut to {len} octets was forwarded");
+                    assert_eq!(out.bytes, cut, "a frame cut to {len} octets was modified");
+                }
+                // The kernel refuses to run XDP on less than an Ethernet header.
+                Err(_) if len < 14 => {}
+                Err(e) => panic!("frame cut to {len} octets: {e:#}"),
+            }
+        }
+        let malformed = prog.reason_packets(reason::MALFORMED).unwrap() - malformed_before;
+        assert_eq!(malformed, ran, "every truncated frame that ran is counted as malformed");
+    }
+}
+
+#[test]
+fn established_flow_keeps_its_master_when_the_table_changes() {
+    let tcp4 = key(VIP4, 7000, 6);
+    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    // Open many flows so some hash to slots that the change below moves.
+    let flows: Vec<u16> = (20000..20400).collect();
+    let mut first_master = Vec::new();
+    for &sport in &flows {
+        let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_SYN).bytes()).unwrap();
+        assert_eq!(out.verdict, reason::XDP_TX);
+        first_master.push(<[u8; 6]>::try_from(&out.bytes[0..6]).unwrap());
+    }
+
+    // A fourth master joins: Maglev gives it about a quarter of the slots.
+    let grown = CONFIG.replacen(
+        "[[service]]\nname = \"udp4\"",
+        "[[service.backend]]\naddress = \"10.0.0.14\"\nmac = \"02:00:00:00:00:14\"\n\n[[service]]\nname = \"udp4\"",
+        1,
+    );
+    prog.apply(&grown).unwrap();
+
+    let mut moved_in_table = 0;
+    for (i, &sport) in flows.iter().enumerate() {
+        let now_in_table = prog.table_master(&tcp4, CLIENT4.into(), sport, 7000).unwrap();
+        if prog.master_mac(&tcp4, now_in_table) != first_master[i] {
+            moved_in_table += 1;
+        }
+        let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_ACK).bytes()).unwrap();
+        assert_eq!(out.verdict, reason::XDP_TX);
+        assert_eq!(out.bytes[0..6], first_master[i], "flow from port {sport} moved to another master");
+    }
+    assert!(moved_in_table > 40, "the change moved only {moved_in_table} of 400 flows' slots: the test proves nothing");
+
+    // New flows on those slots go to the new master.
+    let new_mac = prog.master_mac(&tcp4, "10.0.0.14".parse().unwrap());
+    let mut to_new = 0;
+    for sport in 30000..30400u16 {
+        let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_SYN).bytes()).unwrap();
+        let want = prog.table_master(&tcp4, CLIENT4.into(), sport, 7000).unwrap();
+        assert_eq!(out.bytes[0..6], prog.master_mac(&tcp4, want));
+        to_new += (out.bytes[0..6] == new_mac) as usize;
+    }
+    assert!(to_new > 40, "only {to_new} of 400 new flows reached the new master");
+}
+
+#[test]
+fn flows_of_a_removed_master_are_resteered_to_a_live_one() {
+    let tcp4 = key(VIP4, 7000, 6);
+    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    let gone: IpAddr = "10.0.0.13".parse().unwrap();
+    let gone_mac = prog.master_mac(&tcp4, gone);
+    let on_gone: Vec<u16> = (21000..21300u16)
+        .filter(|&sport| {
+            let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_SYN).bytes()).unwrap();
+            out.bytes[0..6] == gone_mac
+        })
+        .collect();
+    assert!(on_gone.len() > 30, "too few flows landed on 10.0.0.13 to test");
+
+    let shrunk = CONFIG.replacen("[[service.backend]]\naddress = \"10.0.0.13\"\nmac = \"02:00:00:00:00:13\"\n\n[[service]]\nname = \"udp4\"", "[[service]]\nname = \"udp4\"", 1);
+    assert_ne!(shrunk, CONFIG);
+    prog.apply(&shrunk).unwrap();
+    for sport in on_gone {
+        let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_ACK).bytes()).unwrap();
+        assert_eq!(out.verdict, reason::XDP_TX);
+        assert_ne!(out.bytes[0..6], gone_mac, "a flow stayed on a removed master");
+        let want = prog.table_master(&tcp4, CLIENT4.into(), sport, 7000).unwrap();
+        assert_eq!(out.bytes[0..6], prog.master_mac(&tcp4, want));
+    }
+}
+
+#[test]
+fn source_scheduler_sends_every_connection_of_a_client_to_one_master() {
+    let prog = ProgramUnderTest::new(CONFIG).unwrap();
+    let vip = Ipv4Addr::new(10, 0, 0, 101);
+    let mut masters = std::collections::BTreeSet::new();
+    for sport in 50000..50050u16 {
+        let out = prog.run(&Frame::tcp(CLIENT4, sport, vip, 7000, TCP_SYN).bytes()).unwrap();
+        assert_eq!(out.verdict, reason::XDP_TX);
+        masters.insert(out.bytes[0..6].to_vec());
+    }
+    assert_eq!(masters.len(), 1, "one client reached {} masters", masters.len());
+    let mut clients = std::collections::BTreeSet::new();
+    for host in 1..=60u8 {
+        let out = prog.run(&Frame::tcp(Ipv4Addr::new(10, 9, 0, host), 50000, vip, 7000, TCP_SYN).bytes()).unwrap();
+        clients.insert(out.bytes[0..6].to_vec());
+    }
+    assert_eq!(clients.len(), 3, "60 clients should reach all three masters");
+}
+
+#[test]
+fn nothing_is_forwarded_before_the_maps_are_filled() {
+    let mut prog = ProgramUnderTest::unconfigured().unwrap();
+    let input = Frame::tcp(CLIENT4, 40000, VIP4, 7000, TCP_SYN).bytes();
+    let out = prog.run(&input).unwrap();
+    assert_eq!(out.verdict, reason::XDP_PASS);
+    assert_eq!(out.bytes, input);
+    assert_eq!(prog.reason_packets(reason::NOT_READY).unwrap(), 1);
+}
+
+#[test]
+fn udp_flows_are_recorded_and_counted_per_backend() {
+    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    let udp = key(VIP4, 5353, 17);
+    for _ in 0..3 {
+        prog.run(&Frame::udp(CLIENT4, 43000, VIP4, 5353).bytes()).unwrap();
+    }
+    let master = prog.table_master(&udp, CLIENT4.into(), 43000, 5353).unwrap();
+    let id = prog.director.services()[&udp].backends[&master].id;
+    let stats = prog.director.dataplane_mut().maps().backend_stats(id).unwrap();
+    assert_eq!(stats.packets, 3);
+    assert_eq!(stats.new_flows, 1, "the first datagram records the flow; the others find it");
+}
