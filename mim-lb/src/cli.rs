@@ -4,6 +4,26 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::{check, config::Config, daemon};
+
+/// Parses the command line and runs the command: the whole `mim-lb` binary.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .parse_filters(&cli.log_level)
+        .parse_env("RUST_LOG")
+        .format_timestamp_millis()
+        .init();
+    match cli.command {
+        Command::Run(args) => daemon::run(args),
+        Command::Check(args) => check::run(&args),
+        Command::ExampleConfig => {
+            print!("{}", Config::example());
+            Ok(())
+        }
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "mim-lb",
