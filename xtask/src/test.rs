@@ -1,0 +1,216 @@
+//! `cargo xtask test`: the whole test suite, as root, with leftovers of killed runs removed.
+//!
+//! Tests name what they create after their own pid (`mimlb-<pidhex>-...` namespaces,
+//! `/sys/fs/bpf/mim-lb-test-<pidhex>-<n>` pin directories). A test process that was killed never
+//! ran its cleanup, so anything whose owner pid is gone is garbage, while a concurrent run's
+//! objects (owner alive) are left alone.
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{setup, util};
+
+const NETNS_PREFIX: &str = "mimlb-";
+const BPFFS: &str = "/sys/fs/bpf";
+const PIN_PREFIX: &str = "mim-lb-test-";
+
+/// The owner pid in a lab namespace name `mimlb-<pidhex>-...`.
+pub fn netns_owner(name: &str) -> Option<u32> {
+    owner_in(name.strip_prefix(NETNS_PREFIX)?)
+}
+
+/// The owner pid in a pin directory name `mim-lb-test-<pidhex>-<n>`.
+pub fn pin_dir_owner(name: &str) -> Option<u32> {
+    owner_in(name.strip_prefix(PIN_PREFIX)?)
+}
+
+fn owner_in(rest: &str) -> Option<u32> {
+    let hex = rest.split('-').next()?;
+    // Anything that does not parse is not ours to judge, so it is kept.
+    u32::from_str_radix(hex, 16).ok().filter(|&pid| pid > 0)
+}
+
+/// Namespace names from `ip netns list`, whose lines may end in `(id: N)`.
+pub fn parse_netns_list(output: &str) -> Vec<&str> {
+    output
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
+}
+
+/// Whether `/proc/self/mounts` has a bpf filesystem on `/sys/fs/bpf`.
+pub fn bpffs_mounted(mounts: &str) -> bool {
+    mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&BPFFS) && f.get(2) == Some(&"bpf")
+    })
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+#[derive(Default)]
+struct Cleaned {
+    netns: usize,
+    pin_dirs: usize,
+}
+
+fn remove_stale() -> Result<Cleaned> {
+    let mut cleaned = Cleaned::default();
+
+    let list = util::stdout_of(util::command("ip").args(["netns", "list"]))?;
+    for name in parse_netns_list(&list) {
+        if netns_owner(name).is_some_and(|pid| !alive(pid)) {
+            // A failure here is not fatal: a lab test that needs this name reports it itself.
+            match util::stdout_of(util::command("ip").args(["netns", "delete", name])) {
+                Ok(_) => cleaned.netns += 1,
+                Err(e) => eprintln!("xtask test: warning: {e:#}"),
+            }
+        }
+    }
+
+    let entries = match std::fs::read_dir(BPFFS) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cleaned),
+        Err(e) => return Err(e).with_context(|| format!("listing {BPFFS}")),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {BPFFS}"))?;
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(pin_dir_owner) else {
+            continue;
+        };
+        if alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => cleaned.pin_dirs += 1,
+            Err(e) => eprintln!(
+                "xtask test: warning: removing stale pins {}: {e}",
+                path.display()
+            ),
+        }
+    }
+    Ok(cleaned)
+}
+
+/// The tests pin maps under /sys/fs/bpf, which some machines leave unmounted.
+fn ensure_bpffs() -> Result<()> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    if bpffs_mounted(&mounts) {
+        return Ok(());
+    }
+    println!("xtask test: {BPFFS} is not a bpf filesystem; mounting one");
+    util::run(util::command("mount").args(["-t", "bpf", "bpf", BPFFS]))
+        .context("mounting bpffs (the tests pin maps there)")
+}
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// Keeps Ctrl-C from ending xtask before the post-run cleanup, while the test processes (which
+/// get the same Ctrl-C from the terminal) still die of it: a handler, unlike SIG_IGN, is reset
+/// to the default by exec, so children do not inherit it.
+fn survive_interrupts() {
+    // SAFETY: the handler does nothing, so it is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            ignore_signal as *const () as libc::sighandler_t,
+        );
+    }
+}
+
+pub fn main(args: Vec<OsString>) -> Result<ExitCode> {
+    if !util::is_root() {
+        bail!(
+            "`cargo xtask test` must run as root: the tests load XDP programs, create network \
+             namespaces and pin maps in bpffs. Try: sudo -E env \"PATH=$PATH\" cargo xtask test"
+        );
+    }
+    setup::ensure()?;
+    ensure_bpffs()?;
+    let before = remove_stale().context("removing leftovers of earlier test runs")?;
+
+    let started = Instant::now();
+    survive_interrupts();
+    let mut cmd: Command = util::cargo();
+    // Not `--workspace`: that includes mim-lb-ebpf, which only builds for the bpf target (its
+    // host build fails to link). The workspace's default-members are every other crate, and
+    // leaving the selection to default-members lets `-p NAME` in ARGS narrow the run.
+    cmd.arg("test").args(&args);
+    let status = util::status(&mut cmd)?;
+    let elapsed = started.elapsed();
+
+    let after = remove_stale().context("removing what the test run left behind")?;
+    let outcome = if status.success() {
+        "passed".to_owned()
+    } else {
+        format!("FAILED ({status})")
+    };
+    println!(
+        "xtask test: {outcome} in {:.1}s; stale lab namespaces removed: {} before, {} after; \
+         stale pin dirs removed: {} before, {} after",
+        elapsed.as_secs_f64(),
+        before.netns,
+        after.netns,
+        before.pin_dirs,
+        after.pin_dirs,
+    );
+    Ok(util::exit_code(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_are_hex_pids() {
+        assert_eq!(netns_owner("mimlb-1f40-client"), Some(0x1f40));
+        assert_eq!(netns_owner("mimlb-ab"), Some(0xab));
+        assert_eq!(pin_dir_owner("mim-lb-test-1f40-3"), Some(0x1f40));
+    }
+
+    #[test]
+    fn foreign_names_have_no_owner() {
+        assert_eq!(netns_owner("other-1f40-x"), None);
+        assert_eq!(netns_owner("mimlb-client-1"), None);
+        assert_eq!(netns_owner("mimlb-0-x"), None);
+        assert_eq!(netns_owner("mimlb--x"), None);
+        assert_eq!(pin_dir_owner("mim-lb"), None);
+        assert_eq!(pin_dir_owner("mim-lb-test-zz-1"), None);
+    }
+
+    #[test]
+    fn netns_list_with_and_without_ids() {
+        let out = "mimlb-1f40-client (id: 2)\nmimlb-1f40-bridge\n\nblue (id: 0)\n";
+        assert_eq!(
+            parse_netns_list(out),
+            ["mimlb-1f40-client", "mimlb-1f40-bridge", "blue"]
+        );
+    }
+
+    #[test]
+    fn bpffs_detection() {
+        let sysfs_only = "sysfs /sys sysfs rw,relatime 0 0\n";
+        assert!(!bpffs_mounted(sysfs_only));
+        let with_bpf = "sysfs /sys sysfs rw 0 0\nbpf /sys/fs/bpf bpf rw,relatime,mode=700 0 0\n";
+        assert!(bpffs_mounted(with_bpf));
+        assert!(!bpffs_mounted("bpf /mnt/bpf bpf rw 0 0\n"));
+    }
+
+    #[test]
+    fn own_process_is_alive() {
+        assert!(alive(std::process::id()));
+    }
+}
