@@ -1,0 +1,432 @@
+//! The lab: an LVS direct-routing network built from namespaces, veths and a bridge.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::process::Command;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::{
+    NS_PREFIX, create_namespaces, delete_namespaces, disable_tx_checksum, in_netns, ip_batch,
+    new_lab_id, random_u64, set_sysctls,
+};
+use crate::process::{Proc, terminate_all};
+use crate::servers::{ServeCounters, Served, Server, start_tcp, start_udp};
+
+/// The interface every host has on the lab segment, inside its own namespace.
+pub const HOST_IFNAME: &str = "eth0";
+/// The bridge, inside the bridge namespace.
+pub const BRIDGE_IFNAME: &str = "br0";
+
+/// Most masters a lab can have: their addresses are .11 to .74.
+pub const MAX_MASTERS: usize = 64;
+/// Most VIPs per family: .100 to .115.
+pub const MAX_VIPS: usize = 16;
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    /// Number of master namespaces (real servers), 1 to [`MAX_MASTERS`].
+    pub masters: usize,
+    /// Also give every host an IPv6 address, and add IPv6 VIPs.
+    pub ipv6: bool,
+    /// VIPs per family, 1 to [`MAX_VIPS`]: `10.x.y.100`, `.101`, ... and `fd00:…::100`, ...
+    pub vips: usize,
+}
+
+impl Default for LabSpec {
+    fn default() -> Self {
+        LabSpec { masters: 3, ipv6: true, vips: 1 }
+    }
+}
+
+impl LabSpec {
+    pub fn masters(masters: usize) -> LabSpec {
+        LabSpec { masters, ..LabSpec::default() }
+    }
+}
+
+#[derive(Debug)]
+struct Host {
+    ns: String,
+    /// The bridge-side end of this host's veth, inside the bridge namespace.
+    port: String,
+    mac: [u8; 6],
+    addr4: Ipv4Addr,
+    addr6: Option<Ipv6Addr>,
+}
+
+/// A running lab. Dropping it stops the master servers, terminates spawned processes and
+/// deletes every namespace it made (which removes its veths and bridge), also while a test
+/// unwinds from a panic.
+///
+/// Layout, all on one L2 segment (`10.x.y.0/24`, `fd00:6d6c:x:y::/64`):
+/// - client `.1`; gateway `.2`, which also holds the VIPs on its `eth0` and so answers ARP/ND
+///   for them, like an LVS director (it does not forward);
+/// - masters `.11`, `.12`, ... with the VIPs on `lo`, `arp_ignore=1`, `arp_announce=2`, so they
+///   accept VIP traffic but never claim the VIP on the wire;
+/// - every host's `eth0` has TX checksum offload off (native XDP on veth needs it).
+#[derive(Debug)]
+pub struct Lab {
+    id: String,
+    bridge_ns: String,
+    client: Host,
+    gateway: Host,
+    masters: Vec<Host>,
+    vips4: Vec<Ipv4Addr>,
+    vips6: Vec<Ipv6Addr>,
+    prefix6: [u16; 4],
+    /// Namespaces to delete on drop, recorded before they are made.
+    namespaces: Vec<String>,
+    servers: Vec<Server>,
+    counters: Vec<Arc<ServeCounters>>,
+    procs: Vec<Proc>,
+}
+
+fn host_mac(subnet: (u8, u8), host: u8) -> [u8; 6] {
+    // Locally administered, unicast; the subnet bytes make MACs differ between labs too.
+    [0x02, 0x6d, subnet.0, subnet.1, 0x00, host]
+}
+
+/// `::NN` with NN read as hex digits of the decimal host number, so that `.11` maps to `::11`.
+fn v6_host(prefix: [u16; 4], host: u16) -> Ipv6Addr {
+    let low = u16::from_str_radix(&host.to_string(), 16).expect("decimal digits are hex digits");
+    Ipv6Addr::new(prefix[0], prefix[1], prefix[2], prefix[3], 0, 0, 0, low)
+}
+
+impl Lab {
+    /// Builds the lab. On error, whatever was made is removed again.
+    pub fn new(spec: LabSpec) -> Result<Lab> {
+        if !(1..=MAX_MASTERS).contains(&spec.masters) {
+            bail!("a lab needs 1 to {MAX_MASTERS} masters, not {}", spec.masters);
+        }
+        if !(1..=MAX_VIPS).contains(&spec.vips) {
+            bail!("a lab needs 1 to {MAX_VIPS} VIPs, not {}", spec.vips);
+        }
+        let id = new_lab_id();
+        let ns = |role: &str| format!("{NS_PREFIX}{id}-{role}");
+        // Labs live on separate bridges, so equal subnets would still work; distinct ones keep
+        // captures and logs of parallel labs from being confused with each other.
+        let r = random_u64();
+        let subnet = (64 + (r % 128) as u8, (r >> 8) as u8);
+        let net4 = |host: u8| Ipv4Addr::new(10, subnet.0, subnet.1, host);
+        let prefix6 = [0xfd00, 0x6d6c, u16::from(subnet.0), u16::from(subnet.1)];
+        let net6 = |host: u16| spec.ipv6.then(|| v6_host(prefix6, host));
+        let host = |role: &str, port: String, number: u8| Host {
+            ns: ns(role),
+            port,
+            mac: host_mac(subnet, number),
+            addr4: net4(number),
+            addr6: net6(u16::from(number)),
+        };
+        let masters = (0..spec.masters)
+            .map(|i| host(&format!("m{}", i + 1), format!("p-m{}", i + 1), 11 + i as u8))
+            .collect();
+        let mut lab = Lab {
+            bridge_ns: ns("br"),
+            client: host("client", "p-client".into(), 1),
+            gateway: host("gw", "p-gw".into(), 2),
+            masters,
+            vips4: (0..spec.vips).map(|k| net4(100 + k as u8)).collect(),
+            vips6: if spec.ipv6 {
+                (0..spec.vips).map(|k| v6_host(prefix6, 100 + k as u16)).collect()
+            } else {
+                Vec::new()
+            },
+            prefix6,
+            id,
+            namespaces: Vec::new(),
+            servers: Vec::new(),
+            counters: Vec::new(),
+            procs: Vec::new(),
+        };
+        lab.namespaces = std::iter::once(lab.bridge_ns.clone())
+            .chain(lab.hosts().map(|h| h.ns.clone()))
+            .collect();
+        lab.counters = (0..spec.masters).map(|_| Arc::default()).collect();
+        lab.build(spec.ipv6).with_context(|| format!("building lab {}", lab.id))?;
+        Ok(lab)
+    }
+
+    fn hosts(&self) -> impl Iterator<Item = &Host> {
+        [&self.client, &self.gateway].into_iter().chain(self.masters.iter())
+    }
+
+    fn build(&self, ipv6: bool) -> Result<()> {
+        create_namespaces(&self.namespaces)?;
+
+        // Defaults first: interfaces created later inherit them.
+        let mut host_sysctls: Vec<(&str, &str)> = vec![
+            ("net.ipv4.ip_forward", "0"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ];
+        if ipv6 {
+            host_sysctls.extend([
+                ("net.ipv6.conf.all.forwarding", "0"),
+                // No DAD: addresses are usable at once instead of after a second or two.
+                ("net.ipv6.conf.all.accept_dad", "0"),
+                ("net.ipv6.conf.default.accept_dad", "0"),
+                // No router solicitations: less noise in captures.
+                ("net.ipv6.conf.default.router_solicitations", "0"),
+                ("net.ipv6.conf.default.accept_ra", "0"),
+            ]);
+        } else {
+            host_sysctls.extend([
+                ("net.ipv6.conf.all.disable_ipv6", "1"),
+                ("net.ipv6.conf.default.disable_ipv6", "1"),
+            ]);
+        }
+        let master_sysctls = [
+            // Answer ARP only for addresses on the asking interface: the VIP lives on lo.
+            ("net.ipv4.conf.all.arp_ignore", "1"),
+            ("net.ipv4.conf.default.arp_ignore", "1"),
+            // Never use the VIP as the source of our own ARP requests.
+            ("net.ipv4.conf.all.arp_announce", "2"),
+            ("net.ipv4.conf.default.arp_announce", "2"),
+        ];
+        set_sysctls(
+            &self.bridge_ns,
+            &[
+                ("net.ipv4.ip_forward", "0"),
+                // The bridge only switches frames; without IPv6 its ports send no MLD or RS.
+                ("net.ipv6.conf.all.disable_ipv6", "1"),
+                ("net.ipv6.conf.default.disable_ipv6", "1"),
+            ],
+        )?;
+        set_sysctls(&self.client.ns, &host_sysctls)?;
+        set_sysctls(&self.gateway.ns, &host_sysctls)?;
+        for m in &self.masters {
+            set_sysctls(&m.ns, &host_sysctls)?;
+            set_sysctls(&m.ns, &master_sysctls)?;
+        }
+
+        // The veths are made from the bridge namespace with their host end created directly in
+        // the host's namespace, so the root namespace never sees them.
+        let mut bridge = vec![format!(
+            "link add {BRIDGE_IFNAME} type bridge stp_state 0 forward_delay 0 mcast_snooping 0"
+        )];
+        for h in self.hosts() {
+            bridge.push(format!(
+                "link add {} type veth peer name {HOST_IFNAME} address {} netns {}",
+                h.port,
+                crate::capture::mac_to_string(&h.mac),
+                h.ns
+            ));
+            bridge.push(format!("link set {} master {BRIDGE_IFNAME} up", h.port));
+        }
+        bridge.push(format!("link set {BRIDGE_IFNAME} up"));
+        ip_batch(Some(&self.bridge_ns), &bridge, false)?;
+
+        for h in self.hosts() {
+            let mut lines = vec![
+                "link set lo up".to_owned(),
+                format!("link set {HOST_IFNAME} up"),
+                format!("addr add {}/24 dev {HOST_IFNAME}", h.addr4),
+            ];
+            if let Some(a6) = h.addr6 {
+                lines.push(format!("addr add {a6}/64 dev {HOST_IFNAME} nodad"));
+            }
+            let vip_dev = if h.ns == self.gateway.ns {
+                Some(HOST_IFNAME)
+            } else if h.ns == self.client.ns {
+                None
+            } else {
+                Some("lo")
+            };
+            if let Some(dev) = vip_dev {
+                for v in &self.vips4 {
+                    lines.push(format!("addr add {v}/32 dev {dev}"));
+                }
+                for v in &self.vips6 {
+                    lines.push(format!("addr add {v}/128 dev {dev} nodad"));
+                }
+            }
+            ip_batch(Some(&h.ns), &lines, false)?;
+            in_netns(&h.ns, || disable_tx_checksum(HOST_IFNAME))??;
+        }
+        Ok(())
+    }
+
+    /// The lab's unique id (part of every namespace name).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Every namespace of this lab.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    pub fn bridge_ns(&self) -> &str {
+        &self.bridge_ns
+    }
+    pub fn client_ns(&self) -> &str {
+        &self.client.ns
+    }
+    pub fn gateway_ns(&self) -> &str {
+        &self.gateway.ns
+    }
+    /// Namespace of master `i` (0-based).
+    pub fn master_ns(&self, i: usize) -> &str {
+        &self.masters[i].ns
+    }
+    pub fn master_count(&self) -> usize {
+        self.masters.len()
+    }
+
+    /// The gateway's interface on the segment, inside [`Lab::gateway_ns`]: where the XDP
+    /// director attaches.
+    pub fn gateway_ifname(&self) -> &str {
+        HOST_IFNAME
+    }
+    /// The bridge-side end of the gateway's veth, inside [`Lab::bridge_ns`]. Native XDP on the
+    /// gateway's veth sends XDP_TX frames here, which works only if this end has an XDP
+    /// program of its own (an XDP_PASS one will do); the caller attaches it.
+    pub fn gateway_peer_ifname(&self) -> &str {
+        &self.gateway.port
+    }
+    /// The bridge-side end of master `i`'s veth, inside [`Lab::bridge_ns`].
+    pub fn master_peer_ifname(&self, i: usize) -> &str {
+        &self.masters[i].port
+    }
+    /// The bridge-side end of the client's veth, inside [`Lab::bridge_ns`].
+    pub fn client_peer_ifname(&self) -> &str {
+        &self.client.port
+    }
+
+    /// The first IPv4 VIP.
+    pub fn vip4(&self) -> Ipv4Addr {
+        self.vips4[0]
+    }
+    /// The first IPv6 VIP, if the lab has IPv6.
+    pub fn vip6(&self) -> Option<Ipv6Addr> {
+        self.vips6.first().copied()
+    }
+    pub fn vips4(&self) -> &[Ipv4Addr] {
+        &self.vips4
+    }
+    pub fn vips6(&self) -> &[Ipv6Addr] {
+        &self.vips6
+    }
+    /// The IPv6 /64 of the segment.
+    pub fn prefix6(&self) -> Option<Ipv6Addr> {
+        let p = self.prefix6;
+        self.client.addr6.map(|_| Ipv6Addr::new(p[0], p[1], p[2], p[3], 0, 0, 0, 0))
+    }
+
+    pub fn client_addr4(&self) -> Ipv4Addr {
+        self.client.addr4
+    }
+    pub fn client_addr6(&self) -> Option<Ipv6Addr> {
+        self.client.addr6
+    }
+    pub fn gateway_addr4(&self) -> Ipv4Addr {
+        self.gateway.addr4
+    }
+    pub fn gateway_addr6(&self) -> Option<Ipv6Addr> {
+        self.gateway.addr6
+    }
+    pub fn master_addr4(&self, i: usize) -> Ipv4Addr {
+        self.masters[i].addr4
+    }
+    pub fn master_addr6(&self, i: usize) -> Option<Ipv6Addr> {
+        self.masters[i].addr6
+    }
+
+    pub fn client_mac(&self) -> [u8; 6] {
+        self.client.mac
+    }
+    pub fn gateway_mac(&self) -> [u8; 6] {
+        self.gateway.mac
+    }
+    pub fn master_mac(&self, i: usize) -> [u8; 6] {
+        self.masters[i].mac
+    }
+
+    /// The name master `i`'s services answer with: `master-1` for `i == 0`.
+    pub fn master_name(&self, i: usize) -> String {
+        format!("master-{}", i + 1)
+    }
+
+    /// The master index for a name returned by [`Lab::master_name`].
+    pub fn master_index(&self, name: &str) -> Option<usize> {
+        let n: usize = name.strip_prefix("master-")?.parse().ok()?;
+        (1..=self.masters.len()).contains(&n).then(|| n - 1)
+    }
+
+    /// Starts the TCP name/echo service on `port` on every master (see [`crate::servers`]);
+    /// returns once all of them listen, on `[::]` and so on the VIPs too.
+    pub fn start_tcp_servers(&mut self, port: u16) -> Result<()> {
+        for i in 0..self.masters.len() {
+            let server = start_tcp(
+                &self.masters[i].ns,
+                self.master_name(i),
+                port,
+                Arc::clone(&self.counters[i]),
+            )?;
+            self.servers.push(server);
+        }
+        Ok(())
+    }
+
+    /// Starts the UDP name service on `port` on every master: each datagram is answered with
+    /// the master's name, from the address it was sent to.
+    pub fn start_udp_servers(&mut self, port: u16) -> Result<()> {
+        for i in 0..self.masters.len() {
+            let server = start_udp(
+                &self.masters[i].ns,
+                self.master_name(i),
+                port,
+                Arc::clone(&self.counters[i]),
+            )?;
+            self.servers.push(server);
+        }
+        Ok(())
+    }
+
+    /// What master `i`'s services have done so far.
+    pub fn served(&self, i: usize) -> Served {
+        self.counters[i].snapshot()
+    }
+
+    /// Starts `cmd` inside `ns` (any namespace, not only this lab's) with stdout and stderr
+    /// collected. The process gets its own process group and SIGKILL if the test process
+    /// dies; the lab terminates it on drop (SIGTERM, then SIGKILL after 2 s). `cmd` is
+    /// changed in place (pipes, namespace hook), so spawn it only through here.
+    pub fn spawn_in(&mut self, ns: &str, cmd: &mut Command) -> Result<Proc> {
+        let proc = Proc::spawn(ns, cmd)?;
+        self.procs.push(proc.clone());
+        Ok(proc)
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to a process started with [`Lab::spawn_in`].
+    pub fn kill(&self, proc: &Proc, signal: i32) -> Result<()> {
+        proc.signal(signal)
+    }
+
+    /// Runs `program args...` in `ns` to completion and returns stdout.
+    pub fn run_in(&self, ns: &str, program: &str, args: &[&str]) -> Result<String> {
+        crate::netns::run_in(ns, program, args)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Stop all servers at once, then join, so that teardown takes one tick and not one
+        // per server.
+        for s in &self.servers {
+            s.signal_stop();
+        }
+        self.servers.clear();
+        if std::thread::panicking() {
+            for p in &self.procs {
+                eprintln!("--- last output of {} ---\n{}", p.label(), p.tail(40));
+            }
+        }
+        terminate_all(&self.procs);
+        if let Err(e) = delete_namespaces(&self.namespaces) {
+            eprintln!("mim-lb-tests: tearing down lab {}: {e:#}", self.id);
+        }
+    }
+}
