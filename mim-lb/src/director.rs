@@ -23,7 +23,7 @@ use mim_lb_common::{
 };
 
 use crate::{
-    config::{Config, Protocol, Scheduler, Service},
+    config::{Config, Scheduler, ServiceKey},
     dataplane::{
         Dataplane, DataplaneError,
         service_index::{self, IndexError, addr_words},
@@ -41,30 +41,6 @@ pub enum DirectorError {
     Capacity { what: &'static str, max: u32 },
     #[error("service {service}, backend {backend}: no MAC address (required)")]
     NoMac { service: String, backend: IpAddr },
-}
-
-/// A service is identified by what the data path matches on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceKey {
-    pub vip: IpAddr,
-    pub port: u16,
-    pub protocol: u8,
-}
-
-impl ServiceKey {
-    pub fn of(service: &Service) -> Self {
-        ServiceKey { vip: service.vip, port: service.port, protocol: service.protocol.number() }
-    }
-}
-
-impl std::fmt::Display for ServiceKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let proto = if self.protocol == Protocol::Tcp.number() { "tcp" } else { "udp" };
-        match self.vip {
-            IpAddr::V4(v4) => write!(f, "{v4}:{}/{proto}", self.port),
-            IpAddr::V6(v6) => write!(f, "[{v6}]:{}/{proto}", self.port),
-        }
-    }
 }
 
 /// What the director has written for one backend.
@@ -157,7 +133,7 @@ impl Director {
 
         // Assign ids and write backend entries (step 1).
         for service in &config.services {
-            let key = ServiceKey::of(service);
+            let key = service.key();
             let old = self.services.get(&key);
             let id = match old {
                 Some(o) => o.id,
@@ -345,7 +321,7 @@ fn index_entries(services: &BTreeMap<ServiceKey, AppliedService>) -> Vec<Service
         entries.push(ServiceEntry {
             vip,
             port: key.port.to_be(),
-            proto: key.protocol,
+            proto: key.protocol.number(),
             family,
             service_id: svc.id,
             flags: svc.flags,
@@ -357,7 +333,7 @@ fn index_entries(services: &BTreeMap<ServiceKey, AppliedService>) -> Vec<Service
             entries.push(ServiceEntry {
                 vip,
                 port: 0,
-                proto: key.protocol,
+                proto: key.protocol.number(),
                 family,
                 service_id: 0,
                 flags: SERVICE_F_VIP_MARKER,

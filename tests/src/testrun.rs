@@ -8,7 +8,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use mim_lb::{
     config::Config,
     dataplane::{Dataplane, LoadOptions},
-    director::{Director, ServiceKey},
+    config::ServiceKey, director::Director,
 };
 use mim_lb_common::{Counter, MAGLEV_BACKEND_MASK, hash, reason};
 
@@ -86,7 +86,7 @@ impl ProgramUnderTest {
         let h = if svc.flags & mim_lb_common::SERVICE_F_SOURCE_HASH != 0 {
             hash::source_hash(&s)
         } else {
-            hash::flow_hash(&s, &d, sport.to_be(), dport.to_be(), key.protocol)
+            hash::flow_hash(&s, &d, sport.to_be(), dport.to_be(), key.protocol.number())
         };
         let id = svc.table()[(h % svc.table_size) as usize] & MAGLEV_BACKEND_MASK;
         svc.backends.iter().find(|(_, b)| b.id == id).map(|(a, _)| *a)

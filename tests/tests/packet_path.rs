@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use mim_lb::director::ServiceKey;
+use mim_lb::config::{Protocol, ServiceKey};
 use mim_lb_common::reason;
 use mim_lb_tests::{
     packet::{Ext6, Frame, L4, TCP_ACK, TCP_PSH, TCP_SYN, ext_fragment, ext_padding},
@@ -83,6 +83,7 @@ weight = 0
 "#;
 
 fn key(vip: impl Into<IpAddr>, port: u16, protocol: u8) -> ServiceKey {
+    let protocol = if protocol == 17 { Protocol::Udp } else { Protocol::Tcp };
     ServiceKey { vip: vip.into(), port, protocol }
 }
 

@@ -17,6 +17,7 @@ use std::{
     fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 pub use error::{ConfigError, Problem};
@@ -31,6 +32,16 @@ pub struct Config {
     pub pin_dir: PathBuf,
     /// Capacity of the connection table.
     pub flow_table_size: u32,
+    /// How long a recorded TCP flow may stay silent and still count as alive: while any flow
+    /// on a master that lost its Maglev slot is alive, the slot keeps consulting the
+    /// connection table and a removed master is kept (draining).
+    pub tcp_idle_timeout: Duration,
+    /// The same for UDP flows.
+    pub udp_idle_timeout: Duration,
+    /// The daemon's Unix control socket (absolute path), mode 0600.
+    pub control_socket: PathBuf,
+    /// Where Prometheus metrics are served; `None` turns the endpoint off.
+    pub metrics_listen: Option<SocketAddr>,
     /// At least one, at most `limits::MAX_SERVICES`, no two with the same name or the same
     /// (vip, port, protocol).
     pub services: Vec<Service>,
@@ -56,11 +67,13 @@ pub struct Service {
     pub scheduler: Scheduler,
     /// A prime, at most `limits::MAGLEV_MAX_TABLE_SIZE`, greater than `backends.len()`.
     pub table_size: u32,
+    /// How the service's backends are checked.
+    pub health: HealthCheck,
     /// Addresses are unique and of the vip's family.
     pub backends: Vec<Backend>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -76,11 +89,73 @@ pub enum Scheduler {
     MaglevSource,
 }
 
+/// A service's health check: how each backend is probed and how many results in a row change
+/// its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    /// Time between the starts of two checks of one backend.
+    pub interval: Duration,
+    /// A check that has not finished after this long fails; never longer than `interval`.
+    pub timeout: Duration,
+    /// Successes in a row that bring a down backend up (1..=100).
+    pub rise: u32,
+    /// Failures in a row that take an up backend down (1..=100).
+    pub fall: u32,
+    /// Port to check instead of the service's port.
+    pub port: Option<u16>,
+}
+
+/// What a health check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// No check: backends are up as soon as they are configured (and their MAC is known).
+    None,
+    /// A TCP connection to address:port succeeds.
+    Tcp,
+    /// `GET path` over HTTP/1.1 answers `expect_status`, with `expect_body` in the body if set.
+    Http { path: String, expect_status: u16, expect_body: Option<String> },
+    /// `argv` exits 0. `{address}` and `{port}` in any argument are replaced by the backend's.
+    Command { argv: Vec<String> },
+}
+
+impl HealthCheck {
+    /// The port checks connect to for a service on `service_port`.
+    pub fn port_for(&self, service_port: u16) -> u16 {
+        self.port.unwrap_or(service_port)
+    }
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            kind: CheckKind::Tcp,
+            interval: Duration::from_millis(1000),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+            port: None,
+        }
+    }
+}
+
+impl CheckKind {
+    /// The name used in the config file and in status output.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CheckKind::None => "none",
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http { .. } => "http",
+            CheckKind::Command { .. } => "command",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     pub address: IpAddr,
-    /// Where frames for this backend are sent. Always present for now; `None` is reserved for
-    /// resolving it from the neighbour table.
+    /// Where frames for this backend are sent. `None`: the daemon resolves it from the
+    /// kernel's neighbour table on the gateway interface.
     pub mac: Option<[u8; 6]>,
     /// 0..=65535; 0 means the backend takes no new flows (draining).
     pub weight: u32,
@@ -110,9 +185,47 @@ impl Config {
 }
 
 impl Service {
+    /// The identity of the service in the data path and on the command line.
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey { vip: self.vip, port: self.port, protocol: self.protocol }
+    }
+
     /// `10.0.0.100:7000/tcp`, `[2001:db8::1]:443/tcp`: how logs and errors name the service.
     pub fn endpoint(&self) -> String {
         endpoint(self.vip, self.port, self.protocol)
+    }
+}
+
+/// What identifies a service: the data path matches packets on it, operators name services by
+/// it (`10.0.0.100:7000/tcp`, or `10.0.0.100:7000` when only one protocol uses the port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&endpoint(self.vip, self.port, self.protocol))
+    }
+}
+
+impl std::str::FromStr for ServiceKey {
+    type Err = String;
+
+    /// `VIP:PORT/PROTO`, `[V6]:PORT/PROTO`; without `/PROTO`, TCP.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, protocol) = match s.rsplit_once('/') {
+            Some((a, "tcp")) => (a, Protocol::Tcp),
+            Some((a, "udp")) => (a, Protocol::Udp),
+            Some((_, other)) => return Err(format!("{other:?} is not tcp or udp")),
+            None => (s, Protocol::Tcp),
+        };
+        let sa: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not VIP:PORT (IPv6 as [VIP]:PORT)"))?;
+        Ok(ServiceKey { vip: sa.ip(), port: sa.port(), protocol })
     }
 }
 

@@ -14,6 +14,10 @@ pub(crate) struct RawConfig {
     pub xdp_mode: Option<String>,
     pub pin_dir: Option<String>,
     pub flow_table_size: Option<i64>,
+    pub tcp_idle_timeout_s: Option<i64>,
+    pub udp_idle_timeout_s: Option<i64>,
+    pub control_socket: Option<String>,
+    pub metrics_listen: Option<String>,
     #[serde(default, rename = "service")]
     pub services: Vec<RawService>,
 }
@@ -27,6 +31,7 @@ pub(crate) struct RawService {
     pub protocol: Option<String>,
     pub scheduler: Option<String>,
     pub table_size: Option<i64>,
+    pub health: Option<RawHealth>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
 }
@@ -37,4 +42,19 @@ pub(crate) struct RawBackend {
     pub address: String,
     pub mac: Option<String>,
     pub weight: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealth {
+    pub check: Option<String>,
+    pub interval_ms: Option<i64>,
+    pub timeout_ms: Option<i64>,
+    pub rise: Option<i64>,
+    pub fall: Option<i64>,
+    pub port: Option<i64>,
+    pub path: Option<String>,
+    pub expect_status: Option<i64>,
+    pub expect_body: Option<String>,
+    pub command: Option<Vec<String>>,
 }

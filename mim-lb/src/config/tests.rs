@@ -1,4 +1,5 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 use mim_lb_common::limits;
 
@@ -74,6 +75,7 @@ fn minimal_config_gets_defaults() {
             protocol: Protocol::Tcp,
             scheduler: Scheduler::Maglev,
             table_size: limits::MAGLEV_DEFAULT_TABLE_SIZE,
+            health: HealthCheck::default(),
             backends: vec![Backend {
                 address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 11)),
                 mac: Some([2, 0, 0, 0, 0, 0x11]),
@@ -683,11 +685,9 @@ fn backend_mac_rules() {
         &mac("00:00:00:00:00:00"),
         "service[0].backend[0].mac: 00:00:00:00:00:00 is all zeros, not a usable address",
     );
-    rejects(
-        &one_backend("address = \"10.0.0.11\""),
-        "service[0].backend[0].mac: missing: a MAC address is required (finding it from the \
-         neighbour table is not supported yet)",
-    );
+    // Without a MAC the daemon resolves it from the neighbour table.
+    let c = Config::parse(&one_backend("address = \"10.0.0.11\"")).unwrap();
+    assert_eq!(c.services[0].backends[0].mac, None);
 }
 
 // ---- reporting ----
@@ -742,7 +742,6 @@ address = "2001:db8::1"
             "service[1].backend[0].address: IPv6 address 2001:db8::1 but the service vip 10.0.0.100 is IPv4",
             "service[1].backend[1].address: IPv6 address 2001:db8::1 but the service vip 10.0.0.100 is IPv4",
             "service[1].backend[1].address: 2001:db8::1 is listed twice in this service",
-            "service[1].backend[1].mac: missing: a MAC address is required (finding it from the neighbour table is not supported yet)",
             r#"service[1].name: "a" is already the name of service[0]"#,
         ]
     );
@@ -847,4 +846,121 @@ fn ipv6_service() {
         c.services[0].backends[0].address,
         "2001:db8::11".parse::<IpAddr>().unwrap()
     );
+}
+
+// ---- daemon settings ----
+
+#[test]
+fn daemon_settings_have_defaults() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert_eq!(c.control_socket, PathBuf::from("/run/mim-lb/control.sock"));
+    assert_eq!(c.metrics_listen, None);
+    assert_eq!(c.tcp_idle_timeout, Duration::from_secs(900));
+    assert_eq!(c.udp_idle_timeout, Duration::from_secs(300));
+}
+
+#[test]
+fn daemon_settings_are_checked() {
+    let top = |line: &str| format!("{line}\n{MINIMAL}");
+    let c = Config::parse(&top("metrics_listen = \"[::1]:9469\"\ncontrol_socket = \"/tmp/x.sock\"\ntcp_idle_timeout_s = 30\nudp_idle_timeout_s = 5")).unwrap();
+    assert_eq!(c.metrics_listen, Some("[::1]:9469".parse().unwrap()));
+    assert_eq!(c.control_socket, PathBuf::from("/tmp/x.sock"));
+    assert_eq!(c.tcp_idle_timeout, Duration::from_secs(30));
+    assert_eq!(c.udp_idle_timeout, Duration::from_secs(5));
+    rejects(
+        &top("metrics_listen = \"localhost\""),
+        r#"metrics_listen: "localhost" is not an address and port like 127.0.0.1:9469 or [::1]:9469"#,
+    );
+    rejects(
+        &top("control_socket = \"run/x.sock\""),
+        r#"control_socket: "run/x.sock" is not an absolute path to a file"#,
+    );
+    rejects(&top("tcp_idle_timeout_s = 0"), "tcp_idle_timeout_s: 0 is out of range 1..=604800");
+}
+
+// ---- health checks ----
+
+fn with_health(lines: &str) -> String {
+    with_service(
+        "name = \"s\"\nvip = \"10.0.0.100\"\nport = 7000",
+        &format!("[service.health]\n{lines}\n\n{}", backend("10.0.0.11", "02:00:00:00:00:11")),
+    )
+}
+
+fn health_of(lines: &str) -> HealthCheck {
+    Config::parse(&with_health(lines)).unwrap().services[0].health.clone()
+}
+
+#[test]
+fn health_defaults_to_tcp() {
+    let h = Config::parse(MINIMAL).unwrap().services[0].health.clone();
+    assert_eq!(h, HealthCheck::default());
+    assert_eq!(h.kind, CheckKind::Tcp);
+    assert_eq!((h.interval, h.timeout, h.rise, h.fall, h.port), (Duration::from_millis(1000), Duration::from_millis(500), 2, 3, None));
+    assert_eq!(h.port_for(7000), 7000);
+    // A short interval alone also shortens the default timeout.
+    let h = health_of("interval_ms = 200");
+    assert_eq!(h.timeout, Duration::from_millis(200));
+}
+
+#[test]
+fn health_kinds_parse() {
+    let h = health_of("check = \"http\"\npath = \"/health\"\nexpect_status = 204\nexpect_body = \"ok\"\nport = 8080\nrise = 1\nfall = 5");
+    assert_eq!(
+        h.kind,
+        CheckKind::Http { path: "/health".into(), expect_status: 204, expect_body: Some("ok".into()) }
+    );
+    assert_eq!((h.port_for(7000), h.rise, h.fall), (8080, 1, 5));
+    assert_eq!(
+        health_of("check = \"http\"").kind,
+        CheckKind::Http { path: "/".into(), expect_status: 200, expect_body: None }
+    );
+    assert_eq!(
+        health_of("check = \"command\"\ncommand = [\"/bin/true\", \"{address}\", \"{port}\"]").kind,
+        CheckKind::Command { argv: vec!["/bin/true".into(), "{address}".into(), "{port}".into()] }
+    );
+    assert_eq!(health_of("check = \"none\"").kind, CheckKind::None);
+}
+
+#[test]
+fn health_rules() {
+    rejects(&with_health("check = \"icmp\""), r#"service[0].health.check: "icmp" is not one of tcp, http, command, none"#);
+    rejects(
+        &with_health("interval_ms = 100\ntimeout_ms = 200"),
+        "service[0].health.timeout_ms: 200 is longer than interval_ms (100): a check must end before the next one starts",
+    );
+    rejects(&with_health("interval_ms = 5"), "service[0].health.interval_ms: 5 is out of range 10..=3600000");
+    rejects(&with_health("rise = 0"), "service[0].health.rise: 0 is out of range 1..=100");
+    rejects(&with_health("fall = 101"), "service[0].health.fall: 101 is out of range 1..=100");
+    rejects(&with_health("port = 70000"), "service[0].health.port: 70000 is out of range 1..=65535");
+    rejects(
+        &with_health("path = \"/x\""),
+        r#"service[0].health.path: only applies to check = "http", but check is "tcp""#,
+    );
+    rejects(
+        &with_health("check = \"http\"\ncommand = [\"/bin/true\"]"),
+        r#"service[0].health.command: only applies to check = "command", but check is "http""#,
+    );
+    rejects(
+        &with_health("check = \"http\"\npath = \"health\""),
+        r#"service[0].health.path: "health" is not an HTTP path (it starts with '/' and has no spaces)"#,
+    );
+    rejects(
+        &with_health("check = \"command\"\ncommand = [\"check-master\"]"),
+        r#"service[0].health.command: "check-master" is not an absolute path (the daemon does not search PATH)"#,
+    );
+    assert_eq!(problems(&with_health("check = \"command\"")).len(), 1);
+    let (_, message) = syntax_error(&with_health("retries = 3"));
+    assert!(message.contains("retries"), "{message}");
+}
+
+#[test]
+fn service_keys_parse_and_print() {
+    let k: ServiceKey = "10.0.0.100:7000".parse().unwrap();
+    assert_eq!(k, ServiceKey { vip: "10.0.0.100".parse().unwrap(), port: 7000, protocol: Protocol::Tcp });
+    assert_eq!(k.to_string(), "10.0.0.100:7000/tcp");
+    let k: ServiceKey = "[2001:db8::1]:53/udp".parse().unwrap();
+    assert_eq!(k.to_string(), "[2001:db8::1]:53/udp");
+    assert!("10.0.0.100".parse::<ServiceKey>().is_err());
+    assert!("10.0.0.100:7000/sctp".parse::<ServiceKey>().is_err());
 }

@@ -6,20 +6,33 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
 };
 
 use mim_lb_common::limits;
 
 use super::{
-    Backend, Config, ConfigError, Protocol, Scheduler, Service, XdpMode, endpoint,
+    Backend, CheckKind, Config, ConfigError, HealthCheck, Protocol, Scheduler, Service, XdpMode,
+    endpoint,
     error::Problems,
     parse_mac,
-    raw::{RawBackend, RawConfig, RawService},
+    raw::{RawBackend, RawConfig, RawHealth, RawService},
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mim-lb";
+const DEFAULT_CONTROL_SOCKET: &str = "/run/mim-lb/control.sock";
+/// LVS's defaults for established TCP and for UDP.
+const DEFAULT_TCP_IDLE_S: i64 = 900;
+const DEFAULT_UDP_IDLE_S: i64 = 300;
+const IDLE_MIN_S: i64 = 1;
+const IDLE_MAX_S: i64 = 7 * 24 * 3600;
+const INTERVAL_MIN_MS: i64 = 10;
+const INTERVAL_MAX_MS: i64 = 3_600_000;
+const RISE_FALL_MAX: i64 = 100;
+/// Longest `sun_path` of a Unix socket, without its terminating NUL.
+const SOCKET_PATH_MAX: usize = 107;
 const FLOW_TABLE_MIN: i64 = 1024;
 const FLOW_TABLE_MAX: i64 = 1 << 24;
 const DEFAULT_WEIGHT: u32 = 100;
@@ -38,6 +51,20 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         None => limits::DEFAULT_FLOW_TABLE_SIZE,
         Some(n) => in_range("flow_table_size", n, FLOW_TABLE_MIN, FLOW_TABLE_MAX, &mut p),
     };
+
+    let tcp_idle_timeout = idle_timeout("tcp_idle_timeout_s", raw.tcp_idle_timeout_s, DEFAULT_TCP_IDLE_S, &mut p);
+    let udp_idle_timeout = idle_timeout("udp_idle_timeout_s", raw.udp_idle_timeout_s, DEFAULT_UDP_IDLE_S, &mut p);
+    let control_socket = control_socket(raw.control_socket.as_deref(), &mut p);
+    let metrics_listen = raw.metrics_listen.as_deref().and_then(|text| match text.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Some(addr),
+        _ => {
+            p.add(
+                "metrics_listen",
+                format!("{text:?} is not an address and port like 127.0.0.1:9469 or [::1]:9469"),
+            );
+            None
+        }
+    });
 
     if raw.services.is_empty() {
         p.add(
@@ -81,8 +108,33 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         xdp_mode,
         pin_dir,
         flow_table_size,
+        tcp_idle_timeout,
+        udp_idle_timeout,
+        control_socket,
+        metrics_listen,
         services,
     })
+}
+
+fn idle_timeout(key: &str, value: Option<i64>, default: i64, p: &mut Problems) -> Duration {
+    let secs: u64 = in_range(key, value.unwrap_or(default), IDLE_MIN_S, IDLE_MAX_S, p);
+    Duration::from_secs(secs)
+}
+
+fn control_socket(text: Option<&str>, p: &mut Problems) -> PathBuf {
+    let path = PathBuf::from(text.unwrap_or(DEFAULT_CONTROL_SOCKET));
+    if !path.is_absolute() || path.file_name().is_none() {
+        p.add(
+            "control_socket",
+            format!("{:?} is not an absolute path to a file", path.display().to_string()),
+        );
+    } else if path.as_os_str().len() > SOCKET_PATH_MAX {
+        p.add(
+            "control_socket",
+            format!("{:?} is longer than the {SOCKET_PATH_MAX} bytes a Unix socket path can have", path.display().to_string()),
+        );
+    }
+    path
 }
 
 fn check_interface(name: &str, p: &mut Problems) {
@@ -208,6 +260,10 @@ fn service(i: usize, raw: &RawService, p: &mut Problems) -> (Service, Option<End
     };
 
     let table_size = table_size(&key, raw.table_size, raw.backends.len(), p);
+    let health = match &raw.health {
+        None => HealthCheck::default(),
+        Some(h) => health(&format!("{key}.health"), h, p),
+    };
 
     let mut seen: HashMap<IpAddr, usize> = HashMap::new();
     let backends = raw
@@ -224,6 +280,7 @@ fn service(i: usize, raw: &RawService, p: &mut Problems) -> (Service, Option<End
         protocol: protocol.unwrap_or(Protocol::Tcp),
         scheduler,
         table_size,
+        health,
         backends,
     };
     let endpoint = vip.zip(port).zip(protocol).map(|((v, p), pr)| (v, p, pr));
@@ -352,14 +409,8 @@ fn backend(
 
     let mac_key = format!("{key}.mac");
     let mac = match raw.mac.as_deref() {
-        None => {
-            p.add(
-                mac_key,
-                "missing: a MAC address is required (finding it from the neighbour table is not \
-                 supported yet)",
-            );
-            None
-        }
+        // Resolved from the neighbour table at run time.
+        None => None,
         Some(text) => match parse_mac(text) {
             None => {
                 p.add(
@@ -399,6 +450,111 @@ fn backend(
         mac,
         weight,
     }
+}
+
+fn health(key: &str, raw: &RawHealth, p: &mut Problems) -> HealthCheck {
+    let defaults = HealthCheck::default();
+    let ms = |name: &str, value: Option<i64>, default: Duration, p: &mut Problems| -> Duration {
+        match value {
+            None => default,
+            Some(v) => Duration::from_millis(in_range(&format!("{key}.{name}"), v, INTERVAL_MIN_MS, INTERVAL_MAX_MS, p)),
+        }
+    };
+    let interval = ms("interval_ms", raw.interval_ms, defaults.interval, p);
+    // The default timeout shrinks with a short interval, so `interval_ms = 200` alone is valid.
+    let timeout = ms("timeout_ms", raw.timeout_ms, defaults.timeout.min(interval), p);
+    if timeout > interval {
+        p.add(
+            format!("{key}.timeout_ms"),
+            format!(
+                "{} is longer than interval_ms ({}): a check must end before the next one starts",
+                timeout.as_millis(),
+                interval.as_millis()
+            ),
+        );
+    }
+    let count = |name: &str, value: Option<i64>, default: u32, p: &mut Problems| -> u32 {
+        match value {
+            None => default,
+            Some(v) => in_range(&format!("{key}.{name}"), v, 1, RISE_FALL_MAX, p),
+        }
+    };
+    let rise = count("rise", raw.rise, defaults.rise, p);
+    let fall = count("fall", raw.fall, defaults.fall, p);
+    let port = raw.port.and_then(|v| match u16::try_from(v) {
+        Ok(port) if port != 0 => Some(port),
+        _ => {
+            p.add(format!("{key}.port"), format!("{v} is out of range 1..=65535"));
+            None
+        }
+    });
+
+    let check = raw.check.as_deref().unwrap_or("tcp");
+    // Options of one kind of check given to another are mistakes, not harmless extras.
+    let misplaced = |p: &mut Problems, name: &str, given: bool, belongs: &str| {
+        if given {
+            p.add(
+                format!("{key}.{name}"),
+                format!("only applies to check = \"{belongs}\", but check is \"{check}\""),
+            );
+        }
+    };
+    let http_keys = [
+        ("path", raw.path.is_some()),
+        ("expect_status", raw.expect_status.is_some()),
+        ("expect_body", raw.expect_body.is_some()),
+    ];
+    let kind = match check {
+        "none" | "tcp" => {
+            for (name, given) in http_keys {
+                misplaced(p, name, given, "http");
+            }
+            misplaced(p, "command", raw.command.is_some(), "command");
+            if check == "none" { CheckKind::None } else { CheckKind::Tcp }
+        }
+        "http" => {
+            misplaced(p, "command", raw.command.is_some(), "command");
+            let path = raw.path.clone().unwrap_or_else(|| "/".to_owned());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                p.add(
+                    format!("{key}.path"),
+                    format!("{path:?} is not an HTTP path (it starts with '/' and has no spaces)"),
+                );
+            }
+            let expect_status = match raw.expect_status {
+                None => 200,
+                Some(v) => in_range(&format!("{key}.expect_status"), v, 100, 599, p),
+            };
+            CheckKind::Http { path, expect_status, expect_body: raw.expect_body.clone() }
+        }
+        "command" => {
+            for (name, given) in http_keys {
+                misplaced(p, name, given, "http");
+            }
+            let argv = raw.command.clone().unwrap_or_default();
+            match argv.first() {
+                None => p.add(
+                    format!("{key}.command"),
+                    "missing or empty: check = \"command\" needs the program and its arguments, \
+                     like [\"/usr/local/bin/check-master\", \"{address}\", \"{port}\"]",
+                ),
+                Some(program) if !Path::new(program).is_absolute() => p.add(
+                    format!("{key}.command"),
+                    format!("{program:?} is not an absolute path (the daemon does not search PATH)"),
+                ),
+                Some(_) => {}
+            }
+            CheckKind::Command { argv }
+        }
+        other => {
+            p.add(
+                format!("{key}.check"),
+                format!("{other:?} is not one of tcp, http, command, none"),
+            );
+            CheckKind::Tcp
+        }
+    };
+    HealthCheck { kind, interval, timeout, rise, fall, port }
 }
 
 /// Two services with one name, or on one (vip, port, protocol), cannot both be served: the

@@ -11,7 +11,7 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use clap::Parser;
-use mim_lb::{config::Config, dataplane::program::BENCH_FLOOR_OBJECT, director::ServiceKey};
+use mim_lb::{config::Config, dataplane::program::BENCH_FLOOR_OBJECT, config::ServiceKey};
 use mim_lb_common::{MAGLEV_SLOT_CHANGED, reason};
 use mim_lb_tests::{
     packet::{Frame, TCP_ACK, TCP_SYN},
@@ -101,7 +101,7 @@ fn main() -> Result<()> {
     let floor: &Xdp = floor;
 
     let mut prog = ProgramUnderTest::new(&config(3))?;
-    let key = ServiceKey { vip: VIP.into(), port: 7000, protocol: 6 };
+    let key = ServiceKey { vip: VIP.into(), port: 7000, protocol: mim_lb::config::Protocol::Tcp };
     let mut rows = Vec::new();
 
     // Established flow: an ACK on a clean slot (the control plane's table says so).
