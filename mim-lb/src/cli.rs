@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{check, config::Config, daemon};
+use crate::{check, config::Config, daemon, prepare_backend};
 
 /// Parses the command line and runs the command: the whole `mim-lb` binary.
 pub fn main() -> anyhow::Result<()> {
@@ -17,6 +17,7 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => daemon::run(args),
         Command::Check(args) => check::run(&args),
+        Command::PrepareBackend(args) => prepare_backend::run(&args),
         Command::ExampleConfig => {
             print!("{}", Config::example());
             Ok(())
@@ -48,6 +49,9 @@ pub enum Command {
     /// Validate a config file without touching the kernel and print what `run` would do.
     #[command(after_help = "Example:\n  mim-lb check --config /etc/mim-lb/mim-lb.toml")]
     Check(CheckArgs),
+    /// Configure this host as a master for direct routing: the VIP on lo, ARP and reverse-path
+    /// settings (run on each master, not on the gateway).
+    PrepareBackend(prepare_backend::Args),
     /// Print an example configuration (three masters behind one VIP).
     ExampleConfig,
 }

@@ -8,4 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod director;
+pub mod health;
 pub mod maglev;
+pub mod neighbor;
+pub mod prepare_backend;

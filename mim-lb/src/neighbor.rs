@@ -1,0 +1,1 @@
+//! Backend MAC resolution over netlink (to be written).
