@@ -34,6 +34,16 @@ pub const PROTO_UDP: u8 = 17;
 /// `Globals::flags`: the control plane has filled the maps; until then every packet passes.
 pub const GLOBALS_F_READY: u32 = 1;
 
+/// `Globals::abi_version`: the meaning of the pinned maps' contents. A daemon reuses maps
+/// pinned by an earlier run only if they carry its own version (sizes are checked too), so an
+/// upgrade that changes what a field means cannot misread the maps it inherits.
+pub const ABI_VERSION: u32 = 1;
+
+/// `Globals::attach_mode`.
+pub const ATTACH_NONE: u32 = 0;
+pub const ATTACH_NATIVE: u32 = 1;
+pub const ATTACH_GENERIC: u32 = 2;
+
 /// Program-wide settings, one entry at index 0 of `GLOBALS`.
 ///
 /// The service index is double-buffered: `service_seeds[h]` is the hash seed of half `h` of
@@ -49,6 +59,12 @@ pub struct Globals {
     pub flags: u32,
     pub active_services: u32,
     pub service_seeds: [u32; 2],
+    /// `ABI_VERSION` of the daemon that filled the maps.
+    pub abi_version: u32,
+    /// Interface index and `ATTACH_*` mode of the pinned attachment, so a restarted daemon
+    /// knows whether it can replace the program in place.
+    pub ifindex: u32,
+    pub attach_mode: u32,
 }
 
 /// `ServiceEntry::flags`: the service hashes the client address only (`maglev-source`).
@@ -94,6 +110,28 @@ pub const BACKEND_F_IN_USE: u32 = 1;
 /// Without it (down, disabled), recorded flows are re-steered through the Maglev table.
 pub const BACKEND_F_KEEPS_FLOWS: u32 = 2;
 
+/// `BackendEntry::state`: what the control plane decided. The data path reads only `flags`;
+/// the state is for operators (`bpftool map dump`) and for a restarted daemon, which carries
+/// on from it instead of starting every master as down.
+pub const BACKEND_STATE_UP: u32 = 1;
+/// Health checks failed or its MAC is unknown: out of the table, its flows move.
+pub const BACKEND_STATE_DOWN: u32 = 2;
+/// Weight 0 or drained by the operator: no new flows, its flows stay.
+pub const BACKEND_STATE_DRAINING: u32 = 3;
+/// Disabled by the operator: out of the table, its flows move.
+pub const BACKEND_STATE_DISABLED: u32 = 4;
+/// Removed from the configuration: no new flows, its flows stay until they end.
+pub const BACKEND_STATE_REMOVING: u32 = 5;
+
+/// `BackendEntry::admin`: the operator's last command for this master.
+pub const ADMIN_ENABLED: u32 = 0;
+pub const ADMIN_DRAINED: u32 = 1;
+pub const ADMIN_DISABLED: u32 = 2;
+
+/// `BackendEntry::health`: the last health verdict.
+pub const HEALTH_DOWN: u32 = 0;
+pub const HEALTH_UP: u32 = 1;
+
 /// One master (`BACKENDS`, indexed by backend id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -102,10 +140,21 @@ pub struct BackendEntry {
     pub mac: [u8; 6],
     pub family: u8,
     pub _pad0: u8,
+    /// `BACKEND_F_*`: all the data path looks at besides `mac` and `service_id`.
     pub flags: u32,
+    /// The service this master belongs to; a recorded flow is kept only by a master of the
+    /// flow's own service, so a reused id can never pull a flow into another service.
     pub service_id: u32,
-    /// The master's address (wire order), for operators reading the map.
+    /// `BACKEND_STATE_*`.
+    pub state: u32,
+    /// The master's address (wire order).
     pub addr: [u32; 4],
+    /// Configured weight.
+    pub weight: u32,
+    /// `ADMIN_*`.
+    pub admin: u32,
+    /// `HEALTH_*`.
+    pub health: u32,
 }
 
 /// Key of the connection table (`FLOWS`, an LRU hash map).
@@ -171,9 +220,9 @@ mod pod {
 
 // Layout guards: a field added without its padding changes a size and fails the build.
 const _: () = {
-    assert!(core::mem::size_of::<Globals>() == 24);
+    assert!(core::mem::size_of::<Globals>() == 36);
     assert!(core::mem::size_of::<ServiceEntry>() == 40);
-    assert!(core::mem::size_of::<BackendEntry>() == 32);
+    assert!(core::mem::size_of::<BackendEntry>() == 48);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowEntry>() == 24);
     assert!(core::mem::size_of::<Counter>() == 16);

@@ -83,7 +83,7 @@ pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Resu
         let recorded = unsafe { (*flow).backend_id };
         if let Some(b) = BACKENDS.get(recorded) {
             let keeps = BACKEND_F_IN_USE | BACKEND_F_KEEPS_FLOWS;
-            if b.flags & keeps == keeps {
+            if b.flags & keeps == keeps && b.service_id == service.service_id {
                 if entry & MAGLEV_SLOT_CHANGED != 0 {
                     let now = unsafe { bpf_ktime_get_ns() };
                     unsafe {

@@ -1,10 +1,19 @@
 //! Command-line interface: argument definitions and dispatch, nothing else.
 
-use std::path::PathBuf;
+use std::{net::IpAddr, path::PathBuf};
 
+use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{check, config::Config, daemon, prepare_backend};
+use crate::{
+    check,
+    config::Config,
+    control::{client, protocol::Request},
+    daemon, prepare_backend, status,
+};
+
+/// Where the daemon listens unless the config says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/mim-lb/control.sock";
 
 /// Parses the command line and runs the command: the whole `mim-lb` binary.
 pub fn main() -> anyhow::Result<()> {
@@ -17,6 +26,39 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => daemon::run(args),
         Command::Check(args) => check::run(&args),
+        Command::Status(args) => {
+            let response = ask(&cli.socket, &Request::Status)?;
+            let status = response.status.context("the daemon sent no status")?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status::render(&status));
+            }
+            Ok(())
+        }
+        Command::Drain(t) => say(&cli.socket, &Request::Drain { service: t.service, backend: t.backend }),
+        Command::Enable(t) => say(&cli.socket, &Request::Enable { service: t.service, backend: t.backend }),
+        Command::Disable(t) => say(&cli.socket, &Request::Disable { service: t.service, backend: t.backend }),
+        Command::Reload => say(&cli.socket, &Request::Reload),
+        Command::Simulate(args) => {
+            let response = ask(&cli.socket, &Request::Simulate { flow: args.flow })?;
+            let sim = response.simulation.context("the daemon sent no simulation")?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&sim)?);
+            } else {
+                match (&sim.backend, &sim.service) {
+                    (Some(backend), Some(service)) => println!(
+                        "{} -> {backend} ({}) of {service}: {} ({})",
+                        sim.flow,
+                        sim.mac.as_deref().unwrap_or("?"),
+                        sim.verdict,
+                        sim.reason
+                    ),
+                    _ => println!("{} -> {} ({})", sim.flow, sim.verdict, sim.reason),
+                }
+            }
+            Ok(())
+        }
         Command::PrepareBackend(args) => prepare_backend::run(&args),
         Command::ExampleConfig => {
             print!("{}", Config::example());
@@ -25,30 +67,74 @@ pub fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Sends a request; a refusal by the daemon becomes an error with its reason.
+fn ask(socket: &std::path::Path, request: &Request) -> anyhow::Result<crate::control::protocol::Response> {
+    let response = client::request(socket, request)?;
+    if !response.ok {
+        bail!("{}", response.error.unwrap_or_else(|| "the daemon refused without a reason".into()));
+    }
+    Ok(response)
+}
+
+/// Sends a request and prints the daemon's answer.
+fn say(socket: &std::path::Path, request: &Request) -> anyhow::Result<()> {
+    let response = ask(socket, request)?;
+    if let Some(message) = response.message {
+        println!("{message}");
+    }
+    Ok(())
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "mim-lb",
     version,
     about = "XDP packet director: one VIP in front of a group of master servers (LVS direct-routing style)",
-    after_help = "Examples:\n  mim-lb check --config /etc/mim-lb/mim-lb.toml\n  mim-lb run --config /etc/mim-lb/mim-lb.toml\n  mim-lb run --config lab.toml --interface veth0 --xdp-mode generic"
+    after_help = "Examples:\n  mim-lb check --config /etc/mim-lb/mim-lb.toml\n  mim-lb run --config /etc/mim-lb/mim-lb.toml\n  mim-lb status\n  mim-lb drain 10.0.0.100:7000 10.0.0.11\n  mim-lb prepare-backend --vip 10.0.0.100   (on each master)"
 )]
 pub struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
+    /// The daemon's control socket (the config's `control_socket`), for the commands that
+    /// talk to a running daemon.
+    #[arg(long, global = true, env = "MIM_LB_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load the XDP program, fill its maps from the config, attach it, and serve until
-    /// SIGINT/SIGTERM (then detach and remove the pinned maps).
-    #[command(after_help = "Example:\n  mim-lb run --config /etc/mim-lb/mim-lb.toml --xdp-mode native")]
+    /// Load the XDP program, fill its maps from the config, attach it, and serve: health
+    /// checks, the control socket, reloads on SIGHUP. On SIGINT/SIGTERM, detach and remove
+    /// the pins (unless --keep-pinned).
+    #[command(after_help = "Examples:\n  mim-lb run --config /etc/mim-lb/mim-lb.toml\n  mim-lb run --config lab.toml --interface veth0 --xdp-mode generic\n  mim-lb run --config /etc/mim-lb/mim-lb.toml --keep-pinned   (restart/upgrade without losing flows)")]
     Run(RunArgs),
     /// Validate a config file without touching the kernel and print what `run` would do.
     #[command(after_help = "Example:\n  mim-lb check --config /etc/mim-lb/mim-lb.toml")]
     Check(CheckArgs),
+    /// Show services, backends (state, weight, share, last check) and counters.
+    #[command(after_help = "Examples:\n  mim-lb status\n  mim-lb status --json | jq '.services[].backends[] | {address, state}'")]
+    Status(StatusArgs),
+    /// Stop sending new flows to a backend; its established flows stay until they end.
+    #[command(after_help = "Examples:\n  mim-lb drain 10.0.0.100:7000 10.0.0.11\n  mim-lb drain mim-master 10.0.0.11")]
+    Drain(Target),
+    /// Put a drained or disabled backend back into service.
+    #[command(after_help = "Example:\n  mim-lb enable 10.0.0.100:7000 10.0.0.11")]
+    Enable(Target),
+    /// Take a backend out of service now: its flows move to other masters (health checks
+    /// keep running and are reported).
+    #[command(after_help = "Example:\n  mim-lb disable 10.0.0.100:7000 10.0.0.11")]
+    Disable(Target),
+    /// Re-read the daemon's config file and apply the difference (also on SIGHUP). An invalid
+    /// file is rejected whole and nothing changes.
+    #[command(after_help = "Example:\n  mim-lb reload")]
+    Reload,
+    /// Which master a flow would reach now, by running the live XDP program on a synthetic
+    /// packet (nothing is recorded or counted).
+    #[command(after_help = "Examples:\n  mim-lb simulate --flow 192.0.2.7:40000-10.0.0.100:7000/tcp\n  mim-lb simulate --flow '[2001:db8::7]:40000-[2001:db8::100]:7000/udp'")]
+    Simulate(SimulateArgs),
     /// Configure this host as a master for direct routing: the VIP on lo, ARP and reverse-path
     /// settings (run on each master, not on the gateway).
     PrepareBackend(prepare_backend::Args),
@@ -67,6 +153,10 @@ pub struct RunArgs {
     /// XDP attach mode (overrides `xdp_mode` in the file).
     #[arg(long, value_enum)]
     pub xdp_mode: Option<XdpModeArg>,
+    /// On stop, leave the program attached and the maps pinned, so the next `mim-lb run`
+    /// takes over every recorded flow.
+    #[arg(long)]
+    pub keep_pinned: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,6 +164,31 @@ pub struct CheckArgs {
     /// Configuration file (TOML).
     #[arg(long, short)]
     pub config: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Print the stable JSON form (documented in OPERATIONS.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// The service: VIP:PORT, VIP:PORT/udp, [IPv6]:PORT, or its name.
+    pub service: String,
+    /// The backend's address.
+    pub backend: IpAddr,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// SRC:SPORT-VIP:PORT/PROTO, IPv6 addresses in brackets.
+    #[arg(long)]
+    pub flow: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -1,91 +1,467 @@
-//! `mim-lb run`: load, fill, attach, serve until a stop signal, clean up.
+//! `mim-lb run`: load, fill, attach, then serve: health checks, neighbour resolution, the
+//! control socket, reloads and the flow sweep, all feeding one event loop that owns the
+//! director. On SIGINT/SIGTERM the program is detached and the pins removed, unless
+//! `--keep-pinned` asks to leave it forwarding for the next run.
 
-use std::path::Path;
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context as _, Result};
-use log::{info, warn};
-use tokio::{io::unix::AsyncFd, signal::unix::{SignalKind, signal}};
+use anyhow::{Context as _, Result, bail};
+use log::{error, info, warn};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 use crate::{
     cli::{RunArgs, XdpModeArg},
-    config::{Config, XdpMode},
-    dataplane::{AttachMode, Dataplane, LoadOptions},
-    director::Director,
+    config::{CheckKind, Config, ServiceKey, XdpMode},
+    control::{
+        protocol::{Request, Response},
+        server::{self, Pending},
+    },
+    dataplane::{AttachMode, Attached, Dataplane, LoadOptions},
+    director::{Admin, Director, monotonic_ns},
+    health::{self, HealthChecker, Report, Verdict},
+    neighbor::{self, NeighborEvent, NeighborResolver},
+    status::{self, CheckStatus, DaemonFacts},
 };
 
-pub fn run(args: RunArgs) -> Result<()> {
-    let mut config = Config::from_file(&args.config)
-        .with_context(|| format!("{} is not a valid mim-lb config", args.config.display()))?;
-    if let Some(interface) = args.interface {
-        config.interface = interface;
+/// Command-line settings that override the file, on start and on every reload.
+#[derive(Clone)]
+struct Overrides {
+    interface: Option<String>,
+    xdp_mode: Option<XdpMode>,
+}
+
+impl Overrides {
+    fn load(&self, path: &Path) -> Result<Config> {
+        let mut config = Config::from_file(path)
+            .with_context(|| format!("{} is not a valid mim-lb config", path.display()))?;
+        if let Some(interface) = &self.interface {
+            config.interface = interface.clone();
+        }
+        if let Some(mode) = self.xdp_mode {
+            config.xdp_mode = mode;
+        }
+        Ok(config)
     }
-    if let Some(mode) = args.xdp_mode {
-        config.xdp_mode = match mode {
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let overrides = Overrides {
+        interface: args.interface.clone(),
+        xdp_mode: args.xdp_mode.map(|mode| match mode {
             XdpModeArg::Auto => XdpMode::Auto,
             XdpModeArg::Native => XdpMode::Native,
             XdpModeArg::Generic => XdpMode::Generic,
-        };
-    }
+        }),
+    };
+    let config = overrides.load(&args.config)?;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(serve(config))
+        .block_on(serve(args.config, overrides, config, args.keep_pinned))
 }
 
-async fn serve(config: Config) -> Result<()> {
-    let gateway_mac = interface_mac(&config.interface)?;
+/// Held for the daemon's life: a second daemon with the same control socket refuses to start
+/// instead of sharing the maps.
+struct InstanceLock {
+    _file: File,
+}
+
+impl InstanceLock {
+    fn acquire(control_socket: &Path) -> Result<InstanceLock> {
+        let mut path = control_socket.as_os_str().to_owned();
+        path.push(".lock");
+        let path = PathBuf::from(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening the lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(InstanceLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "another mim-lb is running with control socket {} (it holds {})",
+                control_socket.display(),
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+        }
+    }
+}
+
+async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_pinned: bool) -> Result<()> {
+    let _lock = InstanceLock::acquire(&config.control_socket)?;
+    let listener = server::bind(&config.control_socket)?;
+    let gateway_mac = neighbor::interface_mac(&config.interface)
+        .await
+        .with_context(|| format!("reading the MAC address of {}", config.interface))?;
     let dataplane = Dataplane::load(&LoadOptions {
         pin_dir: Some(config.pin_dir.clone()),
         flow_table_size: config.flow_table_size,
     })
     .context("loading the XDP program")?;
-    info!("XDP program loaded; maps pinned under {}", config.pin_dir.display());
-    // From here on the pins exist: every exit path removes them.
-    let mut director = Director::new(dataplane, gateway_mac);
-    let result = serve_loaded(&config, &mut director).await;
+    let reused = dataplane.reused_pins();
+    let mut director = if reused {
+        let (director, found) = Director::recover(dataplane, gateway_mac).context("reading the pinned maps")?;
+        info!(
+            "reusing the maps pinned under {} ({} services, {} backends, recorded flows kept)",
+            config.pin_dir.display(),
+            found.services,
+            found.backends
+        );
+        director
+    } else {
+        info!("XDP program loaded; maps pinned under {}", config.pin_dir.display());
+        Director::new(dataplane, gateway_mac)
+    };
+
+    let mut attached = None;
+    let result = start_and_serve(&config_path, overrides, config.clone(), &mut director, listener, &mut attached).await;
+    let stop = std::mem::replace(&mut attached, None);
     let dataplane = director.dataplane_mut();
-    if let Err(err) = dataplane.detach() {
-        warn!("detaching: {err}");
+    match (&result, stop, keep_pinned) {
+        (Ok(()), Some(_), true) => {
+            dataplane.keep_attached();
+            info!(
+                "stopped; the program stays attached to {} and the maps stay pinned under {} (--keep-pinned)",
+                config.interface,
+                config.pin_dir.display()
+            );
+        }
+        // Failing before attaching over maps an earlier run left: that run's program is still
+        // forwarding with them, so they are left alone.
+        (Err(_), None, _) if reused => {
+            warn!("not attached; the pins under {} are left as they were", config.pin_dir.display())
+        }
+        _ => {
+            if let Err(err) = dataplane.detach() {
+                warn!("detaching: {err}");
+            }
+            if let Err(err) = dataplane.unpin() {
+                warn!("removing pins: {err}");
+            }
+            info!("detached from {} and removed the pins under {}", config.interface, config.pin_dir.display());
+        }
     }
-    if let Err(err) = dataplane.unpin() {
-        warn!("removing pins: {err}");
-    }
-    info!("detached from {} and removed pins under {}", config.interface, config.pin_dir.display());
+    let _ = std::fs::remove_file(&config.control_socket);
     result
 }
 
-async fn serve_loaded(config: &Config, director: &mut Director) -> Result<()> {
-    let report = director.apply(config).context("filling the maps")?;
-    info!("maps filled: {} services, {} Maglev entries written", director.services().len(), report.maglev_writes);
-    for (key, svc) in director.services() {
-        info!("service {} {} -> {} backends", svc.name, key, svc.backends.len());
+async fn start_and_serve(
+    config_path: &Path,
+    overrides: Overrides,
+    config: Config,
+    director: &mut Director,
+    listener: tokio::net::UnixListener,
+    attached: &mut Option<Attached>,
+) -> Result<()> {
+    let report = director.apply_config(&config).context("filling the maps")?;
+    info!(
+        "maps filled: {} services, {} Maglev entries and {} backend entries written",
+        director.desired().len(),
+        report.maglev_writes,
+        report.backend_writes
+    );
+    for (key, s) in director.desired() {
+        info!("service {} {} -> {} backends, health check {}", s.name, key, s.backends.len(), s.health.kind.name());
     }
     let mode = match config.xdp_mode {
         XdpMode::Auto => None,
         XdpMode::Native => Some(AttachMode::Native),
         XdpMode::Generic => Some(AttachMode::Generic),
     };
-    let used = director.dataplane_mut().attach(&config.interface, mode)?;
+    let how = director.dataplane_mut().attach(&config.interface, mode)?;
+    *attached = Some(how);
+    match how {
+        Attached::Fresh(m) => info!("attached to {} in {m} mode", config.interface),
+        Attached::Replaced(m) => info!("replaced the running program on {} ({m} mode) atomically", config.interface),
+    }
+
     let logger = director.dataplane_mut().take_logger();
     let log_task = logger.map(|logger| tokio::spawn(forward_program_log(logger)));
+    let (report_tx, report_rx) = mpsc::channel(1024);
+    let (neigh_tx, neigh_rx) = mpsc::channel(256);
+    let (control_tx, control_rx) = mpsc::channel(64);
+    let control_task = tokio::spawn(server::serve(listener, control_tx));
+    let neighbors = NeighborResolver::start(&config.interface, neigh_tx)
+        .await
+        .with_context(|| format!("watching the neighbour table of {}", config.interface))?;
+
+    let mut daemon = Daemon {
+        config_path: config_path.to_owned(),
+        overrides,
+        config,
+        health: HealthChecker::new(report_tx),
+        neighbors,
+        checks: BTreeMap::new(),
+        started: Instant::now(),
+        mode: how.mode(),
+    };
+    daemon.refresh_watchers(director);
     info!(
         "ready: serving {} services on {} in {} mode",
-        director.services().len(),
-        config.interface,
-        used
+        director.desired().len(),
+        daemon.config.interface,
+        daemon.mode
     );
+    let result = daemon.event_loop(director, report_rx, neigh_rx, control_rx).await;
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
-    }
+    daemon.health.shutdown();
+    control_task.abort();
     if let Some(task) = log_task {
         task.abort();
     }
-    Ok(())
+    daemon.neighbors.shutdown().await;
+    result
+}
+
+/// What the event loop owns besides the director.
+struct Daemon {
+    config_path: PathBuf,
+    overrides: Overrides,
+    config: Config,
+    health: HealthChecker,
+    neighbors: NeighborResolver,
+    /// Last health check result per backend, with when it ended.
+    checks: BTreeMap<(ServiceKey, IpAddr), (health::CheckOutcome, Instant)>,
+    started: Instant,
+    mode: AttachMode,
+}
+
+impl Daemon {
+    async fn event_loop(
+        &mut self,
+        director: &mut Director,
+        mut reports: mpsc::Receiver<Report>,
+        mut neighbours: mpsc::Receiver<NeighborEvent>,
+        mut control: mpsc::Receiver<Pending>,
+    ) -> Result<()> {
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let mut sweep = tokio::time::interval(self.sweep_period());
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
+                _ = int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
+                _ = hup.recv() => match self.reload(director) {
+                    Ok(summary) => info!("SIGHUP: {summary}"),
+                    Err(why) => error!("SIGHUP: reload rejected, nothing changed: {why}"),
+                },
+                Some(report) = reports.recv() => self.on_report(director, report),
+                Some(event) = neighbours.recv() => self.on_neighbour(director, event),
+                Some((request, reply)) = control.recv() => {
+                    let response = self.on_request(director, request);
+                    let _ = reply.send(response);
+                }
+                _ = sweep.tick() => self.sweep(director),
+            }
+        }
+    }
+
+    fn sweep_period(&self) -> Duration {
+        (self.config.tcp_idle_timeout.min(self.config.udp_idle_timeout) / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    /// Hands the health checker and the neighbour resolver the current backend set.
+    fn refresh_watchers(&mut self, director: &Director) {
+        let targets = director
+            .health_targets()
+            .into_iter()
+            .filter(|(_, _, check, _)| check.kind != CheckKind::None)
+            .map(|(service, address, check, up)| {
+                let port = check.port_for(service.port);
+                (
+                    health::Target { service, address, port, check },
+                    if up { Verdict::Up } else { Verdict::Down },
+                )
+            })
+            .collect();
+        self.health.set_targets(targets);
+        self.neighbors.set_wanted(director.wanted_macs());
+        let known: std::collections::BTreeSet<(ServiceKey, IpAddr)> = director
+            .desired()
+            .iter()
+            .flat_map(|(k, s)| s.backends.keys().map(move |a| (*k, *a)))
+            .collect();
+        self.checks.retain(|k, _| known.contains(k));
+    }
+
+    fn on_report(&mut self, director: &mut Director, report: Report) {
+        self.checks.insert((report.service, report.address), (report.outcome.clone(), Instant::now()));
+        if !report.transition {
+            return;
+        }
+        info!("{report}");
+        let reason = format!("{} check: {}", report.check, report.outcome.detail);
+        match director.set_health(&report.service, report.address, report.verdict == Verdict::Up, &reason) {
+            Ok(Some(change)) => info!("{change}"),
+            Ok(None) => {}
+            Err(e) => error!("applying the health verdict for {} of {}: {e}", report.address, report.service),
+        }
+    }
+
+    fn on_neighbour(&mut self, director: &mut Director, event: NeighborEvent) {
+        let (address, resolved) = match event {
+            NeighborEvent::Resolved { address, mac } => {
+                info!("neighbour {address} is at {}", crate::config::format_mac(&mac));
+                (address, Ok(mac))
+            }
+            NeighborEvent::Unresolved { address, reason } => {
+                warn!("neighbour {address} unresolved: {reason}");
+                (address, Err(reason))
+            }
+        };
+        match director.set_resolved_mac(address, resolved) {
+            Ok(changes) => changes.iter().for_each(|c| info!("{c}")),
+            Err(e) => error!("applying the MAC of {address}: {e}"),
+        }
+    }
+
+    fn sweep(&mut self, director: &mut Director) {
+        match director.sweep(monotonic_ns(), self.config.tcp_idle_timeout, self.config.udp_idle_timeout) {
+            Ok(r) => {
+                for (service, backend) in &r.backends_retired {
+                    info!("backend {backend} of {service} removed: no live flow left on it");
+                }
+                if r.marks_cleared > 0 || r.flows_deleted > 0 {
+                    log::debug!(
+                        "sweep: {} flows ({} live), {} slot marks cleared, {} records deleted",
+                        r.flows_seen,
+                        r.live_flows,
+                        r.marks_cleared,
+                        r.flows_deleted
+                    );
+                }
+            }
+            Err(e) => error!("flow sweep: {e}"),
+        }
+    }
+
+    fn on_request(&mut self, director: &mut Director, request: Request) -> Response {
+        match request {
+            Request::Status => match self.status(director) {
+                Ok(status) => Response { ok: true, status: Some(status), ..Default::default() },
+                Err(e) => Response::error(format!("reading the maps: {e}")),
+            },
+            Request::Drain { service, backend } => self.admin(director, &service, backend, Admin::Drained),
+            Request::Enable { service, backend } => self.admin(director, &service, backend, Admin::Enabled),
+            Request::Disable { service, backend } => self.admin(director, &service, backend, Admin::Disabled),
+            Request::Reload => match self.reload(director) {
+                Ok(summary) => {
+                    info!("reload: {summary}");
+                    Response::message(summary)
+                }
+                Err(why) => {
+                    error!("reload rejected, nothing changed: {why}");
+                    Response::error(format!("reload rejected, nothing changed: {why}"))
+                }
+            },
+            Request::Simulate { flow } => match crate::simulate::run(director, &flow) {
+                Ok(simulation) => Response { ok: true, simulation: Some(simulation), ..Default::default() },
+                Err(e) => Response::error(e.to_string()),
+            },
+        }
+    }
+
+    fn admin(&mut self, director: &mut Director, service: &str, backend: IpAddr, admin: Admin) -> Response {
+        let key = match director.find_service(service) {
+            Ok(key) => key,
+            Err(e) => return Response::error(e.to_string()),
+        };
+        match director.set_admin(&key, backend, admin) {
+            Ok(Some(change)) => {
+                info!("operator: {change}");
+                Response::message(change.to_string())
+            }
+            Ok(None) => Response::message(format!("backend {backend} of {key} was already {}", admin_word(admin))),
+            Err(e) => Response::error(e.to_string()),
+        }
+    }
+
+    /// Re-reads the file and applies it whole, or changes nothing and says why.
+    fn reload(&mut self, director: &mut Director) -> Result<String, String> {
+        let config = self.overrides.load(&self.config_path).map_err(|e| format!("{e:#}"))?;
+        let old = &self.config;
+        let fixed = [
+            ("interface", old.interface != config.interface),
+            ("xdp_mode", old.xdp_mode != config.xdp_mode),
+            ("pin_dir", old.pin_dir != config.pin_dir),
+            ("flow_table_size", old.flow_table_size != config.flow_table_size),
+            ("control_socket", old.control_socket != config.control_socket),
+            ("metrics_listen", old.metrics_listen != config.metrics_listen),
+        ];
+        let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
+        if !changed.is_empty() {
+            return Err(format!("{} cannot change while running; restart mim-lb to change it", changed.join(", ")));
+        }
+        let report = director.apply_config(&config).map_err(|e| e.to_string())?;
+        for change in &report.changes {
+            info!("reload: {change}");
+        }
+        self.config = config;
+        self.refresh_watchers(director);
+        Ok(format!(
+            "applied {}: {} services; changed tables: {}; removed services: {}",
+            self.config_path.display(),
+            director.desired().len(),
+            if report.changed_services.is_empty() { "none".to_owned() } else { report.changed_services.join(", ") },
+            if report.removed_services.is_empty() { "none".to_owned() } else { report.removed_services.join(", ") },
+        ))
+    }
+
+    fn status(&self, director: &Director) -> Result<status::Status, crate::dataplane::DataplaneError> {
+        let now = Instant::now();
+        let checks: BTreeMap<(ServiceKey, IpAddr), CheckStatus> = self
+            .checks
+            .iter()
+            .map(|(k, (o, at))| {
+                (
+                    *k,
+                    CheckStatus {
+                        ok: o.ok,
+                        detail: o.detail.clone(),
+                        latency_ms: o.latency.as_secs_f64() * 1e3,
+                        age_s: now.duration_since(*at).as_secs_f64(),
+                    },
+                )
+            })
+            .collect();
+        status::collect(
+            director,
+            &DaemonFacts {
+                interface: &self.config.interface,
+                xdp_mode: self.mode.to_string(),
+                pin_dir: self.config.pin_dir.display().to_string(),
+                uptime: self.started.elapsed(),
+                checks: &checks,
+            },
+        )
+    }
+}
+
+fn admin_word(admin: Admin) -> &'static str {
+    match admin {
+        Admin::Enabled => "enabled",
+        Admin::Drained => "drained",
+        Admin::Disabled => "disabled",
+    }
 }
 
 /// Relays the program's rare log events (aya-log) to our logger.
@@ -102,14 +478,4 @@ async fn forward_program_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }
-}
-
-/// The MAC address of a local interface, written as source address into forwarded frames.
-fn interface_mac(interface: &str) -> Result<[u8; 6]> {
-    let path = Path::new("/sys/class/net").join(interface).join("address");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("interface {interface} not found ({})", path.display()))?;
-    crate::config::parse_mac(text.trim()).ok_or_else(|| {
-        anyhow::anyhow!("interface {interface} has no Ethernet address ({})", text.trim())
-    })
 }

@@ -1,10 +1,13 @@
 //! The mim-lb control plane.
 //!
 //! Data flows one way: `config` (parse, validate) -> `director` (desired state: ids, Maglev
-//! tables, service index) -> `dataplane` (maps, program, attachment) -> kernel.
+//! tables, service index) -> `dataplane` (maps, program, attachment) -> kernel. `health`
+//! (checks) and `neighbor` (MACs) report to the daemon's event loop (`daemon`), which hands
+//! their verdicts to the director; `control` carries operators' commands the same way.
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod director;
@@ -12,3 +15,5 @@ pub mod health;
 pub mod maglev;
 pub mod neighbor;
 pub mod prepare_backend;
+pub mod simulate;
+pub mod status;

@@ -32,9 +32,9 @@ impl ProgramUnderTest {
         let config = Config::parse(config).map_err(|e| anyhow!("test config: {e}"))?;
         let dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size: 65_536 })
             .context("loading the XDP program")?;
-        let mut director = Director::new(dataplane, GATEWAY_MAC);
-        director.apply(&config).context("applying the test config")?;
-        Ok(ProgramUnderTest { director })
+        let mut prog = ProgramUnderTest { director: Director::new(dataplane, GATEWAY_MAC) };
+        prog.apply_parsed(&config)?;
+        Ok(prog)
     }
 
     /// Loads the program without applying any config.
@@ -44,10 +44,32 @@ impl ProgramUnderTest {
         Ok(ProgramUnderTest { director: Director::new(dataplane, GATEWAY_MAC) })
     }
 
+    /// Applies `config` the way the daemon does, then reports every backend healthy (the
+    /// verdict its health checks would give masters that answer), so that the tables hold
+    /// every backend with a weight.
     pub fn apply(&mut self, config: &str) -> Result<()> {
         let config = Config::parse(config).map_err(|e| anyhow!("test config: {e}"))?;
-        self.director.apply(&config).context("applying the test config")?;
+        self.apply_parsed(&config)
+    }
+
+    pub fn apply_parsed(&mut self, config: &Config) -> Result<()> {
+        self.director.apply_config(config).context("applying the test config")?;
+        for (service, address, _, up) in self.director.health_targets() {
+            if !up {
+                self.director.set_health(&service, address, true, "test: healthy").context("marking healthy")?;
+            }
+        }
         Ok(())
+    }
+
+    /// The backend id of the master at `addr` in the service `key`.
+    pub fn backend_id(&self, key: &ServiceKey, addr: IpAddr) -> u32 {
+        self.director.desired()[key].backends[&addr].id
+    }
+
+    /// The service id of `key`.
+    pub fn service_id(&self, key: &ServiceKey) -> u32 {
+        self.director.desired()[key].id
     }
 
     /// Runs the program once on `frame`.
@@ -65,7 +87,7 @@ impl ProgramUnderTest {
 
     /// Per-reason counters (summed over CPUs), indexed by reason code.
     pub fn reasons(&mut self) -> Result<Vec<Counter>> {
-        Ok(self.director.dataplane_mut().maps().reason_counters()?)
+        Ok(self.director.dataplane().maps_ro().reason_counters()?)
     }
 
     pub fn reason_packets(&mut self, code: u32) -> Result<u64> {
@@ -74,13 +96,13 @@ impl ProgramUnderTest {
 
     /// The MAC of the master at `addr` in the service `key`.
     pub fn master_mac(&self, key: &ServiceKey, addr: IpAddr) -> [u8; 6] {
-        self.director.services()[key].backends[&addr].mac
+        self.director.desired()[key].backends[&addr].mac().expect("test backends have MACs")
     }
 
     /// Which master the control plane's live table gives to a flow of `key`: computed from
     /// the shared hash and the table the director wrote, independent of the program.
     pub fn table_master(&self, key: &ServiceKey, src: IpAddr, sport: u16, dport: u16) -> Option<IpAddr> {
-        let svc = &self.director.services()[key];
+        let svc = &self.director.written()[key];
         let (s, _) = mim_lb::dataplane::service_index::addr_words(src);
         let (d, _) = mim_lb::dataplane::service_index::addr_words(key.vip);
         let h = if svc.flags & mim_lb_common::SERVICE_F_SOURCE_HASH != 0 {
@@ -89,7 +111,7 @@ impl ProgramUnderTest {
             hash::flow_hash(&s, &d, sport.to_be(), dport.to_be(), key.protocol.number())
         };
         let id = svc.table()[(h % svc.table_size) as usize] & MAGLEV_BACKEND_MASK;
-        svc.backends.iter().find(|(_, b)| b.id == id).map(|(a, _)| *a)
+        self.director.desired()[key].backends.iter().find(|(_, b)| b.id == id).map(|(a, _)| *a)
     }
 }
 

@@ -311,29 +311,121 @@ fn established_flow_keeps_its_master_when_the_table_changes() {
     assert!(to_new > 40, "only {to_new} of 400 new flows reached the new master");
 }
 
+/// What happens to the recorded flows of one master (10.0.0.13) when something happens to it:
+/// each event, on a fresh program, after opening flows of which some land on that master.
 #[test]
-fn flows_of_a_removed_master_are_resteered_to_a_live_one() {
+fn each_backend_event_moves_or_keeps_the_masters_flows_as_documented() {
+    use mim_lb::director::Admin;
     let tcp4 = key(VIP4, 7000, 6);
-    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
-    let gone: IpAddr = "10.0.0.13".parse().unwrap();
-    let gone_mac = prog.master_mac(&tcp4, gone);
-    let on_gone: Vec<u16> = (21000..21300u16)
-        .filter(|&sport| {
-            let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_SYN).bytes()).unwrap();
-            out.bytes[0..6] == gone_mac
-        })
-        .collect();
-    assert!(on_gone.len() > 30, "too few flows landed on 10.0.0.13 to test");
+    let target: IpAddr = "10.0.0.13".parse().unwrap();
+    let without_target = CONFIG.replacen(
+        "[[service.backend]]\naddress = \"10.0.0.13\"\nmac = \"02:00:00:00:00:13\"\n\n[[service]]\nname = \"udp4\"",
+        "[[service]]\nname = \"udp4\"",
+        1,
+    );
+    let weight_zero = CONFIG.replacen(
+        "address = \"10.0.0.13\"\nmac = \"02:00:00:00:00:13\"\n",
+        "address = \"10.0.0.13\"\nmac = \"02:00:00:00:00:13\"\nweight = 0\n",
+        1,
+    );
+    assert_ne!(without_target, CONFIG);
+    assert_ne!(weight_zero, CONFIG);
 
-    let shrunk = CONFIG.replacen("[[service.backend]]\naddress = \"10.0.0.13\"\nmac = \"02:00:00:00:00:13\"\n\n[[service]]\nname = \"udp4\"", "[[service]]\nname = \"udp4\"", 1);
-    assert_ne!(shrunk, CONFIG);
-    prog.apply(&shrunk).unwrap();
-    for sport in on_gone {
+    type Event = Box<dyn Fn(&mut ProgramUnderTest)>;
+    let cases: Vec<(&str, Event, bool)> = vec![
+        ("health check fails", Box::new(move |p: &mut ProgramUnderTest| {
+            p.director.set_health(&tcp4, target, false, "test: tcp check failed").unwrap();
+        }), false),
+        ("operator disables it", Box::new(move |p: &mut ProgramUnderTest| {
+            p.director.set_admin(&tcp4, target, Admin::Disabled).unwrap();
+        }), false),
+        ("operator drains it", Box::new(move |p: &mut ProgramUnderTest| {
+            p.director.set_admin(&tcp4, target, Admin::Drained).unwrap();
+        }), true),
+        ("its weight becomes 0", Box::new(move |p: &mut ProgramUnderTest| p.apply(&weight_zero).unwrap()), true),
+        ("it is removed from the config", Box::new(move |p: &mut ProgramUnderTest| p.apply(&without_target).unwrap()), true),
+    ];
+    for (event, apply, flows_stay) in cases {
+        let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+        let target_mac = prog.master_mac(&tcp4, target);
+        let mut on_target = Vec::new();
+        let mut elsewhere = Vec::new();
+        for sport in 21000..21300u16 {
+            let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_SYN).bytes()).unwrap();
+            let mac: [u8; 6] = out.bytes[0..6].try_into().unwrap();
+            if mac == target_mac { on_target.push(sport) } else { elsewhere.push((sport, mac)) }
+        }
+        assert!(on_target.len() > 30, "{event}: too few flows landed on {target} to test");
+        apply(&mut prog);
+
+        for &sport in &on_target {
+            let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_ACK).bytes()).unwrap();
+            assert_eq!(out.verdict, reason::XDP_TX, "{event}");
+            if flows_stay {
+                assert_eq!(out.bytes[0..6], target_mac, "{event}: flow from port {sport} left its master");
+            } else {
+                let want = prog.table_master(&tcp4, CLIENT4.into(), sport, 7000).unwrap();
+                assert_ne!(want, target, "{event}");
+                assert_eq!(out.bytes[0..6], prog.master_mac(&tcp4, want), "{event}: flow from port {sport} not re-steered");
+            }
+        }
+        for &(sport, mac) in &elsewhere {
+            let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_ACK).bytes()).unwrap();
+            assert_eq!(out.bytes[0..6], mac, "{event}: a flow on another master moved");
+        }
+        for sport in 30000..30300u16 {
+            let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_SYN).bytes()).unwrap();
+            assert_eq!(out.verdict, reason::XDP_TX, "{event}");
+            assert_ne!(out.bytes[0..6], target_mac, "{event}: a new flow reached {target}");
+        }
+    }
+}
+
+/// The sweep clears slot marks and retires a removed master once its flows have been idle for
+/// the timeout, and not before. Time is passed in, so the test does not wait.
+#[test]
+fn sweep_retires_a_removed_master_only_after_its_flows_go_idle() {
+    let tcp4 = key(VIP4, 7000, 6);
+    let target: IpAddr = "10.0.0.13".parse().unwrap();
+    let idle = std::time::Duration::from_secs(60);
+    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    let target_mac = prog.master_mac(&tcp4, target);
+    let on_target: Vec<u16> = (22000..22300u16)
+        .filter(|&sport| prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_SYN).bytes()).unwrap().bytes[0..6] == target_mac)
+        .collect();
+    assert!(on_target.len() > 30);
+    prog.apply(&CONFIG.replacen(
+        "[[service.backend]]\naddress = \"10.0.0.13\"\nmac = \"02:00:00:00:00:13\"\n\n[[service]]\nname = \"udp4\"",
+        "[[service]]\nname = \"udp4\"",
+        1,
+    ))
+    .unwrap();
+    assert!(prog.director.sweep_pending());
+    let now = mim_lb::director::monotonic_ns();
+
+    // Within the timeout: the flows may be alive, so nothing is retired and marks stay.
+    let early = prog.director.sweep(now, idle, idle).unwrap();
+    assert!(early.backends_retired.is_empty(), "{early:?}");
+    assert!(early.live_flows >= on_target.len(), "{early:?}");
+    assert!(prog.director.desired()[&tcp4].backends.contains_key(&target));
+    for &sport in &on_target {
+        let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_ACK).bytes()).unwrap();
+        assert_eq!(out.bytes[0..6], target_mac);
+    }
+
+    // A timeout later, with no packet in between: retired, its records deleted, marks cleared.
+    let late = prog.director.sweep(now + idle.as_nanos() as u64 * 2, idle, idle).unwrap();
+    assert_eq!(late.backends_retired, vec![(tcp4, target)], "{late:?}");
+    assert!(late.flows_deleted >= on_target.len(), "{late:?}");
+    assert!(late.marks_cleared > 0, "{late:?}");
+    assert!(!prog.director.desired()[&tcp4].backends.contains_key(&target));
+    let marked = prog.director.written()[&tcp4].table().iter().filter(|e| *e & mim_lb_common::MAGLEV_SLOT_CHANGED != 0).count();
+    assert_eq!(marked, 0, "every mark is cleared once no live flow needs it");
+    assert!(!prog.director.sweep_pending());
+    for &sport in &on_target {
         let out = prog.run(&Frame::tcp(CLIENT4, sport, VIP4, 7000, TCP_ACK).bytes()).unwrap();
         assert_eq!(out.verdict, reason::XDP_TX);
-        assert_ne!(out.bytes[0..6], gone_mac, "a flow stayed on a removed master");
-        let want = prog.table_master(&tcp4, CLIENT4.into(), sport, 7000).unwrap();
-        assert_eq!(out.bytes[0..6], prog.master_mac(&tcp4, want));
+        assert_ne!(out.bytes[0..6], target_mac, "a flow still reached the retired master");
     }
 }
 
@@ -368,14 +460,14 @@ fn nothing_is_forwarded_before_the_maps_are_filled() {
 
 #[test]
 fn udp_flows_are_recorded_and_counted_per_backend() {
-    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    let prog = ProgramUnderTest::new(CONFIG).unwrap();
     let udp = key(VIP4, 5353, 17);
     for _ in 0..3 {
         prog.run(&Frame::udp(CLIENT4, 43000, VIP4, 5353).bytes()).unwrap();
     }
     let master = prog.table_master(&udp, CLIENT4.into(), 43000, 5353).unwrap();
-    let id = prog.director.services()[&udp].backends[&master].id;
-    let stats = prog.director.dataplane_mut().maps().backend_stats(id).unwrap();
+    let id = prog.backend_id(&udp, master);
+    let stats = prog.director.dataplane().maps_ro().backend_stats(id).unwrap();
     assert_eq!(stats.packets, 3);
     assert_eq!(stats.new_flows, 1, "the first datagram records the flow; the others find it");
 }

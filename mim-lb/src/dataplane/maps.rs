@@ -12,98 +12,101 @@ use mim_lb_common::{
 
 use super::DataplaneError;
 
-pub struct Maps<'a> {
-    ebpf: &'a mut Ebpf,
-}
-
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
-impl<'a> Maps<'a> {
-    pub(super) fn new(ebpf: &'a mut Ebpf) -> Self {
-        Maps { ebpf }
+/// Read access to the maps.
+pub struct MapsRo<'a> {
+    ebpf: &'a Ebpf,
+}
+
+/// Read and write access to the maps.
+pub struct Maps<'a> {
+    ebpf: &'a mut Ebpf,
+}
+
+impl<'a> MapsRo<'a> {
+    pub(super) fn new(ebpf: &'a Ebpf) -> Self {
+        MapsRo { ebpf }
     }
 
-    fn array<V: aya::Pod>(&mut self, name: &'static str) -> Result<Array<&mut MapData, V>, DataplaneError> {
-        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
-        Array::try_from(map).map_err(map_err(name))
-    }
-
-    fn array_ro<V: aya::Pod>(&self, name: &'static str) -> Result<Array<&MapData, V>, DataplaneError> {
+    fn array<V: aya::Pod>(&self, name: &'static str) -> Result<Array<&'a MapData, V>, DataplaneError> {
         let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
         Array::try_from(map).map_err(map_err(name))
     }
 
-    fn per_cpu<V: aya::Pod>(&self, name: &'static str) -> Result<PerCpuArray<&MapData, V>, DataplaneError> {
+    fn per_cpu<V: aya::Pod>(&self, name: &'static str) -> Result<PerCpuArray<&'a MapData, V>, DataplaneError> {
         let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
         PerCpuArray::try_from(map).map_err(map_err(name))
     }
 
+    fn flows_map(&self) -> Result<HashMap<&'a MapData, FlowKey, FlowEntry>, DataplaneError> {
+        let map = self.ebpf.map(names::FLOWS).ok_or(DataplaneError::MissingMap(names::FLOWS))?;
+        HashMap::try_from(map).map_err(map_err(names::FLOWS))
+    }
+
     pub fn globals(&self) -> Result<Globals, DataplaneError> {
-        self.array_ro::<Globals>(names::GLOBALS)?.get(&0, 0).map_err(map_err(names::GLOBALS))
-    }
-
-    pub fn set_globals(&mut self, value: &Globals) -> Result<(), DataplaneError> {
-        self.array::<Globals>(names::GLOBALS)?.set(0, value, 0).map_err(map_err(names::GLOBALS))
-    }
-
-    /// Writes slot `slot` of half `half` of the service index.
-    pub fn set_service_slot(&mut self, half: u32, slot: u32, value: &ServiceEntry) -> Result<(), DataplaneError> {
-        let index = half * limits::SERVICE_SLOTS + slot;
-        self.array::<ServiceEntry>(names::SERVICES)?.set(index, value, 0).map_err(map_err(names::SERVICES))
+        self.array::<Globals>(names::GLOBALS)?.get(&0, 0).map_err(map_err(names::GLOBALS))
     }
 
     pub fn service_slot(&self, half: u32, slot: u32) -> Result<ServiceEntry, DataplaneError> {
         let index = half * limits::SERVICE_SLOTS + slot;
-        self.array_ro::<ServiceEntry>(names::SERVICES)?.get(&index, 0).map_err(map_err(names::SERVICES))
+        self.array::<ServiceEntry>(names::SERVICES)?.get(&index, 0).map_err(map_err(names::SERVICES))
     }
 
-    /// Writes the given (slot, entry) pairs into one Maglev region.
-    pub fn set_maglev_entries(
-        &mut self,
-        service_id: u32,
-        half: u32,
-        entries: impl IntoIterator<Item = (u32, u32)>,
-    ) -> Result<usize, DataplaneError> {
-        let mut map = self.array::<u32>(names::MAGLEV)?;
-        let mut written = 0;
-        for (slot, value) in entries {
-            map.set(limits::maglev_index(service_id, half, slot), value, 0)
-                .map_err(map_err(names::MAGLEV))?;
-            written += 1;
+    /// Every non-empty slot of one half of the service index, as (slot, entry).
+    pub fn service_half(&self, half: u32) -> Result<Vec<(u32, ServiceEntry)>, DataplaneError> {
+        let map = self.array::<ServiceEntry>(names::SERVICES)?;
+        let mut found = Vec::new();
+        for slot in 0..limits::SERVICE_SLOTS {
+            let entry = map.get(&(half * limits::SERVICE_SLOTS + slot), 0).map_err(map_err(names::SERVICES))?;
+            if entry.family != mim_lb_common::FAMILY_NONE {
+                found.push((slot, entry));
+            }
         }
-        Ok(written)
+        Ok(found)
     }
 
     pub fn maglev_entry(&self, service_id: u32, half: u32, slot: u32) -> Result<u32, DataplaneError> {
-        self.array_ro::<u32>(names::MAGLEV)?
+        self.array::<u32>(names::MAGLEV)?
             .get(&limits::maglev_index(service_id, half, slot), 0)
             .map_err(map_err(names::MAGLEV))
     }
 
-    pub fn set_backend(&mut self, id: u32, value: &BackendEntry) -> Result<(), DataplaneError> {
-        self.array::<BackendEntry>(names::BACKENDS)?.set(id, value, 0).map_err(map_err(names::BACKENDS))
+    /// The first `size` entries of one Maglev region.
+    pub fn maglev_region(&self, service_id: u32, half: u32, size: u32) -> Result<Vec<u32>, DataplaneError> {
+        let map = self.array::<u32>(names::MAGLEV)?;
+        (0..size)
+            .map(|slot| map.get(&limits::maglev_index(service_id, half, slot), 0).map_err(map_err(names::MAGLEV)))
+            .collect()
     }
 
     pub fn backend(&self, id: u32) -> Result<BackendEntry, DataplaneError> {
-        self.array_ro::<BackendEntry>(names::BACKENDS)?.get(&id, 0).map_err(map_err(names::BACKENDS))
+        self.array::<BackendEntry>(names::BACKENDS)?.get(&id, 0).map_err(map_err(names::BACKENDS))
     }
 
-    /// Every recorded flow.
+    /// Every backend entry in use, as (id, entry).
+    pub fn backends(&self) -> Result<Vec<(u32, BackendEntry)>, DataplaneError> {
+        let map = self.array::<BackendEntry>(names::BACKENDS)?;
+        let mut found = Vec::new();
+        for id in 1..limits::MAX_BACKENDS {
+            let entry = map.get(&id, 0).map_err(map_err(names::BACKENDS))?;
+            if entry.flags & mim_lb_common::BACKEND_F_IN_USE != 0 {
+                found.push((id, entry));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Every recorded flow. Entries can be evicted or replaced while the walk goes on; those
+    /// are missing from the result or seen in either state.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowEntry)>, DataplaneError> {
-        let map = self.ebpf.map(names::FLOWS).ok_or(DataplaneError::MissingMap(names::FLOWS))?;
-        let flows: HashMap<&MapData, FlowKey, FlowEntry> =
-            HashMap::try_from(map).map_err(map_err(names::FLOWS))?;
-        // Entries can be evicted while we walk; a vanished key just ends up missing.
-        Ok(flows.iter().filter_map(Result::ok).collect())
+        Ok(self.flows_map()?.iter().filter_map(Result::ok).collect())
     }
 
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowEntry>, DataplaneError> {
-        let map = self.ebpf.map(names::FLOWS).ok_or(DataplaneError::MissingMap(names::FLOWS))?;
-        let flows: HashMap<&MapData, FlowKey, FlowEntry> =
-            HashMap::try_from(map).map_err(map_err(names::FLOWS))?;
-        match flows.get(key, 0) {
+        match self.flows_map()?.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(names::FLOWS)(e)),
@@ -130,6 +133,73 @@ impl<'a> Maps<'a> {
 
     pub fn backend_stats(&self, backend_id: u32) -> Result<TrafficStats, DataplaneError> {
         sum_stats(&self.per_cpu::<TrafficStats>(names::BACKEND_STATS)?, backend_id, names::BACKEND_STATS)
+    }
+}
+
+impl<'a> Maps<'a> {
+    pub(super) fn new(ebpf: &'a mut Ebpf) -> Self {
+        Maps { ebpf }
+    }
+
+    /// The read side of the same maps.
+    pub fn ro(&self) -> MapsRo<'_> {
+        MapsRo::new(self.ebpf)
+    }
+
+    fn array<V: aya::Pod>(&mut self, name: &'static str) -> Result<Array<&mut MapData, V>, DataplaneError> {
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        Array::try_from(map).map_err(map_err(name))
+    }
+
+    pub fn globals(&self) -> Result<Globals, DataplaneError> {
+        self.ro().globals()
+    }
+
+    pub fn set_globals(&mut self, value: &Globals) -> Result<(), DataplaneError> {
+        self.array::<Globals>(names::GLOBALS)?.set(0, value, 0).map_err(map_err(names::GLOBALS))
+    }
+
+    /// Writes slot `slot` of half `half` of the service index.
+    pub fn set_service_slot(&mut self, half: u32, slot: u32, value: &ServiceEntry) -> Result<(), DataplaneError> {
+        let index = half * limits::SERVICE_SLOTS + slot;
+        self.array::<ServiceEntry>(names::SERVICES)?.set(index, value, 0).map_err(map_err(names::SERVICES))
+    }
+
+    /// Writes the given (slot, entry) pairs into one Maglev region.
+    pub fn set_maglev_entries(
+        &mut self,
+        service_id: u32,
+        half: u32,
+        entries: impl IntoIterator<Item = (u32, u32)>,
+    ) -> Result<usize, DataplaneError> {
+        let mut map = self.array::<u32>(names::MAGLEV)?;
+        let mut written = 0;
+        for (slot, value) in entries {
+            map.set(limits::maglev_index(service_id, half, slot), value, 0)
+                .map_err(map_err(names::MAGLEV))?;
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    pub fn set_backend(&mut self, id: u32, value: &BackendEntry) -> Result<(), DataplaneError> {
+        self.array::<BackendEntry>(names::BACKENDS)?.set(id, value, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    /// Removes recorded flows; keys already gone are skipped.
+    pub fn delete_flows<'k>(&mut self, keys: impl IntoIterator<Item = &'k FlowKey>) -> Result<usize, DataplaneError> {
+        let map = self.ebpf.map_mut(names::FLOWS).ok_or(DataplaneError::MissingMap(names::FLOWS))?;
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(map).map_err(map_err(names::FLOWS))?;
+        let mut deleted = 0;
+        for key in keys {
+            match flows.remove(key) {
+                Ok(()) => deleted += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::FLOWS)(e)),
+            }
+        }
+        Ok(deleted)
     }
 
     /// Zeroes the counters of a service id about to be (re)used.

@@ -1,7 +1,13 @@
-//! The kernel side as seen from userspace: the embedded program, its maps, attachment.
+//! The kernel side as seen from userspace: the embedded program, its pinned maps, and its
+//! attachment to the gateway interface.
 //!
 //! Nothing here knows about configuration files: callers hand in map values, and
 //! `crate::director` decides what they are.
+//!
+//! Pins are what let mim-lb restart without losing flows: the maps (connection table
+//! included) and the XDP attachment itself (a bpf_link) are pinned under the pin directory. A
+//! new daemon reuses the maps and swaps its program into the pinned link in one atomic
+//! `BPF_LINK_UPDATE`, so no packet for a VIP ever reaches the kernel in between.
 
 pub mod maps;
 pub mod program;
@@ -14,9 +20,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    maps::{MapInfo, MapType},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
-use mim_lb_common::{limits, maps::names};
+use mim_lb_common::{
+    ABI_VERSION, ATTACH_GENERIC, ATTACH_NATIVE, BackendEntry, Counter, FlowEntry, FlowKey,
+    GLOBALS_F_READY, Globals, ServiceEntry, TrafficStats, limits, maps::names,
+};
 
 /// What went wrong talking to the kernel. Each variant says which step failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,10 +38,10 @@ pub enum DataplaneError {
     #[error("pin directory {dir}: {source}")]
     PinDir { dir: PathBuf, source: std::io::Error },
     #[error(
-        "maps from an earlier run are still pinned under {dir} (found {map}); another mim-lb may \
-         be running. Stop it, or remove the stale pins with `rm -r {dir}`"
+        "maps pinned under {dir} do not fit this version of mim-lb: {detail}. Stop every mim-lb, \
+         then remove them with `rm -r {dir}` (recorded flows are lost) and start again"
     )]
-    StalePins { dir: PathBuf, map: String },
+    IncompatiblePins { dir: PathBuf, detail: String },
     #[error("loading the BPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
@@ -40,8 +54,12 @@ pub enum DataplaneError {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("reading the number of possible CPUs: {0}")]
     Cpus(std::io::Error),
+    #[error("interface {0} not found")]
+    NoInterface(String),
     #[error("attaching to interface {interface} in {mode} mode: {source}")]
     Attach { interface: String, mode: AttachMode, source: aya::programs::ProgramError },
+    #[error("pinned XDP link {path}: {detail}")]
+    Link { path: PathBuf, detail: String },
 }
 
 /// How the XDP program is attached to an interface.
@@ -51,6 +69,23 @@ pub enum AttachMode {
     Native,
     /// In the kernel's generic receive path (works on every interface, slower).
     Generic,
+}
+
+impl AttachMode {
+    fn code(self) -> u32 {
+        match self {
+            AttachMode::Native => ATTACH_NATIVE,
+            AttachMode::Generic => ATTACH_GENERIC,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<AttachMode> {
+        match code {
+            ATTACH_NATIVE => Some(AttachMode::Native),
+            ATTACH_GENERIC => Some(AttachMode::Generic),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for AttachMode {
@@ -66,11 +101,14 @@ impl fmt::Display for AttachMode {
 pub const PROGRAM: &str = "mim_lb";
 /// Name of the pass-everything program (for the peer of a veth running mim-lb natively).
 pub const PASS_PROGRAM: &str = "mim_lb_pass";
+/// File name of the pinned XDP attachment under the pin directory.
+pub const LINK_PIN: &str = "XDP_LINK";
 
 /// Options for [`Dataplane::load`].
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Pin every map here (created if missing). `None`: maps live as long as the process.
+    /// Pin every map here (created if missing), reusing maps an earlier run pinned there.
+    /// `None`: maps live as long as the process.
     pub pin_dir: Option<PathBuf>,
     /// Capacity of the connection table.
     pub flow_table_size: u32,
@@ -82,23 +120,52 @@ impl Default for LoadOptions {
     }
 }
 
+/// How the program came to be attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new attachment.
+    Fresh(AttachMode),
+    /// The program replaced an earlier run's in its pinned link, atomically.
+    Replaced(AttachMode),
+}
+
+impl Attached {
+    pub fn mode(self) -> AttachMode {
+        match self {
+            Attached::Fresh(m) | Attached::Replaced(m) => m,
+        }
+    }
+}
+
+enum Attachment {
+    /// The link is pinned; we hold an fd to it.
+    Pinned(PinnedLink),
+    /// The program owns the link (no pin directory, or the kernel only offers netlink
+    /// attachment). `pin` is the pinned path the link was taken from, if any.
+    Owned { id: XdpLinkId, pin: Option<PathBuf> },
+}
+
 /// The loaded program and its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
-    attached: Option<(XdpLinkId, String, AttachMode)>,
+    reused_pins: bool,
+    attachment: Option<Attachment>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl Dataplane {
-    /// Loads the embedded program into the kernel (it passes the verifier here) with fresh
-    /// maps, pinned under `pin_dir` when one is given. Nothing is attached yet.
+    /// Loads the embedded program into the kernel (it passes the verifier here). With a pin
+    /// directory, maps an earlier run pinned there are reused (after checking they fit this
+    /// build) and new ones are pinned; [`Dataplane::reused_pins`] tells which happened.
+    /// Nothing is attached yet.
     pub fn load(options: &LoadOptions) -> Result<Self, DataplaneError> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, options.flow_table_size);
+        let mut reused_pins = false;
         let pin_paths: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
-                prepare_pin_dir(dir)?;
+                reused_pins = check_pins(dir, options.flow_table_size)?;
                 names::ALL.iter().map(|name| (*name, dir.join(name))).collect()
             }
             None => Vec::new(),
@@ -119,7 +186,31 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        Ok(Dataplane { ebpf, pin_dir: options.pin_dir.clone(), attached: None, logger })
+        let mut dataplane = Dataplane {
+            ebpf,
+            pin_dir: options.pin_dir.clone(),
+            reused_pins,
+            attachment: None,
+            logger,
+        };
+        if reused_pins {
+            let globals = dataplane.maps().globals()?;
+            if globals.flags & GLOBALS_F_READY != 0 && globals.abi_version != ABI_VERSION {
+                return Err(DataplaneError::IncompatiblePins {
+                    dir: options.pin_dir.clone().unwrap_or_default(),
+                    detail: format!(
+                        "they were filled by ABI version {}, this build speaks {ABI_VERSION}",
+                        globals.abi_version
+                    ),
+                });
+            }
+        }
+        Ok(dataplane)
+    }
+
+    /// Whether the maps were pinned by an earlier run (their contents are live state).
+    pub fn reused_pins(&self) -> bool {
+        self.reused_pins
     }
 
     /// The data-path program (for BPF_PROG_TEST_RUN).
@@ -135,10 +226,6 @@ impl Dataplane {
         xdp_mut(&mut self.ebpf, PASS_PROGRAM).expect("loaded in Dataplane::load")
     }
 
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
-    }
-
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()
     }
@@ -148,53 +235,141 @@ impl Dataplane {
         self.logger.take()
     }
 
-    /// Attaches the data-path program to `interface`. `None` tries native mode and falls back
-    /// to generic mode when the driver refuses. Returns the mode in use.
+    /// Attaches the data-path program to `interface`. `mode` `None` tries native mode and
+    /// falls back to generic mode when the driver refuses.
+    ///
+    /// With a pin directory, an attachment pinned by an earlier run on the same interface (and
+    /// in the requested mode, if one is given) is taken over: the new program replaces the old
+    /// one atomically. Otherwise the old attachment is removed first and a new one is made and
+    /// pinned.
     pub fn attach(
         &mut self,
         interface: &str,
         mode: Option<AttachMode>,
-    ) -> Result<AttachMode, DataplaneError> {
+    ) -> Result<Attached, DataplaneError> {
+        let ifindex = if_index(interface)?;
+        let link_path = self.pin_dir.as_ref().map(|d| d.join(LINK_PIN));
+        if let Some(path) = link_path.as_ref().filter(|p| p.exists()) {
+            let globals = self.maps().globals()?;
+            let pinned_mode = AttachMode::from_code(globals.attach_mode);
+            match pinned_mode {
+                Some(m) if globals.ifindex == ifindex && mode.is_none_or(|want| want == m) => {
+                    let id = self.replace_in_link(path)?;
+                    self.attachment = Some(Attachment::Owned { id, pin: Some(path.clone()) });
+                    return Ok(Attached::Replaced(m));
+                }
+                _ => {
+                    log::warn!(
+                        "the pinned attachment is on interface index {} in {} mode, not on {interface} \
+                         (index {ifindex}) in {} mode: detaching it and attaching anew",
+                        globals.ifindex,
+                        pinned_mode.map_or("unknown".to_owned(), |m| m.to_string()),
+                        mode.map_or("auto".to_owned(), |m| m.to_string()),
+                    );
+                    std::fs::remove_file(path).map_err(|e| DataplaneError::Link {
+                        path: path.clone(),
+                        detail: format!("removing it: {e}"),
+                    })?;
+                }
+            }
+        }
+
         let program = xdp_mut(&mut self.ebpf, PROGRAM)?;
-        let try_attach = |program: &mut Xdp, mode: AttachMode| {
-            let flags = match mode {
-                AttachMode::Native => XdpMode::Driver,
-                AttachMode::Generic => XdpMode::Skb,
-            };
-            program.attach(interface, flags).map_err(|source| DataplaneError::Attach {
-                interface: interface.to_string(),
-                mode,
-                source,
-            })
-        };
-        let (link, used) = match mode {
-            Some(mode) => (try_attach(program, mode)?, mode),
-            None => match try_attach(program, AttachMode::Native) {
-                Ok(link) => (link, AttachMode::Native),
+        let (id, used) = match mode {
+            Some(mode) => (attach_in(program, interface, mode)?, mode),
+            None => match attach_in(program, interface, AttachMode::Native) {
+                Ok(id) => (id, AttachMode::Native),
                 Err(err) => {
                     log::warn!("{err}; falling back to generic mode");
-                    (try_attach(program, AttachMode::Generic)?, AttachMode::Generic)
+                    (attach_in(program, interface, AttachMode::Generic)?, AttachMode::Generic)
                 }
             },
         };
-        self.attached = Some((link, interface.to_string(), used));
-        Ok(used)
+        self.attachment = Some(match link_path {
+            Some(path) => self.pin_link(id, &path)?,
+            None => Attachment::Owned { id, pin: None },
+        });
+        let mut globals = self.maps().globals()?;
+        globals.ifindex = ifindex;
+        globals.attach_mode = used.code();
+        self.maps().set_globals(&globals)?;
+        Ok(Attached::Fresh(used))
     }
 
-    /// Detaches the program if attached.
-    pub fn detach(&mut self) -> Result<(), DataplaneError> {
-        if let Some((link, _, _)) = self.attached.take() {
-            xdp_mut(&mut self.ebpf, PROGRAM)?
-                .detach(link)
-                .map_err(|source| DataplaneError::Program { name: PROGRAM, source })?;
+    fn replace_in_link(&mut self, path: &Path) -> Result<XdpLinkId, DataplaneError> {
+        let link_err = |detail: String| DataplaneError::Link { path: path.to_path_buf(), detail };
+        let pinned = PinnedLink::from_pin(path).map_err(|e| link_err(e.to_string()))?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .map_err(|e| link_err(format!("not an XDP link: {e}")))?;
+        xdp_mut(&mut self.ebpf, PROGRAM)?
+            .attach_to_link(link)
+            .map_err(|e| link_err(format!("replacing its program: {e}")))
+    }
+
+    fn pin_link(&mut self, id: XdpLinkId, path: &Path) -> Result<Attachment, DataplaneError> {
+        let program = xdp_mut(&mut self.ebpf, PROGRAM)?;
+        let link = program.take_link(id).map_err(|source| DataplaneError::Program { name: PROGRAM, source })?;
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                let pinned = fd_link.pin(path).map_err(|e| DataplaneError::Link {
+                    path: path.to_path_buf(),
+                    detail: format!("pinning: {e}"),
+                })?;
+                Ok(Attachment::Pinned(pinned))
+            }
+            Err(_) => {
+                // Only kernels without bpf_link for XDP (before 5.9) get here: the attachment
+                // then lives as long as this process and a restart briefly detaches.
+                log::warn!("this kernel attaches XDP without a bpf_link: the attachment cannot be pinned");
+                Err(DataplaneError::Link {
+                    path: path.to_path_buf(),
+                    detail: "the kernel gave a netlink attachment, which cannot be pinned".into(),
+                })
+            }
         }
-        Ok(())
+    }
+
+    /// Detaches the program and removes the pinned link.
+    pub fn detach(&mut self) -> Result<(), DataplaneError> {
+        match self.attachment.take() {
+            None => Ok(()),
+            Some(Attachment::Pinned(pinned)) => {
+                // Dropping the last fd of an unpinned link detaches it.
+                pinned.unpin().map(drop).map_err(|e| DataplaneError::Link {
+                    path: self.pin_dir.clone().unwrap_or_default().join(LINK_PIN),
+                    detail: format!("unpinning: {e}"),
+                })
+            }
+            Some(Attachment::Owned { id, pin }) => {
+                if let Some(path) = pin {
+                    let _ = std::fs::remove_file(&path);
+                }
+                xdp_mut(&mut self.ebpf, PROGRAM)?
+                    .detach(id)
+                    .map_err(|source| DataplaneError::Program { name: PROGRAM, source })
+            }
+        }
+    }
+
+    /// Leaves the attachment pinned, so the program keeps forwarding with the pinned maps
+    /// after this process exits (`--keep-pinned`, or a restart by systemd).
+    pub fn keep_attached(&mut self) {
+        if let Some(Attachment::Owned { id, pin: Some(_) }) = self.attachment.take() {
+            // The program would detach a link it owns when dropped; the pin holds it instead.
+            if let Ok(program) = xdp_mut(&mut self.ebpf, PROGRAM)
+                && let Ok(link) = program.take_link(id)
+            {
+                std::mem::drop(FdLink::try_from(link));
+            }
+        }
+        // A `Pinned` attachment only closes its fd when dropped.
+        self.attachment = None;
     }
 
     /// Removes the pinned maps (the maps themselves live on while this process holds them).
     pub fn unpin(&self) -> Result<(), DataplaneError> {
         let Some(dir) = &self.pin_dir else { return Ok(()) };
-        for name in names::ALL {
+        for name in names::ALL.iter().copied().chain([LINK_PIN]) {
             match std::fs::remove_file(dir.join(name)) {
                 Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
                     return Err(DataplaneError::PinDir { dir: dir.clone(), source: err });
@@ -211,6 +386,32 @@ impl Dataplane {
     pub fn maps(&mut self) -> maps::Maps<'_> {
         maps::Maps::new(&mut self.ebpf)
     }
+
+    /// Read-only typed access to the maps.
+    pub fn maps_ro(&self) -> maps::MapsRo<'_> {
+        maps::MapsRo::new(&self.ebpf)
+    }
+}
+
+fn attach_in(program: &mut Xdp, interface: &str, mode: AttachMode) -> Result<XdpLinkId, DataplaneError> {
+    let flags = match mode {
+        AttachMode::Native => XdpMode::Driver,
+        AttachMode::Generic => XdpMode::Skb,
+    };
+    program
+        .attach(interface, flags)
+        .map_err(|source| DataplaneError::Attach { interface: interface.to_string(), mode, source })
+}
+
+fn if_index(interface: &str) -> Result<u32, DataplaneError> {
+    let name = std::ffi::CString::new(interface)
+        .map_err(|_| DataplaneError::NoInterface(interface.to_string()))?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(DataplaneError::NoInterface(interface.to_string()));
+    }
+    Ok(index)
 }
 
 fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
@@ -220,15 +421,55 @@ fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Da
         .map_err(|source| DataplaneError::Program { name, source })
 }
 
-/// Creates the pin directory and refuses to start over maps someone else pinned there: loading
-/// would silently share them.
-fn prepare_pin_dir(dir: &Path) -> Result<(), DataplaneError> {
+/// What this build expects of each pinned map: (name, type, key size, value size, entries).
+fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize, u32); 8] {
+    use core::mem::size_of;
+    [
+        (names::GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
+        (names::SERVICES, MapType::Array, 4, size_of::<ServiceEntry>(), 2 * limits::SERVICE_SLOTS),
+        (names::MAGLEV, MapType::Array, 4, 4, limits::MAGLEV_MAP_ENTRIES),
+        (names::BACKENDS, MapType::Array, 4, size_of::<BackendEntry>(), limits::MAX_BACKENDS),
+        (names::FLOWS, MapType::LruHash, size_of::<FlowKey>(), size_of::<FlowEntry>(), flow_table_size),
+        (names::REASON_STATS, MapType::PerCpuArray, 4, size_of::<Counter>(), limits::REASON_SLOTS),
+        (names::SERVICE_STATS, MapType::PerCpuArray, 4, size_of::<TrafficStats>(), limits::MAX_SERVICES),
+        (names::BACKEND_STATS, MapType::PerCpuArray, 4, size_of::<TrafficStats>(), limits::MAX_BACKENDS),
+    ]
+}
+
+/// Creates the pin directory if needed and decides whether pins found there can be reused.
+/// Returns whether a complete, compatible set was found; a partial or mismatching set is an
+/// error rather than something to overwrite, because it holds live flows.
+fn check_pins(dir: &Path, flow_table_size: u32) -> Result<bool, DataplaneError> {
     std::fs::create_dir_all(dir)
         .map_err(|source| DataplaneError::PinDir { dir: dir.to_path_buf(), source })?;
-    for name in names::ALL {
-        if dir.join(name).exists() {
-            return Err(DataplaneError::StalePins { dir: dir.to_path_buf(), map: name.to_string() });
+    let expected = expected_maps(flow_table_size);
+    let present: Vec<&str> =
+        expected.iter().map(|e| e.0).filter(|name| dir.join(name).exists()).collect();
+    if present.is_empty() {
+        return Ok(false);
+    }
+    let incompatible = |detail: String| DataplaneError::IncompatiblePins { dir: dir.to_path_buf(), detail };
+    if present.len() != expected.len() {
+        let missing: Vec<&str> = expected.iter().map(|e| e.0).filter(|n| !present.contains(n)).collect();
+        return Err(incompatible(format!("the set is incomplete (missing {})", missing.join(", "))));
+    }
+    for (name, map_type, key, value, entries) in expected {
+        let info = MapInfo::from_pin(dir.join(name))
+            .map_err(|e| incompatible(format!("{name} cannot be opened: {e}")))?;
+        let found_type = info.map_type().map_err(|e| incompatible(format!("{name}: {e}")))?;
+        let found = (found_type, info.key_size() as usize, info.value_size() as usize, info.max_entries());
+        if found != (map_type, key, value, entries) {
+            let hint = if name == names::FLOWS && found.3 != entries {
+                format!(" (flow_table_size was {} and is now {entries})", found.3)
+            } else {
+                String::new()
+            };
+            return Err(incompatible(format!(
+                "{name} is {found_type:?} with key {} bytes, value {} bytes, {} entries; this build \
+                 needs {map_type:?} with key {key}, value {value}, {entries} entries{hint}",
+                found.1, found.2, found.3
+            )));
         }
     }
-    Ok(())
+    Ok(true)
 }

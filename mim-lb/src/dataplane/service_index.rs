@@ -49,8 +49,8 @@ pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
     }
 }
 
-/// The address `words` encode, for messages.
-fn words_addr(words: &[u32; 4], family: u8) -> IpAddr {
+/// The address that wire-order `words` of `family` encode (the inverse of [`addr_words`]).
+pub fn words_addr(words: &[u32; 4], family: u8) -> IpAddr {
     if family == FAMILY_V4 {
         IpAddr::from(words[0].to_ne_bytes())
     } else {

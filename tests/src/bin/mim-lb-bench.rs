@@ -143,7 +143,7 @@ fn main() -> Result<()> {
 
     // Established flow on a slot whose master changed: it must consult the connection table.
     prog.apply(&config(4))?;
-    let svc = &prog.director.services()[&key];
+    let svc = &prog.director.written()[&key];
     let sport = (20000..60000u16)
         .find(|&p| {
             let (s, _) = mim_lb::dataplane::service_index::addr_words(CLIENT.into());
@@ -184,7 +184,7 @@ fn rebuild(args: &Args) -> Result<()> {
     let mut prog = ProgramUnderTest::new(&small)?;
     let started = Instant::now();
     let parsed = Config::parse(&big).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let report = prog.director.apply(&parsed)?;
+    let report = prog.director.apply_config(&parsed)?;
     let elapsed = started.elapsed();
     if report.maglev_writes == 0 {
         bail!("rebuild wrote nothing");
@@ -199,8 +199,8 @@ fn rebuild(args: &Args) -> Result<()> {
 }
 
 fn total_new_flows(prog: &mut ProgramUnderTest, key: &ServiceKey) -> Result<u64> {
-    let id = prog.director.services()[key].id;
-    Ok(prog.director.dataplane_mut().maps().service_stats(id)?.new_flows)
+    let id = prog.service_id(key);
+    Ok(prog.director.dataplane().maps_ro().service_stats(id)?.new_flows)
 }
 
 fn machine() -> String {

@@ -1,0 +1,339 @@
+//! The status view: what `mim-lb status` shows and `--json` prints, and what the metrics
+//! endpoint exposes. The JSON field names are a stable interface (see OPERATIONS.md).
+
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, time::Duration};
+
+use mim_lb_common::{MAGLEV_BACKEND_MASK, reason};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{ServiceKey, format_mac},
+    director::Director,
+};
+
+/// Everything `mim-lb status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub interface: String,
+    /// `native` or `generic`.
+    pub xdp_mode: String,
+    pub pin_dir: String,
+    pub uptime_s: f64,
+    pub services: Vec<ServiceStatus>,
+    /// Every packet the program saw, by the reason for its verdict.
+    pub reasons: Vec<ReasonCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// `maglev` or `maglev-source`.
+    pub scheduler: String,
+    pub table_size: u32,
+    /// `tcp`, `http`, `command` or `none`.
+    pub health_check: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: IpAddr,
+    /// `None` while unresolved.
+    pub mac: Option<String>,
+    /// `config` or `neighbour`.
+    pub mac_source: String,
+    pub weight: u32,
+    /// `up`, `down`, `draining`, `disabled` or `removing`.
+    pub state: String,
+    /// Why the state is not `up` (empty when it is).
+    pub reason: String,
+    /// `enabled`, `drained` or `disabled`: the operator's last command.
+    pub admin: String,
+    /// `up` or `down`: the health checks' verdict.
+    pub health: String,
+    /// Maglev slots owned: the share of new flows is `slots / table_size`.
+    pub slots: u32,
+    pub last_check: Option<CheckStatus>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    pub ok: bool,
+    pub detail: String,
+    pub latency_ms: f64,
+    /// Seconds since the check ended.
+    pub age_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReasonCount {
+    pub code: u32,
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The answer of `mim-lb simulate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Simulation {
+    pub flow: String,
+    /// `XDP_TX`, `XDP_PASS` or `XDP_DROP`.
+    pub verdict: String,
+    /// The reason code's name (`forwarded`, `no_backend`, ...).
+    pub reason: String,
+    pub service: Option<String>,
+    /// The master the packet was sent to, when forwarded.
+    pub backend: Option<IpAddr>,
+    pub mac: Option<String>,
+}
+
+/// The daemon's facts that the director does not hold.
+pub struct DaemonFacts<'a> {
+    pub interface: &'a str,
+    pub xdp_mode: String,
+    pub pin_dir: String,
+    pub uptime: Duration,
+    /// The last health check result of each backend.
+    pub checks: &'a BTreeMap<(ServiceKey, IpAddr), CheckStatus>,
+}
+
+/// Collects the status from the director's state and the data path's counters.
+pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate::dataplane::DataplaneError> {
+    let maps = director.dataplane().maps_ro();
+    let mut services = Vec::new();
+    for (key, s) in director.desired() {
+        let table = director.written().get(key).map(|w| w.table()).unwrap_or(&[]);
+        let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
+        for e in table {
+            *slots.entry(e & MAGLEV_BACKEND_MASK).or_default() += 1;
+        }
+        let stats = maps.service_stats(s.id)?;
+        let mut backends = Vec::new();
+        for (addr, b) in &s.backends {
+            let (state, why) = b.state();
+            let bstats = maps.backend_stats(b.id)?;
+            backends.push(BackendStatus {
+                address: *addr,
+                mac: b.mac().as_ref().map(format_mac),
+                mac_source: if b.config_mac.is_some() { "config" } else { "neighbour" }.into(),
+                weight: b.weight,
+                state: state.to_string(),
+                reason: why,
+                admin: serde_plain(&b.admin),
+                health: if b.health_up { "up" } else { "down" }.into(),
+                slots: slots.get(&b.id).copied().unwrap_or(0),
+                last_check: facts.checks.get(&(*key, *addr)).cloned(),
+                packets: bstats.packets,
+                bytes: bstats.bytes,
+                new_flows: bstats.new_flows,
+            });
+        }
+        services.push(ServiceStatus {
+            name: s.name.clone(),
+            vip: key.vip,
+            port: key.port,
+            protocol: key.protocol.to_string(),
+            scheduler: s.scheduler.to_string(),
+            table_size: s.table_size,
+            health_check: s.health.kind.name().into(),
+            packets: stats.packets,
+            bytes: stats.bytes,
+            new_flows: stats.new_flows,
+            backends,
+        });
+    }
+    let counters = maps.reason_counters()?;
+    let reasons = reason::ALL
+        .iter()
+        .map(|(code, name)| ReasonCount {
+            code: *code,
+            name: (*name).into(),
+            packets: counters[*code as usize].packets,
+            bytes: counters[*code as usize].bytes,
+        })
+        .collect();
+    Ok(Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        interface: facts.interface.into(),
+        xdp_mode: facts.xdp_mode.clone(),
+        pin_dir: facts.pin_dir.clone(),
+        uptime_s: facts.uptime.as_secs_f64(),
+        services,
+        reasons,
+    })
+}
+
+fn serde_plain<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+/// The human view, in the spirit of `ipvsadm -Ln --stats`: one line per service, one per
+/// backend under it, then the verdict counters that are not zero.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "mim-lb {} on {} ({} XDP), up {}",
+        status.version,
+        status.interface,
+        status.xdp_mode,
+        human_duration(status.uptime_s)
+    );
+    let _ = writeln!(
+        out,
+        "Prot LocalAddress:Port            Scheduler      Check   NewFlows    Packets      Bytes  Name"
+    );
+    let _ = writeln!(
+        out,
+        "  -> RemoteAddress                State     Weight   Share   NewFlows    Packets      Bytes  MAC                Last check"
+    );
+    for s in &status.services {
+        let endpoint = std::net::SocketAddr::new(s.vip, s.port).to_string();
+        let _ = writeln!(
+            out,
+            "{:<4} {:<28} {:<14} {:<7} {:>8} {:>10} {:>10}  {}",
+            s.protocol.to_uppercase(),
+            endpoint,
+            s.scheduler,
+            s.health_check,
+            s.new_flows,
+            s.packets,
+            human_bytes(s.bytes),
+            s.name
+        );
+        for b in &s.backends {
+            let share = if s.table_size > 0 { 100.0 * f64::from(b.slots) / f64::from(s.table_size) } else { 0.0 };
+            let check = match &b.last_check {
+                None => "-".to_owned(),
+                Some(c) => format!(
+                    "{} {} ({:.1} ms, {:.0} s ago)",
+                    if c.ok { "ok" } else { "FAIL" },
+                    c.detail,
+                    c.latency_ms,
+                    c.age_s
+                ),
+            };
+            let _ = writeln!(
+                out,
+                "  -> {:<28} {:<9} {:>6} {:>6.1}% {:>10} {:>10} {:>10}  {:<18} {}",
+                b.address.to_string(),
+                b.state,
+                b.weight,
+                share,
+                b.new_flows,
+                b.packets,
+                human_bytes(b.bytes),
+                b.mac.as_deref().unwrap_or("(unresolved)"),
+                check
+            );
+            if !b.reason.is_empty() && b.state != "up" {
+                let _ = writeln!(out, "       {}: {}", b.state, b.reason);
+            }
+        }
+    }
+    let counted: Vec<String> = status
+        .reasons
+        .iter()
+        .filter(|r| r.packets > 0)
+        .map(|r| format!("{} {}", r.name, r.packets))
+        .collect();
+    let _ = writeln!(
+        out,
+        "Verdicts (packets): {}",
+        if counted.is_empty() { "none yet".to_owned() } else { counted.join(", ") }
+    );
+    out
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes}B") } else { format!("{value:.1}{}", UNITS[unit]) }
+}
+
+fn human_duration(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_read_naturally() {
+        assert_eq!(human_bytes(512), "512B");
+        assert_eq!(human_bytes(1536), "1.5K");
+        assert_eq!(human_bytes(5 * 1024 * 1024 * 1024), "5.0G");
+        assert_eq!(human_duration(59.9), "59s");
+        assert_eq!(human_duration(3725.0), "1h2m");
+        assert_eq!(human_duration(90_000.0), "1d1h");
+    }
+
+    #[test]
+    fn render_shows_states_reasons_and_counters() {
+        let status = Status {
+            version: "0.1.0".into(),
+            interface: "eth0".into(),
+            xdp_mode: "native".into(),
+            pin_dir: "/sys/fs/bpf/mim-lb".into(),
+            uptime_s: 61.0,
+            services: vec![ServiceStatus {
+                name: "mim-master".into(),
+                vip: "10.0.0.100".parse().unwrap(),
+                port: 7000,
+                protocol: "tcp".into(),
+                scheduler: "maglev".into(),
+                table_size: 65_537,
+                health_check: "tcp".into(),
+                packets: 10,
+                bytes: 2048,
+                new_flows: 3,
+                backends: vec![BackendStatus {
+                    address: "10.0.0.11".parse().unwrap(),
+                    mac: None,
+                    mac_source: "neighbour".into(),
+                    weight: 100,
+                    state: "down".into(),
+                    reason: "no ARP reply".into(),
+                    admin: "enabled".into(),
+                    health: "up".into(),
+                    slots: 0,
+                    last_check: Some(CheckStatus { ok: true, detail: "connected".into(), latency_ms: 0.25, age_s: 1.0 }),
+                    packets: 0,
+                    bytes: 0,
+                    new_flows: 0,
+                }],
+            }],
+            reasons: vec![ReasonCount { code: 0, name: "forwarded".into(), packets: 10, bytes: 2048 }],
+        };
+        let text = render(&status);
+        assert!(text.contains("TCP  10.0.0.100:7000"), "{text}");
+        assert!(text.contains("(unresolved)"), "{text}");
+        assert!(text.contains("down: no ARP reply"), "{text}");
+        assert!(text.contains("Verdicts (packets): forwarded 10"), "{text}");
+        let json = serde_json::to_string(&status).unwrap();
+        assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status);
+    }
+}
