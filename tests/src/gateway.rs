@@ -1,0 +1,290 @@
+//! The real `mim-lb run` on a lab's gateway: writes its config, starts it in the gateway's
+//! namespace as an operator would, talks to it through its control socket with the real CLI,
+//! and removes everything it made (process, pins, files) when dropped, also on panic.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mim_lb::{
+    dataplane::{Dataplane, LoadOptions},
+    status::{BackendStatus, Status},
+};
+
+use crate::capture::mac_to_string;
+use crate::netns::{in_netns, run_in};
+use crate::process::Proc;
+use crate::Lab;
+
+/// The daemon binary under test: `mim-lb-dut`, built by cargo next to the test binaries
+/// (integration tests run from `<target>/<profile>/deps/`, this crate's other binaries from
+/// `<target>/<profile>/`).
+pub fn mim_lb_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the running executable has a path");
+    let mut dir = exe.parent().expect("an executable lives in a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("mim-lb-dut")
+}
+
+/// How the XDP program is attached in a test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Native,
+    Generic,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Native => "native",
+            Mode::Generic => "generic",
+        }
+    }
+}
+
+/// One service for [`lab_config`].
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: &'static str,
+    /// Lines of `[service.health]`; empty for the default.
+    pub health: String,
+    /// Masters (lab indexes) and whether their MAC is written in the config.
+    pub masters: Vec<(usize, bool)>,
+}
+
+impl ServiceSpec {
+    /// A TCP service on the lab's first IPv4 VIP with every master, MACs configured, checked
+    /// by TCP every 100 ms (up after 1 success, down after 2 failures).
+    pub fn tcp(lab: &Lab, port: u16) -> ServiceSpec {
+        ServiceSpec {
+            name: format!("tcp-{port}"),
+            vip: lab.vip4().into(),
+            port,
+            protocol: "tcp",
+            health: "interval_ms = 100\ntimeout_ms = 100\nrise = 1\nfall = 2".into(),
+            masters: (0..lab.master_count()).map(|i| (i, true)).collect(),
+        }
+    }
+}
+
+/// A config for the lab's gateway. `extra` goes at the top (e.g. `tcp_idle_timeout_s = 3`).
+pub fn lab_config(lab: &Lab, services: &[ServiceSpec], extra: &str) -> String {
+    let mut text = format!("interface = \"{}\"\n{extra}\n", lab.gateway_ifname());
+    for s in services {
+        text += &format!(
+            "\n[[service]]\nname = \"{}\"\nvip = \"{}\"\nport = {}\nprotocol = \"{}\"\n",
+            s.name, s.vip, s.port, s.protocol
+        );
+        if !s.health.is_empty() {
+            text += &format!("[service.health]\n{}\n", s.health);
+        }
+        for &(i, with_mac) in &s.masters {
+            let address: IpAddr = if s.vip.is_ipv4() {
+                lab.master_addr4(i).into()
+            } else {
+                lab.master_addr6(i).expect("the lab has IPv6").into()
+            };
+            text += &format!("[[service.backend]]\naddress = \"{address}\"\n");
+            if with_mac {
+                text += &format!("mac = \"{}\"\n", mac_to_string(&lab.master_mac(i)));
+            }
+        }
+    }
+    text
+}
+
+/// A running `mim-lb run` on the lab's gateway.
+pub struct Gateway {
+    proc: Option<Proc>,
+    ns: String,
+    dir: PathBuf,
+    pin_dir: PathBuf,
+    socket: PathBuf,
+    mode: Mode,
+    /// The XDP_PASS program on the gateway's bridge port (native mode on veth needs it).
+    _peer_pass: Option<Dataplane>,
+}
+
+fn unique_suffix() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{:x}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Gateway {
+    /// Writes `config` (which must not set pin_dir or control_socket: the test picks unique
+    /// ones), starts the daemon, and waits until it is serving.
+    pub fn start(lab: &mut Lab, config: &str, mode: Mode) -> Result<Gateway> {
+        let suffix = unique_suffix();
+        let dir = std::env::temp_dir().join(format!("mimlb-{suffix}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut gw = Gateway {
+            proc: None,
+            ns: lab.gateway_ns().to_owned(),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/mim-lb-test-{suffix}")),
+            socket: dir.join("control.sock"),
+            dir,
+            mode,
+            _peer_pass: None,
+        };
+        if mode == Mode::Native {
+            gw._peer_pass = Some(attach_peer_pass(lab)?);
+        }
+        gw.write_config(config)?;
+        gw.launch(lab, &[])?;
+        Ok(gw)
+    }
+
+    /// Starts the daemon again (after [`Gateway::stop`] or [`Gateway::kill`]) with the same
+    /// config file and pins.
+    pub fn restart(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<()> {
+        self.launch(lab, extra_args)
+    }
+
+    fn launch(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<()> {
+        let mut cmd = Command::new(mim_lb_binary());
+        cmd.args(["--log-level", "info,mim_lb=debug", "run", "--config"])
+            .arg(self.config_path())
+            .args(["--xdp-mode", self.mode.name()])
+            .args(extra_args);
+        let ns = self.ns.clone();
+        let proc = lab.spawn_in(&ns, &mut cmd)?;
+        self.proc = Some(proc.clone());
+        proc.wait_for_line("ready: serving", Duration::from_secs(20))
+            .context("waiting for mim-lb to start")?;
+        Ok(())
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("mim-lb.toml")
+    }
+
+    /// Replaces the config file (for reloads), adding the test's pin dir and socket.
+    pub fn write_config(&self, config: &str) -> Result<()> {
+        let text = format!(
+            "pin_dir = \"{}\"\ncontrol_socket = \"{}\"\n{config}",
+            self.pin_dir.display(),
+            self.socket.display()
+        );
+        std::fs::write(self.config_path(), text).context("writing the config")
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The daemon process.
+    pub fn proc(&self) -> &Proc {
+        self.proc.as_ref().expect("started")
+    }
+
+    /// Runs `mim-lb --socket S ARGS...` in the gateway namespace and returns its stdout; a
+    /// non-zero exit is an error carrying its stderr.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["--socket", self.socket.to_str().expect("utf-8 path")];
+        all.extend_from_slice(args);
+        run_in(&self.ns, mim_lb_binary().to_str().expect("utf-8 path"), &all)
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        let json = self.ctl(&["status", "--json"])?;
+        serde_json::from_str(&json).with_context(|| format!("parsing status JSON: {json}"))
+    }
+
+    /// The status of one backend.
+    pub fn backend(&self, address: IpAddr) -> Result<BackendStatus> {
+        self.status()?
+            .services
+            .into_iter()
+            .flat_map(|s| s.backends)
+            .find(|b| b.address == address)
+            .with_context(|| format!("no backend {address} in the status"))
+    }
+
+    /// Polls the status until `done` holds for it, for at most `timeout`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&Status) -> bool) -> Result<Status> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status()?;
+            if done(&status) {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("{what}: not reached within {timeout:?}; status:\n{}", mim_lb::status::render(&status));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every backend of every service is up.
+    pub fn wait_all_up(&self) -> Result<Status> {
+        self.wait_until("every backend up", Duration::from_secs(20), |s| {
+            s.services.iter().all(|svc| svc.backends.iter().all(|b| b.state == "up"))
+        })
+    }
+
+    /// SIGTERM, and waits for the daemon to exit.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(proc) = self.proc.take() {
+            proc.signal(libc::SIGTERM)?;
+            let status = proc.wait_exit(Duration::from_secs(10))?;
+            if !status.success() {
+                bail!("mim-lb exited with {status}:\n{}", proc.tail(30));
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(proc) = self.proc.take() {
+            proc.signal(libc::SIGKILL)?;
+            proc.wait_exit(Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(proc) = self.proc.take() {
+            let _ = proc.signal(libc::SIGTERM);
+            if proc.wait_exit(Duration::from_secs(5)).is_err() {
+                let _ = proc.signal(libc::SIGKILL);
+                let _ = proc.wait_exit(Duration::from_secs(2));
+            }
+        }
+        // A killed or --keep-pinned daemon leaves its pins (and a pinned attachment, which goes
+        // with the lab's namespace); remove them whatever happened.
+        if self.pin_dir.exists() {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Loads the object (unpinned) in this process and attaches its XDP_PASS program to the
+/// gateway's bridge port, inside the bridge namespace. Native XDP_TX on a veth drops frames
+/// unless the peer has an XDP program.
+fn attach_peer_pass(lab: &Lab) -> Result<Dataplane> {
+    let peer = lab.gateway_peer_ifname().to_owned();
+    in_netns(lab.bridge_ns(), move || -> Result<Dataplane> {
+        let mut dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size: 1024 })?;
+        dataplane
+            .pass_program_mut()
+            .attach(&peer, aya::programs::XdpMode::Driver)
+            .with_context(|| format!("attaching XDP_PASS to {peer}"))?;
+        Ok(dataplane)
+    })?
+}

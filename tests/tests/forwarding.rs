@@ -1,0 +1,140 @@
+//! Real traffic through the real program: a client, a gateway running `mim-lb run`, and three
+//! masters on a bridge, each in its own namespace. Connections to the VIP must all succeed,
+//! spread over the masters, and be answered by the masters directly.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use mim_lb_tests::{
+    Capture, Lab, LabSpec, count_names, in_netns, tcp_ask_many, udp_ask,
+    gateway::{Gateway, Mode, ServiceSpec, lab_config},
+};
+
+const PORT: u16 = 7000;
+const UDP_PORT: u16 = 7001;
+const CONNECTIONS: usize = 300;
+const T: Duration = Duration::from_secs(3);
+
+/// Every master's share of `names` is within 20%..47% (300 connections over 3 masters).
+fn assert_spread(lab: &Lab, names: &[String], what: &str) -> BTreeMap<String, usize> {
+    let counts = count_names(names);
+    for i in 0..lab.master_count() {
+        let n = counts.get(&lab.master_name(i)).copied().unwrap_or(0);
+        let share = n as f64 / names.len() as f64;
+        assert!(
+            (0.20..=0.47).contains(&share),
+            "{what}: {} got {n} of {} ({:.1}%): {counts:?}",
+            lab.master_name(i),
+            names.len(),
+            share * 100.0
+        );
+    }
+    counts
+}
+
+/// TCP to an IPv4 and an IPv6 VIP and UDP to an IPv4 VIP, in one XDP mode.
+fn spread_in(mode: Mode) {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    lab.start_udp_servers(UDP_PORT).unwrap();
+    let tcp4 = ServiceSpec::tcp(&lab, PORT);
+    let tcp6 = ServiceSpec { name: "tcp6".into(), vip: lab.vip6().unwrap().into(), ..ServiceSpec::tcp(&lab, PORT) };
+    // UDP masters are checked with TCP on the TCP port: a UDP service has no handshake to check.
+    let udp4 = ServiceSpec {
+        name: "udp4".into(),
+        port: UDP_PORT,
+        protocol: "udp",
+        health: format!("port = {PORT}\ninterval_ms = 100\ntimeout_ms = 100\nrise = 1"),
+        ..ServiceSpec::tcp(&lab, PORT)
+    };
+    let config = lab_config(&lab, &[tcp4, tcp6, udp4], "");
+    let gw = Gateway::start(&mut lab, &config, mode).unwrap();
+    gw.wait_all_up().unwrap();
+
+    let vip4 = SocketAddr::new(lab.vip4().into(), PORT);
+    let vip6 = SocketAddr::new(lab.vip6().unwrap().into(), PORT);
+    let client_capture = Capture::start(lab.client_ns(), "eth0").unwrap();
+    let gateway_capture = Capture::start(lab.gateway_ns(), "eth0").unwrap();
+    let (names4, names6) = in_netns(lab.client_ns(), || {
+        (tcp_ask_many(vip4, CONNECTIONS, T).unwrap(), tcp_ask_many(vip6, CONNECTIONS, T).unwrap())
+    })
+    .unwrap();
+    let counts4 = assert_spread(&lab, &names4, "TCP over IPv4");
+    assert_spread(&lab, &names6, "TCP over IPv6");
+    let client_frames = client_capture.stop();
+    let gateway_frames = gateway_capture.stop();
+
+    // The client sent to the gateway's MAC, and every answer from a VIP came from a master's.
+    let master_macs: Vec<[u8; 6]> = (0..lab.master_count()).map(|i| lab.master_mac(i)).collect();
+    let vips: [IpAddr; 2] = [lab.vip4().into(), lab.vip6().unwrap().into()];
+    let to_vip: Vec<_> = client_frames
+        .iter()
+        .filter(|f| f.outgoing && f.is_tcp() && f.dst_ip.is_some_and(|ip| vips.contains(&ip)))
+        .collect();
+    assert!(to_vip.len() >= 2 * CONNECTIONS, "only {} frames to the VIPs captured", to_vip.len());
+    assert!(to_vip.iter().all(|f| f.dst_mac == lab.gateway_mac()));
+    let answers: Vec<_> = client_frames
+        .iter()
+        .filter(|f| !f.outgoing && f.is_tcp() && f.src_ip.is_some_and(|ip| vips.contains(&ip)))
+        .collect();
+    assert!(answers.len() >= 2 * CONNECTIONS, "only {} answers from the VIPs captured", answers.len());
+    for f in &answers {
+        assert!(master_macs.contains(&f.src_mac), "an answer from {:?} came from MAC {:?}", f.src_ip, f.src_mac);
+    }
+    // Nothing from the VIPs ever touched the gateway: the masters answer the client directly.
+    // (The gateway's own ARP and neighbour advertisements for the VIP are not answers.)
+    let through_gateway: Vec<_> = gateway_frames
+        .iter()
+        .filter(|f| (f.is_tcp() || f.is_udp()) && f.src_ip.is_some_and(|ip| vips.contains(&ip)))
+        .collect();
+    assert!(through_gateway.is_empty(), "answers from the VIP passed through the gateway: {through_gateway:#?}");
+
+    // The program's own counters agree with what the masters saw.
+    let status = gw.status().unwrap();
+    let service = status.services.iter().find(|s| s.name == format!("tcp-{PORT}")).unwrap();
+    assert_eq!(service.new_flows, CONNECTIONS as u64, "one new flow per connection");
+    for b in &service.backends {
+        let i = (0..lab.master_count()).find(|&i| IpAddr::from(lab.master_addr4(i)) == b.address).unwrap();
+        assert_eq!(b.new_flows as usize, counts4[&lab.master_name(i)], "new flows of {}", b.address);
+    }
+    let reasons: BTreeMap<&str, u64> = status.reasons.iter().map(|r| (r.name.as_str(), r.packets)).collect();
+    assert!(reasons["forwarded"] >= (4 * 2 * CONNECTIONS) as u64, "{reasons:?}");
+
+    // UDP: one datagram per source port, answered from the VIP by a master.
+    let udp_vip = SocketAddr::new(lab.vip4().into(), UDP_PORT);
+    let udp_names: Vec<String> = in_netns(lab.client_ns(), || {
+        (0..CONNECTIONS).map(|_| udp_ask(udp_vip, None, T).unwrap()).collect()
+    })
+    .unwrap();
+    assert_spread(&lab, &udp_names, "UDP");
+    drop(gw);
+}
+
+#[test]
+fn connections_spread_over_three_masters_in_native_mode() {
+    spread_in(Mode::Native);
+}
+
+#[test]
+fn connections_spread_over_three_masters_in_generic_mode() {
+    spread_in(Mode::Generic);
+}
+
+/// The daemon removes what it made when it stops: the attachment and every pin.
+#[test]
+fn clean_stop_detaches_and_removes_the_pins() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let mut gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    gw.wait_all_up().unwrap();
+    assert!(gw.pin_dir().join("FLOWS").exists());
+    let xdp = lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "eth0"]).unwrap();
+    assert!(xdp.contains("xdpgeneric"), "not attached: {xdp}");
+    gw.stop().unwrap();
+    assert!(!gw.pin_dir().exists(), "pins left behind");
+    let xdp = lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "eth0"]).unwrap();
+    assert!(!xdp.contains("xdp"), "still attached: {xdp}");
+    assert!(!gw.socket().exists(), "control socket left behind");
+}
