@@ -122,6 +122,11 @@ impl Gateway {
     /// Writes `config` (which must not set pin_dir or control_socket: the test picks unique
     /// ones), starts the daemon, and waits until it is serving.
     pub fn start(lab: &mut Lab, config: &str, mode: Mode) -> Result<Gateway> {
+        Gateway::start_with_args(lab, config, mode, &[])
+    }
+
+    /// [`Gateway::start`] with more arguments for `mim-lb run` (e.g. `--keep-pinned`).
+    pub fn start_with_args(lab: &mut Lab, config: &str, mode: Mode, args: &[&str]) -> Result<Gateway> {
         let suffix = unique_suffix();
         let dir = std::env::temp_dir().join(format!("mimlb-{suffix}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -138,7 +143,7 @@ impl Gateway {
             gw._peer_pass = Some(attach_peer_pass(lab)?);
         }
         gw.write_config(config)?;
-        gw.launch(lab, &[])?;
+        gw.launch(lab, args)?;
         Ok(gw)
     }
 

@@ -78,7 +78,8 @@ pub struct Lab {
     prefix6: [u16; 4],
     /// Namespaces to delete on drop, recorded before they are made.
     namespaces: Vec<String>,
-    servers: Vec<Server>,
+    /// Running servers: (master index, port, server).
+    servers: Vec<(usize, u16, Server)>,
     counters: Vec<Arc<ServeCounters>>,
     procs: Vec<Proc>,
 }
@@ -359,15 +360,40 @@ impl Lab {
     /// returns once all of them listen, on `[::]` and so on the VIPs too.
     pub fn start_tcp_servers(&mut self, port: u16) -> Result<()> {
         for i in 0..self.masters.len() {
-            let server = start_tcp(
-                &self.masters[i].ns,
-                self.master_name(i),
-                port,
-                Arc::clone(&self.counters[i]),
-            )?;
-            self.servers.push(server);
+            self.start_tcp_server(i, port)?;
         }
         Ok(())
+    }
+
+    /// Starts the TCP name/echo service on `port` on master `i` only.
+    pub fn start_tcp_server(&mut self, i: usize, port: u16) -> Result<()> {
+        let server = start_tcp(&self.masters[i].ns, self.master_name(i), port, Arc::clone(&self.counters[i]))?;
+        self.servers.push((i, port, server));
+        Ok(())
+    }
+
+    /// Stops master `i`'s servers on `port` (as if the process died): the port refuses
+    /// connections and the server's open connections close. Returns how many were stopped.
+    pub fn stop_servers(&mut self, i: usize, port: u16) -> usize {
+        let (stopped, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.servers).into_iter().partition(|(m, p, _)| *m == i && *p == port);
+        self.servers = kept;
+        let n = stopped.len();
+        drop(stopped);
+        n
+    }
+
+    /// Starts an HTTP health endpoint on `port` on every master; each answers 200 while its
+    /// flag (returned, one per master) is set, 503 otherwise.
+    pub fn start_http_health(&mut self, port: u16) -> Result<Vec<Arc<std::sync::atomic::AtomicBool>>> {
+        let mut flags = Vec::new();
+        for i in 0..self.masters.len() {
+            let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let server = crate::servers::start_http_health(&self.masters[i].ns, port, Arc::clone(&healthy))?;
+            self.servers.push((i, port, server));
+            flags.push(healthy);
+        }
+        Ok(flags)
     }
 
     /// Starts the UDP name service on `port` on every master: each datagram is answered with
@@ -380,7 +406,7 @@ impl Lab {
                 port,
                 Arc::clone(&self.counters[i]),
             )?;
-            self.servers.push(server);
+            self.servers.push((i, port, server));
         }
         Ok(())
     }
@@ -415,7 +441,7 @@ impl Drop for Lab {
     fn drop(&mut self) {
         // Stop all servers at once, then join, so that teardown takes one tick and not one
         // per server.
-        for s in &self.servers {
+        for (_, _, s) in &self.servers {
             s.signal_stop();
         }
         self.servers.clear();

@@ -258,6 +258,43 @@ fn serve_tcp_conn(mut stream: TcpStream, name: &str, stop: &AtomicBool) {
     }
 }
 
+/// An HTTP health endpoint: every request gets `200 ok` while `healthy` is set and `503 fail`
+/// otherwise, whatever its path, then the connection closes. The TCP port itself keeps
+/// accepting either way, which is what an http check must see through.
+pub(crate) fn start_http_health(ns: &str, port: u16, healthy: Arc<AtomicBool>) -> Result<Server> {
+    start_in(ns, &format!("http-{port}"), move || {
+        let listener = tcp_listener(port)?;
+        Ok(Box::new(move |stop: Arc<AtomicBool>| {
+            while !stop.load(Ordering::Relaxed) {
+                if !wait_readable(&[&listener])[0] {
+                    continue;
+                }
+                while let Ok((stream, _)) = listener.accept() {
+                    answer_http(stream, healthy.load(Ordering::Relaxed));
+                }
+            }
+        }))
+    })
+}
+
+fn answer_http(mut stream: TcpStream, healthy: bool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    // Read the head only; a check sends no body.
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_LINE {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let (status, body) = if healthy { ("200 OK", "ok") } else { ("503 Service Unavailable", "fail") };
+    let _ = stream.write_all(
+        format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+    );
+}
+
 pub(crate) fn start_udp(
     ns: &str,
     name: String,

@@ -1,0 +1,307 @@
+//! What makes mim-lb a high-availability tool: failed masters leave, recovered ones return,
+//! operators drain, disable and reload without breaking live connections, and the daemon
+//! restarts without losing flows. Real namespaces, the real daemon, real connections.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use mim_lb_tests::{
+    Lab, LabSpec, TcpHold, count_names, in_netns, tcp_ask, tcp_ask_many,
+    gateway::{Gateway, Mode, ServiceSpec, lab_config},
+};
+
+const PORT: u16 = 7000;
+const HEALTH_PORT: u16 = 8080;
+const T: Duration = Duration::from_secs(3);
+/// Health settings of these tests: 100 ms between checks, 2 to change state either way.
+const HEALTH: &str = "interval_ms = 100\ntimeout_ms = 100\nrise = 2\nfall = 2";
+
+fn vip(lab: &Lab) -> SocketAddr {
+    SocketAddr::new(lab.vip4().into(), PORT)
+}
+
+fn start(lab: &mut Lab, health: &str, extra: &str) -> Gateway {
+    let service = ServiceSpec { health: health.into(), ..ServiceSpec::tcp(lab, PORT) };
+    let config = lab_config(lab, &[service], extra);
+    let gw = Gateway::start(lab, &config, Mode::Generic).unwrap();
+    gw.wait_all_up().unwrap();
+    gw
+}
+
+fn addr(lab: &Lab, i: usize) -> IpAddr {
+    lab.master_addr4(i).into()
+}
+
+fn wait_state(gw: &Gateway, backend: IpAddr, state: &str) -> Duration {
+    let started = Instant::now();
+    gw.wait_until(&format!("{backend} {state}"), Duration::from_secs(10), |s| {
+        s.services.iter().flat_map(|s| &s.backends).any(|b| b.address == backend && b.state == state)
+    })
+    .unwrap();
+    started.elapsed()
+}
+
+/// `n` connections through the VIP; every one must succeed.
+fn ask(lab: &Lab, n: usize) -> Vec<String> {
+    let vip = vip(lab);
+    in_netns(lab.client_ns(), || tcp_ask_many(vip, n, T)).unwrap().unwrap()
+}
+
+/// Opens `n` held connections through the VIP.
+fn hold(lab: &Lab, n: usize) -> Vec<TcpHold> {
+    let vip = vip(lab);
+    in_netns(lab.client_ns(), || (0..n).map(|_| TcpHold::connect(vip, T)).collect::<anyhow::Result<Vec<_>>>())
+        .unwrap()
+        .unwrap()
+}
+
+fn echo_all(held: &mut [TcpHold], round: &str) {
+    for (k, conn) in held.iter_mut().enumerate() {
+        conn.echo(&format!("{round} {k}"), T)
+            .unwrap_or_else(|e| panic!("{round}: held connection {k} to {} broke: {e:#}", conn.name()));
+    }
+}
+
+#[test]
+fn a_killed_master_stops_getting_connections_and_comes_back_after_rise() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let gw = start(&mut lab, HEALTH, "");
+    let victim = lab.master_name(1);
+
+    let killed = Instant::now();
+    assert_eq!(lab.stop_servers(1, PORT), 1);
+    let took = wait_state(&gw, addr(&lab, 1), "down");
+    eprintln!("master-2 marked down {:?} after its server died", killed.elapsed());
+    // Detection needs `fall` failed checks: about fall x interval, plus the check's own time.
+    assert!(took < Duration::from_secs(5));
+    let reason = gw.backend(addr(&lab, 1)).unwrap().reason;
+    assert!(reason.contains("tcp check"), "the reason names the check: {reason:?}");
+
+    let names = ask(&lab, 150);
+    assert!(!names.contains(&victim), "a new connection reached the dead master");
+    assert_eq!(count_names(&names).len(), 2, "the two survivors share the connections");
+
+    lab.start_tcp_server(1, PORT).unwrap();
+    wait_state(&gw, addr(&lab, 1), "up");
+    let names = ask(&lab, 150);
+    let back = names.iter().filter(|n| **n == victim).count();
+    assert!(back >= 20, "the recovered master got only {back} of 150 connections");
+}
+
+#[test]
+fn http_and_command_checks_catch_a_master_that_accepts_tcp_but_is_unhealthy() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let flags = lab.start_http_health(HEALTH_PORT).unwrap();
+    let marker_dir = std::env::temp_dir().join(format!("mimlb-marks-{:x}", std::process::id()));
+    std::fs::create_dir_all(&marker_dir).unwrap();
+    let _cleanup = RemoveOnDrop(marker_dir.clone());
+
+    // Two services on the same masters: one checked over HTTP, one by a command that fails
+    // while a marker file for the backend exists.
+    let http = ServiceSpec {
+        name: "http-checked".into(),
+        health: format!("check = \"http\"\nport = {HEALTH_PORT}\npath = \"/health\"\nexpect_body = \"ok\"\n{HEALTH}"),
+        ..ServiceSpec::tcp(&lab, PORT)
+    };
+    let command = ServiceSpec {
+        name: "command-checked".into(),
+        vip: lab.vips4()[1].into(),
+        health: format!(
+            "check = \"command\"\ncommand = [\"/bin/sh\", \"-c\", \"test ! -e {}/down-$0\", \"{{address}}\"]\n{HEALTH}",
+            marker_dir.display()
+        ),
+        ..ServiceSpec::tcp(&lab, PORT)
+    };
+    let config = lab_config(&lab, &[http, command], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    gw.wait_all_up().unwrap();
+
+    flags[0].store(false, Ordering::Relaxed);
+    std::fs::write(marker_dir.join(format!("down-{}", addr(&lab, 2))), "").unwrap();
+    let status = gw
+        .wait_until("both unhealthy masters down", Duration::from_secs(10), |s| {
+            let state = |svc: &str, a: IpAddr| {
+                s.services.iter().find(|x| x.name == svc).unwrap().backends.iter().find(|b| b.address == a).unwrap().state.clone()
+            };
+            state("http-checked", addr(&lab, 0)) == "down" && state("command-checked", addr(&lab, 2)) == "down"
+        })
+        .unwrap();
+    let http_service = status.services.iter().find(|s| s.name == "http-checked").unwrap();
+    let b = http_service.backends.iter().find(|b| b.address == addr(&lab, 0)).unwrap();
+    assert!(b.reason.contains("503"), "http reason: {:?}", b.reason);
+    // Only the unhealthy backend of each service went down.
+    for s in &status.services {
+        let down: Vec<IpAddr> = s.backends.iter().filter(|b| b.state != "up").map(|b| b.address).collect();
+        assert_eq!(down.len(), 1, "{}: {down:?}", s.name);
+    }
+
+    // The masters still accept TCP, but no new connection reaches the one its check rejects.
+    let names = ask(&lab, 100);
+    assert!(!names.contains(&lab.master_name(0)), "the HTTP-unhealthy master got connections");
+    let vip2 = SocketAddr::new(lab.vips4()[1].into(), PORT);
+    let names2 = in_netns(lab.client_ns(), || tcp_ask_many(vip2, 100, T)).unwrap().unwrap();
+    assert!(!names2.contains(&lab.master_name(2)), "the command-unhealthy master got connections");
+
+    flags[0].store(true, Ordering::Relaxed);
+    wait_state(&gw, addr(&lab, 0), "up");
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_drained_master_keeps_its_connections_and_a_disabled_one_loses_them() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let gw = start(&mut lab, HEALTH, "");
+    let target = lab.master_name(0);
+    let mut held = hold(&lab, 30);
+    let on_target: Vec<usize> = (0..held.len()).filter(|&k| held[k].name() == target).collect();
+    assert!(!on_target.is_empty(), "no held connection landed on {target}");
+    // Past the servers' hold window: these connections are open because they asked to be.
+    std::thread::sleep(Duration::from_millis(2200));
+
+    let said = gw.ctl(&["drain", &format!("{}:{PORT}", lab.vip4()), &addr(&lab, 0).to_string()]).unwrap();
+    assert!(said.contains("-> draining"), "{said}");
+    assert_eq!(gw.backend(addr(&lab, 0)).unwrap().state, "draining");
+    echo_all(&mut held, "after drain");
+    let names = ask(&lab, 100);
+    assert!(!names.contains(&target), "a new connection reached the drained master");
+    echo_all(&mut held, "after new connections");
+
+    gw.ctl(&["disable", "tcp-7000", &addr(&lab, 0).to_string()]).unwrap();
+    assert_eq!(gw.backend(addr(&lab, 0)).unwrap().state, "disabled");
+    for &k in &on_target {
+        assert!(held[k].echo("after disable", T).is_err(), "a connection stayed on the disabled master");
+    }
+    let mut others: Vec<TcpHold> = held.into_iter().filter(|h| h.name() != target).collect();
+    echo_all(&mut others, "others after disable");
+
+    gw.ctl(&["enable", "tcp-7000", &addr(&lab, 0).to_string()]).unwrap();
+    wait_state(&gw, addr(&lab, 0), "up");
+    let names = ask(&lab, 100);
+    assert!(names.contains(&target), "the enabled master gets new connections again");
+
+    // Errors name what is wrong.
+    let err = gw.ctl(&["drain", "10.9.9.9:1", "10.0.0.1"]).unwrap_err();
+    assert!(format!("{err:#}").contains("no service 10.9.9.9:1"), "{err:#}");
+    let err = gw.ctl(&["drain", "tcp-7000", "10.9.9.9"]).unwrap_err();
+    assert!(format!("{err:#}").contains("has no backend 10.9.9.9"), "{err:#}");
+}
+
+#[test]
+fn reload_adds_a_fourth_master_and_an_invalid_reload_changes_nothing() {
+    let mut lab = Lab::new(LabSpec::masters(4)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let three = ServiceSpec { health: HEALTH.into(), masters: (0..3).map(|i| (i, true)).collect(), ..ServiceSpec::tcp(&lab, PORT) };
+    let config = lab_config(&lab, &[three.clone()], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    gw.wait_all_up().unwrap();
+    assert!(!ask(&lab, 100).contains(&lab.master_name(3)));
+    let mut held = hold(&lab, 30);
+    std::thread::sleep(Duration::from_millis(2200));
+
+    let four = ServiceSpec { masters: (0..4).map(|i| (i, true)).collect(), ..three.clone() };
+    gw.write_config(&lab_config(&lab, &[four], "")).unwrap();
+    let said = gw.ctl(&["reload"]).unwrap();
+    assert!(said.contains("applied"), "{said}");
+    wait_state(&gw, addr(&lab, 3), "up");
+    let names = ask(&lab, 200);
+    let to_new = names.iter().filter(|n| **n == lab.master_name(3)).count();
+    assert!(to_new >= 20, "the new master got {to_new} of 200 connections");
+    echo_all(&mut held, "after adding a master");
+
+    // A bad file is rejected whole, with the key and the reason; nothing changes.
+    let before = gw.status().unwrap();
+    gw.write_config(&format!("{}\nbogus_key = 1\n", lab_config(&lab, &[three.clone()], ""))).unwrap();
+    let err = gw.ctl(&["reload"]).unwrap_err();
+    assert!(format!("{err:#}").contains("bogus_key"), "{err:#}");
+    let invalid = ServiceSpec { masters: vec![(0, true)], ..three.clone() };
+    gw.write_config(&lab_config(&lab, &[invalid], "tcp_idle_timeout_s = 0")).unwrap();
+    let err = gw.ctl(&["reload"]).unwrap_err();
+    assert!(format!("{err:#}").contains("tcp_idle_timeout_s"), "{err:#}");
+    // SIGHUP takes the same path and is refused the same way.
+    gw.proc().signal(libc::SIGHUP).unwrap();
+    gw.proc().wait_for_line("SIGHUP: reload rejected", T).unwrap();
+    let after = gw.status().unwrap();
+    let states = |s: &mim_lb::status::Status| {
+        s.services.iter().flat_map(|s| s.backends.iter().map(|b| (b.address, b.state.clone(), b.slots))).collect::<Vec<_>>()
+    };
+    assert_eq!(states(&before), states(&after), "a rejected reload changed the state");
+    echo_all(&mut held, "after rejected reloads");
+    assert_eq!(count_names(&ask(&lab, 200)).len(), 4);
+}
+
+#[test]
+fn a_removed_master_drains_then_leaves() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    // A short idle timeout so that the removed master leaves within the test.
+    let gw = start(&mut lab, HEALTH, "tcp_idle_timeout_s = 2");
+    let mut held = hold(&lab, 30);
+    let target = lab.master_name(2);
+    let kept: Vec<usize> = (0..held.len()).filter(|&k| held[k].name() == target).collect();
+    assert!(!kept.is_empty());
+
+    let two = ServiceSpec { health: HEALTH.into(), masters: vec![(0, true), (1, true)], ..ServiceSpec::tcp(&lab, PORT) };
+    gw.write_config(&lab_config(&lab, &[two], "tcp_idle_timeout_s = 2")).unwrap();
+    gw.ctl(&["reload"]).unwrap();
+    assert_eq!(gw.backend(addr(&lab, 2)).unwrap().state, "removing");
+    // Its connections keep working while they are used...
+    for round in 0..4 {
+        for &k in &kept {
+            held[k].echo(&format!("removing {round}"), T).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    assert!(!ask(&lab, 60).contains(&target));
+    assert!(gw.backend(addr(&lab, 2)).is_ok(), "removed while its flows were alive");
+    // ...and once they fall silent for the idle timeout, the master is gone for good.
+    drop(held);
+    gw.wait_until("the removed master retired", Duration::from_secs(15), |s| {
+        s.services[0].backends.iter().all(|b| b.address != addr(&lab, 2))
+    })
+    .unwrap();
+    gw.proc().wait_for_line("removed: no live flow left on it", T).unwrap();
+}
+
+/// The daemon stops (`--keep-pinned`) or dies (SIGKILL) and starts again while a connection
+/// is exchanging data: the connection survives both.
+#[test]
+fn restarts_keep_long_lived_connections() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let service = ServiceSpec { health: HEALTH.into(), ..ServiceSpec::tcp(&lab, PORT) };
+    let config = lab_config(&lab, &[service], "");
+    let mut gw = Gateway::start_with_args(&mut lab, &config, Mode::Native, &["--keep-pinned"]).unwrap();
+    gw.wait_all_up().unwrap();
+    let mut held = hold(&lab, 30);
+    std::thread::sleep(Duration::from_millis(2200));
+    echo_all(&mut held, "before");
+
+    gw.ctl(&["drain", "tcp-7000", &addr(&lab, 0).to_string()]).unwrap();
+    gw.stop().unwrap();
+    assert!(gw.pin_dir().join("XDP_LINK").exists(), "--keep-pinned removed the link pin");
+    echo_all(&mut held, "while no daemon runs");
+    gw.restart(&mut lab, &["--keep-pinned"]).unwrap();
+    gw.proc().wait_for_line("replaced the running program", T).unwrap();
+    echo_all(&mut held, "after a --keep-pinned restart");
+    // Operator state survives too.
+    assert_eq!(gw.backend(addr(&lab, 0)).unwrap().state, "draining");
+
+    gw.kill().unwrap();
+    echo_all(&mut held, "after SIGKILL");
+    gw.restart(&mut lab, &[]).unwrap();
+    echo_all(&mut held, "after restarting from a crash");
+    let names = ask(&lab, 60);
+    assert!(!names.contains(&lab.master_name(0)), "the drained master took new connections after restarts");
+    let name = in_netns(lab.client_ns(), || tcp_ask(vip(&lab), T)).unwrap().unwrap();
+    assert!(lab.master_index(&name).is_some());
+}
