@@ -58,6 +58,10 @@ pub fn name(code: u32) -> &'static str {
     "unknown"
 }
 
+/// What the simulation copy of the program returns instead of a verdict: this plus the reason
+/// code (see `SIMULATE` in the program).
+pub const SIMULATED: u32 = 1000;
+
 /// XDP verdicts (the kernel's `enum xdp_action`), named here so both sides agree.
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;

@@ -15,6 +15,20 @@ use network_types::eth::EthHdr;
 
 use crate::maps::GLOBALS;
 
+/// Non-zero in the copy of the program that `mim-lb simulate` loads next to the live one
+/// (sharing its maps): that copy records no flow, counts nothing and returns
+/// `reason::SIMULATED + code` instead of a verdict. The live copy is loaded with 0; the value
+/// is read-only data, so the verifier removes the simulation branches from it entirely.
+#[unsafe(no_mangle)]
+static SIMULATE: u8 = 0;
+
+#[inline(always)]
+pub(crate) fn simulating() -> bool {
+    // SAFETY: a plain read of a static; volatile so the compiler keeps the load that the
+    // loader's override decides.
+    unsafe { core::ptr::read_volatile(&SIMULATE) != 0 }
+}
+
 /// The entry point: runs the data path and turns its outcome into a verdict, counting every
 /// packet under exactly one reason.
 #[xdp]
@@ -24,6 +38,9 @@ pub fn mim_lb(ctx: XdpContext) -> u32 {
         Ok(()) => reason::FORWARDED,
         Err(code) => code,
     };
+    if simulating() {
+        return reason::SIMULATED + code;
+    }
     stats::count_reason(code, bytes);
     reason::verdict(code)
 }
@@ -62,7 +79,9 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
         (*eth).dst_addr = choice.backend.mac;
         (*eth).src_addr = globals.gateway_mac;
     }
-    stats::count_forward(service.service_id, choice.backend_id, bytes, choice.new_flow);
+    if !simulating() {
+        stats::count_forward(service.service_id, choice.backend_id, bytes, choice.new_flow);
+    }
     Ok(())
 }
 

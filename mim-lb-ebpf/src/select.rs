@@ -84,7 +84,7 @@ pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Resu
         if let Some(b) = BACKENDS.get(recorded) {
             let keeps = BACKEND_F_IN_USE | BACKEND_F_KEEPS_FLOWS;
             if b.flags & keeps == keeps && b.service_id == service.service_id {
-                if entry & MAGLEV_SLOT_CHANGED != 0 {
+                if entry & MAGLEV_SLOT_CHANGED != 0 && !crate::simulating() {
                     let now = unsafe { bpf_ktime_get_ns() };
                     unsafe {
                         if now.wrapping_sub((*flow).last_seen_ns) > LAST_SEEN_REFRESH_NS {
@@ -108,6 +108,9 @@ pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Resu
     };
     // An LRU map makes room by evicting, so this fails only when the kernel is out of memory;
     // the packet still goes to the slot's master, only the flow is not pinned to it.
+    if crate::simulating() {
+        return Ok(Choice { backend_id: slot_backend, backend: chosen, new_flow: true });
+    }
     if let Err(err) = FLOWS.insert(&key, &flow, 0) {
         warn!(ctx, "connection table insert failed: {}", err);
     }

@@ -26,7 +26,7 @@ use crate::{
         protocol::{Request, Response},
         server::{self, Pending},
     },
-    dataplane::{AttachMode, Attached, Dataplane, LoadOptions},
+    dataplane::{AttachMode, Attached, Dataplane, LoadOptions, Simulator},
     director::{Admin, Director, monotonic_ns},
     health::{self, HealthChecker, Report, Verdict},
     neighbor::{self, NeighborEvent, NeighborResolver},
@@ -210,6 +210,7 @@ async fn start_and_serve(
         checks: BTreeMap::new(),
         started: Instant::now(),
         mode: how.mode(),
+        simulator: None,
     };
     daemon.refresh_watchers(director);
     info!(
@@ -240,6 +241,8 @@ struct Daemon {
     checks: BTreeMap<(ServiceKey, IpAddr), (health::CheckOutcome, Instant)>,
     started: Instant,
     mode: AttachMode,
+    /// Loaded on the first `simulate` request.
+    simulator: Option<Simulator>,
 }
 
 impl Daemon {
@@ -373,10 +376,19 @@ impl Daemon {
                     Response::error(format!("reload rejected, nothing changed: {why}"))
                 }
             },
-            Request::Simulate { flow } => match crate::simulate::run(director, &flow) {
-                Ok(simulation) => Response { ok: true, simulation: Some(simulation), ..Default::default() },
-                Err(e) => Response::error(e.to_string()),
-            },
+            Request::Simulate { flow } => {
+                if self.simulator.is_none() {
+                    match director.dataplane().simulator() {
+                        Ok(sim) => self.simulator = Some(sim),
+                        Err(e) => return Response::error(format!("loading the simulation program: {e}")),
+                    }
+                }
+                let simulator = self.simulator.as_ref().expect("just loaded");
+                match crate::simulate::run(director, simulator, &flow) {
+                    Ok(simulation) => Response { ok: true, simulation: Some(simulation), ..Default::default() },
+                    Err(e) => Response::error(e.to_string()),
+                }
+            }
         }
     }
 

@@ -1,6 +1,163 @@
-//! `mim-lb simulate` (to be written).
-use crate::{director::Director, status::Simulation};
+//! `mim-lb simulate`: where a flow would go now. The answer comes from the live program run
+//! on a synthetic first packet of the flow (a TCP SYN or a UDP datagram) over the live maps,
+//! not from a re-implementation of its logic, so it is right by construction, connection
+//! table included.
 
-pub fn run(_director: &Director, _flow: &str) -> anyhow::Result<Simulation> {
-    anyhow::bail!("simulate is not written yet")
+use std::net::{IpAddr, SocketAddr};
+
+use mim_lb_common::reason;
+
+use crate::{
+    config::{ServiceKey, format_mac},
+    dataplane::Simulator,
+    director::Director,
+    status::Simulation,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("{0:?} is not a flow: write SRC:SPORT-VIP:PORT/PROTO, e.g. 192.0.2.7:40000-10.0.0.100:7000/tcp (IPv6 in brackets)")]
+    BadFlow(String),
+    #[error("the source {src} and destination {dst} are of different address families")]
+    MixedFamilies { src: IpAddr, dst: IpAddr },
+    #[error(transparent)]
+    Dataplane(#[from] crate::dataplane::DataplaneError),
+}
+
+/// A flow as the operator writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    pub src: SocketAddr,
+    pub service: ServiceKey,
+}
+
+impl std::str::FromStr for Flow {
+    type Err = SimulateError;
+
+    fn from_str(s: &str) -> Result<Flow, SimulateError> {
+        let bad = || SimulateError::BadFlow(s.to_owned());
+        let (src, dst) = s.split_once('-').ok_or_else(bad)?;
+        let src: SocketAddr = src.trim().parse().map_err(|_| bad())?;
+        let service: ServiceKey = dst.trim().parse().map_err(|_| bad())?;
+        if src.is_ipv4() != service.vip.is_ipv4() {
+            return Err(SimulateError::MixedFamilies { src: src.ip(), dst: service.vip });
+        }
+        Ok(Flow { src, service })
+    }
+}
+
+/// The first packet of `flow`: Ethernet (to `dst_mac`), IPv4 or IPv6, then a TCP SYN or an
+/// empty UDP datagram. The program reads no checksum, so none is computed beyond IPv4's.
+pub fn first_packet(flow: &Flow, dst_mac: [u8; 6]) -> Vec<u8> {
+    let tcp = flow.service.protocol == crate::config::Protocol::Tcp;
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&flow.src.port().to_be_bytes());
+    l4.extend_from_slice(&flow.service.port.to_be_bytes());
+    if tcp {
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 5 << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        l4.extend_from_slice(&8u16.to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+    }
+    let proto = flow.service.protocol.number();
+    let mut frame = Vec::with_capacity(80);
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    match (flow.src.ip(), flow.service.vip) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            frame.extend_from_slice(&0x0800u16.to_be_bytes());
+            let mut ip = vec![0x45, 0];
+            ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+            ip.extend_from_slice(&src.octets());
+            ip.extend_from_slice(&dst.octets());
+            let sum = checksum(&ip);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            frame.extend(ip);
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+            frame.extend_from_slice(&[0x60, 0, 0, 0]);
+            frame.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            frame.extend_from_slice(&[proto, 64]);
+            frame.extend_from_slice(&src.octets());
+            frame.extend_from_slice(&dst.octets());
+        }
+        // Flow::from_str refuses mixed families.
+        _ => {}
+    }
+    frame.extend(l4);
+    frame
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Runs the simulation of `flow` and names the master the program chose.
+pub fn run(director: &Director, simulator: &Simulator, flow: &str) -> Result<Simulation, SimulateError> {
+    let parsed: Flow = flow.parse()?;
+    let (code, out) = simulator.run(&first_packet(&parsed, [0x02, 0, 0, 0, 0, 0x02]))?;
+    let verdict = match reason::verdict(code) {
+        reason::XDP_TX => "XDP_TX",
+        reason::XDP_DROP => "XDP_DROP",
+        _ => "XDP_PASS",
+    };
+    let service = director.desired().get(&parsed.service);
+    let mut simulation = Simulation {
+        flow: format!("{}-{}", parsed.src, parsed.service),
+        verdict: verdict.into(),
+        reason: reason::name(code).into(),
+        service: service.map(|s| s.name.clone()),
+        backend: None,
+        mac: None,
+    };
+    if code == reason::FORWARDED && out.len() >= 6 {
+        let mac: [u8; 6] = out[0..6].try_into().expect("six bytes");
+        simulation.mac = Some(format_mac(&mac));
+        // The frame carries only the MAC; within the service it names one master (two
+        // masters with one MAC would be one host, and either answer is that host).
+        simulation.backend = service
+            .and_then(|s| s.backends.iter().find(|(_, b)| b.mac() == Some(mac)))
+            .map(|(addr, _)| *addr);
+    }
+    Ok(simulation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_parse_in_both_families() {
+        let f: Flow = "192.0.2.7:40000-10.0.0.100:7000/tcp".parse().unwrap();
+        assert_eq!(f.src, "192.0.2.7:40000".parse().unwrap());
+        assert_eq!(f.service.to_string(), "10.0.0.100:7000/tcp");
+        let f: Flow = "[2001:db8::7]:40000-[2001:db8::100]:53/udp".parse().unwrap();
+        assert_eq!(f.service.to_string(), "[2001:db8::100]:53/udp");
+        assert!("192.0.2.7:40000".parse::<Flow>().is_err());
+        assert!("192.0.2.7-10.0.0.100:7000".parse::<Flow>().is_err());
+        assert!(matches!(
+            "192.0.2.7:1-[2001:db8::100]:53/udp".parse::<Flow>(),
+            Err(SimulateError::MixedFamilies { .. })
+        ));
+    }
+
+    #[test]
+    fn first_packets_are_well_formed() {
+        let f: Flow = "192.0.2.7:40000-10.0.0.100:7000/tcp".parse().unwrap();
+        let frame = first_packet(&f, [2, 0, 0, 0, 0, 2]);
+        assert_eq!(frame.len(), 14 + 20 + 20);
+        assert_eq!(&frame[12..14], &[0x08, 0x00]);
+        assert_eq!(checksum(&frame[14..34]), 0, "the IPv4 header checksum verifies");
+        assert_eq!(frame[14 + 20 + 13], 0x02, "a SYN");
+        let f: Flow = "[2001:db8::7]:40000-[2001:db8::100]:53/udp".parse().unwrap();
+        let frame = first_packet(&f, [2, 0, 0, 0, 0, 2]);
+        assert_eq!(frame.len(), 14 + 40 + 8);
+        assert_eq!(frame[14 + 6], 17);
+    }
 }

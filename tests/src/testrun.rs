@@ -2,13 +2,15 @@
 //! run on single frames with BPF_PROG_TEST_RUN.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::programs::{TestRun as _, TestRunOptions};
 use mim_lb::{
-    config::Config,
+    config::{Config, ServiceKey},
     dataplane::{Dataplane, LoadOptions},
-    config::ServiceKey, director::Director,
+    director::Director,
 };
 use mim_lb_common::{Counter, MAGLEV_BACKEND_MASK, hash, reason};
 
@@ -17,6 +19,16 @@ pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x47, 0x57, 0x00, 0x00, 0x01];
 
 pub struct ProgramUnderTest {
     pub director: Director,
+    /// Where the maps are pinned, for tests that need pins; removed on drop.
+    pin_dir: Option<PathBuf>,
+}
+
+impl Drop for ProgramUnderTest {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.pin_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// What one run of the program did to a frame.
@@ -32,7 +44,30 @@ impl ProgramUnderTest {
         let config = Config::parse(config).map_err(|e| anyhow!("test config: {e}"))?;
         let dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size: 65_536 })
             .context("loading the XDP program")?;
-        let mut prog = ProgramUnderTest { director: Director::new(dataplane, GATEWAY_MAC) };
+        let mut prog = ProgramUnderTest { director: Director::new(dataplane, GATEWAY_MAC), pin_dir: None };
+        prog.apply_parsed(&config)?;
+        Ok(prog)
+    }
+
+    /// Like [`ProgramUnderTest::new`], with the maps pinned under a unique directory of
+    /// bpffs (`mim-lb-test-<pid>-...`, removed on drop or by `cargo xtask test` if killed).
+    pub fn pinned(config: &str) -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let config = Config::parse(config).map_err(|e| anyhow!("test config: {e}"))?;
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/mim-lb-test-{:x}-p{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let loaded = Dataplane::load(&LoadOptions { pin_dir: Some(dir.clone()), flow_table_size: 65_536 });
+        let dataplane = match loaded {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e).context("loading the XDP program");
+            }
+        };
+        let mut prog = ProgramUnderTest { director: Director::new(dataplane, GATEWAY_MAC), pin_dir: Some(dir) };
         prog.apply_parsed(&config)?;
         Ok(prog)
     }
@@ -41,7 +76,7 @@ impl ProgramUnderTest {
     pub fn unconfigured() -> Result<Self> {
         let dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size: 65_536 })
             .context("loading the XDP program")?;
-        Ok(ProgramUnderTest { director: Director::new(dataplane, GATEWAY_MAC) })
+        Ok(ProgramUnderTest { director: Director::new(dataplane, GATEWAY_MAC), pin_dir: None })
     }
 
     /// Applies `config` the way the daemon does, then reports every backend healthy (the

@@ -471,3 +471,56 @@ fn udp_flows_are_recorded_and_counted_per_backend() {
     assert_eq!(stats.packets, 3);
     assert_eq!(stats.new_flows, 1, "the first datagram records the flow; the others find it");
 }
+
+/// `mim-lb simulate` runs a second copy of the program over the live maps: it must reach the
+/// decision the live program reaches, connection table included, and leave no trace.
+#[test]
+fn simulation_takes_the_live_decision_and_leaves_no_trace() {
+    use mim_lb::simulate::{Flow, first_packet};
+    let tcp4 = key(VIP4, 7000, 6);
+    let mut prog = ProgramUnderTest::pinned(CONFIG).unwrap();
+    let simulator = prog.director.dataplane().simulator().unwrap();
+    let flows_before = prog.director.dataplane().maps_ro().flows().unwrap().len();
+    let reasons_before = prog.reasons().unwrap();
+
+    // New flows: the simulation names the slot's master and records nothing.
+    for sport in 23000..23100u16 {
+        let flow: Flow = format!("{CLIENT4}:{sport}-{VIP4}:7000/tcp").parse().unwrap();
+        let (code, out) = simulator.run(&first_packet(&flow, [2, 0, 0, 0, 0, 2])).unwrap();
+        assert_eq!(code, reason::FORWARDED);
+        let want = prog.table_master(&tcp4, CLIENT4.into(), sport, 7000).unwrap();
+        assert_eq!(out[0..6], prog.master_mac(&tcp4, want));
+    }
+    assert_eq!(prog.director.dataplane().maps_ro().flows().unwrap().len(), flows_before, "the simulation recorded flows");
+    let reasons_after = prog.reasons().unwrap();
+    assert_eq!(reasons_after, reasons_before, "the simulation counted packets");
+
+    // Established flows after a table change: the simulation follows the connection table.
+    let sports: Vec<u16> = (24000..24400).collect();
+    let first: Vec<Vec<u8>> = sports
+        .iter()
+        .map(|&p| prog.run(&Frame::tcp(CLIENT4, p, VIP4, 7000, TCP_SYN).bytes()).unwrap().bytes[0..6].to_vec())
+        .collect();
+    prog.apply(&CONFIG.replacen(
+        "[[service]]\nname = \"udp4\"",
+        "[[service.backend]]\naddress = \"10.0.0.14\"\nmac = \"02:00:00:00:00:14\"\n\n[[service]]\nname = \"udp4\"",
+        1,
+    ))
+    .unwrap();
+    let mut moved_slots = 0;
+    for (i, &sport) in sports.iter().enumerate() {
+        let flow: Flow = format!("{CLIENT4}:{sport}-{VIP4}:7000/tcp").parse().unwrap();
+        let (code, out) = simulator.run(&first_packet(&flow, [2, 0, 0, 0, 0, 2])).unwrap();
+        assert_eq!(code, reason::FORWARDED);
+        assert_eq!(out[0..6], first[i][..], "the simulation of an established flow left its master");
+        let now_in_table = prog.table_master(&tcp4, CLIENT4.into(), sport, 7000).unwrap();
+        moved_slots += (prog.master_mac(&tcp4, now_in_table)[..] != first[i][..]) as usize;
+    }
+    assert!(moved_slots > 40, "only {moved_slots} slots moved: the test proves nothing");
+
+    // Not a service, and no backend: the reason comes back too.
+    let other: Flow = format!("{CLIENT4}:1-{VIP4}:22/tcp").parse().unwrap();
+    assert_eq!(simulator.run(&first_packet(&other, [2, 0, 0, 0, 0, 2])).unwrap().0, reason::NOT_A_SERVICE);
+    let empty: Flow = format!("{CLIENT4}:1-10.0.0.102:7000/tcp").parse().unwrap();
+    assert_eq!(simulator.run(&first_packet(&empty, [2, 0, 0, 0, 0, 2])).unwrap().0, reason::NO_BACKEND);
+}

@@ -382,6 +382,28 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Loads the simulation copy of the program over this dataplane's pinned maps (see
+    /// [`Simulator`]).
+    pub fn simulator(&self) -> Result<Simulator, DataplaneError> {
+        let Some(dir) = &self.pin_dir else {
+            return Err(DataplaneError::Link {
+                path: PathBuf::new(),
+                detail: "simulation needs the maps pinned".into(),
+            });
+        };
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&'static str, PathBuf)> = names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.override_global("SIMULATE", &1u8, true);
+        let mut ebpf = loader.load(program::MIM_LB_OBJECT)?;
+        xdp_mut(&mut ebpf, PROGRAM)?
+            .load()
+            .map_err(|source| DataplaneError::Program { name: PROGRAM, source })?;
+        Ok(Simulator { ebpf })
+    }
+
     /// Typed access to the maps.
     pub fn maps(&mut self) -> maps::Maps<'_> {
         maps::Maps::new(&mut self.ebpf)
@@ -390,6 +412,35 @@ impl Dataplane {
     /// Read-only typed access to the maps.
     pub fn maps_ro(&self) -> maps::MapsRo<'_> {
         maps::MapsRo::new(&self.ebpf)
+    }
+}
+
+/// The data-path program loaded a second time over the live maps, with `SIMULATE` set: it
+/// takes every decision the live program would (same code, same maps) but records no flow,
+/// counts nothing, and returns its reason code instead of a verdict.
+pub struct Simulator {
+    ebpf: Ebpf,
+}
+
+impl Simulator {
+    /// Runs the program on `frame`: the reason code and the frame it would send.
+    pub fn run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let program: &Xdp = self
+            .ebpf
+            .program(PROGRAM)
+            .ok_or(DataplaneError::MissingProgram(PROGRAM))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name: PROGRAM, source })?;
+        let mut out = vec![0u8; frame.len() + 64];
+        let result = program
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..Default::default() })
+            .map_err(|source| DataplaneError::Program { name: PROGRAM, source })?;
+        out.truncate(result.data_size_out as usize);
+        let code = result.return_value.checked_sub(mim_lb_common::reason::SIMULATED).ok_or_else(|| {
+            DataplaneError::Link { path: PathBuf::new(), detail: format!("the simulation returned {}", result.return_value) }
+        })?;
+        Ok((code, out))
     }
 }
 
