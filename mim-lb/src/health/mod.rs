@@ -3,7 +3,13 @@
 //!
 //! This module only reports; deciding what a verdict does to the data path is the daemon's job.
 
+mod command;
+mod http;
+mod probe;
 mod rise_fall;
+mod tcp;
+#[cfg(test)]
+mod test_support;
 
 use std::{
     fmt,
