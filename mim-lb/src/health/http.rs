@@ -113,90 +113,10 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
-        task::JoinHandle,
-    };
-
     use super::*;
+    use crate::health::test_support::{Server, closed_port, response};
 
     const TIMEOUT: Duration = Duration::from_secs(2);
-
-    /// A server answering every connection with `response` (raw bytes, `None`: never answers)
-    /// after reading the request head, which it keeps for inspection. Dropping it closes the
-    /// listener and every connection.
-    struct Server {
-        addr: SocketAddr,
-        requests: Arc<Mutex<Vec<String>>>,
-        task: JoinHandle<()>,
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            self.task.abort();
-        }
-    }
-
-    impl Server {
-        async fn start(bind: &str, response: Option<Vec<u8>>) -> Server {
-            let listener = TcpListener::bind(bind).await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let requests = Arc::new(Mutex::new(Vec::new()));
-            let seen = requests.clone();
-            let task = tokio::spawn(async move {
-                let mut held = Vec::new();
-                loop {
-                    let Ok((mut conn, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let head = read_head(&mut conn).await;
-                    seen.lock().unwrap().push(head);
-                    match &response {
-                        Some(bytes) => {
-                            let _ = conn.write_all(bytes).await;
-                            let _ = conn.shutdown().await;
-                        }
-                        // Kept open (until the task is aborted) without a word.
-                        None => held.push(conn),
-                    }
-                }
-            });
-            Server {
-                addr,
-                requests,
-                task,
-            }
-        }
-
-        fn requests(&self) -> Vec<String> {
-            self.requests.lock().unwrap().clone()
-        }
-    }
-
-    async fn read_head(conn: &mut TcpStream) -> String {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match conn.read(&mut byte).await {
-                Ok(1) => head.push(byte[0]),
-                _ => break,
-            }
-        }
-        String::from_utf8_lossy(&head).into_owned()
-    }
-
-    fn response(status: &str, body: &str) -> Option<Vec<u8>> {
-        Some(
-            format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .into_bytes(),
-        )
-    }
 
     const OK_BODY: Expect<'static> = Expect {
         status: 200,
@@ -307,7 +227,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_port_is_refused() {
-        let addr = crate::health::test_support::closed_port("127.0.0.1").await;
+        let addr = closed_port("127.0.0.1").await;
         let result = check(addr, "/", &OK_BODY, TIMEOUT).await;
         assert_eq!(result, Err("connection refused".to_owned()));
     }

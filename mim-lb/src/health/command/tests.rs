@@ -1,13 +1,10 @@
-use std::{
-    fs,
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-    sync::atomic::AtomicUsize,
-    time::Instant,
-};
+use std::{fs, os::unix::fs::PermissionsExt, path::Path, time::Instant};
 
 use super::*;
-use crate::config::Protocol;
+use crate::{
+    config::Protocol,
+    health::test_support::{Scratch, assert_all_gone, pids_in, sh},
+};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -25,81 +22,6 @@ fn backend(address: &str) -> Backend {
 
 fn argv(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
-}
-
-/// `/bin/sh -c script arg0 args...`: inside the script `$0` is `arg0`.
-fn sh(script: &str, arg0: &str, args: &[&str]) -> Vec<String> {
-    let mut v = argv(&["/bin/sh", "-c", script, arg0]);
-    v.extend(args.iter().map(|s| s.to_string()));
-    v
-}
-
-/// A directory of its own for one test, removed with everything in it when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mim-lb-health-{}-{n}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The pids a script wrote to `path` on one line, once the line is complete.
-async fn pids_in(path: &str) -> Vec<i32> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Ok(text) = fs::read_to_string(path)
-            && text.ends_with('\n')
-        {
-            return text
-                .split_whitespace()
-                .map(|p| p.parse().unwrap())
-                .collect();
-        }
-        assert!(Instant::now() < deadline, "{path} was never written");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Running, or stopped, but not dead. A killed process whose parent is gone stays a zombie
-/// until init reaps it, which a container's init may never do: zombies count as gone.
-fn alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        // The state follows the command name, which is in parentheses and may hold spaces.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
-    }
-}
-
-/// Waits (a generous while: killing is asynchronous) for every pid to be gone.
-async fn assert_all_gone(pids: &[i32]) {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while pids.iter().any(|&p| alive(p)) {
-        if Instant::now() > deadline {
-            let left: Vec<_> = pids.iter().filter(|&&p| alive(p)).collect();
-            // Clean up before failing, so a broken kill does not leave sleeps behind.
-            for &&p in &left {
-                unsafe { libc::kill(p, libc::SIGKILL) };
-            }
-            panic!("processes {left:?} survived");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]
