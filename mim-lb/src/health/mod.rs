@@ -7,17 +7,25 @@ mod command;
 mod http;
 mod probe;
 mod rise_fall;
+mod runner;
 mod tcp;
 #[cfg(test)]
 mod test_support;
+#[cfg(test)]
+mod tests;
 
 use std::{
+    collections::HashMap,
     fmt,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
-use crate::config::{HealthCheck, ServiceKey};
+use log::error;
+use tokio::{runtime::Handle, sync::mpsc::Sender};
+
+use crate::config::{CheckKind, HealthCheck, ServiceKey};
+use runner::Running;
 
 pub use rise_fall::{RiseFall, Step};
 
@@ -114,11 +122,93 @@ impl fmt::Display for Report {
     }
 }
 
+/// Runs the checks of a set of targets, each in a task of its own, and sends a [`Report`] for
+/// every result.
+pub struct HealthChecker {
+    reports: Sender<Report>,
+    /// The runtime `new` was called in, for `set_targets` calls made outside of any.
+    runtime: Option<Handle>,
+    running: HashMap<(ServiceKey, IpAddr), Running>,
+}
+
+impl HealthChecker {
+    /// Reports go to `reports` (every result, not only transitions: the daemon shows the last
+    /// result and latency in its status). A full channel holds the sending target's next check
+    /// back until there is room; other targets are unaffected until they need room too.
+    pub fn new(reports: Sender<Report>) -> Self {
+        HealthChecker {
+            reports,
+            runtime: Handle::try_current().ok(),
+            running: HashMap::new(),
+        }
+    }
+
+    /// Makes the running set equal to `targets`, keyed by (service, address); of several
+    /// entries with one key the last counts. Returns at once: checks run in tasks on the
+    /// current tokio runtime (any flavour), or on the one `new` was called in.
+    ///
+    /// - A new key starts being checked in the given verdict, its first check at a random
+    ///   point of its first interval.
+    /// - A key whose `Target` is unchanged keeps running undisturbed; the verdict given for it
+    ///   is ignored (the checker's own is current).
+    /// - A key whose check or port changed is restarted, from the verdict of the last report
+    ///   its old checks queued (the verdict given is ignored), with its streak starting again.
+    /// - A key no longer listed, or now `CheckKind::None` (the caller treats those as up), is
+    ///   stopped.
+    ///
+    /// Once this returns, no report of a stopped or restarted target's old checks is queued
+    /// any more. Reports queued before it returned may still be waiting in the channel; a
+    /// receiver can drop those of keys it no longer has. For a restarted target they are
+    /// consistent with its new checks: the verdict carried over is that of the last of them.
+    /// A check under way in a stopped task is cancelled when the runtime next gets to that
+    /// task, which kills a command's whole process group.
+    pub fn set_targets(&mut self, targets: Vec<(Target, Verdict)>) {
+        let Some(runtime) = Handle::try_current().ok().or_else(|| self.runtime.clone()) else {
+            error!("health checks not started: there is no tokio runtime to run them on");
+            return;
+        };
+        let mut wanted: HashMap<(ServiceKey, IpAddr), (Target, Verdict)> = HashMap::new();
+        for (target, verdict) in targets {
+            if target.check.kind != CheckKind::None {
+                wanted.insert((target.service, target.address), (target, verdict));
+            }
+        }
+        let dropped: Vec<_> = self
+            .running
+            .extract_if(|key, _| !wanted.contains_key(key))
+            .collect();
+        for (_, running) in dropped {
+            running.stop();
+        }
+        for (key, (target, verdict)) in wanted {
+            let verdict = match self.running.remove(&key) {
+                Some(running) if running.target == target => {
+                    self.running.insert(key, running);
+                    continue;
+                }
+                Some(running) => running.stop(),
+                None => verdict,
+            };
+            if let Some(running) = Running::start(target, verdict, self.reports.clone(), &runtime) {
+                self.running.insert(key, running);
+            }
+        }
+    }
+
+    /// Stops everything, with the same promise as `set_targets` about reports. Dropping the
+    /// checker does the same.
+    pub fn shutdown(&mut self) {
+        for (_, running) in self.running.drain() {
+            running.stop();
+        }
+    }
+}
+
 /// Durations in log lines: whole milliseconds as such ("500 ms"), short ones with enough
 /// digits to tell a loopback answer from a remote one ("0.31 ms", "4.2 ms").
 pub(crate) fn format_duration(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
-    if d.subsec_nanos() % 1_000_000 == 0 {
+    if d.subsec_nanos().is_multiple_of(1_000_000) {
         format!("{} ms", d.as_millis())
     } else if ms < 1.0 {
         format!("{ms:.2} ms")
