@@ -307,6 +307,11 @@ impl Daemon {
     }
 
     fn on_report(&mut self, director: &mut Director, report: Report) {
+        let known = director.desired().get(&report.service).is_some_and(|s| s.backends.contains_key(&report.address));
+        if !known {
+            // Queued before a reload removed the backend.
+            return;
+        }
         self.checks.insert((report.service, report.address), (report.outcome.clone(), Instant::now()));
         if !report.transition {
             return;

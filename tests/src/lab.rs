@@ -240,7 +240,15 @@ impl Lab {
                     lines.push(format!("addr add {v}/32 dev {dev}"));
                 }
                 for v in &self.vips6 {
-                    lines.push(format!("addr add {v}/128 dev {dev} nodad"));
+                    // On the gateway the VIP shares eth0 with the gateway's own address, and
+                    // IPv6 source selection would pick the VIP (its /128 "matches" more of a
+                    // master's address than a /64 can) for the gateway's own connections,
+                    // health checks included, whose answers the master then keeps for its own
+                    // VIP. A deprecated address (preferred_lft 0) is never chosen as source,
+                    // yet still answers neighbour discovery and accepts traffic. OPERATIONS.md
+                    // gives real gateways the same advice.
+                    let deprecated = if dev == HOST_IFNAME { " preferred_lft 0" } else { "" };
+                    lines.push(format!("addr add {v}/128 dev {dev} nodad{deprecated}"));
                 }
             }
             ip_batch(Some(&h.ns), &lines, false)?;
