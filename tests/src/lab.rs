@@ -32,11 +32,14 @@ pub struct LabSpec {
     pub ipv6: bool,
     /// VIPs per family, 1 to [`MAX_VIPS`]: `10.x.y.100`, `.101`, ... and `fd00:…::100`, ...
     pub vips: usize,
+    /// Configure the masters as DR backends (VIPs on `lo`, `arp_ignore`/`arp_announce`).
+    /// Without it they are plain hosts, e.g. for testing `mim-lb prepare-backend`.
+    pub prepare_masters: bool,
 }
 
 impl Default for LabSpec {
     fn default() -> Self {
-        LabSpec { masters: 3, ipv6: true, vips: 1 }
+        LabSpec { masters: 3, ipv6: true, vips: 1, prepare_masters: true }
     }
 }
 
@@ -64,7 +67,8 @@ struct Host {
 /// - client `.1`; gateway `.2`, which also holds the VIPs on its `eth0` and so answers ARP/ND
 ///   for them, like an LVS director (it does not forward);
 /// - masters `.11`, `.12`, ... with the VIPs on `lo`, `arp_ignore=1`, `arp_announce=2`, so they
-///   accept VIP traffic but never claim the VIP on the wire;
+///   accept VIP traffic but never claim the VIP on the wire (plain hosts without
+///   [`LabSpec::prepare_masters`]);
 /// - every host's `eth0` has TX checksum offload off (native XDP on veth needs it).
 #[derive(Debug)]
 pub struct Lab {
@@ -145,7 +149,7 @@ impl Lab {
             .chain(lab.hosts().map(|h| h.ns.clone()))
             .collect();
         lab.counters = (0..spec.masters).map(|_| Arc::default()).collect();
-        lab.build(spec.ipv6).with_context(|| format!("building lab {}", lab.id))?;
+        lab.build(spec.ipv6, spec.prepare_masters).with_context(|| format!("building lab {}", lab.id))?;
         Ok(lab)
     }
 
@@ -153,7 +157,7 @@ impl Lab {
         [&self.client, &self.gateway].into_iter().chain(self.masters.iter())
     }
 
-    fn build(&self, ipv6: bool) -> Result<()> {
+    fn build(&self, ipv6: bool, prepare_masters: bool) -> Result<()> {
         create_namespaces(&self.namespaces)?;
 
         // Defaults first: interfaces created later inherit them.
@@ -199,7 +203,9 @@ impl Lab {
         set_sysctls(&self.gateway.ns, &host_sysctls)?;
         for m in &self.masters {
             set_sysctls(&m.ns, &host_sysctls)?;
-            set_sysctls(&m.ns, &master_sysctls)?;
+            if prepare_masters {
+                set_sysctls(&m.ns, &master_sysctls)?;
+            }
         }
 
         // The veths are made from the bridge namespace with their host end created directly in
@@ -230,7 +236,7 @@ impl Lab {
             }
             let vip_dev = if h.ns == self.gateway.ns {
                 Some(HOST_IFNAME)
-            } else if h.ns == self.client.ns {
+            } else if h.ns == self.client.ns || !prepare_masters {
                 None
             } else {
                 Some("lo")

@@ -191,7 +191,7 @@ fn two_labs_at_once_do_not_collide() {
 
 #[test]
 fn drop_removes_namespaces_and_processes() {
-    let mut lab = Lab::new(LabSpec { masters: 1, ipv6: false, vips: 2 }).unwrap();
+    let mut lab = Lab::new(LabSpec { masters: 1, ipv6: false, vips: 2, ..LabSpec::default() }).unwrap();
     let id = lab.id().to_owned();
     assert_eq!(leftover_namespaces(&id).len(), 4, "bridge, client, gateway, one master");
     assert!(lab.vip6().is_none());
@@ -270,7 +270,7 @@ fn hosts_have_tx_checksum_offload_off() {
 
 #[test]
 fn stale_lab_namespaces_are_removed() {
-    let lab = Lab::new(LabSpec { masters: 1, ipv6: false, vips: 1 }).unwrap();
+    let lab = Lab::new(LabSpec { masters: 1, ipv6: false, vips: 1, ..LabSpec::default() }).unwrap();
     // A pid that surely is dead: a child that was already reaped.
     let mut child = Command::new("true").spawn().unwrap();
     let dead = child.id();

@@ -21,6 +21,7 @@ use std::{
 };
 
 pub use error::{ConfigError, Problem};
+pub(crate) use validate::unusable_address;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -345,13 +345,11 @@ pub(crate) fn is_prime(n: u32) -> bool {
     true
 }
 
-/// Parses an address that must be usable as a VIP or a backend.
-fn address(key: &str, text: &str, p: &mut Problems) -> Option<IpAddr> {
-    let Ok(ip) = text.parse::<IpAddr>() else {
-        p.add(key, format!("{text:?} is not an IP address"));
-        return None;
-    };
-    let unusable = match ip {
+/// Why `ip` cannot be a VIP or a backend address (e.g. "a loopback address"), or `None` if it
+/// can. Shared with `prepare-backend`, so that a master accepts exactly the VIPs a config may
+/// name.
+pub(crate) fn unusable_address(ip: IpAddr) -> Option<&'static str> {
+    match ip {
         _ if ip.is_unspecified() => Some("the unspecified address"),
         _ if ip.is_loopback() => Some("a loopback address"),
         _ if ip.is_multicast() => Some("a multicast address"),
@@ -361,8 +359,16 @@ fn address(key: &str, text: &str, p: &mut Problems) -> Option<IpAddr> {
             Some("an IPv4-mapped IPv6 address (write the IPv4 address instead)")
         }
         _ => None,
+    }
+}
+
+/// Parses an address that must be usable as a VIP or a backend.
+fn address(key: &str, text: &str, p: &mut Problems) -> Option<IpAddr> {
+    let Ok(ip) = text.parse::<IpAddr>() else {
+        p.add(key, format!("{text:?} is not an IP address"));
+        return None;
     };
-    match unusable {
+    match unusable_address(ip) {
         Some(what) => {
             p.add(key, format!("{ip} is {what}"));
             None
