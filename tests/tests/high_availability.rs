@@ -92,7 +92,7 @@ fn a_killed_master_stops_getting_connections_and_comes_back_after_rise() {
 
 #[test]
 fn http_and_command_checks_catch_a_master_that_accepts_tcp_but_is_unhealthy() {
-    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    let mut lab = Lab::new(LabSpec { vips: 2, ..LabSpec::default() }).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
     let flags = lab.start_http_health(HEALTH_PORT).unwrap();
     let marker_dir = std::env::temp_dir().join(format!("mimlb-marks-{:x}", std::process::id()));
