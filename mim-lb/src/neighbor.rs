@@ -1,1 +1,0 @@
-//! Backend MAC resolution over netlink (to be written).
