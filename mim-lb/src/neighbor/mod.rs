@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::channel::mpsc::UnboundedReceiver;
-use log::{debug, info, warn};
+use log::{debug, warn};
 use netlink_packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::{Handle, MulticastGroup};
@@ -125,6 +125,7 @@ fn connect() -> Result<(Handle, Connection), NeighborError> {
 }
 
 /// Keeps the MACs of wanted addresses on one interface known: see the module documentation.
+#[derive(Debug)]
 pub struct NeighborResolver {
     wanted: watch::Sender<BTreeSet<IpAddr>>,
     stop: oneshot::Sender<()>,
@@ -289,12 +290,14 @@ impl Worker {
                     }
                 },
                 () = sleep_until(wake) => {
-                    let mut step = Ok(());
-                    if Instant::now() >= resync_at {
+                    let periodic = Instant::now() >= resync_at;
+                    if periodic {
                         resync_at = Instant::now() + RESYNC_INTERVAL;
-                        step = self.resync(true).await;
                     }
-                    match step {
+                    // Also read the table before reporting an address unresolved: the kernel
+                    // does not announce every state change (NONE to INCOMPLETE, for one), and
+                    // the reason should name the entry's state as it is.
+                    match self.resync(periodic).await {
                         Ok(()) => self.expire().await,
                         closed => closed,
                     }
@@ -310,9 +313,9 @@ impl Worker {
     async fn emit(&self, event: NeighborEvent) -> Result<(), Closed> {
         match &event {
             NeighborEvent::Resolved { address, mac } => {
-                info!("neighbour {address} on {} is at {}", self.interface, format_mac(mac))
+                debug!("neighbour {address} on {} is at {}", self.interface, format_mac(mac))
             }
-            NeighborEvent::Unresolved { reason, .. } => info!("neighbour unresolved: {reason}"),
+            NeighborEvent::Unresolved { reason, .. } => debug!("neighbour unresolved: {reason}"),
         }
         self.events.send(event).await.map_err(|_| Closed)
     }
@@ -435,10 +438,16 @@ impl Worker {
             Err(e) if matches!(kernel::errno(&e), Some(libc::EEXIST | libc::ENOENT)) => {
                 self.restore_ownership(address, before);
             }
+            // Refused as such: this kernel does not do managed entries.
+            Err(e) if matches!(kernel::errno(&e), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                self.restore_ownership(address, before);
+                warn!("{e}; resolving on {} with UDP nudges instead", self.interface);
+                self.trigger = Trigger::Udp;
+            }
+            // Anything else is tried again at the next resync.
             Err(e) => {
                 self.restore_ownership(address, before);
-                warn!("{e}; falling back to UDP nudges");
-                self.trigger = Trigger::Udp;
+                warn!("{e}");
             }
         }
     }
