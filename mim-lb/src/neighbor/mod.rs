@@ -7,9 +7,11 @@
 //! Forwarded frames leave by XDP_TX and never pass the kernel's neighbour code, so nothing
 //! would otherwise keep these entries fresh. The resolver therefore makes every wanted entry a
 //! *managed* one (NTF_EXT_MANAGED, Linux 5.16): the kernel resolves it at once and re-probes it
-//! whenever it ages, so a master that changed its MAC is re-learned even without traffic.
-//! Without managed entries it nudges the kernel with UDP datagrams instead
-//! ([`kernel::send_udp_nudge`]).
+//! whenever it ages, so a master that changed its MAC is re-learned even without traffic
+//! (within about a minute: the entry must age, fail its unicast probes and be resolved again;
+//! a gratuitous ARP or unsolicited NA from the master is taken in at once). On kernels without
+//! managed entries the resolver sends UDP datagrams instead, which make the kernel resolve.
+//! Static (PERMANENT, NOARP) entries are used as they are.
 //!
 //! The table is watched through the RTNLGRP_NEIGH multicast group, plus a full dump every
 //! [`RESYNC_INTERVAL`] in case notifications were lost (a full multicast socket drops them).
@@ -189,9 +191,11 @@ impl NeighborResolver {
         self.wanted.send_replace(addresses);
     }
 
-    /// Stops, and removes the neighbour entries this resolver itself created (entries that
-    /// existed before are left in place: see [`Owned`]). Dropping the resolver without calling
-    /// this does the same in the background, as long as the runtime runs.
+    /// Stops, and removes the neighbour entries this resolver itself created. Entries that
+    /// existed before stay: static, driver-owned and already managed ones were never touched,
+    /// and kernel-learned ones it made managed are made ordinary again, keeping their MAC.
+    /// Dropping the resolver without calling this does the same in the background, as long as
+    /// the runtime runs.
     pub async fn shutdown(self) {
         let _ = self.stop.send(());
         if let Err(e) = self.task.await
