@@ -305,3 +305,39 @@ fn restarts_keep_long_lived_connections() {
     let name = in_netns(lab.client_ns(), || tcp_ask(vip(&lab), T)).unwrap().unwrap();
     assert!(lab.master_index(&name).is_some());
 }
+
+/// Backends configured without a MAC are resolved from the neighbour table and used; one whose
+/// address nobody answers for is down, with the reason shown.
+#[test]
+fn backends_without_a_mac_are_resolved_and_used() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let service = ServiceSpec {
+        health: HEALTH.into(),
+        masters: (0..lab.master_count()).map(|i| (i, false)).collect(),
+        ..ServiceSpec::tcp(&lab, PORT)
+    };
+    let octets = lab.master_addr4(0).octets();
+    let nobody = std::net::Ipv4Addr::new(octets[0], octets[1], octets[2], 200);
+    let config = format!("{}[[service.backend]]\naddress = \"{nobody}\"\n", lab_config(&lab, &[service], ""));
+    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    let status = gw
+        .wait_until("the masters resolved and up", Duration::from_secs(15), |s| {
+            s.services[0].backends.iter().filter(|b| b.state == "up").count() == 3
+        })
+        .unwrap();
+    for i in 0..lab.master_count() {
+        let b = status.services[0].backends.iter().find(|b| b.address == addr(&lab, i)).unwrap();
+        assert_eq!(b.mac_source, "neighbour");
+        assert_eq!(b.mac.as_deref(), Some(mim_lb_tests::mac_to_string(&lab.master_mac(i)).as_str()));
+    }
+    let unresolved = gw
+        .wait_until("the missing host reported", Duration::from_secs(15), |s| {
+            s.services[0].backends.iter().any(|b| b.address == IpAddr::from(nobody) && b.reason.contains("no ARP reply"))
+        })
+        .unwrap();
+    let b = unresolved.services[0].backends.iter().find(|b| b.address == IpAddr::from(nobody)).unwrap();
+    assert_eq!((b.state.as_str(), b.mac.as_deref()), ("down", None));
+    let names = ask(&lab, 150);
+    assert_eq!(count_names(&names).len(), 3, "every resolved master takes connections");
+}
