@@ -106,6 +106,10 @@ impl InstanceLock {
 async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_pinned: bool) -> Result<()> {
     let _lock = InstanceLock::acquire(&config.control_socket)?;
     let listener = server::bind(&config.control_socket)?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     let gateway_mac = neighbor::interface_mac(&config.interface)
         .await
         .with_context(|| format!("reading the MAC address of {}", config.interface))?;
@@ -130,7 +134,8 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
     };
 
     let mut attached = None;
-    let result = start_and_serve(&config_path, overrides, config.clone(), &mut director, listener, &mut attached).await;
+    let listeners = Listeners { control: listener, metrics: metrics_listener };
+    let result = start_and_serve(&config_path, overrides, config.clone(), &mut director, listeners, &mut attached).await;
     let stop = std::mem::replace(&mut attached, None);
     let dataplane = director.dataplane_mut();
     match (&result, stop, keep_pinned) {
@@ -161,12 +166,18 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
     result
 }
 
+/// Sockets bound before anything touches the kernel, so a taken address fails the start.
+struct Listeners {
+    control: tokio::net::UnixListener,
+    metrics: Option<tokio::net::TcpListener>,
+}
+
 async fn start_and_serve(
     config_path: &Path,
     overrides: Overrides,
     config: Config,
     director: &mut Director,
-    listener: tokio::net::UnixListener,
+    listeners: Listeners,
     attached: &mut Option<Attached>,
 ) -> Result<()> {
     let report = director.apply_config(&config).context("filling the maps")?;
@@ -196,7 +207,11 @@ async fn start_and_serve(
     let (report_tx, report_rx) = mpsc::channel(1024);
     let (neigh_tx, neigh_rx) = mpsc::channel(256);
     let (control_tx, control_rx) = mpsc::channel(64);
-    let control_task = tokio::spawn(server::serve(listener, control_tx));
+    let metrics_task = listeners.metrics.map(|listener| {
+        info!("serving Prometheus metrics on http://{}/metrics", config.metrics_listen.expect("bound"));
+        tokio::spawn(crate::metrics::serve(listener, control_tx.clone()))
+    });
+    let control_task = tokio::spawn(server::serve(listeners.control, control_tx));
     let neighbors = NeighborResolver::start(&config.interface, neigh_tx)
         .await
         .with_context(|| format!("watching the neighbour table of {}", config.interface))?;
@@ -223,6 +238,9 @@ async fn start_and_serve(
 
     daemon.health.shutdown();
     control_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     if let Some(task) = log_task {
         task.abort();
     }

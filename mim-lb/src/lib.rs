@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod director;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod neighbor;
 pub mod prepare_backend;
 pub mod simulate;

@@ -33,6 +33,27 @@ pub fn tcp_ask(addr: SocketAddr, timeout: Duration) -> Result<String> {
     read_line(&mut reader, deadline).with_context(|| format!("reading the name from {addr}"))
 }
 
+/// Like [`tcp_ask`], from a chosen local port (to know a connection's 5-tuple in advance).
+pub fn tcp_ask_from(addr: SocketAddr, local_port: u16, timeout: Duration) -> Result<String> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket, sockopt};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("socket")?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    let local: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, local_port).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, local_port).into(),
+    };
+    use std::os::fd::AsRawFd as _;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(local)).with_context(|| format!("binding {local}"))?;
+    let stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    connect(stream.as_raw_fd(), &SockaddrStorage::from(addr)).with_context(|| format!("connecting to {addr} from port {local_port}"))?;
+    let deadline = Instant::now() + timeout;
+    let mut reader = BufReader::new(stream);
+    read_line(&mut reader, deadline).with_context(|| format!("reading the name from {addr}"))
+}
+
 /// [`tcp_ask`] `count` times in a row, each on a new connection (and so a new source port).
 pub fn tcp_ask_many(addr: SocketAddr, count: usize, timeout: Duration) -> Result<Vec<String>> {
     (0..count)

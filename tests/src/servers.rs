@@ -42,6 +42,9 @@ const MAX_LINE: usize = 64 * 1024;
 pub struct ServeCounters {
     /// TCP connections accepted.
     pub tcp_accepted: AtomicU64,
+    /// TCP connections accepted, by the local address they were made to (a VIP, or the
+    /// master's own address for health checks and direct tests).
+    pub tcp_accepted_to: std::sync::Mutex<std::collections::BTreeMap<IpAddr, u64>>,
     /// TCP connections open right now.
     pub tcp_open: AtomicU64,
     /// UDP datagrams answered.
@@ -49,9 +52,10 @@ pub struct ServeCounters {
 }
 
 /// A copy of [`ServeCounters`] at one moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Served {
     pub tcp_accepted: u64,
+    pub tcp_accepted_to: std::collections::BTreeMap<IpAddr, u64>,
     pub tcp_open: u64,
     pub udp_answered: u64,
 }
@@ -60,6 +64,7 @@ impl ServeCounters {
     pub fn snapshot(&self) -> Served {
         Served {
             tcp_accepted: self.tcp_accepted.load(Ordering::Relaxed),
+            tcp_accepted_to: self.tcp_accepted_to.lock().map(|m| m.clone()).unwrap_or_default(),
             tcp_open: self.tcp_open.load(Ordering::Relaxed),
             udp_answered: self.udp_answered.load(Ordering::Relaxed),
         }
@@ -192,6 +197,14 @@ fn serve_tcp(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>, counters
                 Err(_) => break,
             };
             counters.tcp_accepted.fetch_add(1, Ordering::Relaxed);
+            if let (Ok(local), Ok(mut to)) = (stream.local_addr(), counters.tcp_accepted_to.lock()) {
+                // IPv4 on the dual-stack listener shows up as ::ffff:a.b.c.d.
+                let ip = match local.ip() {
+                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                    v4 => v4,
+                };
+                *to.entry(ip).or_default() += 1;
+            }
             if counters.tcp_open.load(Ordering::Relaxed) >= MAX_CONCURRENT {
                 continue;
             }

@@ -1,0 +1,257 @@
+//! The Prometheus endpoint (`metrics_listen`): every scrape asks the event loop for a status
+//! snapshot, the same one `mim-lb status` shows, and encodes it with the Prometheus project's
+//! own client library. Counters come straight from the per-CPU maps, so they are exact and
+//! survive daemon restarts (the maps are pinned).
+
+use std::{convert::Infallible, net::SocketAddr};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, prometheus_text},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
+
+use crate::{
+    control::{protocol, server::Pending},
+    status::Status,
+};
+
+/// The five states a backend can be in, each exported as its own 0/1 series so that a
+/// dashboard can sum them and an alert can fire on `mim_lb_backend_state{state="down"} == 1`.
+const STATES: [&str; 5] = ["up", "down", "draining", "disabled", "removing"];
+
+/// Encodes `status` in the Prometheus text format (0.0.4).
+pub fn render(status: &Status) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(StatusCollector(status.clone())));
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_text::encode(&mut out, &registry);
+    out
+}
+
+#[derive(Debug)]
+struct StatusCollector(Status);
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, series: &[(Labels, u64)]) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in series {
+        ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge<N>(encoder: &mut DescriptorEncoder, name: &str, help: &str, series: &[(Labels, N)]) -> std::fmt::Result
+where
+    N: prometheus_client::encoding::EncodeGaugeValue + Copy + std::fmt::Debug + Send + Sync,
+{
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in series {
+        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for StatusCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.0;
+        let e = &mut encoder;
+        gauge(e, "mim_lb_build_info", "mim-lb version (always 1)", &[(vec![("version", s.version.clone())], 1i64)])?;
+        gauge(e, "mim_lb_uptime_seconds", "Seconds since the daemon started", &[(vec![], s.uptime_s)])?;
+
+        let service_labels = |svc: &crate::status::ServiceStatus| -> Labels {
+            vec![
+                ("service", svc.name.clone()),
+                ("vip", svc.vip.to_string()),
+                ("port", svc.port.to_string()),
+                ("protocol", svc.protocol.clone()),
+            ]
+        };
+        let per_service = |f: fn(&crate::status::ServiceStatus) -> u64| -> Vec<(Labels, u64)> {
+            s.services.iter().map(|svc| (service_labels(svc), f(svc))).collect()
+        };
+        counter(e, "mim_lb_service_packets", "Packets forwarded for the service", &per_service(|x| x.packets))?;
+        counter(e, "mim_lb_service_bytes", "Bytes forwarded for the service", &per_service(|x| x.bytes))?;
+        counter(e, "mim_lb_service_new_flows", "Flows recorded for the service (TCP SYNs, first UDP datagrams)", &per_service(|x| x.new_flows))?;
+
+        let backends: Vec<(Labels, &crate::status::BackendStatus, u32)> = s
+            .services
+            .iter()
+            .flat_map(|svc| {
+                svc.backends.iter().map(move |b| {
+                    let mut labels = service_labels(svc);
+                    labels.push(("backend", b.address.to_string()));
+                    (labels, b, svc.table_size)
+                })
+            })
+            .collect();
+        let per_backend_u = |f: fn(&crate::status::BackendStatus) -> u64| -> Vec<(Labels, u64)> {
+            backends.iter().map(|(l, b, _)| (l.clone(), f(b))).collect()
+        };
+        counter(e, "mim_lb_backend_packets", "Packets forwarded to the backend", &per_backend_u(|b| b.packets))?;
+        counter(e, "mim_lb_backend_bytes", "Bytes forwarded to the backend", &per_backend_u(|b| b.bytes))?;
+        counter(e, "mim_lb_backend_new_flows", "Flows recorded on the backend", &per_backend_u(|b| b.new_flows))?;
+        let states: Vec<(Labels, i64)> = backends
+            .iter()
+            .flat_map(|(l, b, _)| {
+                STATES.iter().map(move |state| {
+                    let mut labels = l.clone();
+                    labels.push(("state", (*state).to_owned()));
+                    (labels, i64::from(b.state == *state))
+                })
+            })
+            .collect();
+        gauge(e, "mim_lb_backend_state", "1 for the backend's current state, 0 for the others", &states)?;
+        let gauge_of = |f: &dyn Fn(&crate::status::BackendStatus, u32) -> Option<f64>| -> Vec<(Labels, f64)> {
+            backends.iter().filter_map(|(l, b, size)| f(b, *size).map(|v| (l.clone(), v))).collect()
+        };
+        let int_of = |f: &dyn Fn(&crate::status::BackendStatus) -> Option<i64>| -> Vec<(Labels, i64)> {
+            backends.iter().filter_map(|(l, b, _)| f(b).map(|v| (l.clone(), v))).collect()
+        };
+        gauge(e, "mim_lb_backend_health_up", "1 while the backend's health checks pass", &int_of(&|b| Some(i64::from(b.health == "up"))))?;
+        gauge(e, "mim_lb_backend_weight", "Configured weight", &int_of(&|b| Some(i64::from(b.weight))))?;
+        gauge(
+            e,
+            "mim_lb_backend_table_share",
+            "Share of the service's Maglev table (of new flows) the backend owns, 0 to 1",
+            &gauge_of(&|b, size| Some(if size > 0 { f64::from(b.slots) / f64::from(size) } else { 0.0 })),
+        )?;
+        gauge(
+            e,
+            "mim_lb_backend_check_latency_seconds",
+            "How long the backend's last health check took",
+            &gauge_of(&|b, _| b.last_check.as_ref().map(|c| c.latency_ms / 1e3)),
+        )?;
+        gauge(
+            e,
+            "mim_lb_backend_check_ok",
+            "1 if the backend's last health check passed",
+            &int_of(&|b| b.last_check.as_ref().map(|c| i64::from(c.ok))),
+        )?;
+
+        let reasons = |f: fn(&crate::status::ReasonCount) -> u64| -> Vec<(Labels, u64)> {
+            s.reasons.iter().map(|r| (vec![("reason", r.name.clone())], f(r))).collect()
+        };
+        counter(e, "mim_lb_xdp_packets", "Packets seen by the XDP program, by the reason for its verdict", &reasons(|r| r.packets))?;
+        counter(e, "mim_lb_xdp_bytes", "Bytes seen by the XDP program, by the reason for its verdict", &reasons(|r| r.bytes))?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("listening for metrics on {addr}: {source}")]
+pub struct MetricsError {
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+/// Binds the metrics address (so a taken port fails the start, not a later scrape).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr).await.map_err(|source| MetricsError { addr, source })
+}
+
+/// Serves `GET /metrics` until the event loop goes away.
+pub async fn serve(listener: TcpListener, requests: mpsc::Sender<Pending>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| answer(req, requests.clone()));
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                log::debug!("metrics connection: {e}");
+            }
+        });
+    }
+}
+
+async fn answer(req: Request<Incoming>, requests: mpsc::Sender<Pending>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |code: StatusCode, content_type: &'static str, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = code;
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+        Ok(response)
+    };
+    if req.method() != Method::GET || req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "mim-lb serves GET /metrics\n".into());
+    }
+    let (tx, rx) = oneshot::channel();
+    let status = match requests.send((protocol::Request::Status, tx)).await {
+        Ok(()) => rx.await.ok().and_then(|r| r.status),
+        Err(_) => None,
+    };
+    match status {
+        Some(status) => reply(StatusCode::OK, prometheus_text::CONTENT_TYPE, render(&status)),
+        None => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "the daemon could not read its maps\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{BackendStatus, CheckStatus, ReasonCount, ServiceStatus};
+
+    #[test]
+    fn exposition_has_every_family_with_labels() {
+        let status = Status {
+            version: "0.1.0".into(),
+            interface: "eth0".into(),
+            xdp_mode: "native".into(),
+            pin_dir: "/sys/fs/bpf/mim-lb".into(),
+            uptime_s: 12.5,
+            services: vec![ServiceStatus {
+                name: "mim-master".into(),
+                vip: "10.0.0.100".parse().unwrap(),
+                port: 7000,
+                protocol: "tcp".into(),
+                scheduler: "maglev".into(),
+                table_size: 7,
+                health_check: "tcp".into(),
+                packets: 10,
+                bytes: 640,
+                new_flows: 2,
+                backends: vec![BackendStatus {
+                    address: "10.0.0.11".parse().unwrap(),
+                    mac: Some("02:00:00:00:00:11".into()),
+                    mac_source: "config".into(),
+                    weight: 100,
+                    state: "draining".into(),
+                    reason: "drained by the operator".into(),
+                    admin: "drained".into(),
+                    health: "up".into(),
+                    slots: 0,
+                    last_check: Some(CheckStatus { ok: true, detail: "connected".into(), latency_ms: 1.5, age_s: 0.1 }),
+                    packets: 7,
+                    bytes: 448,
+                    new_flows: 1,
+                }],
+            }],
+            reasons: vec![ReasonCount { code: 0, name: "forwarded".into(), packets: 10, bytes: 640 }],
+        };
+        let text = render(&status);
+        let svc = r#"service="mim-master",vip="10.0.0.100",port="7000",protocol="tcp""#;
+        for line in [
+            "# TYPE mim_lb_backend_packets_total counter".to_owned(),
+            format!("mim_lb_service_packets_total{{{svc}}} 10"),
+            format!("mim_lb_backend_packets_total{{{svc},backend=\"10.0.0.11\"}} 7"),
+            format!("mim_lb_backend_new_flows_total{{{svc},backend=\"10.0.0.11\"}} 1"),
+            format!("mim_lb_backend_state{{{svc},backend=\"10.0.0.11\",state=\"draining\"}} 1"),
+            format!("mim_lb_backend_state{{{svc},backend=\"10.0.0.11\",state=\"up\"}} 0"),
+            format!("mim_lb_backend_check_latency_seconds{{{svc},backend=\"10.0.0.11\"}} 0.0015"),
+            "mim_lb_xdp_packets_total{reason=\"forwarded\"} 10".to_owned(),
+            "mim_lb_build_info{version=\"0.1.0\"} 1".to_owned(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+    }
+}

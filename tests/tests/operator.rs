@@ -1,0 +1,169 @@
+//! What an operator looks at on a running gateway: the metrics endpoint, `mim-lb status`,
+//! `mim-lb simulate`, and the pinned maps through bpftool.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use mim_lb_tests::{
+    Lab, LabSpec, TcpHold, in_netns, tcp_ask_from, tcp_ask_many,
+    gateway::{Gateway, Mode, ServiceSpec, lab_config},
+};
+
+const PORT: u16 = 7000;
+const METRICS: &str = "127.0.0.1:9469";
+const T: Duration = Duration::from_secs(3);
+
+fn start(lab: &mut Lab, extra: &str) -> Gateway {
+    let config = lab_config(lab, &[ServiceSpec::tcp(lab, PORT)], extra);
+    let gw = Gateway::start(lab, &config, Mode::Generic).unwrap();
+    gw.wait_all_up().unwrap();
+    gw
+}
+
+/// One scrape of the gateway's metrics endpoint, from inside the gateway namespace (the
+/// endpoint listens on that namespace's loopback).
+fn scrape(lab: &Lab) -> String {
+    in_netns(lab.gateway_ns(), || -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&METRICS.parse().unwrap(), T)?;
+        stream.set_read_timeout(Some(T))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        anyhow::ensure!(answer.starts_with("HTTP/1.1 200"), "scrape answered {answer}");
+        Ok(answer)
+    })
+    .unwrap()
+    .unwrap()
+}
+
+/// The value of each series of `family` that has label `backend`, by that label.
+fn by_backend(text: &str, family: &str) -> BTreeMap<IpAddr, u64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .filter_map(|l| {
+            let backend = l.split("backend=\"").nth(1)?.split('"').next()?.parse().ok()?;
+            let value = l.rsplit(' ').next()?.parse::<f64>().ok()? as u64;
+            Some((backend, value))
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_count_exactly_what_the_masters_served() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let gw = start(&mut lab, &format!("metrics_listen = \"{METRICS}\""));
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    // Connections made to the VIP: the health checks connect to the masters' own addresses.
+    let to_vip = |lab: &Lab, i: usize| lab.served(i).tcp_accepted_to.get(&IpAddr::from(lab.vip4())).copied().unwrap_or(0);
+    let before: Vec<u64> = (0..lab.master_count()).map(|i| to_vip(&lab, i)).collect();
+
+    // Scrape while traffic flows: counters only grow.
+    let client_ns = lab.client_ns().to_owned();
+    let traffic = std::thread::spawn(move || in_netns(&client_ns, || tcp_ask_many(vip, 200, T)).unwrap().unwrap());
+    let mut last: BTreeMap<IpAddr, u64> = BTreeMap::new();
+    while !traffic.is_finished() {
+        let now = by_backend(&scrape(&lab), "mim_lb_backend_new_flows_total");
+        for (b, v) in &now {
+            assert!(*v >= last.get(b).copied().unwrap_or(0), "a counter went down");
+        }
+        last = now;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(traffic.join().unwrap().len(), 200);
+
+    let text = scrape(&lab);
+    let new_flows = by_backend(&text, "mim_lb_backend_new_flows_total");
+    let packets = by_backend(&text, "mim_lb_backend_packets_total");
+    let mut total = 0;
+    for i in 0..lab.master_count() {
+        let address: IpAddr = lab.master_addr4(i).into();
+        let served = to_vip(&lab, i) - before[i];
+        assert_eq!(new_flows[&address], served, "new flows of {address} against what it accepted");
+        // At least SYN, ACK, request and FIN per connection came through the gateway.
+        assert!(packets[&address] >= 3 * served, "{address}: {} packets for {served} connections", packets[&address]);
+        total += served;
+    }
+    assert_eq!(total, 200);
+    for family in ["mim_lb_backend_state", "mim_lb_backend_check_latency_seconds", "mim_lb_xdp_packets_total", "mim_lb_build_info"] {
+        assert!(text.contains(&format!("# TYPE {family}")) || text.contains(&format!("# TYPE {}", family.trim_end_matches("_total"))), "no {family}");
+    }
+    assert!(text.contains("mim_lb_xdp_packets_total{reason=\"forwarded\"}"));
+    drop(gw);
+}
+
+#[test]
+fn simulate_agrees_with_where_real_connections_went() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let gw = start(&mut lab, "");
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    let client = lab.client_addr4();
+    let master_of = |name: &str| -> IpAddr { lab.master_addr4(lab.master_index(name).unwrap()).into() };
+    let simulate = |sport: u16| -> IpAddr {
+        let json = gw.ctl(&["simulate", "--json", "--flow", &format!("{client}:{sport}-{vip}/tcp")]).unwrap();
+        let sim: mim_lb::status::Simulation = serde_json::from_str(&json).unwrap();
+        assert_eq!(sim.verdict, "XDP_TX", "{json}");
+        sim.backend.unwrap_or_else(|| panic!("no backend in {json}"))
+    };
+
+    // Flows that exist: the simulation finds where they were sent.
+    let held: Vec<TcpHold> = in_netns(lab.client_ns(), || (0..20).map(|_| TcpHold::connect(vip, T).unwrap()).collect()).unwrap();
+    for h in &held {
+        assert_eq!(simulate(h.local_addr().unwrap().port()), master_of(h.name()));
+    }
+    // Flows that do not exist yet: the simulation says where they will go, and they do.
+    let before = gw.status().unwrap().services[0].new_flows;
+    let predicted: Vec<(u16, IpAddr)> = (41000..41030).map(|p| (p, simulate(p))).collect();
+    assert_eq!(gw.status().unwrap().services[0].new_flows, before, "simulate recorded flows");
+    let mut masters = std::collections::BTreeSet::new();
+    for (sport, want) in predicted {
+        let name = in_netns(lab.client_ns(), || tcp_ask_from(vip, sport, T)).unwrap().unwrap();
+        assert_eq!(master_of(&name), want, "flow from port {sport}");
+        masters.insert(want);
+    }
+    assert!(masters.len() > 1, "30 flows all predicted on one master: the check is weak");
+
+    let human = gw.ctl(&["simulate", "--flow", &format!("{client}:1-{}:22/tcp", lab.vip4())]).unwrap();
+    assert!(human.contains("XDP_PASS (not_a_service)"), "{human}");
+    let err = gw.ctl(&["simulate", "--flow", "nonsense"]).unwrap_err();
+    assert!(format!("{err:#}").contains("is not a flow"), "{err:#}");
+}
+
+#[test]
+fn status_reads_like_ipvsadm_and_bpftool_shows_field_names() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let gw = start(&mut lab, "");
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    in_netns(lab.client_ns(), || tcp_ask_many(vip, 30, T)).unwrap().unwrap();
+
+    let human = gw.ctl(&["status"]).unwrap();
+    assert!(human.contains(&format!("TCP  {vip}")), "{human}");
+    for i in 0..lab.master_count() {
+        assert!(human.contains(&format!("-> {}", lab.master_addr4(i))), "{human}");
+    }
+    assert!(human.contains("forwarded"), "{human}");
+
+    let dump = lab
+        .run_in(lab.gateway_ns(), "bpftool", &["map", "dump", "pinned", gw.pin_dir().join("BACKENDS").to_str().unwrap()])
+        .unwrap();
+    for field in ["\"mac\"", "\"state\"", "\"weight\"", "\"service_id\"", "\"addr\"", "\"health\""] {
+        assert!(dump.contains(field), "bpftool's dump of BACKENDS lacks {field}");
+    }
+    let flows = lab
+        .run_in(lab.gateway_ns(), "bpftool", &["map", "dump", "pinned", gw.pin_dir().join("FLOWS").to_str().unwrap()])
+        .unwrap();
+    assert!(flows.contains("\"backend_id\"") && flows.contains("\"sport\""), "bpftool's dump of FLOWS lacks field names");
+}
+
+#[test]
+fn cli_errors_are_clear_without_a_daemon() {
+    let lab = Lab::new(LabSpec::masters(1)).unwrap();
+    let socket = std::env::temp_dir().join(format!("mimlb-none-{:x}.sock", std::process::id()));
+    let bin = mim_lb_tests::gateway::mim_lb_binary();
+    let err = lab.run_in(lab.gateway_ns(), bin.to_str().unwrap(), &["--socket", socket.to_str().unwrap(), "status"]).unwrap_err();
+    assert!(format!("{err:#}").contains("no mim-lb daemon is running"), "{err:#}");
+}
