@@ -9,7 +9,7 @@ use crate::{
     check,
     config::Config,
     control::{client, protocol::Request},
-    daemon, prepare_backend, status,
+    daemon, detach, prepare_backend, status,
 };
 
 /// Where the daemon listens unless the config says otherwise.
@@ -59,6 +59,7 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Detach(args) => detach::run(&args),
         Command::PrepareBackend(args) => prepare_backend::run(&args),
         Command::ExampleConfig => {
             print!("{}", Config::example());
@@ -135,6 +136,10 @@ pub enum Command {
     /// packet (nothing is recorded or counted).
     #[command(after_help = "Examples:\n  mim-lb simulate --flow 192.0.2.7:40000-10.0.0.100:7000/tcp\n  mim-lb simulate --flow '[2001:db8::7]:40000-[2001:db8::100]:7000/udp'")]
     Simulate(SimulateArgs),
+    /// Take a stopped daemon's program off the interface and remove its pinned maps (what
+    /// `run --keep-pinned`, and so the systemd unit, leaves forwarding on stop).
+    #[command(after_help = "Example:\n  systemctl stop mim-lb && mim-lb detach --config /etc/mim-lb/mim-lb.toml")]
+    Detach(DetachArgs),
     /// Configure this host as a master for direct routing: the VIP on lo, ARP and reverse-path
     /// settings (run on each master, not on the gateway).
     PrepareBackend(prepare_backend::Args),
@@ -162,6 +167,13 @@ pub struct RunArgs {
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
     /// Configuration file (TOML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DetachArgs {
+    /// The configuration the daemon ran with (its pin_dir and control_socket).
     #[arg(long, short)]
     pub config: PathBuf,
 }

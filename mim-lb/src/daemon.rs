@@ -5,13 +5,12 @@
 
 use std::{
     collections::BTreeMap,
-    fs::File,
     net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use log::{error, info, warn};
 use tokio::{
     io::unix::AsyncFd,
@@ -21,6 +20,7 @@ use tokio::{
 
 use crate::{
     cli::{RunArgs, XdpModeArg},
+    lock::InstanceLock,
     config::{CheckKind, Config, ServiceKey, XdpMode},
     control::{
         protocol::{Request, Response},
@@ -69,38 +69,6 @@ pub fn run(args: RunArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?
         .block_on(serve(args.config, overrides, config, args.keep_pinned))
-}
-
-/// Held for the daemon's life: a second daemon with the same control socket refuses to start
-/// instead of sharing the maps.
-struct InstanceLock {
-    _file: File,
-}
-
-impl InstanceLock {
-    fn acquire(control_socket: &Path) -> Result<InstanceLock> {
-        let mut path = control_socket.as_os_str().to_owned();
-        path.push(".lock");
-        let path = PathBuf::from(path);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening the lock file {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(InstanceLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => bail!(
-                "another mim-lb is running with control socket {} (it holds {})",
-                control_socket.display(),
-                path.display()
-            ),
-            Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
-        }
-    }
 }
 
 async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_pinned: bool) -> Result<()> {

@@ -138,3 +138,30 @@ fn clean_stop_detaches_and_removes_the_pins() {
     assert!(!xdp.contains("xdp"), "still attached: {xdp}");
     assert!(!gw.socket().exists(), "control socket left behind");
 }
+
+/// `--keep-pinned` (what the systemd unit uses) leaves the program forwarding after a stop;
+/// `mim-lb detach` then takes it off, and refuses while a daemon runs.
+#[test]
+fn keep_pinned_keeps_forwarding_until_detach() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let mut gw = Gateway::start_with_args(&mut lab, &config, Mode::Generic, &["--keep-pinned"]).unwrap();
+    gw.wait_all_up().unwrap();
+    let config_path = gw.config_path();
+    let err = gw.ctl(&["detach", "--config", config_path.to_str().unwrap()]).unwrap_err();
+    assert!(format!("{err:#}").contains("daemon is running"), "{err:#}");
+
+    gw.stop().unwrap();
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 20, T)).unwrap().unwrap();
+    assert!(names.iter().all(|n| *n == lab.master_name(0)), "the stopped daemon's program stopped forwarding");
+
+    let said = gw.ctl(&["detach", "--config", config_path.to_str().unwrap()]).unwrap();
+    assert!(said.contains("detached mim-lb from eth0"), "{said}");
+    assert!(!gw.pin_dir().exists());
+    let xdp = lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "eth0"]).unwrap();
+    assert!(!xdp.contains("xdp"), "still attached: {xdp}");
+    // Without the program, the gateway's own kernel answers the VIP (and refuses the port).
+    assert!(in_netns(lab.client_ns(), || mim_lb_tests::tcp_ask(vip, T)).unwrap().is_err());
+}

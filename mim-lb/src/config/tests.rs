@@ -964,3 +964,11 @@ fn service_keys_parse_and_print() {
     assert!("10.0.0.100".parse::<ServiceKey>().is_err());
     assert!("10.0.0.100:7000/sctp".parse::<ServiceKey>().is_err());
 }
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let c = Config::parse(include_str!("../../../dist/mim-lb.toml")).unwrap();
+    assert_eq!(c.services[0].backends.len(), 3);
+    assert!(c.services[0].backends.iter().all(|b| b.mac.is_none()));
+    assert_eq!(c.metrics_listen, Some("127.0.0.1:9469".parse().unwrap()));
+}
