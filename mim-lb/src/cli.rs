@@ -15,7 +15,23 @@ use crate::{
 /// Where the daemon listens unless the config says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/mim-lb/control.sock";
 
-/// Parses the command line and runs the command: the whole `mim-lb` binary.
+/// The whole `mim-lb` binary: runs the command and turns an error into one message and exit
+/// status 1. Printed here rather than by returning the error from `main`: anyhow's Debug form
+/// adds a backtrace whenever RUST_BACKTRACE is set, which buries the line that matters.
+pub fn main_exit() -> std::process::ExitCode {
+    match main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("mim-lb: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses the command line and runs the command.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     env_logger::Builder::new()

@@ -104,7 +104,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
     let mut attached = None;
     let listeners = Listeners { control: listener, metrics: metrics_listener };
     let result = start_and_serve(&config_path, overrides, config.clone(), &mut director, listeners, &mut attached).await;
-    let stop = std::mem::replace(&mut attached, None);
+    let stop = attached.take();
     let dataplane = director.dataplane_mut();
     match (&result, stop, keep_pinned) {
         (Ok(()), Some(_), true) => {

@@ -1,3 +1,3 @@
-fn main() -> anyhow::Result<()> {
-    mim_lb::cli::main()
+fn main() -> std::process::ExitCode {
+    mim_lb::cli::main_exit()
 }

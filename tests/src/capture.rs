@@ -210,7 +210,7 @@ fn record(fd: OwnedFd, stop: &AtomicBool, max_frames: usize, max_time: Duration)
             continue;
         }
         let len = n as usize;
-        let outgoing = sll.sll_pkttype == libc::PACKET_OUTGOING as u8;
+        let outgoing = sll.sll_pkttype == libc::PACKET_OUTGOING;
         if let Some(info) = parse_frame(&buf[..len.min(buf.len())], len, outgoing) {
             frames.push(info);
         }

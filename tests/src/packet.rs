@@ -140,7 +140,7 @@ impl Frame {
 }
 
 fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, options: &[u8], frag: u16, proto: u8, l4_len: usize) -> Vec<u8> {
-    assert!(options.len() % 4 == 0 && options.len() <= 40, "IPv4 options must be padded to 4 octets");
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40, "IPv4 options must be padded to 4 octets");
     let header_len = 20 + options.len();
     let mut h = Vec::with_capacity(header_len);
     h.push(0x40 | (header_len / 4) as u8);

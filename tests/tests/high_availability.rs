@@ -201,7 +201,7 @@ fn reload_adds_a_fourth_master_and_an_invalid_reload_changes_nothing() {
     let mut lab = Lab::new(LabSpec::masters(4)).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
     let three = ServiceSpec { health: HEALTH.into(), masters: (0..3).map(|i| (i, true)).collect(), ..ServiceSpec::tcp(&lab, PORT) };
-    let config = lab_config(&lab, &[three.clone()], "");
+    let config = lab_config(&lab, std::slice::from_ref(&three), "");
     let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
     gw.wait_all_up().unwrap();
     assert!(!ask(&lab, 100).contains(&lab.master_name(3)));
@@ -220,7 +220,7 @@ fn reload_adds_a_fourth_master_and_an_invalid_reload_changes_nothing() {
 
     // A bad file is rejected whole, with the key and the reason; nothing changes.
     let before = gw.status().unwrap();
-    gw.write_config(&format!("{}\nbogus_key = 1\n", lab_config(&lab, &[three.clone()], ""))).unwrap();
+    gw.write_config(&format!("{}\nbogus_key = 1\n", lab_config(&lab, std::slice::from_ref(&three), ""))).unwrap();
     let err = gw.ctl(&["reload"]).unwrap_err();
     assert!(format!("{err:#}").contains("bogus_key"), "{err:#}");
     let invalid = ServiceSpec { masters: vec![(0, true)], ..three.clone() };

@@ -78,9 +78,9 @@ fn metrics_count_exactly_what_the_masters_served() {
     let new_flows = by_backend(&text, "mim_lb_backend_new_flows_total");
     let packets = by_backend(&text, "mim_lb_backend_packets_total");
     let mut total = 0;
-    for i in 0..lab.master_count() {
+    for (i, before) in before.iter().enumerate() {
         let address: IpAddr = lab.master_addr4(i).into();
-        let served = to_vip(&lab, i) - before[i];
+        let served = to_vip(&lab, i) - before;
         assert_eq!(new_flows[&address], served, "new flows of {address} against what it accepted");
         // At least SYN, ACK, request and FIN per connection came through the gateway.
         assert!(packets[&address] >= 3 * served, "{address}: {} packets for {served} connections", packets[&address]);
@@ -166,4 +166,24 @@ fn cli_errors_are_clear_without_a_daemon() {
     let bin = mim_lb_tests::gateway::mim_lb_binary();
     let err = lab.run_in(lab.gateway_ns(), bin.to_str().unwrap(), &["--socket", socket.to_str().unwrap(), "status"]).unwrap_err();
     assert!(format!("{err:#}").contains("no mim-lb daemon is running"), "{err:#}");
+}
+
+/// The control socket is root's only: another user gets a clear refusal, not a hang.
+#[test]
+fn the_control_socket_refuses_other_users() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let gw = start(&mut lab, "");
+    let mode = std::fs::metadata(gw.socket()).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap();
+    assert_eq!(mode, 0o600);
+    let bin = mim_lb_tests::gateway::mim_lb_binary();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["--socket", gw.socket().to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("permission denied") && stderr.contains("run this as root"), "{stderr}");
 }

@@ -168,6 +168,9 @@ fn raw_cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
     ]
 }
 
+/// (description, input frame, expectation, the flow's (source, source port, port) if any).
+type Fixture = (String, Vec<u8>, Expect, Option<(IpAddr, u16, u16)>);
+
 fn flow_of(frame: &Frame) -> (IpAddr, u16, u16) {
     match frame.l4 {
         L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (frame.src, sport, dport),
@@ -178,7 +181,7 @@ fn flow_of(frame: &Frame) -> (IpAddr, u16, u16) {
 #[test]
 fn fixtures_give_the_expected_verdict_bytes_and_reason() {
     let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
-    let mut all: Vec<(String, Vec<u8>, Expect, Option<(IpAddr, u16, u16)>)> = cases()
+    let mut all: Vec<Fixture> = cases()
         .into_iter()
         .map(|c| (c.description.to_string(), c.input.bytes(), c.expect, Some(flow_of(&c.input))))
         .collect();

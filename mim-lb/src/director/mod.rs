@@ -110,6 +110,9 @@ pub struct ApplyReport {
     pub changes: Vec<Change>,
 }
 
+/// Writes into one Maglev region: (service id, region, (slot, entry) pairs).
+type RegionWrite = (u32, u32, Vec<(u32, u32)>);
+
 /// Owns the data path and the record of what is written in it.
 pub struct Director {
     dataplane: Dataplane,
@@ -386,7 +389,8 @@ impl Director {
             }
         }
         let mut written_next = BTreeMap::new();
-        let mut region_writes: Vec<(u32, u32, Vec<(u32, u32)>)> = Vec::new();
+        // (service id, region, (slot, entry) writes)
+        let mut region_writes: Vec<RegionWrite> = Vec::new();
         let mut new_services = Vec::new();
         for (key, s) in &next {
             let keys: Vec<Vec<u8>> = s.backends.keys().map(maglev_key).collect();
