@@ -29,12 +29,38 @@ pub fn plan(config: &Config) -> String {
         config.pin_dir.display(),
         config.flow_table_size
     );
+    let _ = writeln!(
+        out,
+        "control socket {}; metrics {}; flows idle out after {} s (tcp) / {} s (udp)",
+        config.control_socket.display(),
+        config.metrics_listen.map_or("off".to_owned(), |a| format!("on http://{a}/metrics")),
+        config.tcp_idle_timeout.as_secs(),
+        config.udp_idle_timeout.as_secs()
+    );
     for service in &config.services {
         let _ = writeln!(
             out,
-            "service {}: {}:{}/{} scheduler {} table {} slots",
-            service.name, service.vip, service.port, service.protocol, service.scheduler, service.table_size
+            "service {}: {} scheduler {} table {} slots",
+            service.name,
+            service.endpoint(),
+            service.scheduler,
+            service.table_size
         );
+        let h = &service.health;
+        let _ = match h.kind {
+            crate::config::CheckKind::None => writeln!(out, "  health: none (backends are up once their MAC is known)"),
+            _ => writeln!(
+                out,
+                "  health: {} on port {} every {} ms (timeout {} ms), up after {} passes, down after {} failures; \
+                 backends start down until then",
+                h.kind.name(),
+                h.port_for(service.port),
+                h.interval.as_millis(),
+                h.timeout.as_millis(),
+                h.rise,
+                h.fall
+            ),
+        };
         let keys: Vec<Vec<u8>> = service
             .backends
             .iter()
@@ -50,10 +76,11 @@ pub fn plan(config: &Config) -> String {
             .enumerate()
             .map(|(i, (b, k))| maglev::MaglevBackend { id: i as u32 + 1, key: k, weight: b.weight })
             .collect();
+        // The share each backend will have once all are up.
         let table = maglev::build(&members, service.table_size);
         for (i, b) in service.backends.iter().enumerate() {
             let slots = table.iter().filter(|id| **id == i as u32 + 1).count();
-            let mac = b.mac.as_ref().map(format_mac).unwrap_or_else(|| "(unresolved)".into());
+            let mac = b.mac.as_ref().map(format_mac).unwrap_or_else(|| "from the neighbour table".into());
             let _ = writeln!(
                 out,
                 "  backend {} mac {} weight {}: {} slots ({:.1}% of new flows)",
