@@ -199,45 +199,12 @@ async fn answer(req: Request<Incoming>, requests: mpsc::Sender<Pending>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{BackendStatus, CheckStatus, ReasonCount, ServiceStatus};
 
     #[test]
     fn exposition_has_every_family_with_labels() {
-        let status = Status {
-            version: "0.1.0".into(),
-            interface: "eth0".into(),
-            xdp_mode: "native".into(),
-            pin_dir: "/sys/fs/bpf/mim-lb".into(),
-            uptime_s: 12.5,
-            services: vec![ServiceStatus {
-                name: "mim-master".into(),
-                vip: "10.0.0.100".parse().unwrap(),
-                port: 7000,
-                protocol: "tcp".into(),
-                scheduler: "maglev".into(),
-                table_size: 7,
-                health_check: "tcp".into(),
-                packets: 10,
-                bytes: 640,
-                new_flows: 2,
-                backends: vec![BackendStatus {
-                    address: "10.0.0.11".parse().unwrap(),
-                    mac: Some("02:00:00:00:00:11".into()),
-                    mac_source: "config".into(),
-                    weight: 100,
-                    state: "draining".into(),
-                    reason: "drained by the operator".into(),
-                    admin: "drained".into(),
-                    health: "up".into(),
-                    slots: 0,
-                    last_check: Some(CheckStatus { ok: true, detail: "connected".into(), latency_ms: 1.5, age_s: 0.1 }),
-                    packets: 7,
-                    bytes: 448,
-                    new_flows: 1,
-                }],
-            }],
-            reasons: vec![ReasonCount { code: 0, name: "forwarded".into(), packets: 10, bytes: 640 }],
-        };
+        let mut status = crate::status::sample();
+        let b = &mut status.services[0].backends[0];
+        b.state = "draining".into();
         let text = render(&status);
         let svc = r#"service="mim-master",vip="10.0.0.100",port="7000",protocol="tcp""#;
         for line in [

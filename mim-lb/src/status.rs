@@ -277,6 +277,46 @@ fn human_duration(secs: f64) -> String {
     }
 }
 
+/// One service with one backend that is down for want of a MAC, for tests of the views.
+#[cfg(test)]
+pub(crate) fn sample() -> Status {
+    Status {
+        version: "0.1.0".into(),
+        interface: "eth0".into(),
+        xdp_mode: "native".into(),
+        pin_dir: "/sys/fs/bpf/mim-lb".into(),
+        uptime_s: 61.0,
+        services: vec![ServiceStatus {
+            name: "mim-master".into(),
+            vip: "10.0.0.100".parse().expect("an address"),
+            port: 7000,
+            protocol: "tcp".into(),
+            scheduler: "maglev".into(),
+            table_size: 65_537,
+            health_check: "tcp".into(),
+            packets: 10,
+            bytes: 2048,
+            new_flows: 3,
+            backends: vec![BackendStatus {
+                address: "10.0.0.11".parse().expect("an address"),
+                mac: None,
+                mac_source: "neighbour".into(),
+                weight: 100,
+                state: "down".into(),
+                reason: "no ARP reply".into(),
+                admin: "enabled".into(),
+                health: "up".into(),
+                slots: 0,
+                last_check: Some(CheckStatus { ok: true, detail: "connected".into(), latency_ms: 1.5, age_s: 1.0 }),
+                packets: 7,
+                bytes: 448,
+                new_flows: 1,
+            }],
+        }],
+        reasons: vec![ReasonCount { code: 0, name: "forwarded".into(), packets: 10, bytes: 2048 }],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,41 +333,7 @@ mod tests {
 
     #[test]
     fn render_shows_states_reasons_and_counters() {
-        let status = Status {
-            version: "0.1.0".into(),
-            interface: "eth0".into(),
-            xdp_mode: "native".into(),
-            pin_dir: "/sys/fs/bpf/mim-lb".into(),
-            uptime_s: 61.0,
-            services: vec![ServiceStatus {
-                name: "mim-master".into(),
-                vip: "10.0.0.100".parse().unwrap(),
-                port: 7000,
-                protocol: "tcp".into(),
-                scheduler: "maglev".into(),
-                table_size: 65_537,
-                health_check: "tcp".into(),
-                packets: 10,
-                bytes: 2048,
-                new_flows: 3,
-                backends: vec![BackendStatus {
-                    address: "10.0.0.11".parse().unwrap(),
-                    mac: None,
-                    mac_source: "neighbour".into(),
-                    weight: 100,
-                    state: "down".into(),
-                    reason: "no ARP reply".into(),
-                    admin: "enabled".into(),
-                    health: "up".into(),
-                    slots: 0,
-                    last_check: Some(CheckStatus { ok: true, detail: "connected".into(), latency_ms: 0.25, age_s: 1.0 }),
-                    packets: 0,
-                    bytes: 0,
-                    new_flows: 0,
-                }],
-            }],
-            reasons: vec![ReasonCount { code: 0, name: "forwarded".into(), packets: 10, bytes: 2048 }],
-        };
+        let status = sample();
         let text = render(&status);
         assert!(text.contains("TCP  10.0.0.100:7000"), "{text}");
         assert!(text.contains("(unresolved)"), "{text}");
