@@ -5,7 +5,12 @@
 
 use anyhow::{Context as _, Result};
 
-use crate::{cli::DetachArgs, config::Config, dataplane::LINK_PIN, lock::InstanceLock};
+use crate::{
+    cli::DetachArgs,
+    config::Config,
+    dataplane::{LINK_PIN, detach_pinned_link},
+    lock::InstanceLock,
+};
 
 pub fn run(args: &DetachArgs) -> Result<()> {
     let config = Config::from_file(&args.config)
@@ -19,10 +24,12 @@ pub fn run(args: &DetachArgs) -> Result<()> {
         return Ok(());
     }
     let mut removed = Vec::new();
-    // The link first: removing its pin detaches the program (no process holds the link), so
-    // the maps are never gone while the program still runs on them.
-    let names = std::iter::once(LINK_PIN).chain(mim_lb_common::maps::names::ALL);
-    for name in names {
+    // The link first, so the maps are never gone while the program still runs on them.
+    if dir.join(LINK_PIN).exists() {
+        detach_pinned_link(&dir.join(LINK_PIN))?;
+        removed.push(LINK_PIN);
+    }
+    for name in mim_lb_common::maps::names::ALL {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(name),

@@ -334,15 +334,14 @@ impl Dataplane {
         match self.attachment.take() {
             None => Ok(()),
             Some(Attachment::Pinned(pinned)) => {
-                // Dropping the last fd of an unpinned link detaches it.
-                pinned.unpin().map(drop).map_err(|e| DataplaneError::Link {
-                    path: self.pin_dir.clone().unwrap_or_default().join(LINK_PIN),
-                    detail: format!("unpinning: {e}"),
-                })
+                let path = self.pin_dir.clone().unwrap_or_default().join(LINK_PIN);
+                detach_pinned_link(&path)?;
+                drop(pinned);
+                Ok(())
             }
             Some(Attachment::Owned { id, pin }) => {
                 if let Some(path) = pin {
-                    let _ = std::fs::remove_file(&path);
+                    detach_pinned_link(&path)?;
                 }
                 xdp_mut(&mut self.ebpf, PROGRAM)?
                     .detach(id)
@@ -443,6 +442,57 @@ impl Simulator {
         Ok((code, out))
     }
 }
+
+/// Detaches the link pinned at `path` now, then removes the pin.
+///
+/// Removing a pin (or closing the last fd) only drops a reference, and the kernel may free
+/// the link later from a work queue: the program can stay attached for a moment after. An
+/// explicit `BPF_LINK_DETACH` takes it off the interface before this returns, whoever else
+/// still holds the link. A pin that is already gone is not an error.
+pub fn detach_pinned_link(path: &Path) -> Result<(), DataplaneError> {
+    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+    let link_err = |detail: String| DataplaneError::Link { path: path.to_path_buf(), detail };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| link_err(e.to_string()))?;
+
+    // The leading members of `union bpf_attr` for the two commands; the kernel zero-fills the
+    // rest when given a shorter size.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
+        // SAFETY: `attr` is a valid, initialised prefix of union bpf_attr for `cmd`, alive
+        // for the call; the kernel reads at most size_of::<T>() bytes of it.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) }
+    }
+
+    let fd = bpf(BPF_OBJ_GET, &mut ObjGet { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 });
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() == std::io::ErrorKind::NotFound {
+            return Ok(());
+        }
+        return Err(link_err(format!("opening it: {err}")));
+    }
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    if bpf(BPF_LINK_DETACH, &mut LinkDetach { link_fd: fd.as_raw_fd() as u32 }) < 0 {
+        return Err(link_err(format!("BPF_LINK_DETACH: {}", std::io::Error::last_os_error())));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(link_err(format!("removing the pin: {e}"))),
+        _ => Ok(()),
+    }
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 fn attach_in(program: &mut Xdp, interface: &str, mode: AttachMode) -> Result<XdpLinkId, DataplaneError> {
     let flags = match mode {
