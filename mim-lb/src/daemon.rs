@@ -27,7 +27,7 @@ use crate::{
         server::{self, Pending},
     },
     dataplane::{AttachMode, Attached, Dataplane, LoadOptions, Simulator},
-    director::{Admin, Director, monotonic_ns},
+    director::{Admin, Director, monotonic_ns, read_pinned_flows},
     health::{self, HealthChecker, Report, Verdict},
     neighbor::{self, NeighborEvent, NeighborResolver},
     status::{self, CheckStatus, DaemonFacts},
@@ -244,6 +244,9 @@ impl Daemon {
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let mut sweep = tokio::time::interval(self.sweep_period());
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The connection table is read on a blocking thread (a million entries take seconds
+        // of syscalls); its copy is swept when it arrives. At most one read at a time.
+        let mut reading: Option<(u64, tokio::task::JoinHandle<Result<Vec<_>, aya::maps::MapError>>)> = None;
         loop {
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
@@ -258,7 +261,19 @@ impl Daemon {
                     let response = self.on_request(director, request);
                     let _ = reply.send(response);
                 }
-                _ = sweep.tick() => self.sweep(director),
+                _ = sweep.tick(), if reading.is_none() && director.sweep_pending() => {
+                    let path = self.config.pin_dir.join(mim_lb_common::maps::names::FLOWS);
+                    let started = monotonic_ns();
+                    reading = Some((started, tokio::task::spawn_blocking(move || read_pinned_flows(&path))));
+                }
+                joined = async { (&mut reading.as_mut().expect("guarded").1).await }, if reading.is_some() => {
+                    let (started, _) = reading.take().expect("guarded");
+                    match joined {
+                        Ok(Ok(flows)) => self.sweep(director, &flows, started),
+                        Ok(Err(e)) => error!("flow sweep: reading the connection table: {e}"),
+                        Err(e) => error!("flow sweep: the reader failed: {e}"),
+                    }
+                }
             }
         }
     }
@@ -328,8 +343,8 @@ impl Daemon {
         }
     }
 
-    fn sweep(&mut self, director: &mut Director) {
-        match director.sweep(monotonic_ns(), self.config.tcp_idle_timeout, self.config.udp_idle_timeout) {
+    fn sweep(&mut self, director: &mut Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_at_ns: u64) {
+        match director.sweep_with(flows, read_at_ns, self.config.tcp_idle_timeout, self.config.udp_idle_timeout) {
             Ok(r) => {
                 for (service, backend) in &r.backends_retired {
                     info!("backend {backend} of {service} removed: no live flow left on it");

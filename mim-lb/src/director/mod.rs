@@ -31,7 +31,7 @@ use mim_lb_common::{
     HEALTH_DOWN, HEALTH_UP, MAGLEV_SLOT_CHANGED, SERVICE_F_SOURCE_HASH, SERVICE_F_VIP_MARKER,
     ServiceEntry,
 };
-pub use sweep::{SweepReport, monotonic_ns};
+pub use sweep::{SweepReport, monotonic_ns, read_pinned_flows};
 
 use crate::{
     config::{CheckKind, Config, HealthCheck, Protocol, Scheduler, ServiceKey},

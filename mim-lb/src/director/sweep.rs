@@ -26,6 +26,15 @@ use mim_lb_common::{
 use super::{Director, DirectorError, WrittenService};
 use crate::config::ServiceKey;
 
+/// Reads every recorded flow from the pinned connection table at `path`, with a map fd of its
+/// own, so that it can run on a thread of its own while the event loop goes on.
+pub fn read_pinned_flows(path: &std::path::Path) -> Result<Vec<(FlowKey, FlowEntry)>, aya::maps::MapError> {
+    let data = aya::maps::MapData::from_pin(path)?;
+    let map = aya::maps::Map::HashMap(data);
+    let flows: aya::maps::HashMap<_, FlowKey, FlowEntry> = aya::maps::HashMap::try_from(map)?;
+    Ok(flows.iter().filter_map(Result::ok).collect())
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -73,12 +82,28 @@ impl Director {
 
     /// Clears marks no live flow needs and retires removed backends without live flows.
     pub fn sweep(&mut self, now_ns: u64, tcp_idle: Duration, udp_idle: Duration) -> Result<SweepReport, DirectorError> {
-        let mut report = SweepReport::default();
+        if !self.sweep_pending() {
+            return Ok(SweepReport::default());
+        }
+        let flows = self.dataplane.maps_ro().flows()?;
+        self.sweep_with(&flows, now_ns, tcp_idle, udp_idle)
+    }
+
+    /// [`Director::sweep`] on a copy of the connection table read earlier, at `now_ns` or
+    /// later. Reading a large table takes seconds of syscalls, so the daemon reads it on
+    /// another thread and hands the copy here; a flow recorded since only ever sits on its
+    /// slot's current master, which needs no mark.
+    pub fn sweep_with(
+        &mut self,
+        flows: &[(FlowKey, FlowEntry)],
+        now_ns: u64,
+        tcp_idle: Duration,
+        udp_idle: Duration,
+    ) -> Result<SweepReport, DirectorError> {
+        let mut report = SweepReport { flows_seen: flows.len(), ..SweepReport::default() };
         if !self.sweep_pending() {
             return Ok(report);
         }
-        let flows = self.dataplane.maps_ro().flows()?;
-        report.flows_seen = flows.len();
 
         let by_id: HashMap<u32, ServiceKey> = self.written.iter().map(|(k, w)| (w.id, *k)).collect();
         let keeps: HashSet<u32> = self
@@ -91,7 +116,7 @@ impl Director {
         let mut needed: HashMap<ServiceKey, BTreeSet<u32>> = HashMap::new();
         let mut in_use: HashSet<u32> = HashSet::new();
         let mut records_of: HashMap<u32, Vec<FlowKey>> = HashMap::new();
-        for (key, flow) in &flows {
+        for (key, flow) in flows {
             records_of.entry(flow.backend_id).or_default().push(*key);
             let Some(service) = by_id.get(&flow.service_id) else { continue };
             let written = &self.written[service];
