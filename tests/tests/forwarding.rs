@@ -157,6 +157,14 @@ fn keep_pinned_keeps_forwarding_until_detach() {
     let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 20, T)).unwrap().unwrap();
     assert!(names.iter().all(|n| *n == lab.master_name(0)), "the stopped daemon's program stopped forwarding");
 
+    // A start whose config no longer fits the pinned maps is refused, and the running program
+    // is left as it was.
+    gw.write_config(&format!("flow_table_size = 2048\n{config}")).unwrap();
+    let err = gw.ctl(&["run", "--config", config_path.to_str().unwrap(), "--xdp-mode", "generic"]).unwrap_err();
+    assert!(format!("{err:#}").contains("flow_table_size was 1048576 and is now 2048"), "{err:#}");
+    let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 5, T)).unwrap().unwrap();
+    assert_eq!(names.len(), 5, "a refused start disturbed the running program");
+
     let said = gw.ctl(&["detach", "--config", config_path.to_str().unwrap()]).unwrap();
     assert!(said.contains("detached mim-lb from eth0"), "{said}");
     assert!(!gw.pin_dir().exists());
