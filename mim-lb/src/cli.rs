@@ -22,9 +22,16 @@ pub fn main_exit() -> std::process::ExitCode {
     match main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("mim-lb: error: {err}");
+            let mut shown = err.to_string();
+            eprintln!("mim-lb: error: {shown}");
             for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                // Many errors already end with their cause's text; say each thing once.
+                let text = cause.to_string();
+                if !shown.contains(&text) {
+                    // A rejected config lists one problem per line: keep them aligned.
+                    eprintln!("  caused by: {}", text.replace('\n', "\n             "));
+                }
+                shown = text;
             }
             std::process::ExitCode::FAILURE
         }
@@ -43,7 +50,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Run(args) => daemon::run(args),
         Command::Check(args) => check::run(&args),
         Command::Status(args) => {
-            let response = ask(&cli.socket, &Request::Status)?;
+            let response = ask(&args.socket.socket, &Request::Status)?;
             let status = response.status.context("the daemon sent no status")?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -52,12 +59,12 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Drain(t) => say(&cli.socket, &Request::Drain { service: t.service, backend: t.backend }),
-        Command::Enable(t) => say(&cli.socket, &Request::Enable { service: t.service, backend: t.backend }),
-        Command::Disable(t) => say(&cli.socket, &Request::Disable { service: t.service, backend: t.backend }),
-        Command::Reload => say(&cli.socket, &Request::Reload),
+        Command::Drain(t) => say(&t.socket.socket, &Request::Drain { service: t.service, backend: t.backend }),
+        Command::Enable(t) => say(&t.socket.socket, &Request::Enable { service: t.service, backend: t.backend }),
+        Command::Disable(t) => say(&t.socket.socket, &Request::Disable { service: t.service, backend: t.backend }),
+        Command::Reload(args) => say(&args.socket, &Request::Reload),
         Command::Simulate(args) => {
-            let response = ask(&cli.socket, &Request::Simulate { flow: args.flow })?;
+            let response = ask(&args.socket.socket, &Request::Simulate { flow: args.flow })?;
             let sim = response.simulation.context("the daemon sent no simulation")?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&sim)?);
@@ -113,10 +120,6 @@ pub struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
-    /// The daemon's control socket (the config's `control_socket`), for the commands that
-    /// talk to a running daemon.
-    #[arg(long, global = true, env = "MIM_LB_SOCKET", default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -147,7 +150,7 @@ pub enum Command {
     /// Re-read the daemon's config file and apply the difference (also on SIGHUP). An invalid
     /// file is rejected whole and nothing changes.
     #[command(after_help = "Example:\n  mim-lb reload")]
-    Reload,
+    Reload(SocketArg),
     /// Which master a flow would reach now, by running the live XDP program on a synthetic
     /// packet (nothing is recorded or counted).
     #[command(after_help = "Examples:\n  mim-lb simulate --flow 192.0.2.7:40000-10.0.0.100:7000/tcp\n  mim-lb simulate --flow '[2001:db8::7]:40000-[2001:db8::100]:7000/udp'")]
@@ -160,6 +163,7 @@ pub enum Command {
     /// settings (run on each master, not on the gateway).
     PrepareBackend(prepare_backend::Args),
     /// Print an example configuration (three masters behind one VIP).
+    #[command(after_help = "Example:\n  mim-lb example-config > /etc/mim-lb/mim-lb.toml")]
     ExampleConfig,
 }
 
@@ -194,11 +198,21 @@ pub struct DetachArgs {
     pub config: PathBuf,
 }
 
+/// Where a running daemon listens.
+#[derive(Debug, clap::Args)]
+pub struct SocketArg {
+    /// The daemon's control socket (its config's `control_socket`).
+    #[arg(long, env = "MIM_LB_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// Print the stable JSON form (documented in OPERATIONS.md).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -207,6 +221,8 @@ pub struct Target {
     pub service: String,
     /// The backend's address.
     pub backend: IpAddr,
+    #[command(flatten)]
+    pub socket: SocketArg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -217,6 +233,8 @@ pub struct SimulateArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -64,7 +64,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         }),
     };
     let config = overrides.load(&args.config)?;
-    tokio::runtime::Builder::new_current_thread()
+    // The event loop (which owns the director) runs on this thread; health checks, the
+    // control socket, metrics and the neighbour watch run on two workers, so a table rebuild
+    // in the loop never delays a check's timer into a false timeout.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("mim-lb-worker")
         .enable_all()
         .build()
         .context("starting the async runtime")?
@@ -72,7 +77,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 }
 
 async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_pinned: bool) -> Result<()> {
-    let _lock = InstanceLock::acquire(&config.control_socket)?;
+    let _lock = InstanceLock::acquire(&config.control_socket, &config.pin_dir)?;
     let listener = server::bind(&config.control_socket)?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
@@ -247,7 +252,14 @@ impl Daemon {
         // The connection table is read on a blocking thread (a million entries take seconds
         // of syscalls); its copy is swept when it arrives. At most one read at a time.
         let mut reading: Option<(u64, tokio::task::JoinHandle<Result<Vec<_>, aya::maps::MapError>>)> = None;
+        let mut period = self.sweep_period();
         loop {
+            // A reload may change the idle timeouts, and with them how often to sweep.
+            if self.sweep_period() != period {
+                period = self.sweep_period();
+                sweep = tokio::time::interval(period);
+                sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
                 _ = int.recv() => { info!("SIGINT: stopping"); return Ok(()); }

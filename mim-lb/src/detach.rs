@@ -16,10 +16,12 @@ pub fn run(args: &DetachArgs) -> Result<()> {
     let config = Config::from_file(&args.config)
         .with_context(|| format!("{} is not a valid mim-lb config", args.config.display()))?;
     // A running daemon owns the pins; refusing here beats pulling them from under it.
-    let _lock = InstanceLock::acquire(&config.control_socket)
+    let _lock = InstanceLock::acquire(&config.control_socket, &config.pin_dir)
         .context("a mim-lb daemon is running: stop it first (systemctl stop mim-lb)")?;
     let dir = &config.pin_dir;
-    if !dir.exists() {
+    let pinned = std::iter::once(LINK_PIN).chain(mim_lb_common::maps::names::ALL).any(|n| dir.join(n).exists());
+    if !pinned {
+        let _ = std::fs::remove_dir(dir);
         println!("nothing is pinned under {}: mim-lb is not attached", dir.display());
         return Ok(());
     }

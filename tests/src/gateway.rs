@@ -15,7 +15,7 @@ use mim_lb::{
 };
 
 use crate::capture::mac_to_string;
-use crate::netns::{in_netns, run_in};
+use crate::netns::{in_netns, run_in_with_env};
 use crate::process::Proc;
 use crate::Lab;
 
@@ -194,12 +194,11 @@ impl Gateway {
         self.proc.as_ref().expect("started")
     }
 
-    /// Runs `mim-lb --socket S ARGS...` in the gateway namespace and returns its stdout; a
-    /// non-zero exit is an error carrying its stderr.
+    /// Runs `mim-lb ARGS...` in the gateway namespace, pointed at this daemon's socket
+    /// (MIM_LB_SOCKET), and returns its stdout; a non-zero exit is an error carrying stderr.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
-        let mut all = vec!["--socket", self.socket.to_str().expect("utf-8 path")];
-        all.extend_from_slice(args);
-        run_in(&self.ns, mim_lb_binary().to_str().expect("utf-8 path"), &all)
+        let socket = self.socket.to_str().expect("utf-8 path");
+        run_in_with_env(&self.ns, mim_lb_binary().to_str().expect("utf-8 path"), args, &[("MIM_LB_SOCKET", socket)])
     }
 
     pub fn status(&self) -> Result<Status> {

@@ -161,8 +161,13 @@ pub(crate) fn command_line(cmd: &Command) -> String {
 /// Runs `program args...` inside `ns` to completion and returns its stdout. The error holds
 /// the namespace, the command line, the exit status and stderr.
 pub fn run_in(ns: &str, program: &str, args: &[&str]) -> Result<String> {
+    run_in_with_env(ns, program, args, &[])
+}
+
+/// [`run_in`] with extra environment variables.
+pub fn run_in_with_env(ns: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
     let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null());
+    cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null());
     enter_netns_on_spawn(&mut cmd, ns)?;
     let out = cmd
         .output()

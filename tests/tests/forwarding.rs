@@ -173,3 +173,23 @@ fn keep_pinned_keeps_forwarding_until_detach() {
     // Without the program, the gateway's own kernel answers the VIP (and refuses the port).
     assert!(in_netns(lab.client_ns(), || mim_lb_tests::tcp_ask(vip, T)).unwrap().is_err());
 }
+
+/// A second daemon on the same pins (even with another control socket) refuses to start
+/// instead of taking over the first one's maps and program.
+#[test]
+fn a_second_daemon_on_the_same_pins_refuses_to_start() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    gw.wait_all_up().unwrap();
+    let other = gw.config_path().with_file_name("second.toml");
+    let socket = gw.config_path().with_file_name("second.sock");
+    std::fs::write(&other, format!("pin_dir = \"{}\"\ncontrol_socket = \"{}\"\n{config}", gw.pin_dir().display(), socket.display())).unwrap();
+    let err = gw.ctl(&["run", "--config", other.to_str().unwrap(), "--xdp-mode", "generic"]).unwrap_err();
+    assert!(format!("{err:#}").contains("another mim-lb is running with pin_dir"), "{err:#}");
+    // The first one is unharmed.
+    assert_eq!(gw.status().unwrap().services[0].backends[0].state, "up");
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    assert_eq!(in_netns(lab.client_ns(), || tcp_ask_many(vip, 5, T)).unwrap().unwrap().len(), 5);
+}

@@ -164,7 +164,7 @@ fn cli_errors_are_clear_without_a_daemon() {
     let lab = Lab::new(LabSpec::masters(1)).unwrap();
     let socket = std::env::temp_dir().join(format!("mimlb-none-{:x}.sock", std::process::id()));
     let bin = mim_lb_tests::gateway::mim_lb_binary();
-    let err = lab.run_in(lab.gateway_ns(), bin.to_str().unwrap(), &["--socket", socket.to_str().unwrap(), "status"]).unwrap_err();
+    let err = lab.run_in(lab.gateway_ns(), bin.to_str().unwrap(), &["status", "--socket", socket.to_str().unwrap()]).unwrap_err();
     assert!(format!("{err:#}").contains("no mim-lb daemon is running"), "{err:#}");
 }
 
@@ -180,7 +180,7 @@ fn the_control_socket_refuses_other_users() {
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(&bin)
-        .args(["--socket", gw.socket().to_str().unwrap(), "status"])
+        .args(["status", "--socket", gw.socket().to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success());

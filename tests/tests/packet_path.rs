@@ -39,6 +39,7 @@ name = "udp4"
 vip = "10.0.0.100"
 port = 5353
 protocol = "udp"
+health = { port = 7000 }
 [[service.backend]]
 address = "10.0.0.11"
 mac = "02:00:00:00:00:11"

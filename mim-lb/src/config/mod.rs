@@ -179,9 +179,9 @@ impl Config {
         validate::validate(raw)
     }
 
-    /// A commented example configuration with one service and three backends.
+    /// The commented example configuration shipped in dist/ (one service, three backends).
     pub fn example() -> &'static str {
-        include_str!("example.toml")
+        include_str!("../../../dist/mim-lb.toml")
     }
 }
 

@@ -95,6 +95,8 @@ fn example_parses() {
         .map(|b| b.address.to_string())
         .collect();
     assert_eq!(addrs, ["10.0.0.11", "10.0.0.12", "10.0.0.13"]);
+    assert!(c.services[0].backends.iter().all(|b| b.mac.is_none()), "MACs come from the neighbour table");
+    assert_eq!(c.metrics_listen, Some("127.0.0.1:9469".parse().unwrap()));
 }
 
 #[test]
@@ -112,6 +114,7 @@ port = 53
 protocol = "udp"
 scheduler = "maglev-source"
 table_size = 251
+health = { check = "none" }
 
 [[service.backend]]
 address = "2001:db8::11"
@@ -367,6 +370,7 @@ name = \"udp\"
 vip = \"10.0.0.100\"
 port = 7000
 protocol = \"udp\"
+health = {{ check = \"none\" }}
 [[service]]
 name = \"v6\"
 vip = \"2001:db8::1\"
@@ -470,7 +474,7 @@ fn port_range() {
 fn protocol_and_scheduler_names() {
     let extra = |line: &str| {
         with_service(
-            &format!("name = \"s\"\nvip = \"10.0.0.100\"\nport = 1\n{line}"),
+            &format!("name = \"s\"\nvip = \"10.0.0.100\"\nport = 1\n{line}\nhealth = {{ port = 2 }}"),
             "",
         )
     };
@@ -965,10 +969,25 @@ fn service_keys_parse_and_print() {
     assert!("10.0.0.100:7000/sctp".parse::<ServiceKey>().is_err());
 }
 
+
 #[test]
-fn the_shipped_example_config_is_valid() {
-    let c = Config::parse(include_str!("../../../dist/mim-lb.toml")).unwrap();
-    assert_eq!(c.services[0].backends.len(), 3);
-    assert!(c.services[0].backends.iter().all(|b| b.mac.is_none()));
-    assert_eq!(c.metrics_listen, Some("127.0.0.1:9469".parse().unwrap()));
+fn a_udp_service_needs_a_check_that_can_see_it() {
+    let udp = |health: &str| {
+        with_service(
+            "name = \"dns\"\nvip = \"10.0.0.100\"\nport = 53\nprotocol = \"udp\"",
+            &format!("{health}\n{}", backend("10.0.0.11", "02:00:00:00:00:11")),
+        )
+    };
+    rejects(
+        &udp(""),
+        "service[0].health: a tcp check of UDP port 53 cannot see the service; set health.port to a \
+         TCP port the masters serve, or use check = \"command\" or \"none\"",
+    );
+    assert!(Config::parse(&udp("[service.health]\nport = 8053")).is_ok());
+    assert!(Config::parse(&udp("[service.health]\ncheck = \"none\"")).is_ok());
+}
+
+#[test]
+fn an_out_of_range_interval_does_not_invent_a_timeout_problem() {
+    rejects(&with_health("interval_ms = 5\ntimeout_ms = 10"), "service[0].health.interval_ms: 5 is out of range 10..=3600000");
 }

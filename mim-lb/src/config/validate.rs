@@ -205,7 +205,9 @@ fn in_range<T: TryFrom<i64> + Default>(
         return v;
     }
     p.add(key, format!("{value} is out of range {min}..={max}"));
-    T::default()
+    // The documented placeholder: `min` keeps later checks that compare values (a timeout
+    // against its interval) from reporting problems that are not there.
+    T::try_from(min).unwrap_or_default()
 }
 
 /// What the data path finds a service by.
@@ -264,6 +266,18 @@ fn service(i: usize, raw: &RawService, p: &mut Problems) -> (Service, Option<End
         None => HealthCheck::default(),
         Some(h) => health(&format!("{key}.health"), h, p),
     };
+    if protocol == Some(Protocol::Udp) && health.kind == CheckKind::Tcp && health.port.is_none() {
+        // The default check, left as it is on a UDP service, would connect over TCP to the
+        // UDP port: every master would fail it and the service would drop all traffic.
+        p.add(
+            format!("{key}.health"),
+            format!(
+                "a tcp check of UDP port {} cannot see the service; set health.port to a TCP port \
+                 the masters serve, or use check = \"command\" or \"none\"",
+                raw.port
+            ),
+        );
+    }
 
     let mut seen: HashMap<IpAddr, usize> = HashMap::new();
     let backends = raw

@@ -38,10 +38,16 @@ pub enum DataplaneError {
     #[error("pin directory {dir}: {source}")]
     PinDir { dir: PathBuf, source: std::io::Error },
     #[error(
-        "maps pinned under {dir} do not fit this version of mim-lb: {detail}. Stop every mim-lb, \
-         then remove them with `rm -r {dir}` (recorded flows are lost) and start again"
+        "maps pinned under {dir} do not fit this version or configuration of mim-lb: {detail}. \
+         The program that uses them is still forwarding. To start afresh (recorded flows are \
+         lost): `mim-lb detach --config FILE`, then start again"
     )]
     IncompatiblePins { dir: PathBuf, detail: String },
+    #[error(
+        "{0} is not on a bpf filesystem, so maps cannot be pinned there. Mount one (mount -t bpf bpf \
+         /sys/fs/bpf) or choose a pin_dir on one; note that `ip netns exec` remounts /sys without it"
+    )]
+    NotBpffs(PathBuf),
     #[error("loading the BPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
@@ -522,6 +528,17 @@ fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Da
         .map_err(|source| DataplaneError::Program { name, source })
 }
 
+/// Whether `dir` is on a bpf filesystem, the only place maps can be pinned.
+fn on_bpffs(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(c_dir) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    // SAFETY: statfs writes into `st`, which lives for the call; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c_dir.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
 /// What this build expects of each pinned map: (name, type, key size, value size, entries).
 fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize, u32); 8] {
     use core::mem::size_of;
@@ -543,6 +560,9 @@ fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize,
 fn check_pins(dir: &Path, flow_table_size: u32) -> Result<bool, DataplaneError> {
     std::fs::create_dir_all(dir)
         .map_err(|source| DataplaneError::PinDir { dir: dir.to_path_buf(), source })?;
+    if !on_bpffs(dir) {
+        return Err(DataplaneError::NotBpffs(dir.to_path_buf()));
+    }
     let expected = expected_maps(flow_table_size);
     let present: Vec<&str> =
         expected.iter().map(|e| e.0).filter(|name| dir.join(name).exists()).collect();
