@@ -21,6 +21,7 @@
 
 pub mod capture;
 pub mod client;
+pub mod demo;
 pub mod gateway;
 pub mod lab;
 pub mod master_service;
