@@ -4,6 +4,7 @@
 //! rust-src, bpf-linker, the lab's network tools) and installs what is missing, so a fresh
 //! Debian machine needs nothing but cargo before its first `cargo xtask test`.
 mod bench;
+mod bpffs;
 mod build_ebpf;
 mod lab;
 mod run;
@@ -60,7 +61,9 @@ enum Cmd {
         )]
         args: Vec<OsString>,
     },
-    /// Start the veth/bridge lab (`mim-lb-lab ARGS...`)
+    /// The demo: a lab of network namespaces with a client, a gateway running mim-lb and
+    /// masters; traffic through the VIP while a master fails and returns (`mim-lb-lab ARGS...`;
+    /// `cargo xtask lab -- --help` for its options)
     Lab {
         #[arg(
             trailing_var_arg = true,
