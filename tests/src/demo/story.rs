@@ -464,10 +464,10 @@ fn summarize(show: &Show, kill: &KillPhase, back: &ReturnPhase, end_at: Instant)
         (format!("{victim} back"), tally.counts(back.at, Some(end_at))),
     ];
     let after_kill = &phases[1].1;
+    let total = tally.counts(show.t0, Some(end_at));
     Summary {
         masters: show.names.clone(),
         killed: show.killed,
-        total: tally.counts(show.t0, Some(end_at)),
         failures_after_kill: after_kill.failed,
         failure_window: after_kill
             .first_failure
@@ -480,8 +480,9 @@ fn summarize(show: &Show, kill: &KillPhase, back: &ReturnPhase, end_at: Instant)
             (c.ok, c.failed)
         }),
         back_up_after: back.up.map(|u| u - back.at),
-        slaves: tally.slaves().clone(),
-        failure_kinds: tally.failure_kinds().clone(),
+        failure_kinds: after_kill.failure_kinds.clone(),
+        slaves: total.per_slave.clone(),
+        total,
         phases,
     }
 }

@@ -37,7 +37,7 @@ pub struct Summary {
     pub back_up_after: Option<Duration>,
     /// Greetings per slave.
     pub slaves: BTreeMap<String, u64>,
-    /// Failures by step and kind.
+    /// The failures after the kill, by step and kind.
     pub failure_kinds: BTreeMap<String, u64>,
 }
 
@@ -204,7 +204,7 @@ impl Summary {
             "back_up_after_ms": self.back_up_after.map(ms),
             "answered_after_return": self.answered_after_return(),
             "slaves": self.slaves,
-            "failure_kinds": self.failure_kinds,
+            "failure_kinds_after_kill": self.failure_kinds,
             "every_master_served": self.every_master_served(),
             "recovered": self.recovered(),
             "problems": self.problems(),

@@ -10,9 +10,10 @@ use super::traffic::{Outcome, Step};
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     started: Instant,
-    /// The master that answered (index into the tally's masters), `None` if it failed.
-    master: Option<usize>,
-    ok: bool,
+    /// Success: the master that answered (index into the tally's masters, `None` for a name
+    /// it does not know) and the slave that greeted (index into `slave_names`).
+    /// Failure: the index of its kind in `failure_names`.
+    result: Result<(Option<usize>, usize), usize>,
 }
 
 /// Counts over one time range.
@@ -23,6 +24,10 @@ pub struct Counts {
     pub failed: u64,
     /// Answers per master (same order as the tally's masters).
     pub per_master: Vec<u64>,
+    /// Greetings per slave name.
+    pub per_slave: BTreeMap<String, u64>,
+    /// Failures by step and kind, e.g. `asking the VIP: refused`.
+    pub failure_kinds: BTreeMap<String, u64>,
     pub first_failure: Option<Instant>,
     pub last_failure: Option<Instant>,
 }
@@ -32,16 +37,23 @@ pub struct Counts {
 pub struct Tally {
     masters: Vec<String>,
     entries: Vec<Entry>,
-    /// Greetings per slave name.
-    slaves: BTreeMap<String, u64>,
-    /// Failures by step and kind, e.g. `master: refused`.
-    failure_kinds: BTreeMap<String, u64>,
+    /// Names that entries refer to by index, so that an entry stays small and `Copy`.
+    slave_names: Vec<String>,
+    failure_names: Vec<String>,
+}
+
+/// The index of `name` in `names`, added if new.
+fn index_of(names: &mut Vec<String>, name: &str) -> usize {
+    names.iter().position(|n| n == name).unwrap_or_else(|| {
+        names.push(name.to_owned());
+        names.len() - 1
+    })
 }
 
 impl Tally {
     /// A tally for masters answering with these names.
     pub fn new(masters: Vec<String>) -> Tally {
-        Tally { masters, entries: Vec::new(), slaves: BTreeMap::new(), failure_kinds: BTreeMap::new() }
+        Tally { masters, entries: Vec::new(), slave_names: Vec::new(), failure_names: Vec::new() }
     }
 
     pub fn masters(&self) -> &[String] {
@@ -49,21 +61,20 @@ impl Tally {
     }
 
     pub fn record(&mut self, outcome: &Outcome) {
-        let (master, ok) = match &outcome.result {
-            Ok(reached) => {
-                *self.slaves.entry(reached.slave_name.clone()).or_default() += 1;
-                (self.masters.iter().position(|m| *m == reached.master), true)
-            }
+        let result = match &outcome.result {
+            Ok(reached) => Ok((
+                self.masters.iter().position(|m| *m == reached.master),
+                index_of(&mut self.slave_names, &reached.slave_name),
+            )),
             Err(failure) => {
                 let step = match failure.step {
                     Step::Master => "asking the VIP",
                     Step::Slave => "reaching the slave",
                 };
-                *self.failure_kinds.entry(format!("{step}: {}", failure.kind)).or_default() += 1;
-                (None, false)
+                Err(index_of(&mut self.failure_names, &format!("{step}: {}", failure.kind)))
             }
         };
-        self.entries.push(Entry { started: outcome.started, master, ok });
+        self.entries.push(Entry { started: outcome.started, result });
     }
 
     /// Requests that started in `[from, to)` (`to` open-ended if `None`).
@@ -74,15 +85,20 @@ impl Tally {
                 continue;
             }
             c.requests += 1;
-            if e.ok {
-                c.ok += 1;
-                if let Some(m) = e.master {
-                    c.per_master[m] += 1;
+            match e.result {
+                Ok((master, slave)) => {
+                    c.ok += 1;
+                    if let Some(m) = master {
+                        c.per_master[m] += 1;
+                    }
+                    *c.per_slave.entry(self.slave_names[slave].clone()).or_default() += 1;
                 }
-            } else {
-                c.failed += 1;
-                c.first_failure = Some(c.first_failure.map_or(e.started, |f| f.min(e.started)));
-                c.last_failure = Some(c.last_failure.map_or(e.started, |l| l.max(e.started)));
+                Err(kind) => {
+                    c.failed += 1;
+                    *c.failure_kinds.entry(self.failure_names[kind].clone()).or_default() += 1;
+                    c.first_failure = Some(c.first_failure.map_or(e.started, |f| f.min(e.started)));
+                    c.last_failure = Some(c.last_failure.map_or(e.started, |l| l.max(e.started)));
+                }
             }
         }
         c
@@ -99,16 +115,6 @@ impl Tally {
             || Counts { per_master: vec![0; self.masters.len()], ..Counts::default() },
             |first| self.counts(first, None),
         )
-    }
-
-    /// Greetings per slave name.
-    pub fn slaves(&self) -> &BTreeMap<String, u64> {
-        &self.slaves
-    }
-
-    /// Failures by step and kind.
-    pub fn failure_kinds(&self) -> &BTreeMap<String, u64> {
-        &self.failure_kinds
     }
 }
 
@@ -161,9 +167,11 @@ mod tests {
         let last = tally.last_second(t0 + s(5) + Duration::from_millis(1));
         assert_eq!((last.requests, last.ok), (1, 1));
 
-        assert_eq!(tally.slaves().get("slave-2"), Some(&2));
-        assert_eq!(tally.failure_kinds().get("asking the VIP: refused"), Some(&1));
-        assert_eq!(tally.failure_kinds().get("reaching the slave: refused"), Some(&1));
+        assert_eq!(all.per_slave.get("slave-2"), Some(&2));
+        assert_eq!(all.failure_kinds.get("asking the VIP: refused"), Some(&1));
+        assert_eq!(all.failure_kinds.get("reaching the slave: refused"), Some(&1));
+        assert_eq!(middle.per_slave, BTreeMap::from([("slave-1".to_owned(), 1), ("slave-2".to_owned(), 1)]));
+        assert_eq!(middle.failure_kinds, BTreeMap::from([("asking the VIP: refused".to_owned(), 1)]));
     }
 
     #[test]
