@@ -164,6 +164,12 @@ impl MasterService {
                 Err(_) => return,
             }
             if let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                // A killed service answers nothing from the moment of the kill, even if its
+                // threads take a tick to notice: so no answer comes from a request that
+                // started after it (the demo counts on that).
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
                 let request = String::from_utf8_lossy(&pending[..end]);
                 let answer = self.answer(request.trim_end_matches('\r'));
                 let _ = stream.write_all(format!("{answer}\n").as_bytes());
