@@ -296,9 +296,15 @@ fn wait_all_up(gateway: &Gateway) -> Result<()> {
     }
 }
 
+/// Prints another program's output, indented; on a terminal, cut to its width.
 fn print_indented(text: &str) {
+    let width = view::terminal_width();
     for line in text.lines() {
-        println!("        {line}");
+        let line = format!("        {line}");
+        match width {
+            Some(w) => println!("{}", view::fit(&line, w)),
+            None => println!("{line}"),
+        }
     }
 }
 
@@ -504,19 +510,20 @@ fn keep(lab: &Lab, gateway: &Gateway) -> Result<()> {
     let row = |what: &str, how: String| println!("  {what:<22} {how}");
     println!("\nThe lab keeps running (the demo's traffic has stopped). Press Ctrl-C to remove it.");
     row("enter a host", format!("ip netns exec {} bash", lab.client_ns()));
-    row(
-        "",
-        format!(
-            "(also {}, {}{})",
-            lab.gateway_ns(),
-            (0..lab.master_count()).map(|i| lab.master_ns(i)).collect::<Vec<_>>().join(", "),
-            (0..lab.slave_count()).map(|i| format!(", {}", lab.slave_ns(i))).collect::<String>()
-        ),
-    );
+    // The other namespaces differ from the client's only in the role at the end.
+    let prefix = lab.client_ns().trim_end_matches("client");
+    let others: Vec<&str> = std::iter::once(lab.gateway_ns())
+        .chain((0..lab.master_count()).map(|i| lab.master_ns(i)))
+        .chain((0..lab.slave_count()).map(|i| lab.slave_ns(i)))
+        .map(|ns| ns.trim_start_matches(prefix))
+        .collect();
+    row("", format!("(the others: {prefix}{{{}}})", others.join(",")));
+    // Both steps of a request, with nothing but bash: ask the VIP, then go to the slave.
     row(
         "ask for a slave",
         format!(
-            "ip netns exec {} bash -c 'exec 3<>/dev/tcp/{vip}/{PORT}; echo \"slave?\" >&3; cat <&3'",
+            "ip netns exec {} bash -c 'exec 3<>/dev/tcp/{vip}/{PORT}; echo \"slave?\" >&3; \
+             read -r m _ a <&3; echo \"$m: slave $a\"; exec 4<>/dev/tcp/${{a%:*}}/${{a#*:}}; head -n1 <&4'",
             lab.client_ns()
         ),
     );

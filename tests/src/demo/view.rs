@@ -44,6 +44,25 @@ pub trait LiveView {
     fn end(&mut self);
 }
 
+/// The width of the terminal on stdout, if it is one.
+pub fn terminal_width() -> Option<usize> {
+    // SAFETY: TIOCGWINSZ fills a winsize and nothing else; a zeroed one is valid.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
+    (rc == 0 && size.ws_col > 0).then_some(usize::from(size.ws_col))
+}
+
+/// `line` cut to `width` character cells, with `…` where it was cut: wrapped lines would
+/// break the layout of text meant to be read as columns.
+pub fn fit(line: &str, width: usize) -> String {
+    if line.chars().count() <= width {
+        return line.to_owned();
+    }
+    let mut cut: String = line.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
 /// The view for stdout: live on a terminal, plain otherwise.
 pub fn for_stdout(live: bool) -> Box<dyn LiveView> {
     if live { Box::new(TerminalView::default()) } else { Box::new(PlainView::new()) }
@@ -269,6 +288,13 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn long_lines_are_cut_to_fit() {
+        assert_eq!(fit("abcdef", 6), "abcdef");
+        assert_eq!(fit("abcdefg", 6), "abcde…");
+        assert_eq!(fit("ééé", 2), "é…");
     }
 
     #[test]
