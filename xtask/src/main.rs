@@ -63,7 +63,9 @@ enum Cmd {
     },
     /// The demo: a lab of network namespaces with a client, a gateway running mim-lb and
     /// masters; traffic through the VIP while a master fails and returns (`mim-lb-lab ARGS...`;
-    /// `cargo xtask lab -- --help` for its options)
+    /// `cargo xtask lab --help` for its options)
+    // Its --help is the demo's own, which lists the options.
+    #[command(disable_help_flag = true)]
     Lab {
         #[arg(
             trailing_var_arg = true,
@@ -125,6 +127,11 @@ mod tests {
             ["--config", "x.toml"]
         );
         assert_eq!(args_of(&["xtask", "lab", "up", "-v"]), ["up", "-v"]);
+        assert_eq!(
+            args_of(&["xtask", "lab", "--keep", "--masters", "5"]),
+            ["--keep", "--masters", "5"]
+        );
+        assert_eq!(args_of(&["xtask", "lab", "--help"]), ["--help"]);
         assert!(args_of(&["xtask", "bench"]).is_empty());
     }
 

@@ -18,6 +18,7 @@ use mim_lb_tests::lab::{MAX_MASTERS, MAX_SLAVES};
 #[derive(Parser)]
 #[command(
     name = "cargo xtask lab",
+    bin_name = "cargo xtask lab",
     about = "The mim-lb demo: a client, a gateway running mim-lb, masters and slaves in network \
              namespaces; traffic through the VIP while one master's service dies and comes back",
     after_help = "Examples:\n  cargo xtask lab\n  cargo xtask lab --keep\n  cargo xtask lab --masters 5 --requests-per-second 200\n  cargo xtask lab --non-interactive   (CI: plain lines, short phases)"
@@ -47,8 +48,8 @@ struct Args {
     /// How mim-lb attaches its XDP program to the gateway's interface.
     #[arg(long, value_enum, default_value_t = XdpMode::Native)]
     xdp_mode: XdpMode,
-    /// Plain lines instead of a live table, and short phases (the default when stdout is not a
-    /// terminal).
+    /// Plain lines instead of a live table, short phases, and a last line `summary-json: {...}`
+    /// for scripts (the default when stdout is not a terminal).
     #[arg(long)]
     non_interactive: bool,
 }
