@@ -1,4 +1,4 @@
-//! `cargo xtask lab -- ARGS`: the demo (`mim-lb-lab` from the test crate).
+//! `cargo xtask lab ARGS`: the demo (`mim-lb-lab` from the test crate).
 use std::ffi::OsString;
 use std::process::ExitCode;
 

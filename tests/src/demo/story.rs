@@ -134,7 +134,12 @@ fn start(lab: &mut Lab, opts: &Options) -> Result<Gateway> {
             ..ServiceSpec::tcp(lab, PORT)
         };
         let config = lab_config(lab, &[service], "");
-        Gateway::start(lab, &config, opts.mode)
+        let started = Gateway::start(lab, &config, opts.mode);
+        if opts.mode == Mode::Native {
+            started.context("starting mim-lb (if native XDP is what fails here, try --xdp-mode generic)")
+        } else {
+            started
+        }
     })?;
     println!(
         "      {} XDP on the gateway's eth0; a tcp health check of each master every {interval} ms:",

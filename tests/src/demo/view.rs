@@ -127,7 +127,8 @@ pub fn table(frame: &Frame) -> Vec<String> {
 }
 
 /// Redraws the table in place. The cursor is hidden while the table is live and shown again
-/// on [`LiveView::end`] or drop (also when the demo unwinds after Ctrl-C).
+/// on [`LiveView::end`] or drop (also when the demo unwinds after Ctrl-C). Write errors are
+/// ignored: a closed stdout must not turn into a panic while the lab is being removed.
 #[derive(Default)]
 pub struct TerminalView {
     /// Lines of the table currently on screen, below any events.
@@ -159,7 +160,7 @@ impl LiveView for TerminalView {
     fn begin(&mut self) {
         self.drawn = 0;
         self.last = None;
-        print!("\x1b[?25l");
+        show_cursor(false);
     }
 
     fn frame(&mut self, frame: &Frame) {
@@ -181,16 +182,20 @@ impl LiveView for TerminalView {
     fn end(&mut self) {
         self.drawn = 0;
         self.last = None;
-        print!("\x1b[?25h");
-        let _ = std::io::stdout().flush();
+        show_cursor(true);
     }
 }
 
 impl Drop for TerminalView {
     fn drop(&mut self) {
-        print!("\x1b[?25h");
-        let _ = std::io::stdout().flush();
+        show_cursor(true);
     }
+}
+
+fn show_cursor(show: bool) {
+    let mut out = std::io::stdout().lock();
+    let _ = write!(out, "{}", if show { "\x1b[?25h" } else { "\x1b[?25l" });
+    let _ = out.flush();
 }
 
 /// One line per second of traffic, under a header printed at the start of each phase.
