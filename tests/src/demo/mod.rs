@@ -3,6 +3,8 @@
 //! out), sends a steady stream of requests through the VIP, kills one master's service, brings
 //! it back, and shows all along what the clients saw and what mim-lb said.
 
+mod keep;
+mod show;
 pub mod signals;
 pub mod summary;
 pub mod tally;

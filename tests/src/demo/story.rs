@@ -6,14 +6,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use mim_lb::status::Status;
 
-use super::signals::{self, Interrupted};
+use super::keep::keep;
+use super::show::{STATE_CHANGE_LIMIT, Show, TICK, wait_all_up};
+use super::signals;
 use super::summary::{JSON_PREFIX, Summary};
 use super::tally::Tally;
 use super::traffic::Traffic;
-use super::view::{self, Frame, LiveView, MasterRow};
-use crate::gateway::{Gateway, Mode, ServiceSpec, lab_config, mim_lb_binary};
+use super::view;
+use crate::gateway::{Gateway, Mode, ServiceSpec, lab_config};
 use crate::{Lab, LabSpec};
 
 /// The VIP's port, where the masters answer.
@@ -21,13 +22,9 @@ pub const PORT: u16 = 7000;
 /// Where the slaves answer.
 pub const SLAVE_PORT: u16 = 9000;
 /// The service's name in mim-lb's config, as in the example config.
-const SERVICE: &str = "mim-master";
+pub const SERVICE: &str = "mim-master";
 /// Each step of a request (master, then slave) gets this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
-/// How often the live view and mim-lb's status are refreshed.
-const TICK: Duration = Duration::from_millis(50);
-/// How long mim-lb may take to mark the master down or up before the demo says it did not.
-const STATE_CHANGE_LIMIT: Duration = Duration::from_secs(10);
 /// Health checks: this many failed (passed) checks in a row mark a master down (up).
 const FALL: u32 = 2;
 const RISE: u32 = 2;
@@ -174,133 +171,6 @@ fn describe_lab(lab: &Lab) {
     println!("      masters answer clients directly, not through the gateway (direct routing)");
 }
 
-/// The live part of the demo: what the story needs while traffic flows.
-struct Show<'a> {
-    gateway: &'a Gateway,
-    traffic: Traffic,
-    tally: Tally,
-    view: Box<dyn LiveView>,
-    rate: u32,
-    /// When the traffic started: the live view's clock.
-    t0: Instant,
-    /// The masters' names and addresses (to find them in mim-lb's status).
-    names: Vec<String>,
-    addresses: Vec<IpAddr>,
-    /// The master whose service the story kills.
-    killed: usize,
-}
-
-impl Show<'_> {
-    /// Takes in finished requests, asks mim-lb for its status, and redraws.
-    fn tick(&mut self) -> Result<Status> {
-        signals::check()?;
-        for outcome in self.traffic.finished() {
-            self.tally.record(&outcome);
-        }
-        let status = self.gateway.query_status().context("asking mim-lb for its status")?;
-        let frame = self.frame(&status, Instant::now());
-        self.view.frame(&frame);
-        Ok(status)
-    }
-
-    fn backend<'s>(&self, status: &'s Status, master: usize) -> Option<&'s mim_lb::status::BackendStatus> {
-        status.services.iter().flat_map(|s| &s.backends).find(|b| b.address == self.addresses[master])
-    }
-
-    fn state(&self, status: &Status, master: usize) -> String {
-        self.backend(status, master).map_or_else(|| "?".to_owned(), |b| b.state.clone())
-    }
-
-    fn frame(&self, status: &Status, now: Instant) -> Frame {
-        let total = self.tally.counts(self.t0, None);
-        let last = self.tally.last_second(now);
-        Frame {
-            elapsed: now - self.t0,
-            rate: self.rate,
-            requests: total.requests,
-            failed: total.failed,
-            last_second_requests: last.requests,
-            last_second_failed: last.failed,
-            masters: (0..self.names.len())
-                .map(|k| MasterRow {
-                    name: self.names[k].clone(),
-                    address: self.addresses[k].to_string(),
-                    state: self.state(status, k),
-                    total: total.per_master[k],
-                    last_second: last.per_master[k],
-                })
-                .collect(),
-        }
-    }
-
-    /// Shows traffic for `duration`.
-    fn run_for(&mut self, duration: Duration) -> Result<()> {
-        let until = Instant::now() + duration;
-        while Instant::now() < until {
-            self.tick()?;
-            signals::sleep(TICK)?;
-        }
-        Ok(())
-    }
-
-    /// Shows traffic until mim-lb's status gives `master` a state for which `wanted` holds,
-    /// for at most [`STATE_CHANGE_LIMIT`] after `since`; returns when that was seen and the
-    /// status of that moment. `each` runs after every tick (for events).
-    fn run_until_state(
-        &mut self,
-        master: usize,
-        wanted: impl Fn(&str) -> bool,
-        since: Instant,
-        mut each: impl FnMut(&mut Self),
-    ) -> Result<Option<(Instant, Status)>> {
-        loop {
-            let status = self.tick()?;
-            let now = Instant::now();
-            each(self);
-            if wanted(&self.state(&status, master)) {
-                return Ok(Some((now, status)));
-            }
-            if now >= since + STATE_CHANGE_LIMIT {
-                return Ok(None);
-            }
-            signals::sleep(TICK)?;
-        }
-    }
-
-    /// A line above the live view, timed from `since`.
-    fn event(&mut self, since: Instant, text: &str) {
-        let at = Instant::now().saturating_duration_since(since);
-        self.view.event(&format!("      +{:.2} s  {text}", at.as_secs_f64()));
-    }
-
-    /// Shows mim-lb's own log line about `backend` changing state, the first one after log
-    /// line `since`. The daemon logs the change before it answers the status that showed it,
-    /// so the line is there or about to be; if it is not, there is nothing to show.
-    fn log_event(&mut self, since: usize, backend: IpAddr) {
-        let needle = format!("backend {backend} of ");
-        if let Ok(line) = self.gateway.proc().wait_for_line_since(since, &needle, Duration::from_secs(1)) {
-            // env_logger's `[time LEVEL target] ` prefix says nothing here.
-            let message = line.split_once("] ").map_or(line.as_str(), |(_, m)| m);
-            self.view.event(&format!("               mim-lb logs: {message}"));
-        }
-    }
-}
-
-/// Polls mim-lb until every master is up.
-fn wait_all_up(gateway: &Gateway) -> Result<()> {
-    let deadline = Instant::now() + STATE_CHANGE_LIMIT;
-    loop {
-        let status = gateway.query_status().context("asking mim-lb for its status")?;
-        if status.services.iter().all(|s| s.backends.iter().all(|b| b.state == "up")) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!("not every master was up after {STATE_CHANGE_LIMIT:?}:\n{}", mim_lb::status::render(&status));
-        }
-        signals::sleep(TICK)?;
-    }
-}
-
 /// Prints another program's output, indented; on a terminal, cut to its width.
 fn print_indented(text: &str) {
     let width = view::terminal_width();
@@ -316,7 +186,10 @@ fn print_indented(text: &str) {
 fn with_gateway(lab: &mut Lab, gateway: &Gateway, opts: &Options) -> Result<Summary> {
     let started = Instant::now();
     wait_all_up(gateway)?;
-    println!("      every master is up after {:.1} s; `mim-lb status` says:", started.elapsed().as_secs_f64());
+    println!(
+        "      the health checks found every master up in {:.2} s; `mim-lb status` says:",
+        started.elapsed().as_secs_f64()
+    );
     print_indented(&gateway.ctl(&["status"])?);
 
     heading(3, &format!("Traffic: {} requests/s from the client, each on new connections", opts.rate), opts.live);
@@ -500,65 +373,4 @@ fn summarize(show: &Show, kill: &KillPhase, back: &ReturnPhase, end_at: Instant)
 
 fn slave_addresses(lab: &Lab) -> Vec<SocketAddr> {
     (0..lab.slave_count()).map(|i| SocketAddr::new(lab.slave_addr4(i).into(), SLAVE_PORT)).collect()
-}
-
-/// Leaves the lab running until Ctrl-C, with what an operator needs to look around.
-fn keep(lab: &Lab, gateway: &Gateway) -> Result<()> {
-    let cli = operator_cli();
-    let socket = gateway.socket().display();
-    let pin_dir = gateway.pin_dir().display();
-    let mut maps: Vec<String> = std::fs::read_dir(gateway.pin_dir())
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    maps.sort();
-    let vip = lab.vip4();
-    let row = |what: &str, how: String| println!("  {what:<22} {how}");
-    println!("\nThe lab keeps running (the demo's traffic has stopped). Press Ctrl-C to remove it.");
-    row("enter a host", format!("ip netns exec {} bash", lab.client_ns()));
-    // The other namespaces differ from the client's only in the role at the end.
-    let prefix = lab.client_ns().trim_end_matches("client");
-    let others: Vec<&str> = std::iter::once(lab.gateway_ns())
-        .chain((0..lab.master_count()).map(|i| lab.master_ns(i)))
-        .chain((0..lab.slave_count()).map(|i| lab.slave_ns(i)))
-        .map(|ns| ns.trim_start_matches(prefix))
-        .collect();
-    row("", format!("(the others: {prefix}{{{}}})", others.join(",")));
-    // Both steps of a request, with nothing but bash: ask the VIP, then go to the slave.
-    row(
-        "ask for a slave",
-        format!(
-            "ip netns exec {} bash -c 'exec 3<>/dev/tcp/{vip}/{PORT}; echo \"slave?\" >&3; \
-             read -r m _ a <&3; echo \"$m: slave $a\"; exec 4<>/dev/tcp/${{a%:*}}/${{a#*:}}; head -n1 <&4'",
-            lab.client_ns()
-        ),
-    );
-    row("mim-lb status", format!("{cli} --socket {socket} status"));
-    row(
-        "take a master out",
-        format!("{cli} --socket {socket} disable {SERVICE} {}   (enable: the same with enable)", lab.master_addr4(0)),
-    );
-    row("unplug a master", format!("ip -n {} link set eth0 down   (and up again)", lab.master_ns(0)));
-    row("the config", gateway.config_path().display().to_string());
-    row("the XDP program", format!("ip netns exec {} bpftool net show dev eth0", lab.gateway_ns()));
-    row("its maps", format!("bpftool map dump pinned {pin_dir}/BACKENDS"));
-    row("", format!("(pinned in {pin_dir}: {})", maps.join(", ")));
-    let _ = std::io::stdout().flush();
-    loop {
-        match signals::sleep(Duration::from_secs(1)) {
-            Ok(()) => {}
-            Err(Interrupted) => return Ok(()),
-        }
-        // The lab is only useful while the daemon serves; say so if it stopped.
-        if let Ok(Some(status)) = gateway.proc().try_exit_status() {
-            anyhow::bail!("mim-lb exited ({status}):\n{}", gateway.proc().tail(20));
-        }
-    }
-}
-
-/// The mim-lb command for the operator: the real `mim-lb` binary if it was built next to this
-/// one (`cargo xtask lab` builds it), else `mim-lb-dut`, the same CLI under the test crate's name.
-fn operator_cli() -> String {
-    let dut = mim_lb_binary();
-    let real = dut.with_file_name("mim-lb");
-    if real.exists() { real } else { dut }.display().to_string()
 }
