@@ -85,7 +85,8 @@ const STEPS: usize = 6;
 
 /// Prints `[n/6] title ...`, runs `f`, and finishes the line with how long it took.
 fn step<T>(n: usize, title: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    print!("[{n}/{STEPS}] {title} ... ");
+    let gap = if n > 1 { "\n" } else { "" };
+    print!("{gap}[{n}/{STEPS}] {title} ... ");
     let _ = std::io::stdout().flush();
     let started = Instant::now();
     let value = f();
