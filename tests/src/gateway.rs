@@ -101,6 +101,39 @@ pub fn lab_config(lab: &Lab, services: &[ServiceSpec], extra: &str) -> String {
     text
 }
 
+/// Where a gateway keeps its pins: `<bpffs>/mim-lb-test-<pid hex>-<n>`.
+const PIN_PREFIX: &str = "/sys/fs/bpf/mim-lb-test-";
+
+/// Removes pin directories (and config directories) of gateways whose process is gone: a run
+/// that was killed before its `Drop` could remove them. Returns how many were removed; those
+/// of live processes are left alone.
+pub fn cleanup_stale_pins() -> Result<usize> {
+    let (bpffs, prefix) = PIN_PREFIX.rsplit_once('/').expect("an absolute path");
+    let mut removed = 0;
+    for (dir, prefix) in [(Path::new(bpffs).to_path_buf(), prefix), (std::env::temp_dir(), "mimlb-")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(owner) = name.to_str().and_then(|n| n.strip_prefix(prefix)).and_then(owner_pid) else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{owner}")).exists() {
+                std::fs::remove_dir_all(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The pid in `<pid hex>-<n>`.
+fn owner_pid(suffix: &str) -> Option<u32> {
+    let (hex, n) = suffix.split_once('-')?;
+    n.parse::<u32>().ok()?;
+    u32::from_str_radix(hex, 16).ok().filter(|pid| *pid > 0)
+}
+
 /// A running `mim-lb run` on the lab's gateway.
 pub struct Gateway {
     proc: Option<Proc>,
@@ -133,7 +166,7 @@ impl Gateway {
         let mut gw = Gateway {
             proc: None,
             ns: lab.gateway_ns().to_owned(),
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/mim-lb-test-{suffix}")),
+            pin_dir: PathBuf::from(format!("{PIN_PREFIX}{suffix}")),
             socket: dir.join("control.sock"),
             dir,
             mode,
@@ -199,6 +232,16 @@ impl Gateway {
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
         let socket = self.socket.to_str().expect("utf-8 path");
         run_in_with_env(&self.ns, mim_lb_binary().to_str().expect("utf-8 path"), args, &[("MIM_LB_SOCKET", socket)])
+    }
+
+    /// The status, asked over the control socket from this process: no CLI process per
+    /// question, for polling several times a second.
+    pub fn query_status(&self) -> Result<Status> {
+        let response = mim_lb::control::client::request(&self.socket, &mim_lb::control::protocol::Request::Status)?;
+        if !response.ok {
+            bail!("mim-lb refused to give its status: {}", response.error.unwrap_or_default());
+        }
+        response.status.context("mim-lb answered without a status")
     }
 
     pub fn status(&self) -> Result<Status> {

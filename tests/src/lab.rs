@@ -10,8 +10,9 @@ use crate::netns::{
     NS_PREFIX, create_namespaces, delete_namespaces, disable_tx_checksum, in_netns, ip_batch,
     new_lab_id, random_u64, set_sysctls,
 };
+use crate::master_service::MasterService;
 use crate::process::{Proc, terminate_all};
-use crate::servers::{ServeCounters, Served, Server, start_tcp, start_udp};
+use crate::servers::{ServeCounters, Served, Server, start_tcp, start_tcp_with, start_udp};
 
 /// The interface every host has on the lab segment, inside its own namespace.
 pub const HOST_IFNAME: &str = "eth0";
@@ -22,6 +23,8 @@ pub const BRIDGE_IFNAME: &str = "br0";
 pub const MAX_MASTERS: usize = 64;
 /// Most VIPs per family: .100 to .115.
 pub const MAX_VIPS: usize = 16;
+/// Most slave hosts a lab can have: their addresses are .201 to .216.
+pub const MAX_SLAVES: usize = 16;
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -35,11 +38,14 @@ pub struct LabSpec {
     /// Configure the masters as DR backends (VIPs on `lo`, `arp_ignore`/`arp_announce`).
     /// Without it they are plain hosts, e.g. for testing `mim-lb prepare-backend`.
     pub prepare_masters: bool,
+    /// Number of slave hosts, 0 to [`MAX_SLAVES`]: plain hosts on the segment that clients
+    /// reach directly, after a master named one of them (see [`crate::master_service`]).
+    pub slaves: usize,
 }
 
 impl Default for LabSpec {
     fn default() -> Self {
-        LabSpec { masters: 3, ipv6: true, vips: 1, prepare_masters: true }
+        LabSpec { masters: 3, ipv6: true, vips: 1, prepare_masters: true, slaves: 0 }
     }
 }
 
@@ -69,6 +75,7 @@ struct Host {
 /// - masters `.11`, `.12`, ... with the VIPs on `lo`, `arp_ignore=1`, `arp_announce=2`, so they
 ///   accept VIP traffic but never claim the VIP on the wire (plain hosts without
 ///   [`LabSpec::prepare_masters`]);
+/// - slaves, if any, `.201`, `.202`, ...: plain hosts;
 /// - every host's `eth0` has TX checksum offload off (native XDP on veth needs it).
 #[derive(Debug)]
 pub struct Lab {
@@ -77,6 +84,7 @@ pub struct Lab {
     client: Host,
     gateway: Host,
     masters: Vec<Host>,
+    slaves: Vec<Host>,
     vips4: Vec<Ipv4Addr>,
     vips6: Vec<Ipv6Addr>,
     prefix6: [u16; 4],
@@ -85,6 +93,9 @@ pub struct Lab {
     /// Running servers: (master index, port, server).
     servers: Vec<(usize, u16, Server)>,
     counters: Vec<Arc<ServeCounters>>,
+    /// Running slave servers and what each slave has served.
+    slave_servers: Vec<Server>,
+    slave_counters: Vec<Arc<ServeCounters>>,
     procs: Vec<Proc>,
 }
 
@@ -108,6 +119,9 @@ impl Lab {
         if !(1..=MAX_VIPS).contains(&spec.vips) {
             bail!("a lab needs 1 to {MAX_VIPS} VIPs, not {}", spec.vips);
         }
+        if spec.slaves > MAX_SLAVES {
+            bail!("a lab can have at most {MAX_SLAVES} slaves, not {}", spec.slaves);
+        }
         let id = new_lab_id();
         let ns = |role: &str| format!("{NS_PREFIX}{id}-{role}");
         // Labs live on separate bridges, so equal subnets would still work; distinct ones keep
@@ -127,11 +141,15 @@ impl Lab {
         let masters = (0..spec.masters)
             .map(|i| host(&format!("m{}", i + 1), format!("p-m{}", i + 1), 11 + i as u8))
             .collect();
+        let slaves = (0..spec.slaves)
+            .map(|i| host(&format!("s{}", i + 1), format!("p-s{}", i + 1), 201 + i as u8))
+            .collect();
         let mut lab = Lab {
             bridge_ns: ns("br"),
             client: host("client", "p-client".into(), 1),
             gateway: host("gw", "p-gw".into(), 2),
             masters,
+            slaves,
             vips4: (0..spec.vips).map(|k| net4(100 + k as u8)).collect(),
             vips6: if spec.ipv6 {
                 (0..spec.vips).map(|k| v6_host(prefix6, 100 + k as u16)).collect()
@@ -143,6 +161,8 @@ impl Lab {
             namespaces: Vec::new(),
             servers: Vec::new(),
             counters: Vec::new(),
+            slave_servers: Vec::new(),
+            slave_counters: (0..spec.slaves).map(|_| Arc::default()).collect(),
             procs: Vec::new(),
         };
         lab.namespaces = std::iter::once(lab.bridge_ns.clone())
@@ -154,7 +174,11 @@ impl Lab {
     }
 
     fn hosts(&self) -> impl Iterator<Item = &Host> {
-        [&self.client, &self.gateway].into_iter().chain(self.masters.iter())
+        [&self.client, &self.gateway].into_iter().chain(self.masters.iter()).chain(self.slaves.iter())
+    }
+
+    fn is_master(&self, host: &Host) -> bool {
+        self.masters.iter().any(|m| m.ns == host.ns)
     }
 
     fn build(&self, ipv6: bool, prepare_masters: bool) -> Result<()> {
@@ -207,6 +231,9 @@ impl Lab {
                 set_sysctls(&m.ns, &master_sysctls)?;
             }
         }
+        for s in &self.slaves {
+            set_sysctls(&s.ns, &host_sysctls)?;
+        }
 
         // The veths are made from the bridge namespace with their host end created directly in
         // the host's namespace, so the root namespace never sees them.
@@ -236,10 +263,10 @@ impl Lab {
             }
             let vip_dev = if h.ns == self.gateway.ns {
                 Some(HOST_IFNAME)
-            } else if h.ns == self.client.ns || !prepare_masters {
-                None
-            } else {
+            } else if prepare_masters && self.is_master(h) {
                 Some("lo")
+            } else {
+                None
             };
             if let Some(dev) = vip_dev {
                 for v in &self.vips4 {
@@ -288,6 +315,13 @@ impl Lab {
     }
     pub fn master_count(&self) -> usize {
         self.masters.len()
+    }
+    /// Namespace of slave `i` (0-based).
+    pub fn slave_ns(&self, i: usize) -> &str {
+        &self.slaves[i].ns
+    }
+    pub fn slave_count(&self) -> usize {
+        self.slaves.len()
     }
 
     /// The gateway's interface on the segment, inside [`Lab::gateway_ns`]: where the XDP
@@ -348,6 +382,9 @@ impl Lab {
     pub fn master_addr6(&self, i: usize) -> Option<Ipv6Addr> {
         self.masters[i].addr6
     }
+    pub fn slave_addr4(&self, i: usize) -> Ipv4Addr {
+        self.slaves[i].addr4
+    }
 
     pub fn client_mac(&self) -> [u8; 6] {
         self.client.mac
@@ -362,6 +399,11 @@ impl Lab {
     /// The name master `i`'s services answer with: `master-1` for `i == 0`.
     pub fn master_name(&self, i: usize) -> String {
         format!("master-{}", i + 1)
+    }
+
+    /// The name slave `i`'s service greets with: `slave-1` for `i == 0`.
+    pub fn slave_name(&self, i: usize) -> String {
+        format!("slave-{}", i + 1)
     }
 
     /// The master index for a name returned by [`Lab::master_name`].
@@ -384,6 +426,36 @@ impl Lab {
         let server = start_tcp(&self.masters[i].ns, self.master_name(i), port, Arc::clone(&self.counters[i]))?;
         self.servers.push((i, port, server));
         Ok(())
+    }
+
+    /// Starts the master service (see [`crate::master_service`]) on `port` on master `i`,
+    /// handing out `slaves`; returns once it listens. [`Lab::stop_servers`] stops it.
+    pub fn start_master_service(&mut self, i: usize, port: u16, slaves: Vec<std::net::SocketAddr>) -> Result<()> {
+        let service = Arc::new(MasterService::new(self.master_name(i), slaves));
+        let server = start_tcp_with(
+            &self.masters[i].ns,
+            &format!("mim-{port}-m{}", i + 1),
+            port,
+            Arc::clone(&self.counters[i]),
+            move |stream, stop| service.serve(stream, stop),
+        )?;
+        self.servers.push((i, port, server));
+        Ok(())
+    }
+
+    /// Starts the TCP name service on `port` on every slave: each greets with its name.
+    pub fn start_slave_servers(&mut self, port: u16) -> Result<()> {
+        for i in 0..self.slaves.len() {
+            let server =
+                start_tcp(&self.slaves[i].ns, self.slave_name(i), port, Arc::clone(&self.slave_counters[i]))?;
+            self.slave_servers.push(server);
+        }
+        Ok(())
+    }
+
+    /// What slave `i`'s service has done so far.
+    pub fn slave_served(&self, i: usize) -> Served {
+        self.slave_counters[i].snapshot()
     }
 
     /// Stops master `i`'s servers on `port` (as if the process died): the port refuses
@@ -458,7 +530,11 @@ impl Drop for Lab {
         for (_, _, s) in &self.servers {
             s.signal_stop();
         }
+        for s in &self.slave_servers {
+            s.signal_stop();
+        }
         self.servers.clear();
+        self.slave_servers.clear();
         if std::thread::panicking() {
             for p in &self.procs {
                 eprintln!("--- last output of {} ---\n{}", p.label(), p.tail(40));

@@ -21,8 +21,10 @@
 
 pub mod capture;
 pub mod client;
+pub mod demo;
 pub mod gateway;
 pub mod lab;
+pub mod master_service;
 pub mod netns;
 // Fixtures for BPF_PROG_TEST_RUN tests and the bench binary (maintained alongside the lab).
 pub mod packet;

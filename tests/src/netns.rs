@@ -193,6 +193,9 @@ pub fn ip_batch(ns: Option<&str>, lines: &[String], force: bool) -> Result<()> {
     if force {
         cmd.arg("-force");
     }
+    // Its own process group, so that a Ctrl-C meant for the lab's owner (which then removes
+    // the lab) does not also kill the `ip` that is creating or removing it.
+    cmd.process_group(0);
     cmd.args(["-batch", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

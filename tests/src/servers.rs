@@ -174,15 +174,40 @@ pub(crate) fn start_tcp(
     port: u16,
     counters: Arc<ServeCounters>,
 ) -> Result<Server> {
-    start_in(ns, &format!("tcp-{port}-{name}"), move || {
+    let thread_name = format!("tcp-{port}-{name}");
+    start_tcp_with(ns, &thread_name, port, counters, move |stream, stop| {
+        serve_tcp_conn(stream, &name, stop)
+    })
+}
+
+/// What a TCP service does with one accepted connection; it runs on a thread of its own and
+/// should return soon after `stop` is set.
+pub(crate) type ConnHandler = dyn Fn(TcpStream, &AtomicBool) + Send + Sync;
+
+/// Starts a TCP service on `[::]:port` in `ns` that runs `handler` for every connection, at
+/// most [`MAX_CONCURRENT`] at once. The accept loop is shared by every service of the lab.
+pub(crate) fn start_tcp_with(
+    ns: &str,
+    thread_name: &str,
+    port: u16,
+    counters: Arc<ServeCounters>,
+    handler: impl Fn(TcpStream, &AtomicBool) + Send + Sync + 'static,
+) -> Result<Server> {
+    let handler: Arc<ConnHandler> = Arc::new(handler);
+    start_in(ns, thread_name, move || {
         let listener = tcp_listener(port)?;
         Ok(Box::new(move |stop: Arc<AtomicBool>| {
-            serve_tcp(listener, &name, &stop, &counters)
+            serve_tcp(listener, &handler, &stop, &counters)
         }))
     })
 }
 
-fn serve_tcp(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>, counters: &Arc<ServeCounters>) {
+fn serve_tcp(
+    listener: TcpListener,
+    handler: &Arc<ConnHandler>,
+    stop: &Arc<AtomicBool>,
+    counters: &Arc<ServeCounters>,
+) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         conns.retain(|c| !c.is_finished());
@@ -209,10 +234,11 @@ fn serve_tcp(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>, counters
                 continue;
             }
             counters.tcp_open.fetch_add(1, Ordering::Relaxed);
-            let (name, stop, conn_counters) =
-                (name.to_owned(), Arc::clone(stop), Arc::clone(counters));
+            let (handler, stop, conn_counters) =
+                (Arc::clone(handler), Arc::clone(stop), Arc::clone(counters));
             let spawned = thread::Builder::new().name("tcp-conn".into()).spawn(move || {
-                serve_tcp_conn(stream, &name, &stop);
+                let _ = stream.set_nonblocking(false);
+                handler(stream, &stop);
                 conn_counters.tcp_open.fetch_sub(1, Ordering::Relaxed);
             });
             match spawned {
@@ -229,7 +255,6 @@ fn serve_tcp(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>, counters
 }
 
 fn serve_tcp_conn(mut stream: TcpStream, name: &str, stop: &AtomicBool) {
-    let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
     if stream.write_all(format!("{name}\n").as_bytes()).is_err() {
         return;

@@ -284,3 +284,40 @@ fn stale_lab_namespaces_are_removed() {
     // This process is alive, so its lab is kept.
     assert_eq!(leftover_namespaces(lab.id()).len(), 4);
 }
+
+#[test]
+fn masters_hand_out_slaves_in_turn_and_the_client_reaches_them_directly() {
+    use mim_lb_tests::master_service::{SlaveOffer, ask_for_slave, greet_slave};
+    const SLAVE_PORT: u16 = 9000;
+    let mut lab = Lab::new(LabSpec { masters: 2, slaves: 2, ..LabSpec::default() }).unwrap();
+    let slaves: Vec<SocketAddr> =
+        (0..2).map(|i| SocketAddr::new(lab.slave_addr4(i).into(), SLAVE_PORT)).collect();
+    lab.start_slave_servers(SLAVE_PORT).unwrap();
+    lab.start_master_service(0, PORT, slaves.clone()).unwrap();
+
+    // Straight to master-1 (no gateway here): it names its slaves in turn, and each slave it
+    // names greets the client, which reaches it on the segment, not through a master.
+    let master = SocketAddr::new(lab.master_addr4(0).into(), PORT);
+    let (offers, greetings) = in_netns(lab.client_ns(), || {
+        let offers: Vec<SlaveOffer> = (0..4).map(|_| ask_for_slave(master, T).unwrap()).collect();
+        let greetings: Vec<String> = offers.iter().map(|o| greet_slave(o.slave, T).unwrap()).collect();
+        (offers, greetings)
+    })
+    .unwrap();
+    let named: Vec<SocketAddr> = offers.iter().map(|o| o.slave).collect();
+    assert_eq!(named, [slaves[0], slaves[1], slaves[0], slaves[1]]);
+    assert!(offers.iter().all(|o| o.master == "master-1"), "{offers:?}");
+    assert_eq!(greetings, ["slave-1", "slave-2", "slave-1", "slave-2"]);
+    assert_eq!(lab.slave_served(0).tcp_accepted, 2);
+
+    // Slaves are plain hosts: the VIP is the masters' and the gateway's only.
+    let lo = lab.run_in(lab.slave_ns(0), "ip", &["-o", "addr", "show", "dev", "lo"]).unwrap();
+    assert!(!lo.contains(&lab.vip4().to_string()), "a slave holds the VIP: {lo}");
+    let lo = lab.run_in(lab.master_ns(0), "ip", &["-o", "addr", "show", "dev", "lo"]).unwrap();
+    assert!(lo.contains(&lab.vip4().to_string()), "the master lacks the VIP: {lo}");
+
+    // A stopped master service refuses, as a dead process's port does.
+    assert_eq!(lab.stop_servers(0, PORT), 1);
+    let err = in_netns(lab.client_ns(), || ask_for_slave(master, T).unwrap_err()).unwrap();
+    assert_eq!(err.kind(), "refused", "{err}");
+}

@@ -4,6 +4,7 @@
 //! rust-src, bpf-linker, the lab's network tools) and installs what is missing, so a fresh
 //! Debian machine needs nothing but cargo before its first `cargo xtask test`.
 mod bench;
+mod bpffs;
 mod build_ebpf;
 mod lab;
 mod run;
@@ -60,7 +61,11 @@ enum Cmd {
         )]
         args: Vec<OsString>,
     },
-    /// Start the veth/bridge lab (`mim-lb-lab ARGS...`)
+    /// The demo: a lab of network namespaces with a client, a gateway running mim-lb and
+    /// masters; traffic through the VIP while a master fails and returns (`mim-lb-lab ARGS...`;
+    /// `cargo xtask lab --help` for its options)
+    // Its --help is the demo's own, which lists the options.
+    #[command(disable_help_flag = true)]
     Lab {
         #[arg(
             trailing_var_arg = true,
@@ -122,6 +127,11 @@ mod tests {
             ["--config", "x.toml"]
         );
         assert_eq!(args_of(&["xtask", "lab", "up", "-v"]), ["up", "-v"]);
+        assert_eq!(
+            args_of(&["xtask", "lab", "--keep", "--masters", "5"]),
+            ["--keep", "--masters", "5"]
+        );
+        assert_eq!(args_of(&["xtask", "lab", "--help"]), ["--help"]);
         assert!(args_of(&["xtask", "bench"]).is_empty());
     }
 

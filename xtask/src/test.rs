@@ -11,10 +11,10 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::bpffs::{self, BPFFS};
 use crate::{setup, util};
 
 const NETNS_PREFIX: &str = "mimlb-";
-const BPFFS: &str = "/sys/fs/bpf";
 const PIN_PREFIX: &str = "mim-lb-test-";
 
 /// The owner pid in a lab namespace name `mimlb-<pidhex>-...`.
@@ -39,14 +39,6 @@ pub fn parse_netns_list(output: &str) -> Vec<&str> {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect()
-}
-
-/// Whether `/proc/self/mounts` has a bpf filesystem on `/sys/fs/bpf`.
-pub fn bpffs_mounted(mounts: &str) -> bool {
-    mounts.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.get(1) == Some(&BPFFS) && f.get(2) == Some(&"bpf")
-    })
 }
 
 fn alive(pid: u32) -> bool {
@@ -104,18 +96,6 @@ fn remove_stale() -> Result<Cleaned> {
     Ok(cleaned)
 }
 
-/// The tests pin maps under /sys/fs/bpf, which some machines leave unmounted.
-fn ensure_bpffs() -> Result<()> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    if bpffs_mounted(&mounts) {
-        return Ok(());
-    }
-    println!("xtask test: {BPFFS} is not a bpf filesystem; mounting one");
-    util::run(util::command("mount").args(["-t", "bpf", "bpf", BPFFS]))
-        .context("mounting bpffs (the tests pin maps there)")
-}
-
 extern "C" fn ignore_signal(_: libc::c_int) {}
 
 /// Keeps Ctrl-C from ending xtask before the post-run cleanup, while the test processes (which
@@ -139,7 +119,7 @@ pub fn main(args: Vec<OsString>) -> Result<ExitCode> {
         );
     }
     setup::ensure()?;
-    ensure_bpffs()?;
+    bpffs::ensure("the test suite")?;
     let before = remove_stale().context("removing leftovers of earlier test runs")?;
 
     let started = Instant::now();
@@ -198,15 +178,6 @@ mod tests {
             parse_netns_list(out),
             ["mimlb-1f40-client", "mimlb-1f40-bridge", "blue"]
         );
-    }
-
-    #[test]
-    fn bpffs_detection() {
-        let sysfs_only = "sysfs /sys sysfs rw,relatime 0 0\n";
-        assert!(!bpffs_mounted(sysfs_only));
-        let with_bpf = "sysfs /sys sysfs rw 0 0\nbpf /sys/fs/bpf bpf rw,relatime,mode=700 0 0\n";
-        assert!(bpffs_mounted(with_bpf));
-        assert!(!bpffs_mounted("bpf /mnt/bpf bpf rw 0 0\n"));
     }
 
     #[test]

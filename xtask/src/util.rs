@@ -166,6 +166,18 @@ pub fn exec(cmd: &mut Command) -> anyhow::Error {
     anyhow::Error::new(err).context(format!("could not run `{}`", describe(cmd)))
 }
 
+/// Where cargo puts build output; CARGO_TARGET_DIR or the config can move it away from
+/// `<workspace>/target`.
+pub fn target_directory() -> Result<PathBuf> {
+    let json = stdout_of(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
+    let metadata: serde_json::Value =
+        serde_json::from_str(&json).context("parsing `cargo metadata` output")?;
+    let dir = metadata["target_directory"]
+        .as_str()
+        .context("`cargo metadata` output has no target_directory")?;
+    Ok(PathBuf::from(dir))
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }

@@ -1,0 +1,206 @@
+//! `cargo xtask lab`, the demo, run as CI runs it: the real `mim-lb-lab` binary, plain output.
+//! It must tell its story to the end (every master served, clients recovered after the kill),
+//! and leave nothing behind, also when Ctrl-C stops it halfway.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The whole demo takes about 12 s; this leaves room for a loaded machine.
+const RUN_LIMIT: Duration = Duration::from_secs(90);
+/// Cleanup after Ctrl-C: stopping mim-lb (it removes its pins) and deleting namespaces.
+const CLEANUP_LIMIT: Duration = Duration::from_secs(20);
+
+/// The demo process, with its stdout read line by line. Dropping it (when a test fails) stops
+/// the demo the way a user would, so that its lab is removed anyway.
+struct Demo {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Demo {
+    fn start(args: &[&str]) -> Demo {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mim-lb-lab"))
+            .arg("--non-interactive")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting mim-lb-lab");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for (stream, tx) in [(Box::new(stdout) as Box<dyn std::io::Read + Send>, tx.clone()), (Box::new(stderr), tx)] {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Demo { child, lines, seen: Vec::new() }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn output(&self) -> String {
+        self.seen.join("\n")
+    }
+
+    /// Waits until a line for which `wanted` holds has been printed, and returns it.
+    fn wait_for_line(&mut self, what: &str, timeout: Duration, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if wanted(&line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("no {what} within {timeout:?}; output:\n{}", self.output()),
+                Err(RecvTimeoutError::Disconnected) => panic!("the demo ended without {what}; output:\n{}", self.output()),
+            }
+        }
+    }
+
+    /// Waits for the process to exit and for the rest of its output.
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the demo still runs after {timeout:?}; output:\n{}", self.output());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // Both pipes close with the process (its children do not hold them: they have pipes of
+        // their own), so the rest comes at once.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        status
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + CLEANUP_LIMIT;
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Everything of the demo with this pid that could outlive it: namespaces, pin directories,
+/// the gateway's config directory, and processes (the daemon) started for it.
+fn leftovers(pid: u32) -> Vec<String> {
+    let tag = format!("{pid:x}-");
+    let mut found = Vec::new();
+    let netns = Command::new("ip").args(["netns", "list"]).output().expect("running ip netns list");
+    for line in String::from_utf8_lossy(&netns.stdout).lines() {
+        if line.starts_with(&format!("mimlb-{tag}")) {
+            found.push(format!("namespace {line}"));
+        }
+    }
+    for (dir, prefix) in [("/sys/fs/bpf", "mim-lb-test-"), ("/tmp", "mimlb-")] {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{prefix}{tag}")) {
+                found.push(format!("{dir}/{name}"));
+            }
+        }
+    }
+    // The daemon's command line names its config file in /tmp/mimlb-<pid>-<n>/.
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&format!("/mimlb-{tag}")) {
+            found.push(format!("process {}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+#[test]
+fn the_demo_tells_its_story_and_leaves_nothing_behind() {
+    let mut demo = Demo::start(&[]);
+    let pid = demo.pid();
+    let json_line = demo.wait_for_line("summary-json line", RUN_LIMIT, |l| l.starts_with("summary-json: "));
+    let status = demo.wait_exit(CLEANUP_LIMIT);
+    let output = demo.output();
+    assert!(status.success(), "the demo exited with {status}; output:\n{output}");
+
+    let summary: Value = serde_json::from_str(json_line.trim_start_matches("summary-json: ")).unwrap();
+    assert_eq!(summary["problems"], Value::Array(vec![]), "{output}");
+    // Every master answered while all were up, and the killed one again after its return.
+    let masters = summary["masters"].as_array().unwrap();
+    assert_eq!(masters.len(), 3);
+    let all_up = &summary["phases"][0];
+    for m in masters {
+        let n = all_up["per_master"][m.as_str().unwrap()].as_u64().unwrap();
+        assert!(n > 0, "{m} answered nothing while every master was up: {summary}");
+    }
+    assert_eq!(summary["every_master_served"], true);
+    assert!(summary["answered_after_return"].as_u64().unwrap() > 0, "{summary}");
+    // The dead service answered nothing after the kill: the clients' answers are real.
+    assert_eq!(summary["phases"][1]["per_master"]["master-2"], 0, "{summary}");
+    // mim-lb noticed, after which every request succeeded.
+    assert!(summary["detected_after_ms"].as_u64().is_some(), "{summary}");
+    assert!(summary["down_reason"].as_str().unwrap().contains("tcp check"), "{summary}");
+    assert_eq!(summary["after_detection"]["failed"], 0, "{summary}");
+    assert!(summary["after_detection"]["ok"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(summary["recovered"], true);
+    // Every answer led to a slave that greeted back: ok requests are complete paths.
+    let greeted: u64 = summary["slaves"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(greeted, summary["ok"].as_u64().unwrap(), "{summary}");
+
+    // The human side shows the same story.
+    assert!(output.contains("mim-lb marks master-2 down"), "{output}");
+    assert!(output.contains("`mim-lb status` when it noticed:"), "{output}");
+    assert!(output.contains("Removing the lab"), "{output}");
+    let left = leftovers(pid);
+    assert!(left.is_empty(), "the demo left behind:\n{}", left.join("\n"));
+}
+
+/// A per-second line of the plain view with traffic in it: `   2.0s     50       0  ...`.
+fn is_traffic_row(line: &str) -> bool {
+    let mut words = line.split_whitespace();
+    let time = words.next().and_then(|w| w.strip_suffix('s')).and_then(|t| t.parse::<f64>().ok());
+    let requests = words.next().and_then(|w| w.parse::<u64>().ok());
+    time.is_some() && requests.is_some_and(|n| n > 0)
+}
+
+#[test]
+fn ctrl_c_in_the_middle_removes_the_lab() {
+    let mut demo = Demo::start(&[]);
+    let pid = demo.pid();
+    demo.wait_for_line("line showing traffic", Duration::from_secs(60), is_traffic_row);
+    // While it runs, the lab is there: the check below would see leftovers if it stayed.
+    assert!(!leftovers(pid).is_empty(), "no lab while traffic flows?");
+
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+    let status = demo.wait_exit(CLEANUP_LIMIT);
+    let output = demo.output();
+    assert_eq!(status.code(), Some(130), "exit status {status}; output:\n{output}");
+    assert!(output.contains("Interrupted: removing the lab"), "{output}");
+    assert!(!output.contains("summary-json"), "an interrupted demo has no summary:\n{output}");
+    let left = leftovers(pid);
+    assert!(left.is_empty(), "the demo left behind:\n{}", left.join("\n"));
+}
