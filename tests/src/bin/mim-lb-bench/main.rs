@@ -3,13 +3,16 @@
 //!
 //! - per-packet: the real XDP program under BPF_PROG_TEST_RUN against a floor program (and
 //!   reference variants), every path proven by the program's counters;
-//! - rebuild: the control plane's Maglev build and table write, and a one-master health flip.
+//! - rebuild: the control plane's Maglev build and table write, and a one-master health flip;
+//! - failover: the real daemon in the namespace lab, a master killed under a stream of new
+//!   connections, and restarted.
 //!
 //! Benchmarks report; they never fail on a timing. They fail only when a measurement cannot
 //! be trusted (a run took another path than the one it claims to measure) or cannot be made.
 //! Everything they create (labs, daemons, pins) is removed on the way out, also on error or
 //! Ctrl-C.
 
+mod failover;
 mod interrupt;
 mod per_packet;
 mod rebuild;
@@ -26,13 +29,14 @@ use serde_json::json;
 enum Bench {
     PerPacket,
     Rebuild,
+    Failover,
 }
 
 #[derive(Parser)]
-#[command(about = "mim-lb benchmarks: per-packet cost, table rebuild")]
+#[command(about = "mim-lb benchmarks: per-packet cost, table rebuild, failover time")]
 struct Args {
     /// Which benchmarks to run (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild"])]
+    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "failover"])]
     only: Vec<Bench>,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -64,6 +68,31 @@ struct Args {
     #[arg(long, default_value_t = 50_000)]
     sweep_flows: u32,
 
+    /// Failover rounds (kill + restart of one master each).
+    #[arg(long, default_value_t = 5)]
+    failover_rounds: usize,
+    /// Health check interval in the failover lab (ms).
+    #[arg(long, default_value_t = 100)]
+    interval_ms: u64,
+    /// Health check timeout in the failover lab (ms).
+    #[arg(long, default_value_t = 100)]
+    timeout_ms: u64,
+    /// Failed checks in a row that take a master down.
+    #[arg(long, default_value_t = 2)]
+    fall: u32,
+    /// Passed checks in a row that bring a master back.
+    #[arg(long, default_value_t = 2)]
+    rise: u32,
+    /// Masters in the failover lab.
+    #[arg(long, default_value_t = 3)]
+    masters: usize,
+    /// How long the client keeps connecting after the master is reported down, and after it
+    /// is back, to see that no failure follows (ms).
+    #[arg(long, default_value_t = 1000)]
+    settle_ms: u64,
+    /// Attach in native (driver) mode in the failover lab instead of generic.
+    #[arg(long)]
+    native: bool,
 }
 
 fn main() -> ExitCode {
@@ -84,6 +113,9 @@ fn run(args: &Args) -> Result<()> {
         settings: json!({
             "repeat": args.repeat, "runs": args.runs, "new_flows": args.new_flows,
             "rebuild_backends": args.rebuild_backends, "rebuild_runs": args.rebuild_runs, "sweep_flows": args.sweep_flows,
+            "failover_rounds": args.failover_rounds, "interval_ms": args.interval_ms,
+            "timeout_ms": args.timeout_ms, "fall": args.fall, "rise": args.rise,
+            "masters": args.masters, "settle_ms": args.settle_ms, "native": args.native,
         }),
         sections: Vec::new(),
     };
@@ -98,6 +130,20 @@ fn run(args: &Args) -> Result<()> {
     if wants(Bench::Rebuild) {
         eprintln!("mim-lb-bench: table rebuild ...");
         report.sections.push(rebuild::measure(args.rebuild_backends, args.rebuild_runs, args.sweep_flows)?);
+    }
+    if wants(Bench::Failover) {
+        eprintln!("mim-lb-bench: failover ...");
+        let settings = failover::Settings {
+            rounds: args.failover_rounds,
+            interval_ms: args.interval_ms,
+            timeout_ms: args.timeout_ms,
+            rise: args.rise,
+            fall: args.fall,
+            masters: args.masters,
+            settle_ms: args.settle_ms,
+            native: args.native,
+        };
+        report.sections.push(failover::measure(&settings)?);
     }
     report.machine.finish();
 
