@@ -54,6 +54,11 @@ struct Args {
     /// Distinct new flows measured one run each.
     #[arg(long, default_value_t = 20_000)]
     new_flows: u32,
+    /// Turn the kernel's BPF run-time statistics on while measuring per-packet cost (what
+    /// `kernel.bpf_stats_enabled=1` or a profiler does: two clock reads per program run), to
+    /// compare with numbers taken that way. Off by default: it is not how packets are served.
+    #[arg(long)]
+    bpf_stats: bool,
     /// Save `bpftool prog dump xlated ... linum` of every measured program in this directory.
     #[arg(long, value_name = "DIR")]
     dump_xlated: Option<PathBuf>,
@@ -111,7 +116,7 @@ fn run(args: &Args) -> Result<()> {
     let mut report = report::Report {
         machine: report::Machine::probe(),
         settings: json!({
-            "repeat": args.repeat, "runs": args.runs, "new_flows": args.new_flows,
+            "repeat": args.repeat, "runs": args.runs, "new_flows": args.new_flows, "bpf_stats": args.bpf_stats,
             "rebuild_backends": args.rebuild_backends, "rebuild_runs": args.rebuild_runs, "sweep_flows": args.sweep_flows,
             "failover_rounds": args.failover_rounds, "interval_ms": args.interval_ms,
             "timeout_ms": args.timeout_ms, "fall": args.fall, "rise": args.rise,
@@ -123,7 +128,17 @@ fn run(args: &Args) -> Result<()> {
     if wants(Bench::PerPacket) {
         eprintln!("mim-lb-bench: per-packet cost ...");
         let settings = per_packet::Settings { repeat: args.repeat, runs: args.runs, new_flows: args.new_flows };
-        let (packets, sizes) = per_packet::measure(&settings, args.dump_xlated.as_deref())?;
+        // Held while measuring: the kernel keeps the statistics on while the fd is open.
+        let stats = if args.bpf_stats {
+            Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("turning BPF run-time statistics on")?)
+        } else {
+            None
+        };
+        let (mut packets, sizes) = per_packet::measure(&settings, args.dump_xlated.as_deref())?;
+        if stats.is_some() {
+            packets.title += " with BPF run-time statistics on";
+        }
+        drop(stats);
         report.sections.push(packets);
         report.sections.push(sizes);
     }
