@@ -523,8 +523,8 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
         rerecord.ns("mim-lb")
     ));
     notes.push(format!(
-        "A packet on a changed slot reads the clock (bpf_ktime_get_ns) on every packet, a flow being recorded once more: the floor plus that read costs {:.1} ns \
-         ({:.1} ns over the floor); with bpf_ktime_get_coarse_ns instead {:.1} ns ({:.1} ns over).",
+        "A packet on a changed slot reads the clock on every packet, a flow being recorded once more; mim-lb reads the tick-resolution clock \
+         (bpf_ktime_get_coarse_ns): the floor plus one such read costs {2:.1} ns ({3:.1} ns over the floor), the floor plus one bpf_ktime_get_ns {0:.1} ns ({1:.1} ns over).",
         lookup.ns("clock"),
         lookup.ns("clock") - lookup.ns("floor"),
         lookup.ns("clock_coarse"),
