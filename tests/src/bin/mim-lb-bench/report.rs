@@ -57,14 +57,16 @@ impl Machine {
                 .and_then(|l| l.split(':').nth(1))
                 .map(|v| v.trim().to_string())
         };
-        let cpu = field("model name").unwrap_or_else(|| "unknown CPU".into());
+        let mut cpu = field("model name").unwrap_or_else(|| "unknown CPU".into());
+        if let (Some(family), Some(model)) = (field("cpu family"), field("model")) {
+            cpu += &format!(" (family {family}, model {model}");
+            if let Some(mhz) = field("cpu MHz") {
+                cpu += &format!(", {:.0} MHz", mhz.parse::<f64>().unwrap_or(0.0));
+            }
+            cpu += ")";
+        }
         let flags = field("flags").unwrap_or_default();
-        let hypervisor = flags.split_whitespace().any(|f| f == "hypervisor").then(|| {
-            // The vendor is only in dmesg or CPUID; the flag alone says "a virtual machine".
-            std::fs::read_to_string("/sys/hypervisor/type")
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "virtual machine".into())
-        });
+        let hypervisor = flags.split_whitespace().any(|f| f == "hypervisor").then(hypervisor_vendor);
         Machine {
             cpu,
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -114,6 +116,22 @@ impl Machine {
             "started": self.started,
         })
     }
+}
+
+/// The hypervisor's CPUID signature (e.g. "KVMKVMKVM"), or just "virtual machine".
+fn hypervisor_vendor() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // CPUID leaf 0x40000000 is reserved for hypervisors; the "hypervisor" CPU flag says one
+        // is there to answer it.
+        let r = core::arch::x86_64::__cpuid(0x4000_0000);
+        let bytes: Vec<u8> = [r.ebx, r.ecx, r.edx].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let name = String::from_utf8_lossy(&bytes).trim_matches(char::from(0)).trim().to_string();
+        if !name.is_empty() {
+            return format!("virtual machine, hypervisor signature {name}");
+        }
+    }
+    "virtual machine".into()
 }
 
 fn read_trimmed(path: &str) -> String {
