@@ -182,7 +182,8 @@ pub struct FlowEntry {
     /// still have live flows without recomputing hashes.
     pub slot: u32,
     pub _pad0: u32,
-    /// `bpf_ktime_get_ns` when the flow was recorded or last seen on a changed slot.
+    /// `CLOCK_MONOTONIC` (read with `bpf_ktime_get_coarse_ns`: the kernel tick's resolution)
+    /// when the flow was recorded or last seen on a changed slot.
     pub last_seen_ns: u64,
 }
 

@@ -75,9 +75,13 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
     let choice = select::choose(ctx, service, &packet)?;
 
     let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
+    // Through locals: copied straight from a map value into the packet, the compiler cannot
+    // rule out an overlap and emits memmove, which the BPF target turns into a call to a
+    // byte-by-byte loop (twice per forwarded packet). From the stack it is a plain copy.
+    let (master_mac, gateway_mac) = (choice.backend.mac, globals.gateway_mac);
     unsafe {
-        (*eth).dst_addr = choice.backend.mac;
-        (*eth).src_addr = globals.gateway_mac;
+        (*eth).dst_addr = master_mac;
+        (*eth).src_addr = gateway_mac;
     }
     if !simulating() {
         stats::count_forward(service.service_id, choice.backend_id, bytes, choice.new_flow);

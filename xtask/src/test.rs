@@ -46,12 +46,12 @@ fn alive(pid: u32) -> bool {
 }
 
 #[derive(Default)]
-struct Cleaned {
+pub(crate) struct Cleaned {
     netns: usize,
     pin_dirs: usize,
 }
 
-fn remove_stale() -> Result<Cleaned> {
+pub(crate) fn remove_stale() -> Result<Cleaned> {
     let mut cleaned = Cleaned::default();
 
     let list = util::stdout_of(util::command("ip").args(["netns", "list"]))?;
@@ -101,7 +101,7 @@ extern "C" fn ignore_signal(_: libc::c_int) {}
 /// Keeps Ctrl-C from ending xtask before the post-run cleanup, while the test processes (which
 /// get the same Ctrl-C from the terminal) still die of it: a handler, unlike SIG_IGN, is reset
 /// to the default by exec, so children do not inherit it.
-fn survive_interrupts() {
+pub(crate) fn survive_interrupts() {
     // SAFETY: the handler does nothing, so it is async-signal-safe.
     unsafe {
         libc::signal(

@@ -1,23 +1,168 @@
-//! The benchmark's floor: the least an XDP forwarder can do (swap the MACs, XDP_TX). Loaded
-//! next to mim-lb in `cargo xtask bench`, so each run measures its own floor.
+//! The benchmark's floor and reference variants, loaded next to mim-lb in `cargo xtask bench`
+//! so that each run measures its own baselines. None of these is ever attached.
+//!
+//! - `bench_floor`: the least an XDP forwarder can do (swap the MACs, XDP_TX).
+//! - `bench_hashes`: the floor plus exactly the two hashes mim-lb computes for an established
+//!   IPv4 TCP packet (the service-index slot and the flow hash, from `mim_lb_common::hash`),
+//!   on the packet's own fields. It shows how much of mim-lb's cost is hashing.
+//! - `bench_service_hash`: the floor plus only the service-index slot hash (what a packet
+//!   that is not for a service pays for besides parsing and one array lookup).
+//! - `bench_clock`, `bench_clock_coarse`: the floor plus one `bpf_ktime_get_ns` (what mim-lb
+//!   reads when it records a flow or sees a packet on a changed slot), or one
+//!   `bpf_ktime_get_coarse_ns` instead, writing the time into the frame.
+//! - `bench_hashes_v4`: the floor plus the same mixing steps over only the words an IPv4
+//!   packet really has (no zero address words). It is not mim-lb's hash (its values differ);
+//!   it only measures what hashing fewer words would cost.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
+use mim_lb_common::{FAMILY_V4, PROTO_TCP, hash};
 
-#[xdp]
-pub fn bench_floor(ctx: XdpContext) -> u32 {
-    let start = ctx.data();
-    if start + 12 > ctx.data_end() {
-        return 2; // XDP_PASS
-    }
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+/// The upper address words of an IPv4 packet (zero), read at run time the way mim-lb sees
+/// them after its parser merged the IPv4 and IPv6 paths, so the compiler cannot fold them.
+#[unsafe(no_mangle)]
+static UPPER_WORDS: [u32; 3] = [0; 3];
+
+#[inline(always)]
+fn swap_macs(start: usize) {
     let mac = start as *mut [u8; 6];
     unsafe {
         let dst = *mac;
         *mac = *mac.add(1);
         *mac.add(1) = dst;
     }
-    3 // XDP_TX
+}
+
+#[xdp]
+pub fn bench_floor(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + 12 > ctx.data_end() {
+        return XDP_PASS;
+    }
+    swap_macs(start);
+    XDP_TX
+}
+
+/// Ethernet + IPv4 without options + the TCP ports: (src, dst, sport, dport), wire order.
+#[inline(always)]
+fn ipv4_tcp(ctx: &XdpContext) -> Option<(u32, u32, u16, u16)> {
+    let start = ctx.data();
+    if start + 14 + 20 + 4 > ctx.data_end() {
+        return None;
+    }
+    unsafe {
+        let src = core::ptr::read_unaligned((start + 26) as *const u32);
+        let dst = core::ptr::read_unaligned((start + 30) as *const u32);
+        let sport = core::ptr::read_unaligned((start + 34) as *const u16);
+        let dport = core::ptr::read_unaligned((start + 36) as *const u16);
+        Some((src, dst, sport, dport))
+    }
+}
+
+#[inline(always)]
+fn upper_words() -> [u32; 3] {
+    unsafe { core::ptr::read_volatile(&UPPER_WORDS) }
+}
+
+/// Mixes the hashes into the frame's destination MAC so that they are computed, then swaps.
+#[inline(always)]
+fn use_and_swap(start: usize, a: u32, b: u32) {
+    unsafe {
+        let p = start as *mut [u8; 4];
+        let v = u32::from_ne_bytes(*p) ^ a ^ b;
+        *p = v.to_ne_bytes();
+    }
+    swap_macs(start);
+}
+
+#[xdp]
+pub fn bench_hashes(ctx: XdpContext) -> u32 {
+    let Some((src, dst, sport, dport)) = ipv4_tcp(&ctx) else {
+        return XDP_PASS;
+    };
+    let up = upper_words();
+    let src = [src, up[0], up[1], up[2]];
+    let dst = [dst, up[0], up[1], up[2]];
+    let slot = hash::service_slot(up[0], &dst, dport, PROTO_TCP, FAMILY_V4);
+    let flow = hash::flow_hash(&src, &dst, sport, dport, PROTO_TCP);
+    use_and_swap(ctx.data(), slot, flow);
+    XDP_TX
+}
+
+#[xdp]
+pub fn bench_service_hash(ctx: XdpContext) -> u32 {
+    let Some((_, dst, _, dport)) = ipv4_tcp(&ctx) else {
+        return XDP_PASS;
+    };
+    let up = upper_words();
+    let dst = [dst, up[0], up[1], up[2]];
+    let slot = hash::service_slot(up[0], &dst, dport, PROTO_TCP, FAMILY_V4);
+    use_and_swap(ctx.data(), slot, 0);
+    XDP_TX
+}
+
+#[xdp]
+pub fn bench_clock(ctx: XdpContext) -> u32 {
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    clock_into_frame(&ctx, now)
+}
+
+#[xdp]
+pub fn bench_clock_coarse(ctx: XdpContext) -> u32 {
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    clock_into_frame(&ctx, now)
+}
+
+#[inline(always)]
+fn clock_into_frame(ctx: &XdpContext, now: u64) -> u32 {
+    let start = ctx.data();
+    if start + 12 > ctx.data_end() {
+        return XDP_PASS;
+    }
+    use_and_swap(start, now as u32, 0);
+    XDP_TX
+}
+
+/// MurmurHash3's block step, as in `mim_lb_common::hash` (private there).
+#[inline(always)]
+fn block(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+/// MurmurHash3's finalisation, as in `mim_lb_common::hash`.
+#[inline(always)]
+fn finish(h: u32, len_words: u32) -> u32 {
+    let mut h = h ^ (len_words * 4);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[xdp]
+pub fn bench_hashes_v4(ctx: XdpContext) -> u32 {
+    let Some((src, dst, sport, dport)) = ipv4_tcp(&ctx) else {
+        return XDP_PASS;
+    };
+    let seed = upper_words()[0];
+    // The same steps over the words an IPv4 packet has: 2 blocks for the slot (address,
+    // port/proto/family) instead of 5, and 4 for the flow (addresses, ports, protocol)
+    // instead of 10.
+    let extra = (u32::from(u16::from_be(dport)) << 16) | (u32::from(PROTO_TCP) << 8) | u32::from(FAMILY_V4);
+    let slot = finish(block(block(seed, u32::from_be(dst)), extra), 2);
+    let ports = (u32::from(u16::from_be(sport)) << 16) | u32::from(u16::from_be(dport));
+    let mut flow = block(hash::FLOW_SEED, u32::from_be(src));
+    flow = block(flow, u32::from_be(dst));
+    flow = block(flow, ports);
+    flow = block(flow, u32::from(PROTO_TCP));
+    use_and_swap(ctx.data(), slot, finish(flow, 4));
+    XDP_TX
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,174 @@
+//! `cargo xtask bench`: what mim-lb costs and how fast it reacts, each number next to a
+//! baseline measured in the same run.
+//!
+//! - per-packet: the real XDP program under BPF_PROG_TEST_RUN against a floor program (and
+//!   reference variants), every path proven by the program's counters;
+//! - rebuild: the control plane's Maglev build and table write, and a one-master health flip;
+//! - failover: the real daemon in the namespace lab, a master killed under a stream of new
+//!   connections, and restarted.
+//!
+//! Benchmarks report; they never fail on a timing. They fail only when a measurement cannot
+//! be trusted (a run took another path than the one it claims to measure) or cannot be made.
+//! Everything they create (labs, daemons, pins) is removed on the way out, also on error or
+//! Ctrl-C.
+
+mod failover;
+mod interrupt;
+mod per_packet;
+mod rebuild;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Bench {
+    PerPacket,
+    Rebuild,
+    Failover,
+}
+
+#[derive(Parser)]
+#[command(about = "mim-lb benchmarks: per-packet cost, table rebuild, failover time")]
+struct Args {
+    /// Which benchmarks to run (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "failover"])]
+    only: Vec<Bench>,
+    /// Write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write the report as Markdown to this file.
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
+
+    /// Program runs per per-packet measurement (BPF_PROG_TEST_RUN repeat).
+    #[arg(long, default_value_t = 2_000_000)]
+    repeat: u32,
+    /// Measurements (rounds) per per-packet case; medians are reported.
+    #[arg(long, default_value_t = 9)]
+    runs: usize,
+    /// Distinct new flows measured one run each.
+    #[arg(long, default_value_t = 20_000)]
+    new_flows: u32,
+    /// Turn the kernel's BPF run-time statistics on while measuring per-packet cost (what
+    /// `kernel.bpf_stats_enabled=1` or a profiler does: two clock reads per program run), to
+    /// compare with numbers taken that way. Off by default: it is not how packets are served.
+    #[arg(long)]
+    bpf_stats: bool,
+    /// Save `bpftool prog dump xlated ... linum` of every measured program in this directory.
+    #[arg(long, value_name = "DIR")]
+    dump_xlated: Option<PathBuf>,
+
+    /// Backends in the table-rebuild measurement.
+    #[arg(long, default_value_t = 1000)]
+    rebuild_backends: u32,
+    /// Repetitions of each rebuild measurement.
+    #[arg(long, default_value_t = 5)]
+    rebuild_runs: usize,
+    /// Recorded flows in the sweep measurement (at most the test flow table's 65,536).
+    #[arg(long, default_value_t = 50_000)]
+    sweep_flows: u32,
+
+    /// Failover rounds (kill + restart of one master each).
+    #[arg(long, default_value_t = 5)]
+    failover_rounds: usize,
+    /// Health check interval in the failover lab (ms).
+    #[arg(long, default_value_t = 100)]
+    interval_ms: u64,
+    /// Health check timeout in the failover lab (ms).
+    #[arg(long, default_value_t = 100)]
+    timeout_ms: u64,
+    /// Failed checks in a row that take a master down.
+    #[arg(long, default_value_t = 2)]
+    fall: u32,
+    /// Passed checks in a row that bring a master back.
+    #[arg(long, default_value_t = 2)]
+    rise: u32,
+    /// Masters in the failover lab.
+    #[arg(long, default_value_t = 3)]
+    masters: usize,
+    /// How long the client keeps connecting after the master is reported down, and after it
+    /// is back, to see that no failure follows (ms).
+    #[arg(long, default_value_t = 1000)]
+    settle_ms: u64,
+    /// Attach in native (driver) mode in the failover lab instead of generic.
+    #[arg(long)]
+    native: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    interrupt::install();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mim-lb-bench: error: {e:#}");
+            if interrupt::interrupted() { ExitCode::from(130) } else { ExitCode::FAILURE }
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let mut report = report::Report {
+        machine: report::Machine::probe(),
+        settings: json!({
+            "repeat": args.repeat, "runs": args.runs, "new_flows": args.new_flows, "bpf_stats": args.bpf_stats,
+            "rebuild_backends": args.rebuild_backends, "rebuild_runs": args.rebuild_runs, "sweep_flows": args.sweep_flows,
+            "failover_rounds": args.failover_rounds, "interval_ms": args.interval_ms,
+            "timeout_ms": args.timeout_ms, "fall": args.fall, "rise": args.rise,
+            "masters": args.masters, "settle_ms": args.settle_ms, "native": args.native,
+        }),
+        sections: Vec::new(),
+    };
+    let wants = |b| args.only.contains(&b);
+    if wants(Bench::PerPacket) {
+        eprintln!("mim-lb-bench: per-packet cost ...");
+        let settings = per_packet::Settings { repeat: args.repeat, runs: args.runs, new_flows: args.new_flows };
+        // Held while measuring: the kernel keeps the statistics on while the fd is open.
+        let stats = if args.bpf_stats {
+            Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("turning BPF run-time statistics on")?)
+        } else {
+            None
+        };
+        let (mut packets, sizes) = per_packet::measure(&settings, args.dump_xlated.as_deref())?;
+        if stats.is_some() {
+            packets.title += " with BPF run-time statistics on";
+        }
+        drop(stats);
+        report.sections.push(packets);
+        report.sections.push(sizes);
+    }
+    if wants(Bench::Rebuild) {
+        eprintln!("mim-lb-bench: table rebuild ...");
+        report.sections.push(rebuild::measure(args.rebuild_backends, args.rebuild_runs, args.sweep_flows)?);
+    }
+    if wants(Bench::Failover) {
+        eprintln!("mim-lb-bench: failover ...");
+        let settings = failover::Settings {
+            rounds: args.failover_rounds,
+            interval_ms: args.interval_ms,
+            timeout_ms: args.timeout_ms,
+            rise: args.rise,
+            fall: args.fall,
+            masters: args.masters,
+            settle_ms: args.settle_ms,
+            native: args.native,
+        };
+        report.sections.push(failover::measure(&settings)?);
+    }
+    report.machine.finish();
+
+    print!("{}", report.text());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report.json())?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, report.markdown()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
