@@ -61,9 +61,9 @@ pub struct Choice {
 #[inline(always)]
 pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Result<Choice, u32> {
     let flow_hash = if service.flags & SERVICE_F_SOURCE_HASH != 0 {
-        hash::source_hash(&packet.src)
+        hash::source_hash(packet.family, &packet.src)
     } else {
-        hash::flow_hash(&packet.src, &packet.dst, packet.sport, packet.dport, packet.proto)
+        hash::flow_hash(packet.family, &packet.src, &packet.dst, packet.sport, packet.dport, packet.proto)
     };
     let table_size = service.table_size;
     if table_size == 0 {

@@ -138,12 +138,12 @@ impl ProgramUnderTest {
     /// the shared hash and the table the director wrote, independent of the program.
     pub fn table_master(&self, key: &ServiceKey, src: IpAddr, sport: u16, dport: u16) -> Option<IpAddr> {
         let svc = &self.director.written()[key];
-        let (s, _) = mim_lb::dataplane::service_index::addr_words(src);
+        let (s, family) = mim_lb::dataplane::service_index::addr_words(src);
         let (d, _) = mim_lb::dataplane::service_index::addr_words(key.vip);
         let h = if svc.flags & mim_lb_common::SERVICE_F_SOURCE_HASH != 0 {
-            hash::source_hash(&s)
+            hash::source_hash(family, &s)
         } else {
-            hash::flow_hash(&s, &d, sport.to_be(), dport.to_be(), key.protocol.number())
+            hash::flow_hash(family, &s, &d, sport.to_be(), dport.to_be(), key.protocol.number())
         };
         let id = svc.table()[(h % svc.table_size) as usize] & MAGLEV_BACKEND_MASK;
         self.director.desired()[key].backends.iter().find(|(_, b)| b.id == id).map(|(a, _)| *a)

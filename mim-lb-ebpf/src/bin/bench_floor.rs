@@ -88,7 +88,7 @@ pub fn bench_hashes(ctx: XdpContext) -> u32 {
     let src = [src, up[0], up[1], up[2]];
     let dst = [dst, up[0], up[1], up[2]];
     let slot = hash::service_slot(up[0], &dst, dport, PROTO_TCP, FAMILY_V4);
-    let flow = hash::flow_hash(&src, &dst, sport, dport, PROTO_TCP);
+    let flow = hash::flow_hash(FAMILY_V4, &src, &dst, sport, dport, PROTO_TCP);
     use_and_swap(ctx.data(), slot, flow);
     XDP_TX
 }

@@ -428,8 +428,15 @@ impl Director {
                 .filter(|(slot, v)| previous.get(*slot) != Some(*v))
                 .map(|(slot, v)| (slot as u32, *v))
                 .collect();
-            region_writes.push((s.id, target, writes));
             let mut regions = old.map(|o| o.regions.clone()).unwrap_or_default();
+            if old.is_none() {
+                // A new service gets the same table in both regions, so that its first change
+                // (a failover, usually) writes only the slots that change instead of a whole
+                // table: that write sits between the verdict and the data path seeing it.
+                region_writes.push((s.id, 1 - target, writes.clone()));
+                regions[(1 - target) as usize] = table.clone();
+            }
+            region_writes.push((s.id, target, writes));
             regions[target as usize] = table;
             written_next.insert(
                 *key,

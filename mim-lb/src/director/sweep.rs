@@ -60,9 +60,9 @@ pub struct SweepReport {
 /// computes, recomputed here so that it stays right after a table resize.
 pub(super) fn flow_slot(service: &WrittenService, key: &FlowKey) -> u32 {
     let h = if service.flags & SERVICE_F_SOURCE_HASH != 0 {
-        hash::source_hash(&key.src)
+        hash::source_hash(key.family, &key.src)
     } else {
-        hash::flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto)
+        hash::flow_hash(key.family, &key.src, &key.dst, key.sport, key.dport, key.proto)
     };
     h % service.table_size
 }
@@ -218,9 +218,9 @@ mod tests {
             family: 4,
             _pad0: [0; 2],
         };
-        let expected = hash::flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto) % 65_537;
+        let expected = hash::flow_hash(key.family, &key.src, &key.dst, key.sport, key.dport, key.proto) % 65_537;
         assert_eq!(flow_slot(&w, &key), expected);
         let sticky = WrittenService { flags: SERVICE_F_SOURCE_HASH, ..w };
-        assert_eq!(flow_slot(&sticky, &key), hash::source_hash(&key.src) % 65_537);
+        assert_eq!(flow_slot(&sticky, &key), hash::source_hash(key.family, &key.src) % 65_537);
     }
 }

@@ -167,7 +167,7 @@ fn find_flow(prog: &ProgramUnderTest, client: IpAddr, vip: IpAddr, changed: bool
     let (d, _) = addr_words(vip);
     (from..u16::MAX)
         .find_map(|p| {
-            let h = hash::flow_hash(&s, &d, p.to_be(), PORT.to_be(), 6);
+            let h = hash::flow_hash(mim_lb_common::FAMILY_V4, &s, &d, p.to_be(), PORT.to_be(), 6);
             let entry = svc.table()[(h % svc.table_size) as usize];
             ((entry & MAGLEV_SLOT_CHANGED != 0) == changed).then_some((p, entry & MAGLEV_BACKEND_MASK))
         })
@@ -352,7 +352,7 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
             let dst = [u32::from_ne_bytes(d.try_into().unwrap()), 0, 0, 0];
             let sport = u16::from_ne_bytes([f[34], f[35]]);
             let svc = &prog.director.written()[&key(v4)];
-            let h = hash::flow_hash(&src, &dst, sport, PORT.to_be(), 6);
+            let h = hash::flow_hash(mim_lb_common::FAMILY_V4, &src, &dst, sport, PORT.to_be(), 6);
             svc.table()[(h % svc.table_size) as usize] & MAGLEV_SLOT_CHANGED == 0
         })
         .collect();
@@ -385,7 +385,7 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
     let (old_port, old_master) = ports
         .clone()
         .find_map(|p| {
-            let slot = (hash::flow_hash(&s, &d, p.to_be(), PORT.to_be(), 6) % svc.table_size) as usize;
+            let slot = (hash::flow_hash(mim_lb_common::FAMILY_V4, &s, &d, p.to_be(), PORT.to_be(), 6) % svc.table_size) as usize;
             let (old, new) = (before_change[slot] & MAGLEV_BACKEND_MASK, svc.table()[slot]);
             (new & MAGLEV_SLOT_CHANGED != 0 && new & MAGLEV_BACKEND_MASK != old).then_some((p, old))
         })
