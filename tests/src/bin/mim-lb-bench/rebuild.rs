@@ -157,8 +157,8 @@ pub fn measure(backends: u32, runs: usize, sweep_flows: u32) -> Result<Section> 
     ));
     s.notes.push(
         "A flip writes what differs from the region the data path does not read, which holds the table of two changes ago. When every master came up in one \
-         commit that region is empty, so the first flip writes the whole table; when they came up one by one (health checks passing in turn, as in the daemon) \
-         it holds the table from before the last master came up. The flip back writes the returning master's slots; later flips between the same two states \
+         commit that region holds the same table (a new service is written to both), so the first flip writes only the slots that change; when they came up \
+         one by one (health checks passing in turn, as in the daemon) it holds the table from before the last master came up. The flip back writes the returning master's slots; later flips between the same two states \
          write nothing and cost one Maglev build."
             .into(),
     );
