@@ -10,9 +10,6 @@
 //! - `bench_clock`, `bench_clock_coarse`: the floor plus one `bpf_ktime_get_ns` (what mim-lb
 //!   reads when it records a flow or sees a packet on a changed slot), or one
 //!   `bpf_ktime_get_coarse_ns` instead, writing the time into the frame.
-//! - `bench_hashes_v4`: the floor plus the same mixing steps over only the words an IPv4
-//!   packet really has (no zero address words). It is not mim-lb's hash (its values differ);
-//!   it only measures what hashing fewer words would cost.
 #![no_std]
 #![no_main]
 
@@ -124,44 +121,6 @@ fn clock_into_frame(ctx: &XdpContext, now: u64) -> u32 {
         return XDP_PASS;
     }
     use_and_swap(start, now as u32, 0);
-    XDP_TX
-}
-
-/// MurmurHash3's block step, as in `mim_lb_common::hash` (private there).
-#[inline(always)]
-fn block(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
-}
-
-/// MurmurHash3's finalisation, as in `mim_lb_common::hash`.
-#[inline(always)]
-fn finish(h: u32, len_words: u32) -> u32 {
-    let mut h = h ^ (len_words * 4);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-#[xdp]
-pub fn bench_hashes_v4(ctx: XdpContext) -> u32 {
-    let Some((src, dst, sport, dport)) = ipv4_tcp(&ctx) else {
-        return XDP_PASS;
-    };
-    let seed = upper_words()[0];
-    // The same steps over the words an IPv4 packet has: 2 blocks for the slot (address,
-    // port/proto/family) instead of 5, and 4 for the flow (addresses, ports, protocol)
-    // instead of 10.
-    let extra = (u32::from(u16::from_be(dport)) << 16) | (u32::from(PROTO_TCP) << 8) | u32::from(FAMILY_V4);
-    let slot = finish(block(block(seed, u32::from_be(dst)), extra), 2);
-    let ports = (u32::from(u16::from_be(sport)) << 16) | u32::from(u16::from_be(dport));
-    let mut flow = block(hash::FLOW_SEED, u32::from_be(src));
-    flow = block(flow, u32::from_be(dst));
-    flow = block(flow, ports);
-    flow = block(flow, u32::from(PROTO_TCP));
-    use_and_swap(ctx.data(), slot, finish(flow, 4));
     XDP_TX
 }
 

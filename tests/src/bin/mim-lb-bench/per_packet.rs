@@ -190,8 +190,8 @@ struct References {
 }
 
 impl References {
-    const NAMES: [&'static str; 6] =
-        ["bench_floor", "bench_service_hash", "bench_hashes", "bench_hashes_v4", "bench_clock", "bench_clock_coarse"];
+    const NAMES: [&'static str; 5] =
+        ["bench_floor", "bench_service_hash", "bench_hashes", "bench_clock", "bench_clock_coarse"];
 
     fn load() -> Result<References> {
         let mut ebpf = Ebpf::load(BENCH_FLOOR_OBJECT).context("loading the reference programs")?;
@@ -284,7 +284,6 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
         let mut programs = vec![("floor", floor), ("mim-lb", prog.director.dataplane().program())];
         if variants {
             programs.push(("hashes", refs.get("bench_hashes")?));
-            programs.push(("hashes_v4", refs.get("bench_hashes_v4")?));
         }
         let m = Interleaved::measure(&programs, &frame, repeat, runs)?;
         before.prove(&Counters::read(prog)?, case, reason::FORWARDED, total, 0)?;
@@ -499,7 +498,6 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
         ]);
     }
     let hashes = est4.ns("hashes") - est4.ns("floor");
-    let hashes_v4 = est4.ns("hashes_v4") - est4.ns("floor");
     let over_floor = est4.ns("mim-lb") - est4.ns("floor");
     notes.push(format!(
         "Where a packet for no service spends its {:.1} ns above the floor: the floor plus only the service-slot hash costs {:.1} ns, i.e. {:.1} ns is that hash; \
@@ -510,8 +508,7 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
     ));
     notes.push(format!(
         "Where an established IPv4 packet's {over_floor:.1} ns above the floor go: the floor plus only mim-lb's two hashes \
-         (service slot, 5 blocks; flow hash, 10 blocks; same code) costs {:.1} ns, i.e. {hashes:.1} ns ({:.0}%) is hashing. \
-         The same mixing over only the words an IPv4 packet has (2 + 4 blocks) would cost {hashes_v4:.1} ns.",
+         (service slot and flow hash over the IPv4 words, 2 + 4 blocks; same code) costs {:.1} ns, i.e. {hashes:.1} ns ({:.0}%) is hashing.",
         est4.ns("hashes"),
         100.0 * hashes / over_floor
     ));
@@ -544,7 +541,6 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
             "floor_plus_ktime_get_coarse_ns": lookup.ns("clock_coarse"),
             "floor": est4.ns("floor"),
             "floor_plus_mim_lb_hashes": est4.ns("hashes"),
-            "floor_plus_ipv4_only_hashes": est4.ns("hashes_v4"),
         },
     });
     section.notes = notes;
