@@ -69,7 +69,7 @@ pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Resu
     if table_size == 0 {
         return Err(reason::NO_BACKEND);
     }
-    let slot = flow_hash % table_size;
+    let slot = hash::table_slot(flow_hash, table_size);
     let index = limits::maglev_index(service.service_id, service.active_table & 1, slot);
     let entry = *MAGLEV.get(index).ok_or(reason::INTERNAL)?;
     let slot_backend = entry & MAGLEV_BACKEND_MASK;

@@ -145,7 +145,7 @@ impl ProgramUnderTest {
         } else {
             hash::flow_hash(family, &s, &d, sport.to_be(), dport.to_be(), key.protocol.number())
         };
-        let id = svc.table()[(h % svc.table_size) as usize] & MAGLEV_BACKEND_MASK;
+        let id = svc.table()[hash::table_slot(h, svc.table_size) as usize] & MAGLEV_BACKEND_MASK;
         self.director.desired()[key].backends.iter().find(|(_, b)| b.id == id).map(|(a, _)| *a)
     }
 }

@@ -64,7 +64,7 @@ pub(super) fn flow_slot(service: &WrittenService, key: &FlowKey) -> u32 {
     } else {
         hash::flow_hash(key.family, &key.src, &key.dst, key.sport, key.dport, key.proto)
     };
-    h % service.table_size
+    hash::table_slot(h, service.table_size)
 }
 
 /// Whether a flow counts as live at `now_ns`.
@@ -218,9 +218,9 @@ mod tests {
             family: 4,
             _pad0: [0; 2],
         };
-        let expected = hash::flow_hash(key.family, &key.src, &key.dst, key.sport, key.dport, key.proto) % 65_537;
+        let expected = hash::table_slot(hash::flow_hash(key.family, &key.src, &key.dst, key.sport, key.dport, key.proto), 65_537);
         assert_eq!(flow_slot(&w, &key), expected);
         let sticky = WrittenService { flags: SERVICE_F_SOURCE_HASH, ..w };
-        assert_eq!(flow_slot(&sticky, &key), hash::source_hash(key.family, &key.src) % 65_537);
+        assert_eq!(flow_slot(&sticky, &key), hash::table_slot(hash::source_hash(key.family, &key.src), 65_537));
     }
 }

@@ -163,12 +163,12 @@ impl Counters {
 /// marked changed in the table the control plane wrote, and the master that slot names.
 fn find_flow(prog: &ProgramUnderTest, client: IpAddr, vip: IpAddr, changed: bool, from: u16) -> Result<(u16, u32)> {
     let svc = &prog.director.written()[&key(vip)];
-    let (s, _) = addr_words(client);
+    let (s, family) = addr_words(client);
     let (d, _) = addr_words(vip);
     (from..u16::MAX)
         .find_map(|p| {
-            let h = hash::flow_hash(mim_lb_common::FAMILY_V4, &s, &d, p.to_be(), PORT.to_be(), 6);
-            let entry = svc.table()[(h % svc.table_size) as usize];
+            let h = hash::flow_hash(family, &s, &d, p.to_be(), PORT.to_be(), 6);
+            let entry = svc.table()[hash::table_slot(h, svc.table_size) as usize];
             ((entry & MAGLEV_SLOT_CHANGED != 0) == changed).then_some((p, entry & MAGLEV_BACKEND_MASK))
         })
         .with_context(|| format!("no flow of {vip} hashes to a slot with changed={changed}"))
@@ -352,7 +352,7 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
             let sport = u16::from_ne_bytes([f[34], f[35]]);
             let svc = &prog.director.written()[&key(v4)];
             let h = hash::flow_hash(mim_lb_common::FAMILY_V4, &src, &dst, sport, PORT.to_be(), 6);
-            svc.table()[(h % svc.table_size) as usize] & MAGLEV_SLOT_CHANGED == 0
+            svc.table()[hash::table_slot(h, svc.table_size) as usize] & MAGLEV_SLOT_CHANGED == 0
         })
         .collect();
     let before = Counters::read(&prog)?;
@@ -384,7 +384,7 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
     let (old_port, old_master) = ports
         .clone()
         .find_map(|p| {
-            let slot = (hash::flow_hash(mim_lb_common::FAMILY_V4, &s, &d, p.to_be(), PORT.to_be(), 6) % svc.table_size) as usize;
+            let slot = hash::table_slot(hash::flow_hash(mim_lb_common::FAMILY_V4, &s, &d, p.to_be(), PORT.to_be(), 6), svc.table_size) as usize;
             let (old, new) = (before_change[slot] & MAGLEV_BACKEND_MASK, svc.table()[slot]);
             (new & MAGLEV_SLOT_CHANGED != 0 && new & MAGLEV_BACKEND_MASK != old).then_some((p, old))
         })
