@@ -75,18 +75,34 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
     let choice = select::choose(ctx, service, &packet)?;
 
     let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
-    // Through locals: copied straight from a map value into the packet, the compiler cannot
-    // rule out an overlap and emits memmove, which the BPF target turns into a call to a
-    // byte-by-byte loop (twice per forwarded packet). From the stack it is a plain copy.
-    let (master_mac, gateway_mac) = (choice.backend.mac, globals.gateway_mac);
+    // SAFETY: `eth` points at a whole Ethernet header inside the frame (ptr_at checked it),
+    // and both sources are six-byte arrays inside map values that live for the program run.
     unsafe {
-        (*eth).dst_addr = master_mac;
-        (*eth).src_addr = gateway_mac;
+        copy_mac((*eth).dst_addr.as_mut_ptr(), choice.backend.mac.as_ptr());
+        copy_mac((*eth).src_addr.as_mut_ptr(), globals.gateway_mac.as_ptr());
     }
     if !simulating() {
         stats::count_forward(service.service_id, choice.backend_id, bytes, choice.new_flow);
     }
     Ok(())
+}
+
+/// Copies a MAC address as one 4-byte and one 2-byte word. A plain array assignment from a
+/// map value into the packet becomes a call to a byte-by-byte memmove (the compiler cannot
+/// rule out overlap), and even through a local it stays 12 byte loads and stores per MAC.
+/// The program is built to allow misaligned accesses (bpf-linker +allows-misaligned-mem-access;
+/// the kernel takes them on x86-64 and arm64), so the words need no alignment.
+///
+/// # Safety
+/// `dst` and `src` must each be valid for six bytes.
+#[inline(always)]
+unsafe fn copy_mac(dst: *mut u8, src: *const u8) {
+    unsafe {
+        let head = core::ptr::read_unaligned(src as *const u32);
+        let tail = core::ptr::read_unaligned(src.add(4) as *const u16);
+        core::ptr::write_unaligned(dst as *mut u32, head);
+        core::ptr::write_unaligned(dst.add(4) as *mut u16, tail);
+    }
 }
 
 #[cfg(not(test))]
