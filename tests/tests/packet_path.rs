@@ -528,3 +528,22 @@ fn simulation_takes_the_live_decision_and_leaves_no_trace() {
     let empty: Flow = format!("{CLIENT4}:1-10.0.0.102:7000/tcp").parse().unwrap();
     assert_eq!(simulator.run(&first_packet(&empty, [2, 0, 0, 0, 0, 2])).unwrap().0, reason::NO_BACKEND);
 }
+
+/// A change to one service rebuilds that service's table only; an unchanged configuration
+/// rebuilds nothing and writes nothing.
+#[test]
+fn a_change_rebuilds_only_its_own_service() {
+    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    let same = mim_lb::config::Config::parse(CONFIG).unwrap();
+    let report = prog.director.apply_config(&same).unwrap();
+    assert_eq!((report.tables_built, report.maglev_writes, report.backend_writes), (0, 0, 0), "{report:?}");
+    let heavier = CONFIG.replacen(
+        "[[service.backend]]\naddress = \"fd00::12\"\nmac = \"02:00:00:00:06:12\"",
+        "[[service.backend]]\naddress = \"fd00::12\"\nmac = \"02:00:00:00:06:12\"\nweight = 300",
+        1,
+    );
+    assert_ne!(heavier, CONFIG);
+    let report = prog.director.apply_config(&mim_lb::config::Config::parse(&heavier).unwrap()).unwrap();
+    assert_eq!(report.tables_built, 1, "{report:?}");
+    assert_eq!(report.changed_services, vec!["tcp6".to_owned()]);
+}

@@ -70,6 +70,10 @@ pub struct WrittenService {
     /// `CLOCK_MONOTONIC` (the clock of `bpf_ktime_get_ns`) of the last change of the live
     /// table: flows older than that may not have refreshed their `last_seen_ns` yet.
     changed_at_ns: u64,
+    /// What the live table was built from: (address, id, table weight) of every backend.
+    /// Unchanged inputs mean an unchanged table, so a change elsewhere rebuilds nothing
+    /// here. Empty when unknown (after a restart).
+    inputs: Vec<(IpAddr, u32, u32)>,
 }
 
 impl WrittenService {
@@ -106,6 +110,8 @@ pub struct ApplyReport {
     pub removed_services: Vec<String>,
     pub maglev_writes: usize,
     pub backend_writes: usize,
+    /// Maglev tables built: only services whose backends, weights or states changed.
+    pub tables_built: usize,
     pub index_flipped: bool,
     pub changes: Vec<Change>,
 }
@@ -393,6 +399,17 @@ impl Director {
         let mut region_writes: Vec<RegionWrite> = Vec::new();
         let mut new_services = Vec::new();
         for (key, s) in &next {
+            let flags = service_flags(s.scheduler);
+            let inputs: Vec<(IpAddr, u32, u32)> =
+                s.backends.iter().map(|(addr, b)| (*addr, b.id, b.table_weight())).collect();
+            if let Some(old) = self.written.get(key).filter(|o| {
+                o.id == s.id && o.table_size == s.table_size && o.flags == flags && o.inputs == inputs
+            }) {
+                // Only what changed is rebuilt: a verdict about one service costs no Maglev
+                // build of the others.
+                written_next.insert(*key, old.clone());
+                continue;
+            }
             let keys: Vec<Vec<u8>> = s.backends.keys().map(maglev_key).collect();
             let members: Vec<maglev::MaglevBackend> = s
                 .backends
@@ -401,14 +418,14 @@ impl Director {
                 .map(|(b, k)| maglev::MaglevBackend { id: b.id, key: k, weight: b.table_weight() })
                 .collect();
             let built = maglev::build(&members, s.table_size);
-            let flags = service_flags(s.scheduler);
+            report.tables_built += 1;
             let old = self.written.get(key).filter(|o| o.id == s.id);
             let (target, table, changed_at_ns) = match old {
                 Some(old) if old.table_size == s.table_size && old.flags == flags => {
                     let live = old.table();
                     let marked = mark_changed(live, &built);
                     if marked == live {
-                        written_next.insert(*key, old.clone());
+                        written_next.insert(*key, WrittenService { inputs, ..old.clone() });
                         continue;
                     }
                     (1 - old.active, marked, now)
@@ -440,7 +457,7 @@ impl Director {
             regions[target as usize] = table;
             written_next.insert(
                 *key,
-                WrittenService { id: s.id, flags, table_size: s.table_size, active: target, regions, changed_at_ns },
+                WrittenService { id: s.id, flags, table_size: s.table_size, active: target, regions, changed_at_ns, inputs },
             );
             report.changed_services.push(s.name.clone());
         }

@@ -65,6 +65,7 @@ impl Director {
                     regions,
                     // Unknown: assume it just changed, so marks are kept for a full idle timeout.
                     changed_at_ns: now,
+                    inputs: Vec::new(),
                 },
             );
             desired.insert(

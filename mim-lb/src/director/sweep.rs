@@ -208,6 +208,7 @@ mod tests {
             active: 0,
             regions: Default::default(),
             changed_at_ns: 0,
+            inputs: Vec::new(),
         };
         let key = FlowKey {
             src: [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0],
