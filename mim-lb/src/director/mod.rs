@@ -410,14 +410,7 @@ impl Director {
                 written_next.insert(*key, old.clone());
                 continue;
             }
-            let keys: Vec<Vec<u8>> = s.backends.keys().map(maglev_key).collect();
-            let members: Vec<maglev::MaglevBackend> = s
-                .backends
-                .values()
-                .zip(&keys)
-                .map(|(b, k)| maglev::MaglevBackend { id: b.id, key: k, weight: b.table_weight() })
-                .collect();
-            let built = maglev::build(&members, s.table_size);
+            let built = build_table(s);
             report.tables_built += 1;
             let old = self.written.get(key).filter(|o| o.id == s.id);
             let (target, table, changed_at_ns) = match old {
@@ -635,6 +628,19 @@ fn same_entries(a: &[ServiceEntry], b: &[ServiceEntry]) -> bool {
     a.sort_unstable();
     b.sort_unstable();
     a == b
+}
+
+/// The Maglev table of `service` as the director builds it: a pure function of its backends'
+/// addresses, ids and table weights (weight while up, else 0) and its table size.
+pub fn build_table(service: &ServiceDesire) -> Vec<u32> {
+    let keys: Vec<Vec<u8>> = service.backends.keys().map(maglev_key).collect();
+    let members: Vec<maglev::MaglevBackend> = service
+        .backends
+        .values()
+        .zip(&keys)
+        .map(|(b, k)| maglev::MaglevBackend { id: b.id, key: k, weight: b.table_weight() })
+        .collect();
+    maglev::build(&members, service.table_size)
 }
 
 /// A backend's Maglev key: its address octets (4 or 16), so the table depends only on which

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, ensure};
 use mim_lb::{
     config::{Config, Protocol, ServiceKey},
-    director::monotonic_ns,
-    maglev,
+    director::{build_table, monotonic_ns},
 };
 use mim_lb_tests::{
     packet::{Frame, TCP_SYN},
@@ -89,27 +88,16 @@ pub fn measure(backends: u32, runs: usize, sweep_flows: u32) -> Result<Section> 
         p
     };
     let desired = &prog.director.desired()[&key()];
-    let keys: Vec<Vec<u8>> = desired
-        .backends
-        .keys()
-        .map(octets)
-        .collect();
-    let members: Vec<maglev::MaglevBackend> = desired
-        .backends
-        .values()
-        .zip(&keys)
-        .map(|(b, k)| maglev::MaglevBackend { id: b.id, key: k, weight: b.table_weight() })
-        .collect();
     let mut build_ms = Vec::new();
     for _ in 0..runs.max(5) {
         interrupt::check()?;
         let started = Instant::now();
-        let table = maglev::build(&members, desired.table_size);
+        let table = build_table(desired);
         build_ms.push(ms(started.elapsed()));
         // The same table the director wrote (ignoring changed marks): same inputs, same code.
         ensure!(
             table.iter().zip(prog.director.written()[&key()].table()).all(|(a, b)| *a == b & mim_lb_common::MAGLEV_BACKEND_MASK),
-            "maglev::build disagrees with the table the director wrote"
+            "the Maglev build disagrees with the table the director wrote"
         );
     }
 
@@ -245,29 +233,15 @@ fn flips(backends: u32, runs: usize, ramp: bool) -> Result<Flips> {
 fn build_only(backends: u32, runs: usize) -> Result<Vec<f64>> {
     let prog = ProgramUnderTest::new(&config(backends))?;
     let desired = &prog.director.desired()[&key()];
-    let keys: Vec<Vec<u8>> = desired.backends.keys().map(octets).collect();
-    let members: Vec<maglev::MaglevBackend> = desired
-        .backends
-        .values()
-        .zip(&keys)
-        .map(|(b, k)| maglev::MaglevBackend { id: b.id, key: k, weight: b.table_weight() })
-        .collect();
     let mut out = Vec::new();
     for _ in 0..runs.max(5) {
         interrupt::check()?;
         let started = Instant::now();
-        let table = maglev::build(&members, desired.table_size);
+        let table = build_table(desired);
         out.push(ms(started.elapsed()));
-        ensure!(table.len() == desired.table_size as usize, "maglev::build returned a short table");
+        ensure!(table.len() == desired.table_size as usize, "the Maglev build returned a short table");
     }
     Ok(out)
-}
-
-fn octets(a: &IpAddr) -> Vec<u8> {
-    match a {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    }
 }
 
 /// Records `flows` flows through the program (one SYN each), then times the sweep after
