@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 use crate::{
     cli::CheckArgs,
     config::{Config, format_mac},
+    director::maglev_key,
     maglev,
 };
 
@@ -61,14 +62,7 @@ pub fn plan(config: &Config) -> String {
                 h.fall
             ),
         };
-        let keys: Vec<Vec<u8>> = service
-            .backends
-            .iter()
-            .map(|b| match b.address {
-                std::net::IpAddr::V4(a) => a.octets().to_vec(),
-                std::net::IpAddr::V6(a) => a.octets().to_vec(),
-            })
-            .collect();
+        let keys: Vec<Vec<u8>> = service.backends.iter().map(|b| maglev_key(&b.address)).collect();
         let members: Vec<maglev::MaglevBackend> = service
             .backends
             .iter()

@@ -64,6 +64,8 @@ pub enum DataplaneError {
     NoInterface(String),
     #[error("attaching to interface {interface} in {mode} mode: {source}")]
     Attach { interface: String, mode: AttachMode, source: aya::programs::ProgramError },
+    #[error("simulation: {0}")]
+    Simulation(String),
     #[error("pinned XDP link {path}: {detail}")]
     Link { path: PathBuf, detail: String },
 }
@@ -144,11 +146,11 @@ impl Attached {
 }
 
 enum Attachment {
-    /// The link is pinned; we hold an fd to it.
-    Pinned(PinnedLink),
-    /// The program owns the link (no pin directory, or the kernel only offers netlink
-    /// attachment). `pin` is the pinned path the link was taken from, if any.
-    Owned { id: XdpLinkId, pin: Option<PathBuf> },
+    /// The link pinned at this path. The pin is what keeps it attached: the fds this process
+    /// may hold to it (the program owns one after a replacement) only close when it exits.
+    Pinned(PathBuf),
+    /// No pin directory: the program owns the link, which goes with this process.
+    Unpinned(XdpLinkId),
 }
 
 /// The loaded program and its maps.
@@ -260,8 +262,8 @@ impl Dataplane {
             let pinned_mode = AttachMode::from_code(globals.attach_mode);
             match pinned_mode {
                 Some(m) if globals.ifindex == ifindex && mode.is_none_or(|want| want == m) => {
-                    let id = self.replace_in_link(path)?;
-                    self.attachment = Some(Attachment::Owned { id, pin: Some(path.clone()) });
+                    self.replace_in_link(path)?;
+                    self.attachment = Some(Attachment::Pinned(path.clone()));
                     return Ok(Attached::Replaced(m));
                 }
                 _ => {
@@ -293,7 +295,7 @@ impl Dataplane {
         };
         self.attachment = Some(match link_path {
             Some(path) => self.pin_link(id, &path)?,
-            None => Attachment::Owned { id, pin: None },
+            None => Attachment::Unpinned(id),
         });
         let mut globals = self.maps().globals()?;
         globals.ifindex = ifindex;
@@ -302,72 +304,50 @@ impl Dataplane {
         Ok(Attached::Fresh(used))
     }
 
-    fn replace_in_link(&mut self, path: &Path) -> Result<XdpLinkId, DataplaneError> {
+    fn replace_in_link(&mut self, path: &Path) -> Result<(), DataplaneError> {
         let link_err = |detail: String| DataplaneError::Link { path: path.to_path_buf(), detail };
         let pinned = PinnedLink::from_pin(path).map_err(|e| link_err(e.to_string()))?;
         let link = XdpLink::try_from(FdLink::from(pinned))
             .map_err(|e| link_err(format!("not an XDP link: {e}")))?;
+        // The program keeps the link's fd (its link id is not needed: detaching goes by pin).
         xdp_mut(&mut self.ebpf, PROGRAM)?
             .attach_to_link(link)
+            .map(drop)
             .map_err(|e| link_err(format!("replacing its program: {e}")))
     }
 
     fn pin_link(&mut self, id: XdpLinkId, path: &Path) -> Result<Attachment, DataplaneError> {
         let program = xdp_mut(&mut self.ebpf, PROGRAM)?;
         let link = program.take_link(id).map_err(|source| DataplaneError::Program { name: PROGRAM, source })?;
-        match FdLink::try_from(link) {
-            Ok(fd_link) => {
-                let pinned = fd_link.pin(path).map_err(|e| DataplaneError::Link {
-                    path: path.to_path_buf(),
-                    detail: format!("pinning: {e}"),
-                })?;
-                Ok(Attachment::Pinned(pinned))
-            }
-            Err(_) => {
-                // Only kernels without bpf_link for XDP (before 5.9) get here: the attachment
-                // then lives as long as this process and a restart briefly detaches.
-                log::warn!("this kernel attaches XDP without a bpf_link: the attachment cannot be pinned");
-                Err(DataplaneError::Link {
-                    path: path.to_path_buf(),
-                    detail: "the kernel gave a netlink attachment, which cannot be pinned".into(),
-                })
-            }
-        }
+        // Only kernels without bpf_link for XDP (before 5.9) give a netlink attachment; it is
+        // dropped (detached) with the error, since without a pin restarts would lose flows.
+        let fd_link = FdLink::try_from(link).map_err(|_| DataplaneError::Link {
+            path: path.to_path_buf(),
+            detail: "the kernel gave a netlink attachment, which cannot be pinned".into(),
+        })?;
+        // Dropping the returned PinnedLink closes our fd; the pin holds the link.
+        fd_link
+            .pin(path)
+            .map_err(|e| DataplaneError::Link { path: path.to_path_buf(), detail: format!("pinning: {e}") })?;
+        Ok(Attachment::Pinned(path.to_path_buf()))
     }
 
     /// Detaches the program and removes the pinned link.
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
         match self.attachment.take() {
             None => Ok(()),
-            Some(Attachment::Pinned(pinned)) => {
-                let path = self.pin_dir.clone().unwrap_or_default().join(LINK_PIN);
-                detach_pinned_link(&path)?;
-                drop(pinned);
-                Ok(())
-            }
-            Some(Attachment::Owned { id, pin }) => {
-                if let Some(path) = pin {
-                    detach_pinned_link(&path)?;
-                }
-                xdp_mut(&mut self.ebpf, PROGRAM)?
-                    .detach(id)
-                    .map_err(|source| DataplaneError::Program { name: PROGRAM, source })
-            }
+            Some(Attachment::Pinned(path)) => detach_pinned_link(&path),
+            Some(Attachment::Unpinned(id)) => xdp_mut(&mut self.ebpf, PROGRAM)?
+                .detach(id)
+                .map_err(|source| DataplaneError::Program { name: PROGRAM, source }),
         }
     }
 
     /// Leaves the attachment pinned, so the program keeps forwarding with the pinned maps
     /// after this process exits (`--keep-pinned`, or a restart by systemd).
     pub fn keep_attached(&mut self) {
-        if let Some(Attachment::Owned { id, pin: Some(_) }) = self.attachment.take() {
-            // The program would detach a link it owns when dropped; the pin holds it instead.
-            if let Ok(program) = xdp_mut(&mut self.ebpf, PROGRAM)
-                && let Ok(link) = program.take_link(id)
-            {
-                std::mem::drop(FdLink::try_from(link));
-            }
-        }
-        // A `Pinned` attachment only closes its fd when dropped.
+        // Nothing to undo: the pin holds the link, and the fds this process holds to it only
+        // close when it exits.
         self.attachment = None;
     }
 
@@ -391,10 +371,7 @@ impl Dataplane {
     /// [`Simulator`]).
     pub fn simulator(&self) -> Result<Simulator, DataplaneError> {
         let Some(dir) = &self.pin_dir else {
-            return Err(DataplaneError::Link {
-                path: PathBuf::new(),
-                detail: "simulation needs the maps pinned".into(),
-            });
+            return Err(DataplaneError::Simulation("it needs the maps pinned".into()));
         };
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&'static str, PathBuf)> = names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
@@ -443,7 +420,7 @@ impl Simulator {
             .map_err(|source| DataplaneError::Program { name: PROGRAM, source })?;
         out.truncate(result.data_size_out as usize);
         let code = result.return_value.checked_sub(mim_lb_common::reason::SIMULATED).ok_or_else(|| {
-            DataplaneError::Link { path: PathBuf::new(), detail: format!("the simulation returned {}", result.return_value) }
+            DataplaneError::Simulation(format!("the program returned {}, not a reason code", result.return_value))
         })?;
         Ok((code, out))
     }

@@ -384,13 +384,11 @@ impl Director {
             for (addr, b) in &s.backends {
                 entries.insert(b.id, backend_entry(s.id, *addr, b));
                 let (to, reason) = b.state();
-                let from = self
-                    .desired
-                    .get(key)
-                    .and_then(|o| o.backends.get(addr))
-                    .map(|o| o.state().0);
-                if from.is_some_and(|from| from != to) {
-                    report.changes.push(Change { service: *key, backend: *addr, from: from.unwrap(), to, reason });
+                let from = self.desired.get(key).and_then(|o| o.backends.get(addr)).map(|o| o.state().0);
+                if let Some(from) = from
+                    && from != to
+                {
+                    report.changes.push(Change { service: *key, backend: *addr, from, to, reason });
                 }
             }
         }
@@ -646,7 +644,7 @@ pub fn build_table(service: &ServiceDesire) -> Vec<u32> {
 /// A backend's Maglev key: its address octets (4 or 16), so the table depends only on which
 /// masters there are and their weights, never on ids or the order of the file: two directors
 /// given the same configuration and the same verdicts build the same tables.
-fn maglev_key(addr: &IpAddr) -> Vec<u8> {
+pub fn maglev_key(addr: &IpAddr) -> Vec<u8> {
     match addr {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
