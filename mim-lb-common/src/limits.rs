@@ -33,3 +33,17 @@ pub const REASON_SLOTS: u32 = 32;
 pub const fn maglev_index(service_id: u32, half: u32, slot: u32) -> u32 {
     (service_id * 2 + half) * MAGLEV_MAX_TABLE_SIZE + slot
 }
+
+/// Entries in the per-slot maps that follow the live table rather than a region (`SLOT_SEEN`,
+/// `MAGLEV_OLD`): one table's worth per service.
+pub const SLOT_MAP_ENTRIES: u32 = MAX_SERVICES * MAGLEV_MAX_TABLE_SIZE;
+
+/// Index of slot `slot` of `service_id` in `SLOT_SEEN` and `MAGLEV_OLD`.
+#[inline(always)]
+pub const fn slot_index(service_id: u32, slot: u32) -> u32 {
+    service_id * MAGLEV_MAX_TABLE_SIZE + slot
+}
+
+/// `SLOT_SEEN` holds `CLOCK_MONOTONIC >> SEEN_SHIFT`: units of 2^30 ns (about 1.07 s), so
+/// a u32 lasts over a century and a slot is written at most once per unit.
+pub const SEEN_SHIFT: u32 = 30;

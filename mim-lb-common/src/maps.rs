@@ -10,8 +10,10 @@ pub mod names {
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const SLOT_SEEN: &str = "SLOT_SEEN";
+    pub const MAGLEV_OLD: &str = "MAGLEV_OLD";
     /// Every map the control plane owns and pins.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         GLOBALS,
         SERVICES,
         MAGLEV,
@@ -20,6 +22,8 @@ pub mod names {
         REASON_STATS,
         SERVICE_STATS,
         BACKEND_STATS,
+        SLOT_SEEN,
+        MAGLEV_OLD,
     ];
 }
 
@@ -37,7 +41,7 @@ pub const GLOBALS_F_READY: u32 = 1;
 /// `Globals::abi_version`: the meaning of the pinned maps' contents. A daemon reuses maps
 /// pinned by an earlier run only if they carry its own version (sizes are checked too), so an
 /// upgrade that changes what a field means cannot misread the maps it inherits.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `Globals::attach_mode`.
 pub const ATTACH_NONE: u32 = 0;
@@ -72,6 +76,13 @@ pub const SERVICE_F_SOURCE_HASH: u32 = 1;
 /// `ServiceEntry::flags`: the entry only marks `vip` as a VIP for `proto` (its port is 0), so
 /// that fragments, which may carry no port, are recognised as addressed to a VIP.
 pub const SERVICE_F_VIP_MARKER: u32 = 2;
+/// `ServiceEntry::flags`: the table's size or hash changed recently. Unrecorded TCP flows on a
+/// marked slot whose entry names no previous master began under the old table, whose masters
+/// are in the service's region of `MAGLEV_OLD` (`old_table_size` slots, hashed as
+/// `SERVICE_F_OLD_SOURCE_HASH` says).
+pub const SERVICE_F_RESIZED: u32 = 4;
+/// `ServiceEntry::flags`: the table before the resize hashed the client address only.
+pub const SERVICE_F_OLD_SOURCE_HASH: u32 = 8;
 
 /// One slot of the service index (`SERVICES`, an array of `2 * SERVICE_SLOTS` entries). The
 /// data path hashes (vip, port, proto, family) to a slot and compares the whole key, so an
@@ -94,15 +105,39 @@ pub struct ServiceEntry {
     /// Which of the service's two Maglev regions is live (0 or 1). The control plane rebuilds
     /// the other one and then flips this word alone.
     pub active_table: u32,
-    pub _pad0: u32,
+    /// Slots of the service's table before its last resize (with `SERVICE_F_RESIZED`).
+    pub old_table_size: u32,
 }
 
-/// Low bits of a Maglev entry: the backend id (0 = no backend).
-pub const MAGLEV_BACKEND_MASK: u32 = 0x00ff_ffff;
-/// High bit of a Maglev entry: this slot's backend changed while flows recorded on the old one
-/// may still be alive, so packets of established flows must consult `FLOWS`. A clean slot lets
-/// established TCP packets skip the connection table: their recorded backend is the slot's.
+/// Low bits of a Maglev entry: the slot's master, its backend id (0 = no backend). New flows
+/// (TCP SYNs, unrecorded UDP) go to it.
+pub const MAGLEV_BACKEND_MASK: u32 = 0x0000_0fff;
+/// Bits 12..24 of a marked Maglev entry: the slot's master when the slot was last clean, which
+/// is where every unrecorded TCP flow of the slot began (0: none known). SYNs on a clean slot
+/// are not recorded, so this is how their flows stay put when the slot changes.
+pub const MAGLEV_PREV_SHIFT: u32 = 12;
+pub const MAGLEV_PREV_MASK: u32 = 0x00ff_f000;
+/// High bit of a Maglev entry: the slot's master changed and flows that began before may be
+/// alive. On a marked slot, TCP SYNs are recorded, recorded flows keep their master, and
+/// unrecorded flows go to the previous master. On a clean slot every TCP packet goes to the
+/// slot's master without touching the connection table.
 pub const MAGLEV_SLOT_CHANGED: u32 = 0x8000_0000;
+
+/// A Maglev entry: `owner`, with `prev` and the changed mark when `marked`.
+#[inline(always)]
+pub const fn maglev_entry(owner: u32, prev: u32, marked: bool) -> u32 {
+    if marked {
+        (owner & MAGLEV_BACKEND_MASK) | ((prev << MAGLEV_PREV_SHIFT) & MAGLEV_PREV_MASK) | MAGLEV_SLOT_CHANGED
+    } else {
+        owner & MAGLEV_BACKEND_MASK
+    }
+}
+
+/// The previous master recorded in a marked Maglev entry (0 when none).
+#[inline(always)]
+pub const fn maglev_prev(entry: u32) -> u32 {
+    (entry & MAGLEV_PREV_MASK) >> MAGLEV_PREV_SHIFT
+}
 
 /// `BackendEntry::flags`: the entry describes a backend.
 pub const BACKEND_F_IN_USE: u32 = 1;
@@ -228,4 +263,6 @@ const _: () = {
     assert!(core::mem::size_of::<FlowEntry>() == 24);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
+    // Every backend id fits in a Maglev entry's owner and previous-owner fields.
+    assert!(crate::limits::MAX_BACKENDS - 1 <= MAGLEV_BACKEND_MASK);
 };

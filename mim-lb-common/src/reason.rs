@@ -30,8 +30,14 @@ pub const BACKEND_MISSING: u32 = 10;
 /// Dropped: an internal map lookup failed where it cannot fail (a verifier-mandated check).
 pub const INTERNAL: u32 = 11;
 
+/// Passed: addressed to a service, but not to the gateway's MAC address (unicast flooded by a
+/// switch, promiscuous mode, another director's output on the same segment, multicast or
+/// broadcast). Only frames sent to the gateway itself are forwarded, so no frame is forwarded
+/// twice.
+pub const FOREIGN_MAC: u32 = 12;
+
 /// Every reason with its stable name, for status output, metrics and tests.
-pub const ALL: [(u32, &str); 12] = [
+pub const ALL: [(u32, &str); 13] = [
     (FORWARDED, "forwarded"),
     (NOT_IP, "not_ip"),
     (NOT_A_SERVICE, "not_a_service"),
@@ -44,6 +50,7 @@ pub const ALL: [(u32, &str); 12] = [
     (NOT_READY, "not_ready"),
     (BACKEND_MISSING, "backend_missing"),
     (INTERNAL, "internal"),
+    (FOREIGN_MAC, "foreign_mac"),
 ];
 
 /// The stable name of a reason code.

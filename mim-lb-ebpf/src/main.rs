@@ -59,11 +59,15 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
         return Err(reason::NOT_READY);
     }
     let packet = parse::parse(ctx)?;
+    let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
 
     if packet.fragment {
         // Fragments carry no ports (after the first), so they are matched on the VIP alone.
         return match select::service(globals, &packet, 0) {
-            Some(s) if s.flags & SERVICE_F_VIP_MARKER != 0 => Err(reason::FRAGMENT),
+            Some(s) if s.flags & SERVICE_F_VIP_MARKER != 0 => {
+                addressed_to_gateway(eth, globals)?;
+                Err(reason::FRAGMENT)
+            }
             _ => Err(reason::NOT_A_SERVICE),
         };
     }
@@ -72,9 +76,9 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
         // Port 0 matched a VIP marker: no service listens there.
         return Err(reason::NOT_A_SERVICE);
     }
+    addressed_to_gateway(eth, globals)?;
     let choice = select::choose(ctx, service, &packet)?;
 
-    let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
     // SAFETY: `eth` points at a whole Ethernet header inside the frame (ptr_at checked it),
     // and both sources are six-byte arrays inside map values that live for the program run.
     unsafe {
@@ -85,6 +89,21 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
         stats::count_forward(service.service_id, choice.backend_id, bytes, choice.new_flow);
     }
     Ok(())
+}
+
+/// Only frames sent to the gateway's own MAC are forwarded: a copy of a VIP frame that reached
+/// this interface for another host must not be sent to a master a second time.
+#[inline(always)]
+fn addressed_to_gateway(eth: *const EthHdr, globals: &mim_lb_common::Globals) -> Result<(), u32> {
+    // SAFETY: `eth` points at a whole Ethernet header inside the frame (ptr_at checked it),
+    // and `gateway_mac` is six bytes inside a map value; both are read as 4 + 2 byte words.
+    let same = unsafe {
+        let dst = (*eth).dst_addr.as_ptr();
+        let own = globals.gateway_mac.as_ptr();
+        core::ptr::read_unaligned(dst as *const u32) == core::ptr::read_unaligned(own as *const u32)
+            && core::ptr::read_unaligned(dst.add(4) as *const u16) == core::ptr::read_unaligned(own.add(4) as *const u16)
+    };
+    if same { Ok(()) } else { Err(reason::FOREIGN_MAC) }
 }
 
 /// Copies a MAC address as one 4-byte and one 2-byte word. A plain array assignment from a

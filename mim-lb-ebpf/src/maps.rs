@@ -9,7 +9,7 @@ use mim_lb_common::{
     BackendEntry, Counter, FlowEntry, FlowKey, Globals, ServiceEntry, TrafficStats,
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, MAGLEV_MAP_ENTRIES, MAX_BACKENDS, MAX_SERVICES, REASON_SLOTS,
-        SERVICE_SLOTS,
+        SERVICE_SLOTS, SLOT_MAP_ENTRIES,
     },
 };
 
@@ -22,9 +22,20 @@ pub static GLOBALS: Array<Globals, 1> = Array::new();
 #[btf_map]
 pub static SERVICES: Array<ServiceEntry, TWO_SERVICE_HALVES> = Array::new();
 
-/// Maglev tables, built in userspace: entry = backend id | `MAGLEV_SLOT_CHANGED`.
+/// Maglev tables, built in userspace: entry = master | previous master | changed mark
+/// (`mim_lb_common::maglev_entry`).
 #[btf_map]
 pub static MAGLEV: Array<u32, { MAGLEV_MAP_ENTRIES as usize }> = Array::new();
+
+/// Per (service, live slot): when an unrecorded TCP flow last went to the slot's previous
+/// master (`CLOCK_MONOTONIC >> SEEN_SHIFT`). The sweep keeps a slot's mark while it is recent.
+#[btf_map]
+pub static SLOT_SEEN: Array<u32, { SLOT_MAP_ENTRIES as usize }> = Array::new();
+
+/// Per (service, slot of the table before its last resize): the master unrecorded flows of
+/// that slot began on. Read only for services marked `SERVICE_F_RESIZED`.
+#[btf_map]
+pub static MAGLEV_OLD: Array<u32, { SLOT_MAP_ENTRIES as usize }> = Array::new();
 
 #[btf_map]
 pub static BACKENDS: Array<BackendEntry, { MAX_BACKENDS as usize }> = Array::new();

@@ -102,6 +102,9 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
     if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN || (tot_len as usize) < header_len {
         return Err(reason::MALFORMED);
     }
+    // The datagram ends at its total length; what follows in the frame is Ethernet padding,
+    // which must never be read as ports or flags.
+    let end = offset + tot_len as usize;
     let mut packet = Packet {
         family: FAMILY_V4,
         proto,
@@ -116,16 +119,29 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
     if packet.fragment {
         return Ok(packet);
     }
-    parse_l4(ctx, offset + header_len, &mut packet)?;
+    parse_l4(ctx, offset + header_len, end, &mut packet)?;
     Ok(packet)
+}
+
+/// A header of `T` at `offset` that lies inside both the frame and the datagram (`end`).
+/// Both checks stay: the verifier needs the one against the frame on every path, so the
+/// program never compares `end` with the frame length (the compiler would then drop the
+/// frame check as implied).
+#[inline(always)]
+fn header_at<T>(ctx: &XdpContext, offset: usize, end: usize) -> Result<*const T, u32> {
+    if offset + core::mem::size_of::<T>() > end {
+        return Err(reason::MALFORMED);
+    }
+    Ok(ptr_at::<T>(ctx, offset)?)
 }
 
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
-    let (version, mut next, src, dst) = unsafe {
+    let (version, payload_len, mut next, src, dst) = unsafe {
         (
             (*ip).vcf[0] >> 4,
+            u16::from_be_bytes((*ip).payload_len),
             (*ip).next_hdr,
             core::mem::transmute::<[u8; 16], [u32; 4]>((*ip).src_addr),
             core::mem::transmute::<[u8; 16], [u32; 4]>((*ip).dst_addr),
@@ -134,6 +150,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
     if version != 6 {
         return Err(reason::MALFORMED);
     }
+    let end = offset + Ipv6Hdr::LEN + payload_len as usize;
     let mut packet = Packet {
         family: FAMILY_V6,
         proto: next,
@@ -149,13 +166,13 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
                 // next header, length in 8-octet units not counting the first 8.
-                let ext: *const [u8; 2] = ptr_at(ctx, offset)?;
+                let ext: *const [u8; 2] = header_at(ctx, offset, end)?;
                 let (nh, len) = unsafe { ((*ext)[0], (*ext)[1]) };
                 next = nh;
                 offset += (len as usize + 1) * 8;
             }
             IPV6_FRAGMENT => {
-                let frag: *const [u8; 4] = ptr_at(ctx, offset)?;
+                let frag: *const [u8; 4] = header_at(ctx, offset, end)?;
                 let (nh, off_hi, off_lo_m) = unsafe { ((*frag)[0], (*frag)[2], (*frag)[3]) };
                 // An atomic fragment (offset 0, no more fragments) is a whole datagram.
                 if off_hi != 0 || off_lo_m & 0xf9 != 0 {
@@ -172,7 +189,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
     packet.proto = next;
     match next {
         PROTO_TCP | PROTO_UDP => {
-            parse_l4(ctx, offset, &mut packet)?;
+            parse_l4(ctx, offset, end, &mut packet)?;
             Ok(packet)
         }
         IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_FRAGMENT | IPV6_ESP | IPV6_AH
@@ -182,10 +199,10 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, offset: usize, packet: &mut Packet) -> Result<(), u32> {
+fn parse_l4(ctx: &XdpContext, offset: usize, end: usize, packet: &mut Packet) -> Result<(), u32> {
     match packet.proto {
         PROTO_TCP => {
-            let tcp: *const TcpHdr = ptr_at(ctx, offset)?;
+            let tcp: *const TcpHdr = header_at(ctx, offset, end)?;
             let (source, dest, doff, syn, ack) = unsafe {
                 (
                     (*tcp).source,
@@ -204,7 +221,7 @@ fn parse_l4(ctx: &XdpContext, offset: usize, packet: &mut Packet) -> Result<(), 
             Ok(())
         }
         PROTO_UDP => {
-            let udp: *const UdpHdr = ptr_at(ctx, offset)?;
+            let udp: *const UdpHdr = header_at(ctx, offset, end)?;
             let (src, dst) = unsafe { ((*udp).src, (*udp).dst) };
             packet.sport = u16::from_ne_bytes(src);
             packet.dport = u16::from_ne_bytes(dst);

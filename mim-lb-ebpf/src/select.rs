@@ -5,22 +5,22 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use aya_log_ebpf::warn;
 use mim_lb_common::{
     BACKEND_F_IN_USE, BACKEND_F_KEEPS_FLOWS, BackendEntry, FlowEntry, FlowKey, Globals,
-    MAGLEV_BACKEND_MASK, MAGLEV_SLOT_CHANGED, PROTO_TCP, SERVICE_F_SOURCE_HASH, ServiceEntry,
-    hash, limits, reason,
+    MAGLEV_BACKEND_MASK, MAGLEV_SLOT_CHANGED, PROTO_TCP, SERVICE_F_OLD_SOURCE_HASH,
+    SERVICE_F_RESIZED, SERVICE_F_SOURCE_HASH, ServiceEntry, hash, limits, maglev_prev, reason,
 };
 
 use crate::{
-    maps::{BACKENDS, FLOWS, MAGLEV, SERVICES},
+    maps::{BACKENDS, FLOWS, MAGLEV, MAGLEV_OLD, SERVICES, SLOT_SEEN},
     parse::Packet,
 };
 
-/// A flow seen on a changed slot refreshes its `last_seen_ns` at most this often, so a busy
-/// flow does not write its entry on every packet.
+/// A flow whose record is consulted refreshes its `last_seen_ns` at most this often, so a
+/// busy flow does not write its entry on every packet.
 const LAST_SEEN_REFRESH_NS: u64 = 1_000_000_000;
 
 /// `CLOCK_MONOTONIC` at the kernel tick's resolution (a few ms): what `last_seen_ns` needs,
 /// for idle timeouts of seconds. The precise clock (`bpf_ktime_get_ns`) costs about 30 ns
-/// more per read here (`cargo xtask bench`), on every packet of a changed slot.
+/// more per read here (`cargo xtask bench`), on every packet that consults the table.
 #[inline(always)]
 fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
@@ -48,37 +48,84 @@ pub fn service(globals: &Globals, packet: &Packet, port: u16) -> Option<&'static
 pub struct Choice {
     pub backend_id: u32,
     pub backend: &'static BackendEntry,
-    /// The flow was recorded by this packet.
+    /// The packet opens a flow: a TCP SYN, or a UDP datagram of no recorded flow.
     pub new_flow: bool,
 }
 
 /// Chooses the master for a packet of `service`.
 ///
-/// A recorded flow keeps its master while that master keeps flows (up or draining). The
-/// connection table is consulted for new flows (TCP SYN), for UDP (which has no SYN), and for
-/// any packet whose Maglev slot is marked changed; a TCP packet of an established flow on an
-/// unchanged slot goes straight to the slot's master, which is the one it was recorded with.
+/// The rule that keeps every established flow on its master while recording as little as
+/// possible:
+/// - a TCP SYN always goes to the slot's master (the table holds only masters that are up).
+///   It is recorded only on a marked slot; on a clean slot the table itself remembers it, and
+///   a record left by an earlier connection on the same addresses and ports is deleted;
+/// - other TCP packets on a clean slot go to the slot's master without a lookup: every flow
+///   there began on it;
+/// - on a marked slot, a recorded flow keeps its master while that master keeps flows (up or
+///   draining); an unrecorded one began before the slot changed, so it goes to the slot's
+///   previous master (or, after a resize, its master in the old table) if that one keeps flows;
+/// - UDP has no SYN: every datagram consults the table, and a datagram of no live record is
+///   a new flow, recorded on the slot's master.
 #[inline(always)]
 pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Result<Choice, u32> {
-    let flow_hash = if service.flags & SERVICE_F_SOURCE_HASH != 0 {
-        hash::source_hash(packet.family, &packet.src)
-    } else {
-        hash::flow_hash(packet.family, &packet.src, &packet.dst, packet.sport, packet.dport, packet.proto)
-    };
     let table_size = service.table_size;
     if table_size == 0 {
         return Err(reason::NO_BACKEND);
     }
-    let slot = hash::table_slot(flow_hash, table_size);
+    let slot = hash::table_slot(packet_hash(service.flags & SERVICE_F_SOURCE_HASH != 0, packet), table_size);
     let index = limits::maglev_index(service.service_id, service.active_table & 1, slot);
     let entry = *MAGLEV.get(index).ok_or(reason::INTERNAL)?;
-    let slot_backend = entry & MAGLEV_BACKEND_MASK;
+    let owner = entry & MAGLEV_BACKEND_MASK;
+    let marked = entry & MAGLEV_SLOT_CHANGED != 0;
 
-    if packet.proto == PROTO_TCP && !packet.tcp_syn && entry & MAGLEV_SLOT_CHANGED == 0 {
-        return Ok(Choice { backend_id: slot_backend, backend: backend(slot_backend)?, new_flow: false });
+    if packet.proto == PROTO_TCP && !marked {
+        if packet.tcp_syn {
+            forget(&flow_key(packet));
+        }
+        return to(owner, packet.tcp_syn);
     }
+    let key = flow_key(packet);
+    if packet.proto == PROTO_TCP && packet.tcp_syn {
+        record(ctx, &key, service, owner, slot);
+        return to(owner, true);
+    }
+    match recorded(service, &key) {
+        Recorded::Kept(choice) => Ok(choice),
+        Recorded::None if packet.proto == PROTO_TCP => unrecorded_tcp(service, packet, entry, slot),
+        // A UDP datagram of no flow starts one on the slot's master.
+        Recorded::None => {
+            record(ctx, &key, service, owner, slot);
+            to(owner, true)
+        }
+        // Its master is gone: the flow moves to the slot's master, and stays there.
+        Recorded::Gone => {
+            record(ctx, &key, service, owner, slot);
+            to(owner, false)
+        }
+    }
+}
 
-    let key = FlowKey {
+/// What the connection table says of a flow.
+enum Recorded {
+    None,
+    /// Recorded on a master that keeps it.
+    Kept(Choice),
+    /// Recorded on a master that no longer keeps flows (down, disabled, gone).
+    Gone,
+}
+
+#[inline(always)]
+fn packet_hash(source_only: bool, packet: &Packet) -> u32 {
+    if source_only {
+        hash::source_hash(packet.family, &packet.src)
+    } else {
+        hash::flow_hash(packet.family, &packet.src, &packet.dst, packet.sport, packet.dport, packet.proto)
+    }
+}
+
+#[inline(always)]
+fn flow_key(packet: &Packet) -> FlowKey {
+    FlowKey {
         src: packet.src,
         dst: packet.dst,
         sport: packet.sport,
@@ -86,43 +133,106 @@ pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Resu
         proto: packet.proto,
         family: packet.family,
         _pad0: [0; 2],
-    };
-    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
-        let recorded = unsafe { (*flow).backend_id };
-        if let Some(b) = BACKENDS.get(recorded) {
-            let keeps = BACKEND_F_IN_USE | BACKEND_F_KEEPS_FLOWS;
-            if b.flags & keeps == keeps && b.service_id == service.service_id {
-                if entry & MAGLEV_SLOT_CHANGED != 0 && !crate::simulating() {
-                    let now = now_ns();
-                    unsafe {
-                        if now.wrapping_sub((*flow).last_seen_ns) > LAST_SEEN_REFRESH_NS {
-                            (*flow).last_seen_ns = now;
-                        }
-                    }
-                }
-                return Ok(Choice { backend_id: recorded, backend: b, new_flow: false });
+    }
+}
+
+#[inline(always)]
+fn to(id: u32, new_flow: bool) -> Result<Choice, u32> {
+    Ok(Choice { backend_id: id, backend: backend(id)?, new_flow })
+}
+
+/// The backend `id` if it keeps the flows of `service` (up or draining, of this service).
+#[inline(always)]
+fn keeper(service: &ServiceEntry, id: u32) -> Option<&'static BackendEntry> {
+    let b = BACKENDS.get(id)?;
+    let keeps = BACKEND_F_IN_USE | BACKEND_F_KEEPS_FLOWS;
+    (b.flags & keeps == keeps && b.service_id == service.service_id).then_some(b)
+}
+
+/// The recorded master of a flow. Refreshes the record's `last_seen_ns` (at most once a
+/// second) when it is kept, which the sweep reads to tell live flows.
+#[inline(always)]
+fn recorded(service: &ServiceEntry, key: &FlowKey) -> Recorded {
+    let Some(flow) = FLOWS.get_ptr_mut(key) else { return Recorded::None };
+    // SAFETY: `flow` points into the map's value, valid for this program run.
+    let id = unsafe { (*flow).backend_id };
+    let Some(b) = keeper(service, id) else { return Recorded::Gone };
+    if !crate::simulating() {
+        let now = now_ns();
+        // SAFETY: `flow` points into the map's value, valid for this program run.
+        unsafe {
+            if now.wrapping_sub((*flow).last_seen_ns) > LAST_SEEN_REFRESH_NS {
+                (*flow).last_seen_ns = now;
             }
         }
-        // Its master is gone: the flow is re-steered below and recorded again.
     }
+    Recorded::Kept(Choice { backend_id: id, backend: b, new_flow: false })
+}
 
-    let chosen = backend(slot_backend)?;
-    let flow = FlowEntry {
-        backend_id: slot_backend,
-        service_id: service.service_id,
-        slot,
-        _pad0: 0,
-        last_seen_ns: now_ns(),
-    };
-    // An LRU map makes room by evicting, so this fails only when the kernel is out of memory;
-    // the packet still goes to the slot's master, only the flow is not pinned to it.
-    if crate::simulating() {
-        return Ok(Choice { backend_id: slot_backend, backend: chosen, new_flow: true });
+/// An established TCP flow on a marked slot with no record: it began before the slot
+/// changed, on the slot's previous master (or its master in the table before a resize).
+#[inline(always)]
+fn unrecorded_tcp(service: &ServiceEntry, packet: &Packet, entry: u32, slot: u32) -> Result<Choice, u32> {
+    let owner = entry & MAGLEV_BACKEND_MASK;
+    let mut began_on = maglev_prev(entry);
+    if began_on == 0 && service.flags & SERVICE_F_RESIZED != 0 && service.old_table_size != 0 {
+        let old_slot =
+            hash::table_slot(packet_hash(service.flags & SERVICE_F_OLD_SOURCE_HASH != 0, packet), service.old_table_size);
+        began_on = MAGLEV_OLD.get(limits::slot_index(service.service_id, old_slot)).copied().unwrap_or(0);
     }
-    if let Err(err) = FLOWS.insert(&key, &flow, 0) {
+    if began_on != 0
+        && began_on != owner
+        && let Some(b) = keeper(service, began_on)
+    {
+        if !crate::simulating() {
+            touch_seen(service.service_id, slot);
+        }
+        return Ok(Choice { backend_id: began_on, backend: b, new_flow: false });
+    }
+    // Its first master is gone (or was the slot's master all along): the slot's master.
+    to(owner, false)
+}
+
+/// Tells the sweep that the slot's previous master still carries a live flow.
+#[inline(always)]
+fn touch_seen(service_id: u32, slot: u32) {
+    let now = (now_ns() >> limits::SEEN_SHIFT) as u32;
+    if let Some(seen) = SLOT_SEEN.get_ptr_mut(limits::slot_index(service_id, slot)) {
+        // SAFETY: a u32 inside an array map value, valid for this program run. Written only
+        // when it changes (once a second), so busy slots do not bounce a cache line.
+        unsafe {
+            if *seen != now {
+                *seen = now;
+            }
+        }
+    }
+}
+
+/// Records a flow on `owner`, replacing any record of an earlier flow with the same key.
+#[inline(always)]
+fn record(ctx: &XdpContext, key: &FlowKey, service: &ServiceEntry, owner: u32, slot: u32) {
+    if crate::simulating() {
+        return;
+    }
+    let flow = FlowEntry { backend_id: owner, service_id: service.service_id, slot, _pad0: 0, last_seen_ns: now_ns() };
+    // An LRU map makes room by evicting, so this fails only when the kernel is out of memory;
+    // the packet still goes to the slot's master.
+    if let Err(err) = FLOWS.insert(key, &flow, 0) {
         warn!(ctx, "connection table insert failed: {}", err);
     }
-    Ok(Choice { backend_id: slot_backend, backend: chosen, new_flow: true })
+}
+
+/// Deletes the record of an earlier connection that used the same addresses and ports, so
+/// that it cannot claim this one if the slot changes later. A lookup first: the common case
+/// is no record, and a lookup takes no lock.
+#[inline(always)]
+fn forget(key: &FlowKey) {
+    if crate::simulating() {
+        return;
+    }
+    if FLOWS.get_ptr(key).is_some() {
+        let _ = FLOWS.remove(key);
+    }
 }
 
 #[inline(always)]

@@ -79,6 +79,9 @@ pub fn main() -> anyhow::Result<()> {
                     ),
                     _ => println!("{} -> {} ({})", sim.flow, sim.verdict, sim.reason),
                 }
+                if let Some(new) = sim.new_backend.filter(|new| Some(*new) != sim.backend) {
+                    println!("  a new connection from the same port would reach {new}");
+                }
             }
             Ok(())
         }

@@ -1,7 +1,8 @@
-//! `mim-lb simulate`: where a flow would go now. The answer comes from the live program run
-//! on a synthetic first packet of the flow (a TCP SYN or a UDP datagram) over the live maps,
-//! not from a re-implementation of its logic, so it is right by construction, connection
-//! table included.
+//! `mim-lb simulate`: where a flow goes now. The answer comes from the live program run on
+//! synthetic packets of the flow over the live maps, not from a re-implementation of its
+//! logic, so it is right by construction, connection table included: a TCP packet of an
+//! established connection (where the flow's packets go) and a SYN (where a new connection
+//! from the same port would go), or one UDP datagram.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -49,12 +50,24 @@ impl std::str::FromStr for Flow {
 /// The first packet of `flow`: Ethernet (to `dst_mac`), IPv4 or IPv6, then a TCP SYN or an
 /// empty UDP datagram. The program reads no checksum, so none is computed beyond IPv4's.
 pub fn first_packet(flow: &Flow, dst_mac: [u8; 6]) -> Vec<u8> {
+    packet(flow, dst_mac, TCP_SYN)
+}
+
+/// A packet of `flow` once it is established: a TCP ACK, or a UDP datagram.
+pub fn established_packet(flow: &Flow, dst_mac: [u8; 6]) -> Vec<u8> {
+    packet(flow, dst_mac, TCP_ACK)
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+fn packet(flow: &Flow, dst_mac: [u8; 6], tcp_flags: u8) -> Vec<u8> {
     let tcp = flow.service.protocol == crate::config::Protocol::Tcp;
     let mut l4 = Vec::new();
     l4.extend_from_slice(&flow.src.port().to_be_bytes());
     l4.extend_from_slice(&flow.service.port.to_be_bytes());
     if tcp {
-        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 5 << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 5 << 4, tcp_flags, 0xff, 0xff, 0, 0, 0, 0]);
     } else {
         l4.extend_from_slice(&8u16.to_be_bytes());
         l4.extend_from_slice(&[0, 0]);
@@ -101,31 +114,39 @@ fn checksum(bytes: &[u8]) -> u16 {
 /// Runs the simulation of `flow` and names the master the program chose.
 pub fn run(director: &Director, simulator: &Simulator, flow: &str) -> Result<Simulation, SimulateError> {
     let parsed: Flow = flow.parse()?;
-    let (code, out) = simulator.run(&first_packet(&parsed, [0x02, 0, 0, 0, 0, 0x02]))?;
+    let service = director.desired().get(&parsed.service);
+    let (code, out) = simulator.run(&established_packet(&parsed, director.gateway_mac()))?;
     let verdict = match reason::verdict(code) {
         reason::XDP_TX => "XDP_TX",
         reason::XDP_DROP => "XDP_DROP",
         _ => "XDP_PASS",
     };
-    let service = director.desired().get(&parsed.service);
-    let mut simulation = Simulation {
+    let chosen = |code: u32, out: &[u8]| -> Option<([u8; 6], Option<IpAddr>)> {
+        if code != reason::FORWARDED || out.len() < 6 {
+            return None;
+        }
+        let mac: [u8; 6] = out[0..6].try_into().expect("six bytes");
+        // The frame carries only the MAC; within the service it names one master (two
+        // masters with one MAC would be one host, and either answer is that host).
+        let backend = service.and_then(|s| s.backends.iter().find(|(_, b)| b.mac() == Some(mac))).map(|(addr, _)| *addr);
+        Some((mac, backend))
+    };
+    let now = chosen(code, &out);
+    let new_backend = if parsed.service.protocol == crate::config::Protocol::Tcp {
+        let (code, out) = simulator.run(&first_packet(&parsed, director.gateway_mac()))?;
+        chosen(code, &out).and_then(|(_, b)| b)
+    } else {
+        now.and_then(|(_, b)| b)
+    };
+    Ok(Simulation {
         flow: format!("{}-{}", parsed.src, parsed.service),
         verdict: verdict.into(),
         reason: reason::name(code).into(),
         service: service.map(|s| s.name.clone()),
-        backend: None,
-        mac: None,
-    };
-    if code == reason::FORWARDED && out.len() >= 6 {
-        let mac: [u8; 6] = out[0..6].try_into().expect("six bytes");
-        simulation.mac = Some(format_mac(&mac));
-        // The frame carries only the MAC; within the service it names one master (two
-        // masters with one MAC would be one host, and either answer is that host).
-        simulation.backend = service
-            .and_then(|s| s.backends.iter().find(|(_, b)| b.mac() == Some(mac)))
-            .map(|(addr, _)| *addr);
-    }
-    Ok(simulation)
+        backend: now.and_then(|(_, b)| b),
+        mac: now.map(|(mac, _)| format_mac(&mac)),
+        new_backend,
+    })
 }
 
 #[cfg(test)]

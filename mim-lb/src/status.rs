@@ -93,9 +93,14 @@ pub struct Simulation {
     /// The reason code's name (`forwarded`, `no_backend`, ...).
     pub reason: String,
     pub service: Option<String>,
-    /// The master the packet was sent to, when forwarded.
+    /// The master the flow's packets go to now, when forwarded.
     pub backend: Option<IpAddr>,
     pub mac: Option<String>,
+    /// The master a new connection from the same address and port would reach (a TCP SYN
+    /// always follows the current table); the same as `backend` for UDP and for flows that
+    /// are where the table puts them.
+    #[serde(default)]
+    pub new_backend: Option<IpAddr>,
 }
 
 /// The daemon's facts that the director does not hold.

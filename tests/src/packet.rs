@@ -56,7 +56,7 @@ pub struct Frame {
 impl Frame {
     pub fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Self {
         Frame {
-            dst_mac: [0x02, 0, 0, 0, 0, 0x02],
+            dst_mac: crate::testrun::GATEWAY_MAC,
             src_mac: [0x02, 0, 0, 0, 0, 0x01],
             vlans: Vec::new(),
             src,

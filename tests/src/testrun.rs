@@ -41,8 +41,13 @@ pub struct Outcome {
 impl ProgramUnderTest {
     /// Loads the program (no pins, nothing attached) and applies `config`.
     pub fn new(config: &str) -> Result<Self> {
+        Self::with_flow_table(config, 65_536)
+    }
+
+    /// Like [`ProgramUnderTest::new`] with a connection table of `flow_table_size` entries.
+    pub fn with_flow_table(config: &str, flow_table_size: u32) -> Result<Self> {
         let config = Config::parse(config).map_err(|e| anyhow!("test config: {e}"))?;
-        let dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size: 65_536 })
+        let dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size })
             .context("loading the XDP program")?;
         let mut prog = ProgramUnderTest { director: Director::new(dataplane, GATEWAY_MAC), pin_dir: None };
         prog.apply_parsed(&config)?;

@@ -147,7 +147,30 @@ fn cases() -> Vec<Case> {
         Case { description: "IPv4 don't-fragment flag is not a fragment", input: fragment(0x4000, VIP4), expect: Expect::Forwarded(key(VIP4, 5353, 17)) },
         Case { description: "ICMP echo to a VIP is passed", input: Frame::new(CLIENT4.into(), VIP4.into(), L4::Other { proto: 1, bytes: vec![8, 0, 0, 0, 0, 1, 0, 1] }), expect: Expect::Passed(reason::NOT_TCP_UDP) },
         Case { description: "service whose only master has weight 0 drops", input: Frame::tcp(CLIENT4, 40000, Ipv4Addr::new(10, 0, 0, 102), 7000, TCP_SYN), expect: Expect::Dropped(reason::NO_BACKEND) },
+        Case { description: "SYN to a VIP addressed to another host's MAC is passed", input: Frame::tcp(CLIENT4, 40020, VIP4, 7000, TCP_SYN).with_macs(OTHER_MAC, CLIENT_MAC), expect: Expect::Passed(reason::FOREIGN_MAC) },
+        Case { description: "data to a VIP addressed to another host's MAC is passed", input: Frame::tcp(CLIENT4, 40021, VIP4, 7000, TCP_ACK).with_macs(OTHER_MAC, CLIENT_MAC), expect: Expect::Passed(reason::FOREIGN_MAC) },
+        Case { description: "broadcast UDP to a VIP is passed", input: Frame::udp(CLIENT4, 40022, VIP4, 5353).with_macs([0xff; 6], CLIENT_MAC), expect: Expect::Passed(reason::FOREIGN_MAC) },
+        Case { description: "multicast-addressed IPv6 SYN to a VIP is passed", input: Frame::tcp(CLIENT6, 40023, VIP6, 7000, TCP_SYN).with_macs([0x33, 0x33, 0, 0, 0, 1], CLIENT_MAC), expect: Expect::Passed(reason::FOREIGN_MAC) },
+        Case { description: "fragment to a VIP addressed to another host's MAC is passed", input: fragment(0x2000, VIP4).with_macs(OTHER_MAC, CLIENT_MAC), expect: Expect::Passed(reason::FOREIGN_MAC) },
     ]
+}
+
+/// Another host's unicast MAC, and the client's.
+const OTHER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x77];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+/// A frame whose IP datagram ends `cut` bytes into its transport header, the rest of that
+/// header left in the frame as Ethernet padding: the ports and flags there are not the
+/// datagram's.
+fn padded_short(frame: Frame, cut: usize) -> Vec<u8> {
+    let mut bytes = frame.bytes();
+    if frame.src.is_ipv4() {
+        let tot_len = (20 + cut) as u16;
+        bytes[16..18].copy_from_slice(&tot_len.to_be_bytes());
+    } else {
+        bytes[18..20].copy_from_slice(&(cut as u16).to_be_bytes());
+    }
+    bytes
 }
 
 /// Frames whose bytes the builder cannot express directly.
@@ -166,6 +189,11 @@ fn raw_cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
         ("IPv4 header length below 20 is malformed", bad_ihl, Expect::Passed(reason::MALFORMED)),
         ("IPv4 EtherType with version 6 is malformed", ipv6_as_v4, Expect::Passed(reason::MALFORMED)),
         ("TCP data offset below 5 is malformed", bad_doff, Expect::Passed(reason::MALFORMED)),
+        ("IPv4 UDP datagram ending inside its header, padded, is malformed", padded_short(Frame::udp(CLIENT4, 40030, VIP4, 5353), 4), Expect::Passed(reason::MALFORMED)),
+        ("IPv4 TCP segment ending inside its header, padded, is malformed", padded_short(Frame::tcp(CLIENT4, 40031, VIP4, 7000, TCP_SYN), 14), Expect::Passed(reason::MALFORMED)),
+        ("IPv4 datagram ending at its IP header, padded, is malformed", padded_short(Frame::tcp(CLIENT4, 40032, VIP4, 7000, TCP_SYN), 0), Expect::Passed(reason::MALFORMED)),
+        ("IPv6 UDP datagram ending inside its header, padded, is malformed", padded_short(Frame::udp(CLIENT6, 40033, VIP6, 7000), 6), Expect::Passed(reason::MALFORMED)),
+        ("IPv6 TCP segment ending inside its header, padded, is malformed", padded_short(Frame::tcp(CLIENT6, 40034, VIP6, 7000, TCP_SYN), 19), Expect::Passed(reason::MALFORMED)),
     ]
 }
 
@@ -480,7 +508,8 @@ fn udp_flows_are_recorded_and_counted_per_backend() {
 /// decision the live program reaches, connection table included, and leave no trace.
 #[test]
 fn simulation_takes_the_live_decision_and_leaves_no_trace() {
-    use mim_lb::simulate::{Flow, first_packet};
+    use mim_lb::simulate::{Flow, established_packet, first_packet};
+    let gw = mim_lb_tests::testrun::GATEWAY_MAC;
     let tcp4 = key(VIP4, 7000, 6);
     let mut prog = ProgramUnderTest::pinned(CONFIG).unwrap();
     let simulator = prog.director.dataplane().simulator().unwrap();
@@ -490,7 +519,7 @@ fn simulation_takes_the_live_decision_and_leaves_no_trace() {
     // New flows: the simulation names the slot's master and records nothing.
     for sport in 23000..23100u16 {
         let flow: Flow = format!("{CLIENT4}:{sport}-{VIP4}:7000/tcp").parse().unwrap();
-        let (code, out) = simulator.run(&first_packet(&flow, [2, 0, 0, 0, 0, 2])).unwrap();
+        let (code, out) = simulator.run(&first_packet(&flow, gw)).unwrap();
         assert_eq!(code, reason::FORWARDED);
         let want = prog.table_master(&tcp4, CLIENT4.into(), sport, 7000).unwrap();
         assert_eq!(out[0..6], prog.master_mac(&tcp4, want));
@@ -514,19 +543,23 @@ fn simulation_takes_the_live_decision_and_leaves_no_trace() {
     let mut moved_slots = 0;
     for (i, &sport) in sports.iter().enumerate() {
         let flow: Flow = format!("{CLIENT4}:{sport}-{VIP4}:7000/tcp").parse().unwrap();
-        let (code, out) = simulator.run(&first_packet(&flow, [2, 0, 0, 0, 0, 2])).unwrap();
+        let (code, out) = simulator.run(&established_packet(&flow, gw)).unwrap();
         assert_eq!(code, reason::FORWARDED);
         assert_eq!(out[0..6], first[i][..], "the simulation of an established flow left its master");
         let now_in_table = prog.table_master(&tcp4, CLIENT4.into(), sport, 7000).unwrap();
+        // A new connection from the same port follows the current table, whatever is recorded.
+        let (code, out) = simulator.run(&first_packet(&flow, gw)).unwrap();
+        assert_eq!(code, reason::FORWARDED);
+        assert_eq!(out[0..6], prog.master_mac(&tcp4, now_in_table), "a simulated SYN did not follow the table");
         moved_slots += (prog.master_mac(&tcp4, now_in_table)[..] != first[i][..]) as usize;
     }
     assert!(moved_slots > 40, "only {moved_slots} slots moved: the test proves nothing");
 
     // Not a service, and no backend: the reason comes back too.
     let other: Flow = format!("{CLIENT4}:1-{VIP4}:22/tcp").parse().unwrap();
-    assert_eq!(simulator.run(&first_packet(&other, [2, 0, 0, 0, 0, 2])).unwrap().0, reason::NOT_A_SERVICE);
+    assert_eq!(simulator.run(&first_packet(&other, gw)).unwrap().0, reason::NOT_A_SERVICE);
     let empty: Flow = format!("{CLIENT4}:1-10.0.0.102:7000/tcp").parse().unwrap();
-    assert_eq!(simulator.run(&first_packet(&empty, [2, 0, 0, 0, 0, 2])).unwrap().0, reason::NO_BACKEND);
+    assert_eq!(simulator.run(&first_packet(&empty, gw)).unwrap().0, reason::NO_BACKEND);
 }
 
 /// A change to one service rebuilds that service's table only; an unchanged configuration

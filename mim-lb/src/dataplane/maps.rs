@@ -82,6 +82,15 @@ impl<'a> MapsRo<'a> {
             .collect()
     }
 
+    /// `SLOT_SEEN` of the first `size` slots of a service: when an unrecorded flow last went
+    /// to each slot's previous master (`CLOCK_MONOTONIC >> SEEN_SHIFT`).
+    pub fn slot_seen(&self, service_id: u32, size: u32) -> Result<Vec<u32>, DataplaneError> {
+        let map = self.array::<u32>(names::SLOT_SEEN)?;
+        (0..size)
+            .map(|slot| map.get(&limits::slot_index(service_id, slot), 0).map_err(map_err(names::SLOT_SEEN)))
+            .collect()
+    }
+
     pub fn backend(&self, id: u32) -> Result<BackendEntry, DataplaneError> {
         self.array::<BackendEntry>(names::BACKENDS)?.get(&id, 0).map_err(map_err(names::BACKENDS))
     }
@@ -180,6 +189,15 @@ impl<'a> Maps<'a> {
             written += 1;
         }
         Ok(written)
+    }
+
+    /// Writes a service's table from before a resize into `MAGLEV_OLD` (master per slot).
+    pub fn set_maglev_old(&mut self, service_id: u32, owners: &[u32]) -> Result<usize, DataplaneError> {
+        let mut map = self.array::<u32>(names::MAGLEV_OLD)?;
+        for (slot, owner) in owners.iter().enumerate() {
+            map.set(limits::slot_index(service_id, slot as u32), *owner, 0).map_err(map_err(names::MAGLEV_OLD))?;
+        }
+        Ok(owners.len())
     }
 
     pub fn set_backend(&mut self, id: u32, value: &BackendEntry) -> Result<(), DataplaneError> {

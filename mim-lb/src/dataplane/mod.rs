@@ -203,7 +203,8 @@ impl Dataplane {
         };
         if reused_pins {
             let globals = dataplane.maps().globals()?;
-            if globals.flags & GLOBALS_F_READY != 0 && globals.abi_version != ABI_VERSION {
+            let readable = MIN_READABLE_ABI_VERSION..=ABI_VERSION;
+            if globals.flags & GLOBALS_F_READY != 0 && !readable.contains(&globals.abi_version) {
                 return Err(DataplaneError::IncompatiblePins {
                     dir: options.pin_dir.clone().unwrap_or_default(),
                     detail: format!(
@@ -516,8 +517,19 @@ fn on_bpffs(dir: &Path) -> bool {
     rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }
 
+/// The oldest `Globals::abi_version` whose maps this build takes over. Version 1 lacked
+/// `SLOT_SEEN` and `MAGLEV_OLD` (created empty, which is what they hold for its state) and
+/// used no bits of a Maglev entry beyond the master's id and the changed mark, whose meaning
+/// version 2 keeps: a marked slot with no previous master sends unrecorded flows to its
+/// master, as version 1 did.
+const MIN_READABLE_ABI_VERSION: u32 = 1;
+
+/// Maps added after `MIN_READABLE_ABI_VERSION`: a pinned set may lack them, and they are then
+/// created (empty) and pinned beside the others.
+const MAPS_ADDED_SINCE_OLDEST: [&str; 2] = [names::SLOT_SEEN, names::MAGLEV_OLD];
+
 /// What this build expects of each pinned map: (name, type, key size, value size, entries).
-fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize, u32); 8] {
+fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize, u32); 10] {
     use core::mem::size_of;
     [
         (names::GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
@@ -528,6 +540,8 @@ fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize,
         (names::REASON_STATS, MapType::PerCpuArray, 4, size_of::<Counter>(), limits::REASON_SLOTS),
         (names::SERVICE_STATS, MapType::PerCpuArray, 4, size_of::<TrafficStats>(), limits::MAX_SERVICES),
         (names::BACKEND_STATS, MapType::PerCpuArray, 4, size_of::<TrafficStats>(), limits::MAX_BACKENDS),
+        (names::SLOT_SEEN, MapType::Array, 4, 4, limits::SLOT_MAP_ENTRIES),
+        (names::MAGLEV_OLD, MapType::Array, 4, 4, limits::SLOT_MAP_ENTRIES),
     ]
 }
 
@@ -547,11 +561,15 @@ fn check_pins(dir: &Path, flow_table_size: u32) -> Result<bool, DataplaneError> 
         return Ok(false);
     }
     let incompatible = |detail: String| DataplaneError::IncompatiblePins { dir: dir.to_path_buf(), detail };
-    if present.len() != expected.len() {
-        let missing: Vec<&str> = expected.iter().map(|e| e.0).filter(|n| !present.contains(n)).collect();
+    let missing: Vec<&str> = expected
+        .iter()
+        .map(|e| e.0)
+        .filter(|n| !present.contains(n) && !MAPS_ADDED_SINCE_OLDEST.contains(n))
+        .collect();
+    if !missing.is_empty() {
         return Err(incompatible(format!("the set is incomplete (missing {})", missing.join(", "))));
     }
-    for (name, map_type, key, value, entries) in expected {
+    for (name, map_type, key, value, entries) in expected.into_iter().filter(|e| present.contains(&e.0)) {
         let info = MapInfo::from_pin(dir.join(name))
             .map_err(|e| incompatible(format!("{name} cannot be opened: {e}")))?;
         let found_type = info.map_type().map_err(|e| incompatible(format!("{name}: {e}")))?;

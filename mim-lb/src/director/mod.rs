@@ -2,21 +2,29 @@
 //! verdicts + resolved MACs), and writes it into the data path so that the program never sees
 //! a half-written state and no established flow moves while its master can keep it.
 //!
-//! Every change goes through one function, [`Director::commit`], which first computes
-//! everything that can fail (ids, tables, index placement), and only then writes:
+//! Every change goes through one function, [`Director::commit`]: a pure plan
+//! ([`plan`]) computes everything that can fail without the kernel (ids, tables, marks, index
+//! placement), then the plan is written:
 //! 1. backend entries (a new master must exist before a slot names it);
-//! 2. each changed service's Maglev table, into the region the data path is not reading, with
-//!    slots whose master changed marked `MAGLEV_SLOT_CHANGED` so flows recorded on the old
-//!    master keep it;
+//! 2. old tables of resized services, then each changed service's Maglev table, into the
+//!    region the data path is not reading, with slots whose master changed marked
+//!    (see [`marks`]) so flows that began on the old master keep it;
 //! 3. when a table moved or the service set changed, a complete new half of the service index
 //!    (pointing at the new regions), and one word in `GLOBALS` that flips the data path to it;
 //! 4. only then are entries of backends that are gone cleared.
+//!
+//! A write that fails before the flip leaves the data path reading what it read before; the
+//! director then forgets what it believed the unread regions hold, so the next commit writes
+//! them whole. Once the flip is done, the commit is adopted; clearing what is gone is retried
+//! by the next commit if it fails.
 //!
 //! [`Director::sweep`] later clears the marks no live flow needs any more and lets removed
 //! backends go once their last flow has ended.
 
 mod desired;
 mod ids;
+pub mod marks;
+mod plan;
 mod recover;
 mod sweep;
 
@@ -28,8 +36,7 @@ use std::{
 pub use desired::{Admin, BackendDesire, Desired, ServiceDesire, State};
 use mim_lb_common::{
     ABI_VERSION, BACKEND_F_IN_USE, BACKEND_F_KEEPS_FLOWS, BackendEntry, GLOBALS_F_READY,
-    HEALTH_DOWN, HEALTH_UP, MAGLEV_SLOT_CHANGED, SERVICE_F_SOURCE_HASH, SERVICE_F_VIP_MARKER,
-    ServiceEntry,
+    HEALTH_DOWN, HEALTH_UP, SERVICE_F_SOURCE_HASH, SERVICE_F_VIP_MARKER, ServiceEntry, limits,
 };
 pub use sweep::{SweepReport, monotonic_ns, read_pinned_flows};
 
@@ -60,16 +67,20 @@ pub enum DirectorError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WrittenService {
     pub id: u32,
+    /// `SERVICE_F_SOURCE_HASH` or 0: how the live table hashes.
     pub flags: u32,
     pub table_size: u32,
     /// The Maglev region the data path reads (0 or 1).
     pub active: u32,
-    /// Contents of both regions as last written (entries with their changed marks); empty
-    /// when unknown (after a restart, for the region not being read).
+    /// Contents of both regions as last written (entries with their marks); empty when
+    /// unknown (after a restart, or after a write to it failed), and then written whole.
     regions: [Vec<u32>; 2],
-    /// `CLOCK_MONOTONIC` (the clock of `bpf_ktime_get_ns`) of the last change of the live
-    /// table: flows older than that may not have refreshed their `last_seen_ns` yet.
-    changed_at_ns: u64,
+    /// When each slot of the live table last changed master and since when it is marked.
+    times: marks::SlotTimes,
+    /// Marked slots in the live table, so that nothing scans the table to know.
+    marked: usize,
+    /// Set by a resize until no slot sends unrecorded flows to the old table.
+    resized: Option<Resized>,
     /// What the live table was built from: (address, id, table weight) of every backend.
     /// Unchanged inputs mean an unchanged table, so a change elsewhere rebuilds nothing
     /// here. Empty when unknown (after a restart).
@@ -81,6 +92,24 @@ impl WrittenService {
     pub fn table(&self) -> &[u32] {
         &self.regions[self.active as usize]
     }
+
+    /// Marked slots in the live table.
+    pub fn marked(&self) -> usize {
+        self.marked
+    }
+
+    /// Whether unrecorded flows of marked slots may still look up the table from before a
+    /// resize.
+    pub fn resized(&self) -> bool {
+        self.resized.is_some()
+    }
+}
+
+/// The table a resized service had before: its size and hash (`SERVICE_F_SOURCE_HASH` or 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resized {
+    pub old_table_size: u32,
+    pub old_flags: u32,
 }
 
 /// A change of one backend's state, for the log.
@@ -116,9 +145,6 @@ pub struct ApplyReport {
     pub changes: Vec<Change>,
 }
 
-/// Writes into one Maglev region: (service id, region, (slot, entry) pairs).
-type RegionWrite = (u32, u32, Vec<(u32, u32)>);
-
 /// Owns the data path and the record of what is written in it.
 pub struct Director {
     dataplane: Dataplane,
@@ -132,6 +158,9 @@ pub struct Director {
     index_slots: [BTreeSet<u32>; 2],
     /// The entries of the live half, to skip rewriting an unchanged index.
     index_entries: Vec<ServiceEntry>,
+    /// When each removed backend (by id) began removing: a sweep whose read began earlier
+    /// may miss its newest flows.
+    removing_since: BTreeMap<u32, u64>,
     ready: bool,
 }
 
@@ -149,8 +178,37 @@ impl Director {
             index_seeds: [0; 2],
             index_slots: [BTreeSet::new(), BTreeSet::new()],
             index_entries: Vec::new(),
+            removing_since: BTreeMap::new(),
             ready: false,
         }
+    }
+
+    /// The source MAC forwarded frames carry.
+    pub fn gateway_mac(&self) -> [u8; 6] {
+        self.gateway_mac
+    }
+
+    /// Uses `mac` as the source MAC of forwarded frames from now on (the interface's address
+    /// changed). Written at once if the maps are live.
+    pub fn set_gateway_mac(&mut self, mac: [u8; 6]) -> Result<bool, DirectorError> {
+        if mac == self.gateway_mac {
+            return Ok(false);
+        }
+        self.gateway_mac = mac;
+        if self.ready {
+            self.write_gateway_mac()?;
+        }
+        Ok(true)
+    }
+
+    /// Makes `GLOBALS` carry the gateway MAC, if it does not already.
+    fn write_gateway_mac(&mut self) -> Result<(), DirectorError> {
+        let current = self.dataplane.maps().globals()?;
+        if current.gateway_mac != self.gateway_mac {
+            let updated = mim_lb_common::Globals { gateway_mac: self.gateway_mac, ..current };
+            self.dataplane.maps().set_globals(&updated)?;
+        }
+        Ok(())
     }
 
     pub fn dataplane(&self) -> &Dataplane {
@@ -373,94 +431,52 @@ impl Director {
         pools
     }
 
-    /// Makes the data path match `next`, then adopts it as the desired state.
+    /// Makes the data path match `next`, then adopts it as the desired state. On an error
+    /// nothing was adopted and the data path reads what it read before.
     fn commit(&mut self, next: Desired) -> Result<ApplyReport, DirectorError> {
         let now = sweep::monotonic_ns();
-        let mut report = ApplyReport::default();
-
-        // Everything that can fail without touching the kernel comes first.
-        let mut entries: BTreeMap<u32, BackendEntry> = BTreeMap::new();
-        for (key, s) in &next {
-            for (addr, b) in &s.backends {
-                entries.insert(b.id, backend_entry(s.id, *addr, b));
-                let (to, reason) = b.state();
-                let from = self.desired.get(key).and_then(|o| o.backends.get(addr)).map(|o| o.state().0);
-                if let Some(from) = from
-                    && from != to
-                {
-                    report.changes.push(Change { service: *key, backend: *addr, from, to, reason });
-                }
+        let plan = self.plan(&next, now)?;
+        if let Err(e) = self.write_before_flip(&plan) {
+            self.forget_unread_regions(&plan);
+            return Err(e);
+        }
+        let mut report = plan.report;
+        if let Some((entries, placed)) = plan.index {
+            if let Err(e) = self.write_index(&placed) {
+                self.forget_unread_regions_of(&plan.written);
+                return Err(e);
+            }
+            self.index_entries = entries;
+            report.index_flipped = true;
+        }
+        for (key, old) in &self.desired {
+            if !next.contains_key(key) {
+                report.removed_services.push(old.name.clone());
             }
         }
-        let mut written_next = BTreeMap::new();
-        // (service id, region, (slot, entry) writes)
-        let mut region_writes: Vec<RegionWrite> = Vec::new();
-        let mut new_services = Vec::new();
-        for (key, s) in &next {
-            let flags = service_flags(s.scheduler);
-            let inputs: Vec<(IpAddr, u32, u32)> =
-                s.backends.iter().map(|(addr, b)| (*addr, b.id, b.table_weight())).collect();
-            if let Some(old) = self.written.get(key).filter(|o| {
-                o.id == s.id && o.table_size == s.table_size && o.flags == flags && o.inputs == inputs
-            }) {
-                // Only what changed is rebuilt: a verdict about one service costs no Maglev
-                // build of the others.
-                written_next.insert(*key, old.clone());
-                continue;
+        for s in next.values() {
+            for b in s.backends.values().filter(|b| b.removing) {
+                self.removing_since.entry(b.id).or_insert(now);
             }
-            let built = build_table(s);
-            report.tables_built += 1;
-            let old = self.written.get(key).filter(|o| o.id == s.id);
-            let (target, table, changed_at_ns) = match old {
-                Some(old) if old.table_size == s.table_size && old.flags == flags => {
-                    let live = old.table();
-                    let marked = mark_changed(live, &built);
-                    if marked == live {
-                        written_next.insert(*key, WrittenService { inputs, ..old.clone() });
-                        continue;
-                    }
-                    (1 - old.active, marked, now)
-                }
-                // A new table size or hash: any recorded flow may now hash anywhere, so every
-                // slot consults the connection table until the sweep knows better.
-                Some(old) => (1 - old.active, built.iter().map(|id| id | MAGLEV_SLOT_CHANGED).collect(), now),
-                None => {
-                    new_services.push(s.id);
-                    (0, built, now)
-                }
-            };
-            let previous = old.map(|o| o.regions[target as usize].as_slice()).unwrap_or(&[]);
-            let writes: Vec<(u32, u32)> = table
-                .iter()
-                .enumerate()
-                .filter(|(slot, v)| previous.get(*slot) != Some(*v))
-                .map(|(slot, v)| (slot as u32, *v))
-                .collect();
-            let mut regions = old.map(|o| o.regions.clone()).unwrap_or_default();
-            if old.is_none() {
-                // A new service gets the same table in both regions, so that its first change
-                // (a failover, usually) writes only the slots that change instead of a whole
-                // table: that write sits between the verdict and the data path seeing it.
-                region_writes.push((s.id, 1 - target, writes.clone()));
-                regions[(1 - target) as usize] = table.clone();
-            }
-            region_writes.push((s.id, target, writes));
-            regions[target as usize] = table;
-            written_next.insert(
-                *key,
-                WrittenService { id: s.id, flags, table_size: s.table_size, active: target, regions, changed_at_ns, inputs },
-            );
-            report.changed_services.push(s.name.clone());
         }
-        let index_entries = index_entries(&next, &written_next);
-        let placed = if !self.ready || !same_entries(&index_entries, &self.index_entries) {
-            Some(service_index::place(&index_entries)?)
-        } else {
-            None
-        };
+        let removing: BTreeSet<u32> =
+            next.values().flat_map(|s| s.backends.values()).filter(|b| b.removing).map(|b| b.id).collect();
+        self.removing_since.retain(|id, _| removing.contains(id));
+        self.desired = next;
+        self.written = plan.written;
+        // The flip is done: what follows only tidies up, and is retried by the next commit.
+        if let Err(e) = self.clear_gone_backends(&plan.entries) {
+            log::warn!("clearing entries of backends that are gone (retried on the next change): {e}");
+        }
+        if let Err(e) = self.write_gateway_mac() {
+            log::warn!("writing the gateway MAC (retried on the next change): {e}");
+        }
+        Ok(report)
+    }
 
-        // Step 1: backend entries.
-        for (id, entry) in &entries {
+    /// Steps 1 and 2: backend entries, old tables, Maglev regions the data path is not reading.
+    fn write_before_flip(&mut self, plan: &plan::Plan) -> Result<(), DirectorError> {
+        for (id, entry) in &plan.entries {
             if self.written_backends.get(id) == Some(entry) {
                 continue;
             }
@@ -469,38 +485,66 @@ impl Director {
             }
             self.dataplane.maps().set_backend(*id, entry)?;
             self.written_backends.insert(*id, *entry);
-            report.backend_writes += 1;
         }
-        // Step 2: Maglev regions.
-        for id in &new_services {
+        for id in &plan.new_services {
             self.dataplane.maps().reset_service_stats(*id)?;
         }
-        for (id, half, writes) in region_writes {
-            report.maglev_writes += self.dataplane.maps().set_maglev_entries(id, half, writes)?;
+        for (id, owners) in &plan.old_tables {
+            self.dataplane.maps().set_maglev_old(*id, owners)?;
         }
-        // Step 3: the index half and the flip.
-        if let Some(placed) = placed {
-            self.write_index(&placed)?;
-            self.index_entries = index_entries;
-            report.index_flipped = true;
+        for w in &plan.region_writes {
+            self.dataplane.maps().set_maglev_entries(w.id, w.half, w.writes.iter().copied())?;
         }
-        // Step 4: what is gone.
+        Ok(())
+    }
+
+    /// After a failed write: the regions the plan wrote into may hold anything, so the next
+    /// commit writes them whole instead of only what it believes changed.
+    fn forget_unread_regions(&mut self, plan: &plan::Plan) {
+        for w in &plan.region_writes {
+            if let Some(old) = self.written.get_mut(&w.key)
+                && old.id == w.id
+                && old.active != w.half
+            {
+                old.regions[w.half as usize] = Vec::new();
+            }
+        }
+    }
+
+    /// Like [`Director::forget_unread_regions`] for every region the data path is not reading.
+    fn forget_unread_regions_of(&mut self, planned: &BTreeMap<ServiceKey, WrittenService>) {
+        for (key, w) in planned {
+            if let Some(old) = self.written.get_mut(key)
+                && old.id == w.id
+            {
+                let unread = 1 - old.active as usize;
+                old.regions[unread] = Vec::new();
+            }
+        }
+    }
+
+    /// Step 4: clears the entries of backends the data path can no longer reach.
+    fn clear_gone_backends(&mut self, entries: &BTreeMap<u32, BackendEntry>) -> Result<(), DirectorError> {
         let gone: Vec<u32> = self.written_backends.keys().filter(|id| !entries.contains_key(id)).copied().collect();
         for id in gone {
             self.dataplane.maps().set_backend(id, &BackendEntry::default())?;
             self.written_backends.remove(&id);
         }
-        for (key, old) in &self.desired {
-            if !next.contains_key(key) {
-                report.removed_services.push(old.name.clone());
-            }
-        }
-        self.desired = next;
-        self.written = written_next;
-        Ok(report)
+        Ok(())
     }
 
+    /// Writes a new half of the service index and flips the data path to it. If a write
+    /// fails, the half's contents are unknown: the next write clears every slot of it.
     fn write_index(&mut self, placed: &service_index::Placed) -> Result<(), DirectorError> {
+        let result = self.write_index_half(placed);
+        if result.is_err() {
+            let half = 1 - self.index_active;
+            self.index_slots[half as usize] = (0..limits::SERVICE_SLOTS).collect();
+        }
+        result
+    }
+
+    fn write_index_half(&mut self, placed: &service_index::Placed) -> Result<(), DirectorError> {
         let half = 1 - self.index_active;
         let placed_slots: BTreeSet<u32> = placed.slots.iter().map(|(slot, _)| *slot).collect();
         for stale in self.index_slots[half as usize].difference(&placed_slots) {
@@ -537,14 +581,18 @@ impl Director {
     }
 }
 
-fn service_flags(scheduler: Scheduler) -> u32 {
+pub(super) fn service_flags(scheduler: Scheduler) -> u32 {
     match scheduler {
         Scheduler::Maglev => 0,
         Scheduler::MaglevSource => SERVICE_F_SOURCE_HASH,
     }
 }
 
-fn backend_entry(service_id: u32, addr: IpAddr, b: &BackendDesire) -> BackendEntry {
+/// The entry the data path reads for a backend. A backend whose MAC is unknown keeps the MAC
+/// it was last written with (or none), never the zero MAC: its state is down, so no new flow
+/// goes to it, and packets still in flight before the table flip that removes it go where it
+/// was.
+pub(super) fn backend_entry(service_id: u32, addr: IpAddr, b: &BackendDesire, last_mac: Option<[u8; 6]>) -> BackendEntry {
     let (state, _) = b.state();
     let (words, family) = addr_words(addr);
     let mut flags = BACKEND_F_IN_USE;
@@ -552,7 +600,7 @@ fn backend_entry(service_id: u32, addr: IpAddr, b: &BackendDesire) -> BackendEnt
         flags |= BACKEND_F_KEEPS_FLOWS;
     }
     BackendEntry {
-        mac: b.mac().unwrap_or_default(),
+        mac: b.mac().or(last_mac).unwrap_or_default(),
         family,
         _pad0: 0,
         flags,
@@ -565,25 +613,9 @@ fn backend_entry(service_id: u32, addr: IpAddr, b: &BackendDesire) -> BackendEnt
     }
 }
 
-/// The new live table with changed marks: a slot is marked when its master changes while the
-/// old one had a master (flows recorded there may be alive), and stays marked until the
-/// sweep knows no recorded flow needs it.
-fn mark_changed(live: &[u32], built: &[u32]) -> Vec<u32> {
-    built
-        .iter()
-        .enumerate()
-        .map(|(slot, &id)| {
-            let old = live.get(slot).copied().unwrap_or(0);
-            let old_id = old & mim_lb_common::MAGLEV_BACKEND_MASK;
-            let changed = old & MAGLEV_SLOT_CHANGED != 0 || (old_id != 0 && old_id != id);
-            if changed { id | MAGLEV_SLOT_CHANGED } else { id }
-        })
-        .collect()
-}
-
 /// Service index entries: one per service, plus one VIP marker per (vip, protocol) so that
 /// fragments (which carry no port) addressed to a VIP are recognised.
-fn index_entries(desired: &Desired, written: &BTreeMap<ServiceKey, WrittenService>) -> Vec<ServiceEntry> {
+pub(super) fn index_entries(desired: &Desired, written: &BTreeMap<ServiceKey, WrittenService>) -> Vec<ServiceEntry> {
     let mut entries = Vec::new();
     let mut markers = BTreeSet::new();
     for (key, w) in written {
@@ -591,16 +623,17 @@ fn index_entries(desired: &Desired, written: &BTreeMap<ServiceKey, WrittenServic
             continue;
         }
         let (vip, family) = addr_words(key.vip);
+        let (resized_flags, old_table_size) = plan::resized_fields(w.resized);
         entries.push(ServiceEntry {
             vip,
             port: key.port.to_be(),
             proto: key.protocol.number(),
             family,
             service_id: w.id,
-            flags: w.flags,
+            flags: w.flags | resized_flags,
             table_size: w.table_size,
             active_table: w.active,
-            _pad0: 0,
+            old_table_size,
         });
         if markers.insert((key.vip, key.protocol)) {
             entries.push(ServiceEntry {
@@ -612,15 +645,17 @@ fn index_entries(desired: &Desired, written: &BTreeMap<ServiceKey, WrittenServic
                 flags: SERVICE_F_VIP_MARKER,
                 table_size: 0,
                 active_table: 0,
-                _pad0: 0,
+                old_table_size: 0,
             });
         }
     }
     entries
 }
 
-fn same_entries(a: &[ServiceEntry], b: &[ServiceEntry]) -> bool {
-    let key = |e: &ServiceEntry| (e.vip, e.port, e.proto, e.family, e.service_id, e.flags, e.table_size, e.active_table);
+pub(super) fn same_entries(a: &[ServiceEntry], b: &[ServiceEntry]) -> bool {
+    let key = |e: &ServiceEntry| {
+        (e.vip, e.port, e.proto, e.family, e.service_id, e.flags, e.table_size, e.active_table, e.old_table_size)
+    };
     let mut a: Vec<_> = a.iter().map(key).collect();
     let mut b: Vec<_> = b.iter().map(key).collect();
     a.sort_unstable();
@@ -654,18 +689,6 @@ pub fn maglev_key(addr: &IpAddr) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use mim_lb_common::limits;
-
-    use super::*;
-
-    #[test]
-    fn a_slot_that_changes_master_is_marked_and_stays_marked() {
-        let live = vec![1, 2, 3, 0];
-        let built = vec![1, 3, 3, 2];
-        let marked = mark_changed(&live, &built);
-        assert_eq!(marked, vec![1, 3 | MAGLEV_SLOT_CHANGED, 3, 2]);
-        let again = mark_changed(&marked, &built);
-        assert_eq!(again, marked, "marks persist until the sweep clears them");
-    }
 
     #[test]
     fn maglev_limits_are_respected_by_the_map_layout() {

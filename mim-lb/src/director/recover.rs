@@ -4,12 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use mim_lb_common::{
-    BACKEND_STATE_REMOVING, GLOBALS_F_READY, HEALTH_UP, PROTO_UDP, SERVICE_F_SOURCE_HASH,
-    SERVICE_F_VIP_MARKER,
+    BACKEND_STATE_REMOVING, GLOBALS_F_READY, HEALTH_UP, PROTO_UDP, SERVICE_F_OLD_SOURCE_HASH,
+    SERVICE_F_RESIZED, SERVICE_F_SOURCE_HASH, SERVICE_F_VIP_MARKER,
 };
 
 use super::{
-    Admin, BackendDesire, Director, DirectorError, ServiceDesire, WrittenService, sweep,
+    Admin, BackendDesire, Director, DirectorError, Resized, ServiceDesire, WrittenService, marks,
+    sweep,
 };
 use crate::{
     config::{HealthCheck, Protocol, Scheduler, ServiceKey},
@@ -53,18 +54,27 @@ impl Director {
                 protocol: if e.proto == PROTO_UDP { Protocol::Udp } else { Protocol::Tcp },
             };
             let table = maps.maglev_region(e.service_id, e.active_table & 1, e.table_size)?;
+            // Unknown history: every marked slot counts as just changed, so its mark is kept
+            // for at least a full idle timeout.
+            let times = marks::SlotTimes::all_at(&table, now);
+            let marked = table.iter().filter(|e| marks::is_marked(**e)).count();
             let mut regions: [Vec<u32>; 2] = Default::default();
             regions[(e.active_table & 1) as usize] = table;
+            let resized = (e.flags & SERVICE_F_RESIZED != 0).then_some(Resized {
+                old_table_size: e.old_table_size,
+                old_flags: if e.flags & SERVICE_F_OLD_SOURCE_HASH != 0 { SERVICE_F_SOURCE_HASH } else { 0 },
+            });
             written.insert(
                 key,
                 WrittenService {
                     id: e.service_id,
-                    flags: e.flags,
+                    flags: e.flags & SERVICE_F_SOURCE_HASH,
                     table_size: e.table_size,
                     active: e.active_table & 1,
                     regions,
-                    // Unknown: assume it just changed, so marks are kept for a full idle timeout.
-                    changed_at_ns: now,
+                    times,
+                    marked,
+                    resized,
                     inputs: Vec::new(),
                 },
             );
@@ -120,6 +130,14 @@ impl Director {
         director.index_seeds = globals.service_seeds;
         director.desired = desired;
         director.written = written;
+        let now_removing = director
+            .desired
+            .values()
+            .flat_map(|s| s.backends.values())
+            .filter(|b| b.removing)
+            .map(|b| (b.id, now))
+            .collect();
+        director.removing_since = now_removing;
         director.written_backends = written_backends;
         director.ready = true;
         Ok((director, recovered))

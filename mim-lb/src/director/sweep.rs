@@ -1,29 +1,30 @@
 //! The sweep: reads the connection table and retires what no live flow needs any more.
 //!
-//! Two things wait on the flows:
-//! - a Maglev slot marked `MAGLEV_SLOT_CHANGED` makes every packet on it consult the
-//!   connection table, which is only needed while some live flow recorded there sits on
-//!   another master than the slot's; once none does, the mark is cleared and established TCP
-//!   packets on the slot take the fast path again;
+//! Three things wait on the flows:
+//! - a marked Maglev slot (see [`super::marks`]) keeps its mark while some live flow on it is
+//!   not on the slot's master: a recorded one (found in the connection table) or an unrecorded
+//!   one going to the slot's previous master (the data path stamps `SLOT_SEEN` for those);
+//! - a resized service keeps its old table while any slot still sends flows there;
 //! - a backend removed from the configuration is kept (draining) while live flows use it;
 //!   after its last one it is removed for good and its records deleted.
 //!
+//! The connection table is read on another thread while commits go on, so the sweep only
+//! decides what that read can speak for: a slot whose master changed after the read began, or
+//! a backend removed after it began, waits for the next sweep.
+//!
 //! A flow is live if it was seen within the idle timeout of its protocol. The data path
-//! refreshes `last_seen_ns` only on marked slots (at most once a second), so a flow recorded
-//! before a change counts as seen at the time of the change: it gets one full timeout to show
-//! itself.
+//! refreshes `last_seen_ns` only when it looks the record up (at most once a second), which TCP
+//! does on marked slots only, so a record counts as seen when its slot was marked: it gets one
+//! full timeout to show itself.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     time::Duration,
 };
 
-use mim_lb_common::{
-    FlowEntry, FlowKey, MAGLEV_BACKEND_MASK, MAGLEV_SLOT_CHANGED, PROTO_TCP, SERVICE_F_SOURCE_HASH,
-    hash,
-};
+use mim_lb_common::{FlowEntry, FlowKey, PROTO_TCP, SERVICE_F_SOURCE_HASH, hash};
 
-use super::{Director, DirectorError, WrittenService};
+use super::{Director, DirectorError, WrittenService, marks};
 use crate::config::ServiceKey;
 
 /// Reads every recorded flow from the pinned connection table at `path`, with a map fd of its
@@ -67,17 +68,30 @@ pub(super) fn flow_slot(service: &WrittenService, key: &FlowKey) -> u32 {
     hash::table_slot(h, service.table_size)
 }
 
-/// Whether a flow counts as live at `now_ns`.
-pub(super) fn is_live(flow: &FlowEntry, changed_at_ns: u64, now_ns: u64, idle: Duration) -> bool {
-    let seen = flow.last_seen_ns.max(changed_at_ns);
+/// Whether a flow counts as live at `now_ns`, given that it could not refresh its record
+/// before `grace_from_ns`.
+pub(super) fn is_live(flow: &FlowEntry, grace_from_ns: u64, now_ns: u64, idle: Duration) -> bool {
+    let seen = flow.last_seen_ns.max(grace_from_ns);
     now_ns.saturating_sub(seen) < idle.as_nanos() as u64
 }
 
+/// What the recorded flows say, by service.
+#[derive(Default)]
+struct LiveFlows {
+    /// Slots that must stay marked: a live TCP record names another master that keeps flows.
+    needed: HashMap<ServiceKey, BTreeSet<u32>>,
+    /// Backends with a live record.
+    in_use: HashSet<u32>,
+    /// Every record, by backend, to delete those of retired backends.
+    records_of: HashMap<u32, Vec<FlowKey>>,
+    live: usize,
+}
+
 impl Director {
-    /// Whether a sweep has anything to do: marked slots or backends waiting to be retired.
+    /// Whether a sweep has anything to do: marked slots, resized services or backends waiting
+    /// to be retired. Kept counts, no scan.
     pub fn sweep_pending(&self) -> bool {
-        self.written.values().any(|w| w.table().iter().any(|e| e & MAGLEV_SLOT_CHANGED != 0))
-            || self.desired.values().any(|s| s.backends.values().any(|b| b.removing))
+        self.written.values().any(|w| w.marked > 0 || w.resized.is_some()) || !self.removing_since.is_empty()
     }
 
     /// Clears marks no live flow needs and retires removed backends without live flows.
@@ -89,14 +103,13 @@ impl Director {
         self.sweep_with(&flows, now_ns, tcp_idle, udp_idle)
     }
 
-    /// [`Director::sweep`] on a copy of the connection table read earlier, at `now_ns` or
-    /// later. Reading a large table takes seconds of syscalls, so the daemon reads it on
-    /// another thread and hands the copy here; a flow recorded since only ever sits on its
-    /// slot's current master, which needs no mark.
+    /// [`Director::sweep`] on a copy of the connection table whose read began at `read_ns`
+    /// (taken as the time of the sweep). Reading a large table takes a while, so the daemon
+    /// reads it on another thread and hands the copy here.
     pub fn sweep_with(
         &mut self,
         flows: &[(FlowKey, FlowEntry)],
-        now_ns: u64,
+        read_ns: u64,
         tcp_idle: Duration,
         udp_idle: Duration,
     ) -> Result<SweepReport, DirectorError> {
@@ -104,7 +117,17 @@ impl Director {
         if !self.sweep_pending() {
             return Ok(report);
         }
+        let live = self.live_flows(flows, read_ns, tcp_idle, udp_idle);
+        report.live_flows = live.live;
+        report.marks_cleared = self.clear_marks(&live.needed, read_ns, tcp_idle)?;
+        self.end_resizes()?;
+        let (retired, deleted) = self.retire(&live, read_ns)?;
+        report.backends_retired = retired;
+        report.flows_deleted = deleted;
+        Ok(report)
+    }
 
+    fn live_flows(&self, flows: &[(FlowKey, FlowEntry)], read_ns: u64, tcp_idle: Duration, udp_idle: Duration) -> LiveFlows {
         let by_id: HashMap<u32, ServiceKey> = self.written.iter().map(|(k, w)| (w.id, *k)).collect();
         let keeps: HashSet<u32> = self
             .desired
@@ -113,68 +136,130 @@ impl Director {
             .filter(|b| b.state().0.keeps_flows())
             .map(|b| b.id)
             .collect();
-        let mut needed: HashMap<ServiceKey, BTreeSet<u32>> = HashMap::new();
-        let mut in_use: HashSet<u32> = HashSet::new();
-        let mut records_of: HashMap<u32, Vec<FlowKey>> = HashMap::new();
+        let mut live = LiveFlows::default();
         for (key, flow) in flows {
-            records_of.entry(flow.backend_id).or_default().push(*key);
+            live.records_of.entry(flow.backend_id).or_default().push(*key);
             let Some(service) = by_id.get(&flow.service_id) else { continue };
             let written = &self.written[service];
+            let slot = flow_slot(written, key);
+            let grace = written.times.marked_ns.get(slot as usize).copied().unwrap_or(0);
             let idle = if key.proto == PROTO_TCP { tcp_idle } else { udp_idle };
-            if !is_live(flow, written.changed_at_ns, now_ns, idle) {
+            if !is_live(flow, grace, read_ns, idle) {
                 continue;
             }
-            report.live_flows += 1;
-            in_use.insert(flow.backend_id);
-            let slot = flow_slot(written, key);
-            let owner = written.table().get(slot as usize).map_or(0, |e| e & MAGLEV_BACKEND_MASK);
-            // A flow on a master that no longer keeps flows is re-steered on its next packet
-            // whichever way the packet goes, so it needs no mark.
-            if owner != flow.backend_id && keeps.contains(&flow.backend_id) {
-                needed.entry(*service).or_default().insert(slot);
+            live.live += 1;
+            live.in_use.insert(flow.backend_id);
+            let owner = written.table().get(slot as usize).map_or(0, |e| marks::owner(*e));
+            // UDP looks its record up on every datagram, marked slot or not; a flow on a master
+            // that no longer keeps flows is re-steered whichever way its packets go.
+            if key.proto == PROTO_TCP && owner != flow.backend_id && keeps.contains(&flow.backend_id) {
+                live.needed.entry(*service).or_default().insert(slot);
             }
         }
+        live
+    }
 
-        for (key, written) in self.written.iter_mut() {
-            let keep = needed.get(key);
-            let clear: Vec<(u32, u32)> = written
-                .table()
-                .iter()
-                .enumerate()
-                .filter(|(slot, e)| *e & MAGLEV_SLOT_CHANGED != 0 && keep.is_none_or(|k| !k.contains(&(*slot as u32))))
-                .map(|(slot, e)| (slot as u32, e & !MAGLEV_SLOT_CHANGED))
+    /// Clears the marks [`marks::may_clear`] allows. Clearing a mark in the live region is a
+    /// single-word write: the data path sees either the marked or the clean entry, and both
+    /// send every live flow of the slot to the same master.
+    fn clear_marks(&mut self, needed: &HashMap<ServiceKey, BTreeSet<u32>>, read_ns: u64, tcp_idle: Duration) -> Result<usize, DirectorError> {
+        let mut cleared = 0;
+        let keys: Vec<ServiceKey> = self.written.iter().filter(|(_, w)| w.marked > 0).map(|(k, _)| *k).collect();
+        for key in keys {
+            let w = &self.written[&key];
+            let keep = needed.get(&key);
+            // Only slots every other condition allows are looked up in SLOT_SEEN (a stamp of 0,
+            // "never", is no obstacle).
+            let candidates: Vec<u32> = (0..w.table().len() as u32)
+                .filter(|&slot| marks::may_clear(&self.slot_facts(w, slot, keep, 0), read_ns, tcp_idle))
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let seen = self.dataplane.maps_ro().slot_seen(w.id, w.table_size)?;
+            let clear: Vec<(u32, u32)> = candidates
+                .into_iter()
+                .filter(|&slot| marks::may_clear(&self.slot_facts(w, slot, keep, seen[slot as usize]), read_ns, tcp_idle))
+                .map(|slot| (slot, marks::owner(w.table()[slot as usize])))
                 .collect();
             if clear.is_empty() {
                 continue;
             }
-            // Clearing a mark in the live region is a single-word write: the data path sees
-            // either the marked or the clean entry, both of which route the slot correctly.
-            report.marks_cleared += self.dataplane.maps().set_maglev_entries(written.id, written.active, clear.iter().copied())?;
-            let active = written.active as usize;
+            let (id, active) = (w.id, w.active);
+            cleared += self.dataplane.maps().set_maglev_entries(id, active, clear.iter().copied())?;
+            let w = self.written.get_mut(&key).expect("listed above");
             for (slot, value) in clear {
-                written.regions[active][slot as usize] = value;
+                w.regions[active as usize][slot as usize] = value;
+                w.times.marked_ns[slot as usize] = 0;
+                w.marked -= 1;
             }
         }
+        Ok(cleared)
+    }
 
+    fn slot_facts(&self, w: &WrittenService, slot: u32, keep: Option<&BTreeSet<u32>>, seen: u32) -> marks::SlotFacts {
+        let i = slot as usize;
+        marks::SlotFacts {
+            entry: w.table()[i],
+            changed_ns: w.times.changed_ns.get(i).copied().unwrap_or(u64::MAX),
+            marked_ns: w.times.marked_ns.get(i).copied().unwrap_or(u64::MAX),
+            needed_by_record: keep.is_some_and(|k| k.contains(&slot)),
+            seen,
+        }
+    }
+
+    /// A resized service whose marked slots all name a previous master (or are clean) sends no
+    /// flow to its old table any more: the index entry drops the old table.
+    fn end_resizes(&mut self) -> Result<(), DirectorError> {
+        let mut ended = false;
+        for w in self.written.values_mut() {
+            if w.resized.is_some() && !w.table().iter().any(|e| marks::is_marked(*e) && mim_lb_common::maglev_prev(*e) == 0) {
+                w.resized = None;
+                ended = true;
+            }
+        }
+        if ended {
+            // Inputs are unchanged, so the commit only rewrites the index.
+            self.commit(self.desired.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Retires removed backends that no live flow uses: none recorded, none on a marked slot
+    /// that remembers it as its previous master, and none the read could have missed.
+    fn retire(&mut self, live: &LiveFlows, read_ns: u64) -> Result<(Vec<(ServiceKey, std::net::IpAddr)>, usize), DirectorError> {
         let mut next = self.desired.clone();
+        let mut retired = Vec::new();
         let mut retired_ids = Vec::new();
         for (key, s) in next.iter_mut() {
+            let Some(w) = self.written.get(key) else { continue };
+            let remembered: HashSet<u32> = w
+                .table()
+                .iter()
+                .filter(|e| marks::is_marked(**e))
+                .map(|e| mim_lb_common::maglev_prev(*e))
+                .collect();
+            let resized = w.resized.is_some();
             s.backends.retain(|addr, b| {
-                let retire = b.removing && (!in_use.contains(&b.id) || !b.state().0.keeps_flows());
+                let unused = !live.in_use.contains(&b.id)
+                    && !remembered.contains(&b.id)
+                    && !resized
+                    && self.removing_since.get(&b.id).is_some_and(|since| *since < read_ns);
+                let retire = b.removing && (unused || !b.state().0.keeps_flows());
                 if retire {
-                    report.backends_retired.push((*key, *addr));
+                    retired.push((*key, *addr));
                     retired_ids.push(b.id);
                 }
                 !retire
             });
         }
-        if !retired_ids.is_empty() {
-            self.commit(next)?;
-            let doomed: Vec<FlowKey> =
-                retired_ids.iter().filter_map(|id| records_of.get(id)).flatten().copied().collect();
-            report.flows_deleted = self.dataplane.maps().delete_flows(doomed.iter())?;
+        if retired_ids.is_empty() {
+            return Ok((retired, 0));
         }
-        Ok(report)
+        self.commit(next)?;
+        let doomed: Vec<FlowKey> = retired_ids.iter().filter_map(|id| live.records_of.get(id)).flatten().copied().collect();
+        let deleted = self.dataplane.maps().delete_flows(doomed.iter())?;
+        Ok((retired, deleted))
     }
 }
 
@@ -187,7 +272,7 @@ mod tests {
     }
 
     #[test]
-    fn a_flow_is_live_for_one_timeout_after_it_was_seen_or_the_table_changed() {
+    fn a_flow_is_live_for_one_timeout_after_it_was_seen_or_its_slot_was_marked() {
         let idle = Duration::from_secs(10);
         let s = 1_000_000_000u64;
         assert!(is_live(&flow(100 * s), 0, 105 * s, idle));
@@ -207,7 +292,9 @@ mod tests {
             table_size: 65_537,
             active: 0,
             regions: Default::default(),
-            changed_at_ns: 0,
+            times: marks::SlotTimes::default(),
+            marked: 0,
+            resized: None,
             inputs: Vec::new(),
         };
         let key = FlowKey {
