@@ -82,6 +82,9 @@ pub fn main() -> anyhow::Result<()> {
                 if let Some(new) = sim.new_backend.filter(|new| Some(*new) != sim.backend) {
                     println!("  a new connection from the same port would reach {new}");
                 }
+                if let Some(est) = sim.established_backend.filter(|est| Some(*est) != sim.backend) {
+                    println!("  an established connection on these ports, begun before its slot changed, stays on {est}");
+                }
             }
             Ok(())
         }

@@ -125,6 +125,17 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
         (Err(_), None, _) if reused => {
             warn!("not attached; the pins under {} are left as they were", config.pin_dir.display())
         }
+        // Failing after taking over an earlier run's attachment: the program keeps forwarding
+        // with the same maps, as after a stop with --keep-pinned, rather than dropping every
+        // flow the restart was meant to keep.
+        (Err(_), Some(_), _) if reused => {
+            dataplane.keep_attached();
+            warn!(
+                "start failed after taking over the program on {}; it stays attached with the maps pinned under {}",
+                config.interface,
+                config.pin_dir.display()
+            );
+        }
         _ => {
             if let Err(err) = dataplane.detach() {
                 warn!("detaching: {err}");
@@ -153,7 +164,19 @@ async fn start_and_serve(
     listeners: Listeners,
     attached: &mut Option<Attached>,
 ) -> Result<()> {
-    let report = director.apply_config(&config).context("filling the maps")?;
+    // Everything that can fail without changing the data path comes before the first write,
+    // so a failed start over pins an earlier run left changes nothing it forwards with.
+    let (neigh_tx, neigh_rx) = mpsc::channel(256);
+    let neighbors = NeighborResolver::start(&config.interface, neigh_tx)
+        .await
+        .with_context(|| format!("watching the neighbour table of {}", config.interface))?;
+    let report = match director.apply_config(&config) {
+        Ok(report) => report,
+        Err(e) => {
+            neighbors.shutdown().await;
+            return Err(e).context("filling the maps");
+        }
+    };
     info!(
         "maps filled: {} services, {} Maglev entries and {} backend entries written",
         director.desired().len(),
@@ -168,7 +191,13 @@ async fn start_and_serve(
         XdpMode::Native => Some(AttachMode::Native),
         XdpMode::Generic => Some(AttachMode::Generic),
     };
-    let how = director.dataplane_mut().attach(&config.interface, mode)?;
+    let how = match director.dataplane_mut().attach(&config.interface, mode) {
+        Ok(how) => how,
+        Err(e) => {
+            neighbors.shutdown().await;
+            return Err(e.into());
+        }
+    };
     *attached = Some(how);
     match how {
         Attached::Fresh(m) => info!("attached to {} in {m} mode", config.interface),
@@ -178,16 +207,12 @@ async fn start_and_serve(
     let logger = director.dataplane_mut().take_logger();
     let log_task = logger.map(|logger| tokio::spawn(forward_program_log(logger)));
     let (report_tx, report_rx) = mpsc::channel(1024);
-    let (neigh_tx, neigh_rx) = mpsc::channel(256);
     let (control_tx, control_rx) = mpsc::channel(64);
     let metrics_task = listeners.metrics.map(|listener| {
         info!("serving Prometheus metrics on http://{}/metrics", config.metrics_listen.expect("bound"));
         tokio::spawn(crate::metrics::serve(listener, control_tx.clone()))
     });
     let control_task = tokio::spawn(server::serve(listeners.control, control_tx));
-    let neighbors = NeighborResolver::start(&config.interface, neigh_tx)
-        .await
-        .with_context(|| format!("watching the neighbour table of {}", config.interface))?;
 
     let mut daemon = Daemon {
         config_path: config_path.to_owned(),
@@ -253,6 +278,10 @@ impl Daemon {
         // of syscalls); its copy is swept when it arrives. At most one read at a time.
         let mut reading: Option<(u64, tokio::task::JoinHandle<Result<Vec<_>, aya::maps::MapError>>)> = None;
         let mut period = self.sweep_period();
+        // The interface's MAC is the source MAC of every forwarded frame: a change (an
+        // operator's `ip link set address`, a bond failing over) is picked up within a second.
+        let mut link_check = tokio::time::interval(Duration::from_secs(1));
+        link_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // A reload may change the idle timeouts, and with them how often to sweep.
             if self.sweep_period() != period {
@@ -268,6 +297,7 @@ impl Daemon {
                     Err(why) => error!("SIGHUP: reload rejected, nothing changed: {why}"),
                 },
                 Some(report) = reports.recv() => self.on_report(director, report),
+                _ = link_check.tick() => self.check_gateway_mac(director).await,
                 Some(event) = neighbours.recv() => self.on_neighbour(director, event),
                 Some((request, reply)) = control.recv() => {
                     let response = self.on_request(director, request);
@@ -287,6 +317,21 @@ impl Daemon {
                     }
                 }
             }
+        }
+    }
+
+    async fn check_gateway_mac(&mut self, director: &mut Director) {
+        match neighbor::interface_mac(&self.config.interface).await {
+            Ok(mac) => match director.set_gateway_mac(mac) {
+                Ok(true) => info!(
+                    "{} now has MAC {}: forwarded frames carry it from now on",
+                    self.config.interface,
+                    crate::config::format_mac(&mac)
+                ),
+                Ok(false) => {}
+                Err(e) => error!("writing the new gateway MAC: {e}"),
+            },
+            Err(e) => log::debug!("reading the MAC of {}: {e}", self.config.interface),
         }
     }
 

@@ -111,42 +111,63 @@ fn checksum(bytes: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// What one simulated packet did: its reason code and, when forwarded, the MAC it was sent
+/// to and the master of the service with that MAC.
+struct Outcome {
+    code: u32,
+    mac: Option<[u8; 6]>,
+    backend: Option<IpAddr>,
+}
+
 /// Runs the simulation of `flow` and names the master the program chose.
 pub fn run(director: &Director, simulator: &Simulator, flow: &str) -> Result<Simulation, SimulateError> {
     let parsed: Flow = flow.parse()?;
     let service = director.desired().get(&parsed.service);
-    let (code, out) = simulator.run(&established_packet(&parsed, director.gateway_mac()))?;
-    let verdict = match reason::verdict(code) {
+    let outcome = |frame: Vec<u8>| -> Result<Outcome, SimulateError> {
+        let (code, out) = simulator.run(&frame)?;
+        let mac: Option<[u8; 6]> = (code == reason::FORWARDED && out.len() >= 6).then(|| out[0..6].try_into().expect("six bytes"));
+        // The frame carries only the MAC; within the service it names one master (two
+        // masters with one MAC would be one host, and either answer is that host).
+        let backend = mac.and_then(|mac| {
+            service.and_then(|s| s.backends.iter().find(|(_, b)| b.mac() == Some(mac))).map(|(addr, _)| *addr)
+        });
+        Ok(Outcome { code, mac, backend })
+    };
+    let new = outcome(first_packet(&parsed, director.gateway_mac()))?;
+    let established = outcome(established_packet(&parsed, director.gateway_mac()))?;
+    let recorded = director.dataplane().maps_ro().flow(&flow_key(&parsed))?.is_some();
+    let now = if recorded { &established } else { &new };
+    let verdict = match reason::verdict(now.code) {
         reason::XDP_TX => "XDP_TX",
         reason::XDP_DROP => "XDP_DROP",
         _ => "XDP_PASS",
     };
-    let chosen = |code: u32, out: &[u8]| -> Option<([u8; 6], Option<IpAddr>)> {
-        if code != reason::FORWARDED || out.len() < 6 {
-            return None;
-        }
-        let mac: [u8; 6] = out[0..6].try_into().expect("six bytes");
-        // The frame carries only the MAC; within the service it names one master (two
-        // masters with one MAC would be one host, and either answer is that host).
-        let backend = service.and_then(|s| s.backends.iter().find(|(_, b)| b.mac() == Some(mac))).map(|(addr, _)| *addr);
-        Some((mac, backend))
-    };
-    let now = chosen(code, &out);
-    let new_backend = if parsed.service.protocol == crate::config::Protocol::Tcp {
-        let (code, out) = simulator.run(&first_packet(&parsed, director.gateway_mac()))?;
-        chosen(code, &out).and_then(|(_, b)| b)
-    } else {
-        now.and_then(|(_, b)| b)
-    };
     Ok(Simulation {
         flow: format!("{}-{}", parsed.src, parsed.service),
         verdict: verdict.into(),
-        reason: reason::name(code).into(),
+        reason: reason::name(now.code).into(),
         service: service.map(|s| s.name.clone()),
-        backend: now.and_then(|(_, b)| b),
-        mac: now.map(|(mac, _)| format_mac(&mac)),
-        new_backend,
+        backend: now.backend,
+        mac: now.mac.map(|mac| format_mac(&mac)),
+        new_backend: new.backend,
+        established_backend: established.backend,
     })
+}
+
+/// The connection table's key for `flow`.
+fn flow_key(flow: &Flow) -> mim_lb_common::FlowKey {
+    use crate::dataplane::service_index::addr_words;
+    let (src, family) = addr_words(flow.src.ip());
+    let (dst, _) = addr_words(flow.service.vip);
+    mim_lb_common::FlowKey {
+        src,
+        dst,
+        sport: flow.src.port().to_be(),
+        dport: flow.service.port.to_be(),
+        proto: flow.service.protocol.number(),
+        family,
+        _pad0: [0; 2],
+    }
 }
 
 #[cfg(test)]

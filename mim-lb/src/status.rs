@@ -93,14 +93,19 @@ pub struct Simulation {
     /// The reason code's name (`forwarded`, `no_backend`, ...).
     pub reason: String,
     pub service: Option<String>,
-    /// The master the flow's packets go to now, when forwarded.
+    /// The master the flow reaches now, when forwarded: the one its record names if the
+    /// connection table has one, else the one a new connection reaches.
     pub backend: Option<IpAddr>,
     pub mac: Option<String>,
-    /// The master a new connection from the same address and port would reach (a TCP SYN
-    /// always follows the current table); the same as `backend` for UDP and for flows that
-    /// are where the table puts them.
+    /// The master a new connection from the same address and port reaches (a TCP SYN always
+    /// follows the current table).
     #[serde(default)]
     pub new_backend: Option<IpAddr>,
+    /// The master the packets of an established connection with these addresses and ports
+    /// reach: differs from `new_backend` for a recorded flow, and for an unrecorded one that
+    /// began before its slot changed master.
+    #[serde(default)]
+    pub established_backend: Option<IpAddr>,
 }
 
 /// The daemon's facts that the director does not hold.

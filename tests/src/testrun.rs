@@ -77,6 +77,25 @@ impl ProgramUnderTest {
         Ok(prog)
     }
 
+    /// Restarts the control plane over the pinned maps, as a new daemon would: loads the
+    /// program over the pins, takes their state over (`Director::recover`) with
+    /// `gateway_mac` as the interface's MAC, and applies `config`.
+    pub fn restart(&mut self, config: &str, gateway_mac: [u8; 6]) -> Result<()> {
+        let dir = self.pin_dir.clone().context("only a pinned program can restart")?;
+        let dataplane = Dataplane::load(&LoadOptions { pin_dir: Some(dir), flow_table_size: 65_536 })
+            .context("loading the XDP program over the pins")?;
+        anyhow::ensure!(dataplane.reused_pins(), "the restart did not find the pins");
+        let (director, _) = Director::recover(dataplane, gateway_mac).context("taking over the pinned maps")?;
+        self.director = director;
+        self.apply(config)
+    }
+
+    /// The kernel's id of the pinned map `name` (a pinned program only).
+    pub fn map_id(&self, name: &str) -> Result<u32> {
+        let dir = self.pin_dir.as_ref().context("only a pinned program has map pins")?;
+        Ok(aya::maps::MapInfo::from_pin(dir.join(name))?.id())
+    }
+
     /// Loads the program without applying any config.
     pub fn unconfigured() -> Result<Self> {
         let dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size: 65_536 })

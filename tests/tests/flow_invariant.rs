@@ -262,3 +262,54 @@ fn a_backend_whose_mac_becomes_unknown_is_never_written_with_the_zero_mac() {
         assert_ne!(send(&prog, p, TCP_SYN), [0; 6]);
     }
 }
+
+/// A commit whose index write the kernel refuses changes nothing the data path reads, and
+/// leaves no stale belief behind: the next, different, change goes live exactly as the
+/// director believes it (before, it skipped slots the failed commit had written).
+#[test]
+fn a_commit_that_fails_part_way_leaves_nothing_half_applied() {
+    use mim_lb_tests::fault::FailingMap;
+    let mut prog = ProgramUnderTest::pinned(&three_masters()).unwrap();
+    settle(&mut prog);
+    let live_before = prog.director.written()[&web()].table().to_vec();
+    let services = prog.map_id(mim_lb_common::maps::names::SERVICES).unwrap();
+    {
+        let _failing = FailingMap::swap(services, size_of::<mim_lb_common::ServiceEntry>() as u32).unwrap();
+        let err = prog.director.set_admin(&web(), ip(M3), Admin::Drained);
+        assert!(err.is_err(), "the commit succeeded with its index writes refused: {err:?}");
+    }
+    assert_eq!(prog.director.desired()[&web()].backends[&ip(M3)].admin, Admin::Enabled, "a failed drain was adopted");
+    assert_eq!(prog.director.written()[&web()].table(), &live_before[..]);
+    let (id, active, size) = {
+        let w = &prog.director.written()[&web()];
+        (w.id, w.active, w.table_size)
+    };
+    assert_eq!(prog.director.dataplane().maps_ro().maglev_region(id, active, size).unwrap(), live_before, "the live table changed");
+
+    prog.director.set_admin(&web(), ip(M2), Admin::Drained).unwrap();
+    let w = &prog.director.written()[&web()];
+    let live = prog.director.dataplane().maps_ro().maglev_region(w.id, w.active, w.table_size).unwrap();
+    let wrong = live.iter().zip(w.table()).filter(|(a, b)| a != b).count();
+    assert_eq!(wrong, 0, "{wrong} slots of the live table differ from what the director wrote");
+    for p in 49000..49300u16 {
+        let syn = send(&prog, p, TCP_SYN);
+        assert_eq!(master_of(&prog, syn), prog.table_master(&web(), CLIENT.into(), p, 7000).unwrap(), "port {p}");
+        assert_ne!(syn, prog.master_mac(&web(), ip(M2)), "port {p}: a new connection reached the drained master");
+    }
+}
+
+/// A restart on an interface whose MAC changed: forwarded frames carry the new MAC at once,
+/// although nothing else changed (before, it was written only with a new service index).
+#[test]
+fn a_restart_with_a_new_interface_mac_forwards_with_it() {
+    let mut prog = ProgramUnderTest::pinned(&three_masters()).unwrap();
+    let new_mac = [0x02, 0x47, 0x57, 0x00, 0x00, 0x99];
+    let before = prog.run(&Frame::tcp(CLIENT, 50000, VIP, 7000, TCP_SYN).bytes()).unwrap();
+    assert_eq!(before.bytes[6..12], mim_lb_tests::testrun::GATEWAY_MAC);
+    prog.restart(&three_masters(), new_mac).unwrap();
+    let frame = Frame::tcp(CLIENT, 50000, VIP, 7000, TCP_SYN).with_macs(new_mac, [0x02, 0, 0, 0, 0, 1]);
+    let after = prog.run(&frame.bytes()).unwrap();
+    assert_eq!(after.verdict, reason::XDP_TX);
+    assert_eq!(after.bytes[6..12], new_mac, "a forwarded frame still carries the old gateway MAC");
+    assert_eq!(after.bytes[0..6], before.bytes[0..6], "the restart moved a flow");
+}

@@ -436,11 +436,12 @@ impl Director {
     fn commit(&mut self, next: Desired) -> Result<ApplyReport, DirectorError> {
         let now = sweep::monotonic_ns();
         let plan = self.plan(&next, now)?;
-        if let Err(e) = self.write_before_flip(&plan) {
+        let mut report = ApplyReport::default();
+        if let Err(e) = self.write_before_flip(&plan, &mut report) {
             self.forget_unread_regions(&plan);
             return Err(e);
         }
-        let mut report = plan.report;
+        let mut report = ApplyReport { maglev_writes: report.maglev_writes, backend_writes: report.backend_writes, ..plan.report };
         if let Some((entries, placed)) = plan.index {
             if let Err(e) = self.write_index(&placed) {
                 self.forget_unread_regions_of(&plan.written);
@@ -475,7 +476,8 @@ impl Director {
     }
 
     /// Steps 1 and 2: backend entries, old tables, Maglev regions the data path is not reading.
-    fn write_before_flip(&mut self, plan: &plan::Plan) -> Result<(), DirectorError> {
+    /// Counts what it writes into `counts` (`maglev_writes`, `backend_writes`).
+    fn write_before_flip(&mut self, plan: &plan::Plan, counts: &mut ApplyReport) -> Result<(), DirectorError> {
         for (id, entry) in &plan.entries {
             if self.written_backends.get(id) == Some(entry) {
                 continue;
@@ -485,6 +487,7 @@ impl Director {
             }
             self.dataplane.maps().set_backend(*id, entry)?;
             self.written_backends.insert(*id, *entry);
+            counts.backend_writes += 1;
         }
         for id in &plan.new_services {
             self.dataplane.maps().reset_service_stats(*id)?;
@@ -493,7 +496,7 @@ impl Director {
             self.dataplane.maps().set_maglev_old(*id, owners)?;
         }
         for w in &plan.region_writes {
-            self.dataplane.maps().set_maglev_entries(w.id, w.half, w.writes.iter().copied())?;
+            counts.maglev_writes += self.dataplane.maps().set_maglev_entries(w.id, w.half, w.writes.iter().copied())?;
         }
         Ok(())
     }
