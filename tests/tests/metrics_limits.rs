@@ -194,3 +194,14 @@ fn a_metrics_connection_that_never_reads_is_cut_at_the_deadline() {
     assert!(answers < sent, "all {sent} pipelined requests were answered: the writes never stalled");
     assert!(gw.proc().try_exit_status().unwrap().is_none());
 }
+
+/// The unit's LimitNOFILE is the hard limit; the daemon takes all of it, whatever soft limit
+/// it was started with.
+#[test]
+fn the_daemon_raises_its_soft_file_limit_to_the_hard_limit() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    let gw = start(&mut lab, 256, 4096);
+    assert_eq!(open_file_limit(gw.proc().pid()), (4096, 4096));
+    let line = gw.proc().wait_for_line("open files", Duration::ZERO).unwrap();
+    assert!(line.contains("4096"), "{line}");
+}
