@@ -98,6 +98,7 @@ fn idle_metrics_connections_beyond_the_file_limit_leave_health_checks_and_forwar
     let mut lab = Lab::new(LabSpec::default()).unwrap();
     let gw = start(&mut lab, NOFILE, NOFILE);
     assert_eq!(open_file_limit(gw.proc().pid()), (NOFILE, NOFILE), "the daemon runs with another file limit");
+    gw.proc().wait_for_line("open files limit: 512 (the hard limit)", Duration::ZERO).unwrap();
     let metrics: SocketAddr = METRICS.parse().unwrap();
 
     let mark = gw.proc().line_count();
@@ -132,6 +133,8 @@ fn idle_metrics_connections_beyond_the_file_limit_leave_health_checks_and_forwar
     let name = in_netns(lab.client_ns(), || tcp_ask(vip, T)).unwrap().unwrap();
     assert!(lab.master_index(&name).is_some(), "the VIP answered {name:?}");
     assert!(open_at_first <= MAX_CONNECTIONS, "{open_at_first} of {} idle metrics connections open", flood.len());
+    let refusals = gw.proc().lines()[mark..].iter().filter(|l| l.contains("connections open already")).count();
+    assert_eq!(refusals, 1, "lines saying that new metrics connections are closed");
 
     // The others are closed by the header timeout.
     let deadline = opened + HEADER_TIMEOUT + SLACK;
@@ -202,6 +205,5 @@ fn the_daemon_raises_its_soft_file_limit_to_the_hard_limit() {
     let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
     let gw = start(&mut lab, 256, 4096);
     assert_eq!(open_file_limit(gw.proc().pid()), (4096, 4096));
-    let line = gw.proc().wait_for_line("open files", Duration::ZERO).unwrap();
-    assert!(line.contains("4096"), "{line}");
+    gw.proc().wait_for_line("open files limit raised from 256 to 4096 (the hard limit)", Duration::ZERO).unwrap();
 }
