@@ -92,7 +92,7 @@ fn log_open_file_limit(raised: Result<crate::rlimit::OpenFileLimit, crate::rlimi
 
 async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_pinned: bool) -> Result<()> {
     let _lock = InstanceLock::acquire(&config.control_socket, &config.pin_dir)?;
-    let listener = server::bind(&config.control_socket)?;
+    let listener = server::bind(&config.control_socket).await?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
