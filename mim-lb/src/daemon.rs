@@ -64,6 +64,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         }),
     };
     let config = overrides.load(&args.config)?;
+    log_open_file_limit(crate::rlimit::raise_open_file_limit());
     // The event loop (which owns the director) runs on this thread; health checks, the
     // control socket, metrics and the neighbour watch run on two workers, so a table rebuild
     // in the loop never delays a check's timer into a false timeout.
@@ -76,9 +77,22 @@ pub fn run(args: RunArgs) -> Result<()> {
         .block_on(serve(args.config, overrides, config, args.keep_pinned))
 }
 
+/// A daemon that cannot raise its limit still runs: the bound on metrics connections keeps
+/// peers from exhausting it, and the limit it has may well be enough.
+fn log_open_file_limit(raised: Result<crate::rlimit::OpenFileLimit, crate::rlimit::RlimitError>) {
+    use crate::rlimit::show;
+    match raised {
+        Ok(limit) if limit.was < limit.now => {
+            info!("open files limit raised from {} to {} (the hard limit)", show(limit.was), show(limit.now))
+        }
+        Ok(limit) => info!("open files limit: {} (the hard limit)", show(limit.now)),
+        Err(e) => warn!("{e}; running with the limit as it is"),
+    }
+}
+
 async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_pinned: bool) -> Result<()> {
     let _lock = InstanceLock::acquire(&config.control_socket, &config.pin_dir)?;
-    let listener = server::bind(&config.control_socket)?;
+    let listener = server::bind(&config.control_socket).await?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,

@@ -18,5 +18,6 @@ pub mod maglev;
 pub mod metrics;
 pub mod neighbor;
 pub mod prepare_backend;
+pub mod rlimit;
 pub mod simulate;
 pub mod status;

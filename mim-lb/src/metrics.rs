@@ -3,12 +3,17 @@
 //! own client library. Counters come straight from the per-CPU maps, so they are exact and
 //! survive daemon restarts (the maps are pinned).
 
-use std::{convert::Infallible, net::SocketAddr};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric, prometheus_text},
@@ -16,8 +21,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::{
-    net::TcpListener,
-    sync::{mpsc, oneshot},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
 };
 
 use crate::{
@@ -161,18 +166,103 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
     TcpListener::bind(addr).await.map_err(|source| MetricsError { addr, source })
 }
 
+/// Metrics connections served at once; the ones beyond are closed as soon as they are
+/// accepted. A Prometheus server needs one. The bound is what keeps a peer that opens
+/// thousands from taking the file descriptors the health checks and the control socket need.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a connection may take to send a request's headers. hyper starts the clock when
+/// the connection opens and again after each answer, so this also closes idle keep-alive
+/// connections; a scraper sends its request at once and reconnects for the next scrape.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a connection lives, whatever it does. A peer that asks and never reads the
+/// answer stalls the writes, which no read timeout notices; without this it would keep its
+/// slot for good.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The pause after a failed accept, doubled on each failure in a row up to the second value.
+/// A connection that could not be accepted (EMFILE, ENFILE, ENOBUFS) stays queued, so
+/// retrying at once fails again at once and spins a worker the health checks share.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// A run of like warnings (failed accepts, refused connections) is logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// Serves `GET /metrics` until the event loop goes away.
 pub async fn serve(listener: TcpListener, requests: mpsc::Sender<Pending>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = ACCEPT_BACKOFF.0;
+    let mut accept_failed = Throttled::default();
+    let mut refused = Throttled::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let requests = requests.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| answer(req, requests.clone()));
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                log::debug!("metrics connection: {e}");
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF.0;
+                stream
             }
-        });
+            Err(e) => {
+                accept_failed.warn(|| {
+                    format!("metrics: accepting a connection failed ({e}); retrying in up to {:?}", ACCEPT_BACKOFF.1)
+                });
+                tokio::time::sleep(backoff).await;
+                backoff = next_backoff(backoff);
+                continue;
+            }
+        };
+        // Dropping the stream closes it: the peer learns at once, and holds nothing here.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            refused.warn(|| format!("metrics: {MAX_CONNECTIONS} connections open already; closing new ones"));
+            continue;
+        };
+        tokio::spawn(serve_connection(stream, slot, requests.clone()));
     }
+}
+
+async fn serve_connection(stream: TcpStream, _slot: OwnedSemaphorePermit, requests: mpsc::Sender<Pending>) {
+    let service = service_fn(move |req| answer(req, requests.clone()));
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(CONNECTION_DEADLINE, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::debug!("metrics connection: {e}"),
+        Err(_) => log::debug!("metrics connection: closed at the {CONNECTION_DEADLINE:?} deadline"),
+    }
+}
+
+/// Lets the first warning of a run through, then at most one per [`LOG_EVERY`] with how many
+/// were left out: a flood of connections must not become a flood of log lines.
+#[derive(Default)]
+struct Throttled {
+    last: Option<Instant>,
+    left_out: u64,
+}
+
+impl Throttled {
+    fn warn(&mut self, message: impl FnOnce() -> String) {
+        match self.admit(Instant::now()) {
+            Some(0) => log::warn!("{}", message()),
+            Some(n) => log::warn!("{} ({n} more like it since the last such message)", message()),
+            None => {}
+        }
+    }
+
+    /// Whether a warning at `now` is logged, with how many were left out before it.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self.last.is_some_and(|last| now.duration_since(last) < LOG_EVERY) {
+            self.left_out += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.left_out))
+    }
+}
+
+/// The pause after another failed accept in a row.
+fn next_backoff(pause: Duration) -> Duration {
+    (pause * 2).min(ACCEPT_BACKOFF.1)
 }
 
 async fn answer(req: Request<Incoming>, requests: mpsc::Sender<Pending>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -199,6 +289,30 @@ async fn answer(req: Request<Incoming>, requests: mpsc::Sender<Pending>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_of_warnings_is_logged_once_a_minute_with_a_count() {
+        let start = Instant::now();
+        let mut throttled = Throttled::default();
+        assert_eq!(throttled.admit(start), Some(0));
+        for ms in 1..=1000 {
+            assert_eq!(throttled.admit(start + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(throttled.admit(start + LOG_EVERY), Some(1000));
+        assert_eq!(throttled.admit(start + LOG_EVERY + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn accept_backoff_doubles_up_to_a_second() {
+        let mut pause = ACCEPT_BACKOFF.0;
+        let mut pauses = vec![pause];
+        for _ in 0..10 {
+            pause = next_backoff(pause);
+            pauses.push(pause);
+        }
+        assert_eq!(pauses[..3], [Duration::from_millis(10), Duration::from_millis(20), Duration::from_millis(40)]);
+        assert_eq!(pauses[7..], [Duration::from_secs(1); 4]);
+    }
 
     #[test]
     fn exposition_has_every_family_with_labels() {

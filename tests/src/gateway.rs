@@ -3,6 +3,7 @@
 //! and removes everything it made (process, pins, files) when dropped, also on panic.
 
 use std::net::IpAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -142,6 +143,8 @@ pub struct Gateway {
     pin_dir: PathBuf,
     socket: PathBuf,
     mode: Mode,
+    /// RLIMIT_NOFILE (soft, hard) the daemon starts with; None inherits the test's.
+    nofile: Option<(u64, u64)>,
     /// The XDP_PASS program on the gateway's bridge port (native mode on veth needs it).
     _peer_pass: Option<Dataplane>,
 }
@@ -160,6 +163,22 @@ impl Gateway {
 
     /// [`Gateway::start`] with more arguments for `mim-lb run` (e.g. `--keep-pinned`).
     pub fn start_with_args(lab: &mut Lab, config: &str, mode: Mode, args: &[&str]) -> Result<Gateway> {
+        Gateway::start_with(lab, config, mode, args, None)
+    }
+
+    /// [`Gateway::start`] with the daemon's open file limit set to `soft` and `hard`
+    /// (RLIMIT_NOFILE), as a service manager would; restarts keep it.
+    pub fn start_with_nofile(lab: &mut Lab, config: &str, mode: Mode, soft: u64, hard: u64) -> Result<Gateway> {
+        Gateway::start_with(lab, config, mode, &[], Some((soft, hard)))
+    }
+
+    fn start_with(
+        lab: &mut Lab,
+        config: &str,
+        mode: Mode,
+        args: &[&str],
+        nofile: Option<(u64, u64)>,
+    ) -> Result<Gateway> {
         let suffix = unique_suffix();
         let dir = std::env::temp_dir().join(format!("mimlb-{suffix}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -170,6 +189,7 @@ impl Gateway {
             socket: dir.join("control.sock"),
             dir,
             mode,
+            nofile,
             _peer_pass: None,
         };
         if mode == Mode::Native {
@@ -192,6 +212,18 @@ impl Gateway {
             .arg(self.config_path())
             .args(["--xdp-mode", self.mode.name()])
             .args(extra_args);
+        if let Some((soft, hard)) = self.nofile {
+            // SAFETY: only setrlimit(2), which is async-signal-safe, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let ns = self.ns.clone();
         let proc = lab.spawn_in(&ns, &mut cmd)?;
         self.proc = Some(proc.clone());

@@ -3,7 +3,7 @@
 //! so a slow client never holds up health checks or other clients.
 
 use std::{
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -25,22 +25,32 @@ pub enum ServerError {
     Dir { dir: PathBuf, source: std::io::Error },
     #[error("listening on the control socket {path}: {source}")]
     Bind { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{path} is {what}, not a socket: mim-lb only replaces a control socket that nobody listens on; \
+         move it away or set another control_socket"
+    )]
+    NotASocket { path: PathBuf, what: &'static str },
+    #[error(
+        "something is listening on the control socket {path}: another mim-lb (whose lock file was removed?) \
+         or another program; stop it or set another control_socket"
+    )]
+    InUse { path: PathBuf },
+    #[error("checking what is at the control socket path {path}: {source}")]
+    Probe { path: PathBuf, source: std::io::Error },
+    #[error("removing the stale control socket {path}: {source}")]
+    RemoveStale { path: PathBuf, source: std::io::Error },
 }
 
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Binds the socket (mode 0600, replacing a stale file: the caller holds the instance lock, so
-/// no live daemon owns it) and returns the listener.
-pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+/// Binds the socket (mode 0600) and returns the listener.
+pub async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| ServerError::Dir { dir: dir.to_owned(), source })?;
     }
+    remove_stale(path).await?;
     let bind_err = |source| ServerError::Bind { path: path.to_owned(), source };
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(bind_err(e)),
-        _ => {}
-    }
     // Created with a umask that leaves nothing for group and others, so there is no moment
     // at which another user could connect.
     // SAFETY: umask(2) cannot fail; the previous mask is restored right after.
@@ -50,6 +60,48 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     let listener = listener.map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(listener)
+}
+
+/// Removes what is at `path` only if it is a socket that refuses connections: what a daemon
+/// that died leaves behind. The instance lock keeps out a second daemon, but not a program
+/// listening there, a mim-lb whose lock file was deleted, or a file put there by mistake,
+/// none of which is ours to delete.
+async fn remove_stale(path: &Path) -> Result<(), ServerError> {
+    let probe_err = |source| ServerError::Probe { path: path.to_owned(), source };
+    let file_type = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata.file_type(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(probe_err(e)),
+    };
+    if !file_type.is_socket() {
+        return Err(ServerError::NotASocket { path: path.to_owned(), what: describe(file_type) });
+    }
+    // The connect does not block: a listener whose queue is full answers EAGAIN, and is as
+    // alive as one that accepts.
+    match UnixStream::connect(path).await {
+        Ok(_) => Err(ServerError::InUse { path: path.to_owned() }),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(ServerError::InUse { path: path.to_owned() }),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(|source| ServerError::RemoveStale { path: path.to_owned(), source })
+        }
+        Err(e) => Err(probe_err(e)),
+    }
+}
+
+fn describe(file_type: std::fs::FileType) -> &'static str {
+    if file_type.is_file() {
+        "a regular file"
+    } else if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_symlink() {
+        "a symbolic link"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_block_device() || file_type.is_char_device() {
+        "a device"
+    } else {
+        "something else"
+    }
 }
 
 /// Accepts connections until the event loop goes away.
@@ -96,4 +148,101 @@ async fn handle(stream: UnixStream, requests: mpsc::Sender<Pending>) -> std::io:
     out.push(b'\n');
     write.write_all(&out).await?;
     write.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A directory of its own for one test, removed with everything in it when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new() -> Scratch {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("mim-lb-control-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+            Scratch(dir)
+        }
+
+        fn socket(&self) -> PathBuf {
+            self.0.join("control.sock")
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn is_socket(path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced() {
+        let scratch = Scratch::new();
+        let path = scratch.socket();
+        // Bound and closed without removing the file, as by a daemon that was killed.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(is_socket(&path));
+        let listener = bind(&path).await.unwrap();
+        let (accepted, connected) = tokio::join!(listener.accept(), UnixStream::connect(&path));
+        accepted.unwrap();
+        connected.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_regular_file_is_refused_and_left_alone() {
+        let scratch = Scratch::new();
+        let path = scratch.socket();
+        std::fs::write(&path, "not a socket\n").unwrap();
+        let err = bind(&path).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&format!("{} is a regular file, not a socket", path.display())), "{text}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket\n");
+    }
+
+    #[tokio::test]
+    async fn a_directory_is_refused_and_left_alone() {
+        let scratch = Scratch::new();
+        let path = scratch.socket();
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("keep"), "").unwrap();
+        let err = bind(&path).await.unwrap_err();
+        assert!(err.to_string().contains("is a directory, not a socket"), "{err}");
+        assert!(path.join("keep").exists());
+    }
+
+    #[tokio::test]
+    async fn a_symbolic_link_is_refused_even_to_a_stale_socket() {
+        let scratch = Scratch::new();
+        let path = scratch.socket();
+        let target = scratch.0.join("elsewhere.sock");
+        drop(std::os::unix::net::UnixListener::bind(&target).unwrap());
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = bind(&path).await.unwrap_err();
+        assert!(err.to_string().contains("is a symbolic link, not a socket"), "{err}");
+        assert_eq!(std::fs::read_link(&path).unwrap(), target);
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_refused_and_keeps_working() {
+        let scratch = Scratch::new();
+        let path = scratch.socket();
+        let live = UnixListener::bind(&path).unwrap();
+        let err = bind(&path).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()) && text.contains("listening"), "{text}");
+        // The probe's connection is the first in the queue; another still reaches the listener.
+        let (_probe, _) = live.accept().await.unwrap();
+        let (accepted, connected) = tokio::join!(live.accept(), UnixStream::connect(&path));
+        accepted.unwrap();
+        connected.unwrap();
+    }
 }
