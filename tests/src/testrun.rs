@@ -90,6 +90,11 @@ impl ProgramUnderTest {
         self.apply(config)
     }
 
+    /// The pin directory of a pinned program.
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.pin_dir.as_deref()
+    }
+
     /// The kernel's id of the pinned map `name` (a pinned program only).
     pub fn map_id(&self, name: &str) -> Result<u32> {
         let dir = self.pin_dir.as_ref().context("only a pinned program has map pins")?;

@@ -265,7 +265,11 @@ fn a_backend_whose_mac_becomes_unknown_is_never_written_with_the_zero_mac() {
 
 /// A commit whose index write the kernel refuses changes nothing the data path reads, and
 /// leaves no stale belief behind: the next, different, change goes live exactly as the
-/// director believes it (before, it skipped slots the failed commit had written).
+/// director believes it. Before, the director kept believing the region the failed commit
+/// had written still held what it held before, and the next change skipped the slots where
+/// its table matched that belief: the masters came up one by one (M1, M2, M3), so the region
+/// not being read holds the M1+M2 table; a failed drain of M1 rewrites M1's slots there, and
+/// a drain of M3 afterwards wants M1 back in exactly those slots.
 #[test]
 fn a_commit_that_fails_part_way_leaves_nothing_half_applied() {
     use mim_lb_tests::fault::FailingMap;
@@ -275,10 +279,10 @@ fn a_commit_that_fails_part_way_leaves_nothing_half_applied() {
     let services = prog.map_id(mim_lb_common::maps::names::SERVICES).unwrap();
     {
         let _failing = FailingMap::swap(services, size_of::<mim_lb_common::ServiceEntry>() as u32).unwrap();
-        let err = prog.director.set_admin(&web(), ip(M3), Admin::Drained);
+        let err = prog.director.set_admin(&web(), ip(M1), Admin::Drained);
         assert!(err.is_err(), "the commit succeeded with its index writes refused: {err:?}");
     }
-    assert_eq!(prog.director.desired()[&web()].backends[&ip(M3)].admin, Admin::Enabled, "a failed drain was adopted");
+    assert_eq!(prog.director.desired()[&web()].backends[&ip(M1)].admin, Admin::Enabled, "a failed drain was adopted");
     assert_eq!(prog.director.written()[&web()].table(), &live_before[..]);
     let (id, active, size) = {
         let w = &prog.director.written()[&web()];
@@ -286,16 +290,20 @@ fn a_commit_that_fails_part_way_leaves_nothing_half_applied() {
     };
     assert_eq!(prog.director.dataplane().maps_ro().maglev_region(id, active, size).unwrap(), live_before, "the live table changed");
 
-    prog.director.set_admin(&web(), ip(M2), Admin::Drained).unwrap();
+    prog.director.set_admin(&web(), ip(M3), Admin::Drained).unwrap();
     let w = &prog.director.written()[&web()];
     let live = prog.director.dataplane().maps_ro().maglev_region(w.id, w.active, w.table_size).unwrap();
     let wrong = live.iter().zip(w.table()).filter(|(a, b)| a != b).count();
     assert_eq!(wrong, 0, "{wrong} slots of the live table differ from what the director wrote");
+    let m1 = prog.master_mac(&web(), ip(M1));
+    let mut on_m1 = 0;
     for p in 49000..49300u16 {
         let syn = send(&prog, p, TCP_SYN);
         assert_eq!(master_of(&prog, syn), prog.table_master(&web(), CLIENT.into(), p, 7000).unwrap(), "port {p}");
-        assert_ne!(syn, prog.master_mac(&web(), ip(M2)), "port {p}: a new connection reached the drained master");
+        assert_ne!(syn, prog.master_mac(&web(), ip(M3)), "port {p}: a new connection reached the drained master");
+        on_m1 += (syn == m1) as usize;
     }
+    assert!(on_m1 > 100, "M1, never drained, got {on_m1} of 300 new connections");
 }
 
 /// A restart on an interface whose MAC changed: forwarded frames carry the new MAC at once,
@@ -312,4 +320,32 @@ fn a_restart_with_a_new_interface_mac_forwards_with_it() {
     assert_eq!(after.verdict, reason::XDP_TX);
     assert_eq!(after.bytes[6..12], new_mac, "a forwarded frame still carries the old gateway MAC");
     assert_eq!(after.bytes[0..6], before.bytes[0..6], "the restart moved a flow");
+}
+
+/// An upgrade over maps pinned by ABI 1 (before SLOT_SEEN and MAGLEV_OLD): the new maps are
+/// created beside the others and every flow keeps its master, recorded or not.
+#[test]
+fn an_upgrade_over_abi_1_pins_keeps_every_flow() {
+    use mim_lb_common::maps::names;
+    let mut prog = ProgramUnderTest::pinned(&three_masters()).unwrap();
+    // Recorded flows (the slots are marked while the masters come up), then unrecorded ones.
+    let recorded: Vec<(u16, [u8; 6])> = (51000..51200).map(|p| (p, send(&prog, p, TCP_SYN))).collect();
+    assert!(recorded_flows(&prog) > 0);
+    settle(&mut prog);
+    let unrecorded: Vec<(u16, [u8; 6])> = (52000..52200).map(|p| (p, send(&prog, p, TCP_SYN))).collect();
+    // What an ABI 1 daemon leaves: no SLOT_SEEN or MAGLEV_OLD pin, abi_version 1.
+    let dir = prog.pin_dir().unwrap().to_owned();
+    for name in [names::SLOT_SEEN, names::MAGLEV_OLD] {
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
+    let globals = prog.director.dataplane().maps_ro().globals().unwrap();
+    prog.director.dataplane_mut().maps().set_globals(&mim_lb_common::Globals { abi_version: 1, ..globals }).unwrap();
+
+    prog.restart(&three_masters(), mim_lb_tests::testrun::GATEWAY_MAC).unwrap();
+    assert!(dir.join(names::SLOT_SEEN).exists() && dir.join(names::MAGLEV_OLD).exists(), "the new maps were not pinned");
+    assert_eq!(prog.director.dataplane().maps_ro().globals().unwrap().abi_version, mim_lb_common::ABI_VERSION);
+    prog.director.set_admin(&web(), ip(M1), Admin::Drained).unwrap();
+    for &(p, mac) in recorded.iter().chain(&unrecorded) {
+        assert_eq!(send(&prog, p, TCP_ACK), mac, "port {p}: a flow moved across the upgrade and a drain");
+    }
 }

@@ -196,16 +196,18 @@ impl Director {
         }
         self.gateway_mac = mac;
         if self.ready {
-            self.write_gateway_mac()?;
+            self.write_globals_identity()?;
         }
         Ok(true)
     }
 
-    /// Makes `GLOBALS` carry the gateway MAC, if it does not already.
-    fn write_gateway_mac(&mut self) -> Result<(), DirectorError> {
+    /// Makes `GLOBALS` carry the gateway MAC and this build's ABI version, if it does not
+    /// already (after a restart on an interface whose MAC changed, or over maps an older
+    /// ABI filled), in one write that changes no other word.
+    fn write_globals_identity(&mut self) -> Result<(), DirectorError> {
         let current = self.dataplane.maps().globals()?;
-        if current.gateway_mac != self.gateway_mac {
-            let updated = mim_lb_common::Globals { gateway_mac: self.gateway_mac, ..current };
+        if current.gateway_mac != self.gateway_mac || current.abi_version != ABI_VERSION {
+            let updated = mim_lb_common::Globals { gateway_mac: self.gateway_mac, abi_version: ABI_VERSION, ..current };
             self.dataplane.maps().set_globals(&updated)?;
         }
         Ok(())
@@ -469,7 +471,7 @@ impl Director {
         if let Err(e) = self.clear_gone_backends(&plan.entries) {
             log::warn!("clearing entries of backends that are gone (retried on the next change): {e}");
         }
-        if let Err(e) = self.write_gateway_mac() {
+        if let Err(e) = self.write_globals_identity() {
             log::warn!("writing the gateway MAC (retried on the next change): {e}");
         }
         Ok(report)
