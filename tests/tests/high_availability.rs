@@ -341,3 +341,35 @@ fn backends_without_a_mac_are_resolved_and_used() {
     let names = ask(&lab, 150);
     assert_eq!(count_names(&names).len(), 3, "every resolved master takes connections");
 }
+
+/// The gateway interface's MAC changes while the daemon runs (an operator's `ip link set
+/// address`, a bond failing over): forwarded frames carry the new source MAC within a couple
+/// of seconds, and connections keep working. `arp_notify` makes the kernel announce the new
+/// address, as an operator changing it should.
+#[test]
+fn a_gateway_mac_change_while_running_is_picked_up() {
+    use mim_lb_tests::{Capture, mac_to_string};
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let gw = start(&mut lab, HEALTH, "");
+    assert_eq!(ask(&lab, 5).len(), 5);
+
+    let new_mac = [0x02, 0xab, 0xcd, 0x00, 0x00, 0x77];
+    let ifname = lab.gateway_ifname().to_owned();
+    lab.run_in(lab.gateway_ns(), "sysctl", &["-qw", &format!("net.ipv4.conf.{ifname}.arp_notify=1")]).unwrap();
+    lab.run_in(lab.gateway_ns(), "ip", &["link", "set", "dev", &ifname, "address", &mac_to_string(&new_mac)]).unwrap();
+    gw.proc().wait_for_line("forwarded frames carry it from now on", Duration::from_secs(5)).unwrap();
+
+    let captures: Vec<Capture> = (0..lab.master_count()).map(|i| Capture::start(lab.master_ns(i), "eth0").unwrap()).collect();
+    let names = ask(&lab, 30);
+    assert_eq!(names.len(), 30);
+    let vip4: IpAddr = lab.vip4().into();
+    let to_masters: Vec<_> = captures
+        .into_iter()
+        .flat_map(|c| c.stop())
+        .filter(|f| !f.outgoing && f.is_tcp() && f.dst_ip == Some(vip4))
+        .collect();
+    assert!(to_masters.len() >= 30, "only {} forwarded frames captured", to_masters.len());
+    let old: Vec<_> = to_masters.iter().filter(|f| f.src_mac != new_mac).collect();
+    assert!(old.is_empty(), "{} forwarded frames still carry another source MAC, e.g. {:?}", old.len(), old[0].src_mac);
+}
