@@ -349,3 +349,39 @@ fn an_upgrade_over_abi_1_pins_keeps_every_flow() {
         assert_eq!(send(&prog, p, TCP_ACK), mac, "port {p}: a flow moved across the upgrade and a drain");
     }
 }
+
+/// UDP has no SYN: every datagram looks its flow up, so a UDP flow keeps its master across an
+/// added master and a drain, and a new UDP flow follows the current table.
+#[test]
+fn udp_flows_keep_their_master_across_changes() {
+    let udp = |s: &str| s.replace("port = 7000\n", "port = 5353\nprotocol = \"udp\"\nhealth = { port = 7000 }\n");
+    let key = ServiceKey { vip: VIP.into(), port: 5353, protocol: Protocol::Udp };
+    let mut prog = ProgramUnderTest::new(&udp(TWO_MASTERS)).unwrap();
+    settle_key(&mut prog, &key);
+    let datagram = |prog: &ProgramUnderTest, sport: u16| -> [u8; 6] {
+        let out = prog.run(&Frame::udp(CLIENT, sport, VIP, 5353).with_payload(b"q").bytes()).unwrap();
+        assert_eq!(out.verdict, reason::XDP_TX);
+        out.bytes[0..6].try_into().unwrap()
+    };
+    let flows: Vec<(u16, [u8; 6])> = (53000..53300).map(|p| (p, datagram(&prog, p))).collect();
+    prog.apply(&udp(&three_masters())).unwrap();
+    prog.director.set_admin(&key, ip(M1), Admin::Drained).unwrap();
+    let m1 = prog.master_mac(&key, ip(M1));
+    let mut kept_on_m1 = 0;
+    for &(p, mac) in &flows {
+        assert_eq!(datagram(&prog, p), mac, "port {p}: a UDP flow moved");
+        kept_on_m1 += (mac == m1) as usize;
+    }
+    assert!(kept_on_m1 > 30, "too few UDP flows on the drained master to prove anything");
+    for p in 54000..54300u16 {
+        let mac = datagram(&prog, p);
+        assert_ne!(mac, m1, "port {p}: a new UDP flow reached the drained master");
+        assert_eq!(mac, prog.master_mac(&key, prog.table_master(&key, CLIENT.into(), p, 5353).unwrap()));
+    }
+}
+
+fn settle_key(prog: &mut ProgramUnderTest, key: &ServiceKey) {
+    let idle = Duration::from_secs(1);
+    prog.director.sweep(monotonic_ns() + 3_600_000_000_000, idle, idle).unwrap();
+    assert_eq!(prog.director.written()[key].marked(), 0);
+}
