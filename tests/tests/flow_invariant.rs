@@ -283,6 +283,8 @@ fn a_commit_that_fails_part_way_leaves_nothing_half_applied() {
         assert!(err.is_err(), "the commit succeeded with its index writes refused: {err:?}");
     }
     assert_eq!(prog.director.desired()[&web()].backends[&ip(M1)].admin, Admin::Enabled, "a failed drain was adopted");
+    let m1_entry = prog.director.dataplane().maps_ro().backend(prog.backend_id(&web(), ip(M1))).unwrap();
+    assert_eq!(m1_entry.state, mim_lb_common::BACKEND_STATE_UP, "the failed drain's backend entry stayed written");
     assert_eq!(prog.director.written()[&web()].table(), &live_before[..]);
     let (id, active, size) = {
         let w = &prog.director.written()[&web()];

@@ -437,21 +437,22 @@ impl Director {
     /// nothing was adopted and the data path reads what it read before.
     fn commit(&mut self, next: Desired) -> Result<ApplyReport, DirectorError> {
         let now = sweep::monotonic_ns();
-        let plan = self.plan(&next, now)?;
-        let mut report = ApplyReport::default();
-        if let Err(e) = self.write_before_flip(&plan, &mut report) {
-            self.forget_unread_regions(&plan);
+        let mut plan = self.plan(&next, now)?;
+        let mut counts = ApplyReport::default();
+        let backends_before = self.written_backends.clone();
+        if let Err(e) = self.write_before_flip(&plan, &mut counts) {
+            self.undo_before_flip(&plan, &backends_before);
             return Err(e);
         }
-        let mut report = ApplyReport { maglev_writes: report.maglev_writes, backend_writes: report.backend_writes, ..plan.report };
-        if let Some((entries, placed)) = plan.index {
+        if let Some((entries, placed)) = plan.index.take() {
             if let Err(e) = self.write_index(&placed) {
-                self.forget_unread_regions_of(&plan.written);
+                self.undo_before_flip(&plan, &backends_before);
                 return Err(e);
             }
             self.index_entries = entries;
-            report.index_flipped = true;
+            plan.report.index_flipped = true;
         }
+        let mut report = ApplyReport { maglev_writes: counts.maglev_writes, backend_writes: counts.backend_writes, ..plan.report };
         for (key, old) in &self.desired {
             if !next.contains_key(key) {
                 report.removed_services.push(old.name.clone());
@@ -503,8 +504,27 @@ impl Director {
         Ok(())
     }
 
-    /// After a failed write: the regions the plan wrote into may hold anything, so the next
-    /// commit writes them whole instead of only what it believes changed.
+    /// After a failed write before the flip: backend entries the data path reads go back to
+    /// what they were (entries of new ids are not read: no table names them yet), and the
+    /// regions the plan wrote into may hold anything, so the next commit writes them whole
+    /// instead of only what it believes changed.
+    fn undo_before_flip(&mut self, plan: &plan::Plan, backends_before: &BTreeMap<u32, BackendEntry>) {
+        for (id, before) in backends_before {
+            if self.written_backends.get(id) != Some(before) {
+                match self.dataplane.maps().set_backend(*id, before) {
+                    Ok(()) => {
+                        self.written_backends.insert(*id, *before);
+                    }
+                    // What is written stays recorded as written, so the next commit fixes it.
+                    Err(e) => log::warn!("restoring backend entry {id} after a failed change: {e}"),
+                }
+            }
+        }
+        self.forget_unread_regions(plan);
+    }
+
+    /// The regions the plan wrote into may hold anything, so the next commit writes them
+    /// whole instead of only what it believes changed.
     fn forget_unread_regions(&mut self, plan: &plan::Plan) {
         for w in &plan.region_writes {
             if let Some(old) = self.written.get_mut(&w.key)
@@ -512,18 +532,6 @@ impl Director {
                 && old.active != w.half
             {
                 old.regions[w.half as usize] = Vec::new();
-            }
-        }
-    }
-
-    /// Like [`Director::forget_unread_regions`] for every region the data path is not reading.
-    fn forget_unread_regions_of(&mut self, planned: &BTreeMap<ServiceKey, WrittenService>) {
-        for (key, w) in planned {
-            if let Some(old) = self.written.get_mut(key)
-                && old.id == w.id
-            {
-                let unread = 1 - old.active as usize;
-                old.regions[unread] = Vec::new();
             }
         }
     }
