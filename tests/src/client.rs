@@ -35,35 +35,25 @@ pub fn tcp_ask(addr: SocketAddr, timeout: Duration) -> Result<String> {
 
 /// Like [`tcp_ask`], from a chosen local port (to know a connection's 5-tuple in advance).
 pub fn tcp_ask_from(addr: SocketAddr, local_port: u16, timeout: Duration) -> Result<String> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket, sockopt};
-    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("socket")?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    let local: SocketAddr = match addr {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, local_port).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, local_port).into(),
-    };
-    use std::os::fd::AsRawFd as _;
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(local)).with_context(|| format!("binding {local}"))?;
-    let stream = TcpStream::from(fd);
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    connect(stream.as_raw_fd(), &SockaddrStorage::from(addr)).with_context(|| format!("connecting to {addr} from port {local_port}"))?;
-    let deadline = Instant::now() + timeout;
-    let mut reader = BufReader::new(stream);
-    read_line(&mut reader, deadline).with_context(|| format!("reading the name from {addr}"))
+    ask_from(addr, local_port, timeout, false)
 }
 
 /// Like [`tcp_ask_from`], closing with a reset (SO_LINGER 0) instead of a FIN, so the port
 /// leaves no TIME_WAIT behind and the same connection (same addresses and ports) can be made
 /// again at once: what busy clients that cycle through their ports do.
 pub fn tcp_ask_from_then_reset(addr: SocketAddr, local_port: u16, timeout: Duration) -> Result<String> {
+    ask_from(addr, local_port, timeout, true)
+}
+
+fn ask_from(addr: SocketAddr, local_port: u16, timeout: Duration, reset: bool) -> Result<String> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket, sockopt};
     use std::os::fd::AsRawFd as _;
     let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("socket")?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    setsockopt(&fd, sockopt::Linger, &nix::libc::linger { l_onoff: 1, l_linger: 0 })?;
+    if reset {
+        setsockopt(&fd, sockopt::Linger, &nix::libc::linger { l_onoff: 1, l_linger: 0 })?;
+    }
     let local: SocketAddr = match addr {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, local_port).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, local_port).into(),
