@@ -387,3 +387,30 @@ fn settle_key(prog: &mut ProgramUnderTest, key: &ServiceKey) {
     prog.director.sweep(monotonic_ns() + 3_600_000_000_000, idle, idle).unwrap();
     assert_eq!(prog.director.written()[key].marked(), 0);
 }
+
+/// Issue 12's measured defect: masters configured without `mac` (resolved from the neighbour
+/// table), then a reload adding a UDP service on the same masters: the new service's backends
+/// stayed `down (unresolved)`, because the resolver does not report again an address it
+/// already watches. They take the MAC already known for their address.
+#[test]
+fn a_service_added_by_reload_on_resolved_masters_knows_their_macs() {
+    let no_macs = three_masters().replace("mac = \"02:00:00:00:00:11\"\n", "").replace("mac = \"02:00:00:00:00:12\"\n", "").replace("mac = \"02:00:00:00:00:13\"\n", "");
+    let mut prog = ProgramUnderTest::new(&no_macs).unwrap();
+    for (m, last) in [(M1, 0x11), (M2, 0x12), (M3, 0x13)] {
+        prog.director.set_resolved_mac(ip(m), Ok([2, 0, 0, 0, 0, last])).unwrap();
+    }
+    // The same file with a second service, for UDP, on the same masters.
+    let web = &no_macs[no_macs.find("[[service]]").unwrap()..];
+    let dns = web
+        .replace("name = \"web\"", "name = \"dns\"")
+        .replace("port = 7000\n", "port = 5353\nprotocol = \"udp\"\nhealth = { port = 7000 }\n");
+    let udp = format!("{no_macs}\n{dns}");
+    prog.apply(&udp).unwrap();
+    let dns = ServiceKey { vip: VIP.into(), port: 5353, protocol: Protocol::Udp };
+    for m in [M1, M2, M3] {
+        let (state, why) = prog.director.desired()[&dns].backends[&ip(m)].state();
+        assert_eq!(state, mim_lb::director::State::Up, "{m} of the added service: {state} ({why})");
+    }
+    let out = prog.run(&Frame::udp(CLIENT, 55000, VIP, 5353).bytes()).unwrap();
+    assert_eq!(out.verdict, reason::XDP_TX, "the added UDP service forwards nothing");
+}

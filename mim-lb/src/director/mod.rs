@@ -267,7 +267,10 @@ impl Director {
                         id: ids.backends.take()?,
                         weight: b.weight,
                         config_mac: b.mac,
-                        resolved_mac: None,
+                        // The neighbour table speaks of addresses, not services: what it said
+                        // of this address for another service holds here too, and it will not
+                        // say it again for an address it already watches.
+                        resolved_mac: self.resolved_mac_of(&b.address),
                         mac_problem: None,
                         health_up: unchecked,
                         health_reason: if unchecked {
@@ -372,6 +375,11 @@ impl Director {
             return Ok(Vec::new());
         }
         Ok(self.commit(next)?.changes)
+    }
+
+    /// The MAC the neighbour table gave for `address`, for any backend at that address.
+    fn resolved_mac_of(&self, address: &IpAddr) -> Option<[u8; 6]> {
+        self.desired.values().filter_map(|s| s.backends.get(address)).find_map(|b| b.resolved_mac)
     }
 
     /// The service a command names: `VIP:PORT`, `VIP:PORT/PROTO` or the service's name. A
