@@ -57,6 +57,12 @@ impl ProgramUnderTest {
     /// Like [`ProgramUnderTest::new`], with the maps pinned under a unique directory of
     /// bpffs (`mim-lb-test-<pid>-...`, removed on drop or by `cargo xtask test` if killed).
     pub fn pinned(config: &str) -> Result<Self> {
+        Self::pinned_with_flow_table(config, 65_536)
+    }
+
+    /// [`ProgramUnderTest::pinned`] with a connection table of `flow_table_size` entries (the
+    /// daemon's default is `limits::DEFAULT_FLOW_TABLE_SIZE`).
+    pub fn pinned_with_flow_table(config: &str, flow_table_size: u32) -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         let config = Config::parse(config).map_err(|e| anyhow!("test config: {e}"))?;
         let dir = PathBuf::from(format!(
@@ -64,7 +70,7 @@ impl ProgramUnderTest {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        let loaded = Dataplane::load(&LoadOptions { pin_dir: Some(dir.clone()), flow_table_size: 65_536 });
+        let loaded = Dataplane::load(&LoadOptions { pin_dir: Some(dir.clone()), flow_table_size });
         let dataplane = match loaded {
             Ok(d) => d,
             Err(e) => {

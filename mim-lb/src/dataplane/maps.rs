@@ -1,8 +1,19 @@
 //! Typed readers and writers for each map. The only place that names map types.
+//!
+//! Whole-table reads (the connection table, a Maglev region, the backend and service tables)
+//! and Maglev writes go through [`super::batch`], many elements per syscall. Where the kernel
+//! has no batch command for a map (before Linux 5.6) they fall back to one syscall per
+//! element; the `*_per_element` methods are those fallbacks, public so that tests and the
+//! benchmark can compare the two paths.
+
+use std::{
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
 use mim_lb_common::{
@@ -10,10 +21,61 @@ use mim_lb_common::{
     maps::names,
 };
 
-use super::DataplaneError;
+use super::{
+    DataplaneError,
+    batch::{self, BatchError},
+};
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
+}
+
+/// `batched`, or what `per_element` gives when the kernel has no batch command for the map
+/// (nothing was read or written then).
+fn or_per_element<T>(
+    name: &'static str,
+    batched: Result<T, BatchError>,
+    per_element: impl FnOnce() -> Result<T, DataplaneError>,
+) -> Result<T, DataplaneError> {
+    match batched {
+        Err(e) if e.is_unsupported() => {
+            warn_per_element(name, &e);
+            per_element()
+        }
+        r => r.map_err(|source| DataplaneError::Batch { name, source }),
+    }
+}
+
+/// Says once per process that maps are read and written the slow way, since that makes the
+/// sweep and every table change take much longer.
+fn warn_per_element(name: &str, e: &BatchError) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        log::warn!("map {name}: {e}; falling back to one syscall per map element");
+    }
+}
+
+/// Every recorded flow in the connection table pinned at `path`, read with a map fd of its
+/// own (so that it can run on a thread of its own while the event loop goes on), batched.
+///
+/// The error is aya's, as `director::read_pinned_flows` has always returned; a batch failure
+/// travels inside it (see [`BatchError`]'s conversion).
+pub fn read_flows_from_pin(path: &Path) -> Result<Vec<(FlowKey, FlowEntry)>, MapError> {
+    let map = Map::from_map_data(MapData::from_pin(path)?)?;
+    let flows: HashMap<&MapData, FlowKey, FlowEntry> = HashMap::try_from(&map)?;
+    match batch::lookup_hash(flows.map(), batch::HASH_BATCH) {
+        Err(e) if e.is_unsupported() => {
+            warn_per_element(names::FLOWS, &e);
+            Ok(flows_per_element(&flows))
+        }
+        r => r.map_err(MapError::from),
+    }
+}
+
+/// The connection table one flow at a time: `BPF_MAP_GET_NEXT_KEY` then a lookup, two
+/// syscalls per flow. Entries that vanish between the two are skipped.
+fn flows_per_element(flows: &HashMap<&MapData, FlowKey, FlowEntry>) -> Vec<(FlowKey, FlowEntry)> {
+    flows.iter().filter_map(Result::ok).collect()
 }
 
 /// Read access to the maps.
@@ -58,14 +120,22 @@ impl<'a> MapsRo<'a> {
     /// Every non-empty slot of one half of the service index, as (slot, entry).
     pub fn service_half(&self, half: u32) -> Result<Vec<(u32, ServiceEntry)>, DataplaneError> {
         let map = self.array::<ServiceEntry>(names::SERVICES)?;
-        let mut found = Vec::new();
-        for slot in 0..limits::SERVICE_SLOTS {
-            let entry = map.get(&(half * limits::SERVICE_SLOTS + slot), 0).map_err(map_err(names::SERVICES))?;
-            if entry.family != mim_lb_common::FAMILY_NONE {
-                found.push((slot, entry));
-            }
-        }
-        Ok(found)
+        let batched = batch::lookup_array::<ServiceEntry>(map.map(), half * limits::SERVICE_SLOTS, limits::SERVICE_SLOTS);
+        let all = or_per_element(names::SERVICES, batched, || self.service_half_all_per_element(half))?;
+        Ok((0..).zip(all).filter(|(_, e)| e.family != mim_lb_common::FAMILY_NONE).collect())
+    }
+
+    /// [`MapsRo::service_half`] one syscall per slot.
+    pub fn service_half_per_element(&self, half: u32) -> Result<Vec<(u32, ServiceEntry)>, DataplaneError> {
+        let all = self.service_half_all_per_element(half)?;
+        Ok((0..).zip(all).filter(|(_, e)| e.family != mim_lb_common::FAMILY_NONE).collect())
+    }
+
+    fn service_half_all_per_element(&self, half: u32) -> Result<Vec<ServiceEntry>, DataplaneError> {
+        let map = self.array::<ServiceEntry>(names::SERVICES)?;
+        (0..limits::SERVICE_SLOTS)
+            .map(|slot| map.get(&(half * limits::SERVICE_SLOTS + slot), 0).map_err(map_err(names::SERVICES)))
+            .collect()
     }
 
     pub fn maglev_entry(&self, service_id: u32, half: u32, slot: u32) -> Result<u32, DataplaneError> {
@@ -76,6 +146,13 @@ impl<'a> MapsRo<'a> {
 
     /// The first `size` entries of one Maglev region.
     pub fn maglev_region(&self, service_id: u32, half: u32, size: u32) -> Result<Vec<u32>, DataplaneError> {
+        let map = self.array::<u32>(names::MAGLEV)?;
+        let batched = batch::lookup_array::<u32>(map.map(), limits::maglev_index(service_id, half, 0), size);
+        or_per_element(names::MAGLEV, batched, || self.maglev_region_per_element(service_id, half, size))
+    }
+
+    /// [`MapsRo::maglev_region`] one syscall per slot.
+    pub fn maglev_region_per_element(&self, service_id: u32, half: u32, size: u32) -> Result<Vec<u32>, DataplaneError> {
         let map = self.array::<u32>(names::MAGLEV)?;
         (0..size)
             .map(|slot| map.get(&limits::maglev_index(service_id, half, slot), 0).map_err(map_err(names::MAGLEV)))
@@ -95,23 +172,37 @@ impl<'a> MapsRo<'a> {
         self.array::<BackendEntry>(names::BACKENDS)?.get(&id, 0).map_err(map_err(names::BACKENDS))
     }
 
-    /// Every backend entry in use, as (id, entry).
+    /// Every backend entry in use, as (id, entry). Id 0 means "no backend" and is skipped.
     pub fn backends(&self) -> Result<Vec<(u32, BackendEntry)>, DataplaneError> {
         let map = self.array::<BackendEntry>(names::BACKENDS)?;
-        let mut found = Vec::new();
-        for id in 1..limits::MAX_BACKENDS {
-            let entry = map.get(&id, 0).map_err(map_err(names::BACKENDS))?;
-            if entry.flags & mim_lb_common::BACKEND_F_IN_USE != 0 {
-                found.push((id, entry));
-            }
-        }
-        Ok(found)
+        let batched = batch::lookup_array::<BackendEntry>(map.map(), 1, limits::MAX_BACKENDS - 1);
+        let all = or_per_element(names::BACKENDS, batched, || self.backends_all_per_element())?;
+        Ok((1..).zip(all).filter(|(_, e)| e.flags & mim_lb_common::BACKEND_F_IN_USE != 0).collect())
     }
 
-    /// Every recorded flow. Entries can be evicted or replaced while the walk goes on; those
-    /// are missing from the result or seen in either state.
+    /// [`MapsRo::backends`] one syscall per backend id.
+    pub fn backends_per_element(&self) -> Result<Vec<(u32, BackendEntry)>, DataplaneError> {
+        let all = self.backends_all_per_element()?;
+        Ok((1..).zip(all).filter(|(_, e)| e.flags & mim_lb_common::BACKEND_F_IN_USE != 0).collect())
+    }
+
+    fn backends_all_per_element(&self) -> Result<Vec<BackendEntry>, DataplaneError> {
+        let map = self.array::<BackendEntry>(names::BACKENDS)?;
+        (1..limits::MAX_BACKENDS).map(|id| map.get(&id, 0).map_err(map_err(names::BACKENDS))).collect()
+    }
+
+    /// Every recorded flow, batched (see [`batch::lookup_hash`]). Entries can be evicted or
+    /// replaced while the walk goes on; those are missing from the result or seen in either
+    /// state.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowEntry)>, DataplaneError> {
-        Ok(self.flows_map()?.iter().filter_map(Result::ok).collect())
+        let flows = self.flows_map()?;
+        let batched = batch::lookup_hash(flows.map(), batch::HASH_BATCH);
+        or_per_element(names::FLOWS, batched, || Ok(flows_per_element(&flows)))
+    }
+
+    /// [`MapsRo::flows`] two syscalls per flow (the next key, then its value).
+    pub fn flows_per_element(&self) -> Result<Vec<(FlowKey, FlowEntry)>, DataplaneError> {
+        Ok(flows_per_element(&self.flows_map()?))
     }
 
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowEntry>, DataplaneError> {
@@ -174,8 +265,29 @@ impl<'a> Maps<'a> {
         self.array::<ServiceEntry>(names::SERVICES)?.set(index, value, 0).map_err(map_err(names::SERVICES))
     }
 
-    /// Writes the given (slot, entry) pairs into one Maglev region.
+    /// Writes the given (slot, entry) pairs into one Maglev region, in order, in one
+    /// `BPF_MAP_UPDATE_BATCH` per 65,536 entries. Returns the number of entries written.
     pub fn set_maglev_entries(
+        &mut self,
+        service_id: u32,
+        half: u32,
+        entries: impl IntoIterator<Item = (u32, u32)>,
+    ) -> Result<usize, DataplaneError> {
+        let pairs: Vec<(u32, u32)> = entries.into_iter().collect();
+        if pairs.is_empty() {
+            return Ok(0);
+        }
+        let (indices, values): (Vec<u32>, Vec<u32>) =
+            pairs.iter().map(|&(slot, value)| (limits::maglev_index(service_id, half, slot), value)).unzip();
+        let batched = {
+            let map = self.array::<u32>(names::MAGLEV)?;
+            batch::update(map.map(), &indices, &values)
+        };
+        or_per_element(names::MAGLEV, batched, || self.set_maglev_entries_per_element(service_id, half, pairs))
+    }
+
+    /// [`Maps::set_maglev_entries`] one syscall per entry.
+    pub fn set_maglev_entries_per_element(
         &mut self,
         service_id: u32,
         half: u32,

@@ -9,6 +9,7 @@
 //! new daemon reuses the maps and swaps its program into the pinned link in one atomic
 //! `BPF_LINK_UPDATE`, so no packet for a VIP ever reaches the kernel in between.
 
+pub mod batch;
 pub mod maps;
 pub mod program;
 pub mod service_index;
@@ -58,6 +59,8 @@ pub enum DataplaneError {
     MissingMap(&'static str),
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
+    #[error("map {name}: {source}")]
+    Batch { name: &'static str, source: batch::BatchError },
     #[error("reading the number of possible CPUs: {0}")]
     Cpus(std::io::Error),
     #[error("interface {0} not found")]

@@ -30,10 +30,7 @@ use crate::config::ServiceKey;
 /// Reads every recorded flow from the pinned connection table at `path`, with a map fd of its
 /// own, so that it can run on a thread of its own while the event loop goes on.
 pub fn read_pinned_flows(path: &std::path::Path) -> Result<Vec<(FlowKey, FlowEntry)>, aya::maps::MapError> {
-    let data = aya::maps::MapData::from_pin(path)?;
-    let map = aya::maps::Map::HashMap(data);
-    let flows: aya::maps::HashMap<_, FlowKey, FlowEntry> = aya::maps::HashMap::try_from(map)?;
-    Ok(flows.iter().filter_map(Result::ok).collect())
+    crate::dataplane::maps::read_flows_from_pin(path)
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.

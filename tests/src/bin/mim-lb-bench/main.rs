@@ -4,6 +4,8 @@
 //! - per-packet: the real XDP program under BPF_PROG_TEST_RUN against a floor program (and
 //!   reference variants), every path proven by the program's counters;
 //! - rebuild: the control plane's Maglev build and table write, and a one-master health flip;
+//! - batch: the control plane's batched map reads and writes (a full-size connection table, a
+//!   Maglev region, a failover's writes) against one syscall per element;
 //! - failover: the real daemon in the namespace lab, a master killed under a stream of new
 //!   connections, and restarted.
 //!
@@ -12,6 +14,7 @@
 //! Everything they create (labs, daemons, pins) is removed on the way out, also on error or
 //! Ctrl-C.
 
+mod batch;
 mod failover;
 mod interrupt;
 mod per_packet;
@@ -29,14 +32,15 @@ use serde_json::json;
 enum Bench {
     PerPacket,
     Rebuild,
+    Batch,
     Failover,
 }
 
 #[derive(Parser)]
-#[command(about = "mim-lb benchmarks: per-packet cost, table rebuild, failover time")]
+#[command(about = "mim-lb benchmarks: per-packet cost, table rebuild, batched map access, failover time")]
 struct Args {
     /// Which benchmarks to run (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "failover"])]
+    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "failover"])]
     only: Vec<Bench>,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -72,6 +76,18 @@ struct Args {
     /// Recorded flows in the sweep measurement (at most the test flow table's 65,536).
     #[arg(long, default_value_t = 50_000)]
     sweep_flows: u32,
+
+    /// Flows written into the default-size (1M-entry) connection table for the batch read
+    /// measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    batch_flows: u32,
+    /// Rounds of the connection-table read, each reading it batched and one flow at a time
+    /// (the latter takes a second or more per million flows).
+    #[arg(long, default_value_t = 3)]
+    batch_flow_runs: usize,
+    /// Rounds of each batched-vs-per-element Maglev measurement.
+    #[arg(long, default_value_t = 9)]
+    batch_runs: usize,
 
     /// Failover rounds (kill + restart of one master each).
     #[arg(long, default_value_t = 5)]
@@ -118,6 +134,7 @@ fn run(args: &Args) -> Result<()> {
         settings: json!({
             "repeat": args.repeat, "runs": args.runs, "new_flows": args.new_flows, "bpf_stats": args.bpf_stats,
             "rebuild_backends": args.rebuild_backends, "rebuild_runs": args.rebuild_runs, "sweep_flows": args.sweep_flows,
+            "batch_flows": args.batch_flows, "batch_flow_runs": args.batch_flow_runs, "batch_runs": args.batch_runs,
             "failover_rounds": args.failover_rounds, "interval_ms": args.interval_ms,
             "timeout_ms": args.timeout_ms, "fall": args.fall, "rise": args.rise,
             "masters": args.masters, "settle_ms": args.settle_ms, "native": args.native,
@@ -145,6 +162,11 @@ fn run(args: &Args) -> Result<()> {
     if wants(Bench::Rebuild) {
         eprintln!("mim-lb-bench: table rebuild ...");
         report.sections.push(rebuild::measure(args.rebuild_backends, args.rebuild_runs, args.sweep_flows)?);
+    }
+    if wants(Bench::Batch) {
+        eprintln!("mim-lb-bench: batched map access ...");
+        let settings = batch::Settings { flows: args.batch_flows, flow_runs: args.batch_flow_runs, maglev_runs: args.batch_runs };
+        report.sections.push(batch::measure(&settings)?);
     }
     if wants(Bench::Failover) {
         eprintln!("mim-lb-bench: failover ...");

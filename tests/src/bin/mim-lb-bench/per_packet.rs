@@ -91,7 +91,7 @@ impl Sample {
     }
 }
 
-fn thread_cpu_ns() -> u128 {
+pub(crate) fn thread_cpu_ns() -> u128 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
