@@ -213,8 +213,8 @@ pub struct FlowKey {
 pub struct FlowEntry {
     pub backend_id: u32,
     pub service_id: u32,
-    /// The Maglev slot the flow hashed to, so the control plane can tell which changed slots
-    /// still have live flows without recomputing hashes.
+    /// The Maglev slot the flow hashed to when it was recorded (for operators; the sweep
+    /// recomputes it from the live table, which may have been resized since).
     pub slot: u32,
     pub _pad0: u32,
     /// `CLOCK_MONOTONIC` (read with `bpf_ktime_get_coarse_ns`: the kernel tick's resolution)
@@ -236,7 +236,7 @@ pub struct Counter {
 pub struct TrafficStats {
     pub packets: u64,
     pub bytes: u64,
-    /// Flows recorded in the connection table (TCP SYNs, first UDP datagrams).
+    /// New flows: TCP SYNs, and UDP datagrams of no recorded flow.
     pub new_flows: u64,
 }
 

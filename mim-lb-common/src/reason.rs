@@ -30,10 +30,13 @@ pub const BACKEND_MISSING: u32 = 10;
 /// Dropped: an internal map lookup failed where it cannot fail (a verifier-mandated check).
 pub const INTERNAL: u32 = 11;
 
-/// Passed: addressed to a service, but not to the gateway's MAC address (unicast flooded by a
-/// switch, promiscuous mode, another director's output on the same segment, multicast or
+/// Dropped: addressed to a service, but not to the gateway's MAC address (unicast flooded by
+/// a switch, promiscuous mode, another director's output on the same segment, multicast or
 /// broadcast). Only frames sent to the gateway itself are forwarded, so no frame is forwarded
-/// twice.
+/// twice. Dropped rather than passed: the gateway's kernel holds the VIP, and in the moment
+/// after the interface's MAC changes (frames already use the new MAC, the program does not
+/// know it yet) it would answer established connections with resets; a dropped segment is
+/// retransmitted.
 pub const FOREIGN_MAC: u32 = 12;
 
 /// Every reason with its stable name, for status output, metrics and tests.
@@ -80,7 +83,7 @@ pub const XDP_TX: u32 = 3;
 pub const fn verdict(code: u32) -> u32 {
     match code {
         FORWARDED => XDP_TX,
-        NO_BACKEND | FRAGMENT | BACKEND_MISSING | INTERNAL => XDP_DROP,
+        NO_BACKEND | FRAGMENT | BACKEND_MISSING | INTERNAL | FOREIGN_MAC => XDP_DROP,
         _ => XDP_PASS,
     }
 }

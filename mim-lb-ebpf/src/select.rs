@@ -86,23 +86,33 @@ pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Resu
     }
     let key = flow_key(packet);
     if packet.proto == PROTO_TCP && packet.tcp_syn {
-        record(ctx, &key, service, owner, slot);
+        if owner == 0 {
+            return Err(reason::NO_BACKEND);
+        }
+        // A flow needs a record only where unrecorded flows go elsewhere than the slot's
+        // master: to a previous master, or to the table before a resize.
+        let prev = maglev_prev(entry);
+        if prev == owner || (prev == 0 && service.flags & SERVICE_F_RESIZED == 0) {
+            forget(&key);
+        } else {
+            record(ctx, &key, service, owner, slot);
+        }
         return to(owner, true);
     }
-    match recorded(service, &key) {
-        Recorded::Kept(choice) => Ok(choice),
-        Recorded::None if packet.proto == PROTO_TCP => unrecorded_tcp(service, packet, entry, slot),
+    let new_flow = match recorded(service, &key) {
+        Recorded::Kept(choice) => return Ok(choice),
+        Recorded::None if packet.proto == PROTO_TCP => return unrecorded_tcp(service, packet, entry, slot),
         // A UDP datagram of no flow starts one on the slot's master.
-        Recorded::None => {
-            record(ctx, &key, service, owner, slot);
-            to(owner, true)
-        }
+        Recorded::None => true,
         // Its master is gone: the flow moves to the slot's master, and stays there.
-        Recorded::Gone => {
-            record(ctx, &key, service, owner, slot);
-            to(owner, false)
-        }
+        Recorded::Gone => false,
+    };
+    // Only a slot with a master records anything.
+    if owner == 0 {
+        return Err(reason::NO_BACKEND);
     }
+    record(ctx, &key, service, owner, slot);
+    to(owner, new_flow)
 }
 
 /// What the connection table says of a flow.

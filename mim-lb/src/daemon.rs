@@ -184,6 +184,19 @@ async fn start_and_serve(
     let neighbors = NeighborResolver::start(&config.interface, neigh_tx)
         .await
         .with_context(|| format!("watching the neighbour table of {}", config.interface))?;
+    let mode = match config.xdp_mode {
+        XdpMode::Auto => None,
+        XdpMode::Native => Some(AttachMode::Native),
+        XdpMode::Generic => Some(AttachMode::Generic),
+    };
+    // Over maps an earlier run left, this build's program takes over first: the maps already
+    // hold a complete state it reads, while the program it replaces may not read what this
+    // build writes (an older ABI). Fresh maps are filled first, then attached.
+    let reused = director.dataplane().reused_pins();
+    if reused && let Err(e) = attach(director, &config, mode, attached) {
+        neighbors.shutdown().await;
+        return Err(e);
+    }
     let report = match director.apply_config(&config) {
         Ok(report) => report,
         Err(e) => {
@@ -200,23 +213,11 @@ async fn start_and_serve(
     for (key, s) in director.desired() {
         info!("service {} {} -> {} backends, health check {}", s.name, key, s.backends.len(), s.health.kind.name());
     }
-    let mode = match config.xdp_mode {
-        XdpMode::Auto => None,
-        XdpMode::Native => Some(AttachMode::Native),
-        XdpMode::Generic => Some(AttachMode::Generic),
-    };
-    let how = match director.dataplane_mut().attach(&config.interface, mode) {
-        Ok(how) => how,
-        Err(e) => {
-            neighbors.shutdown().await;
-            return Err(e.into());
-        }
-    };
-    *attached = Some(how);
-    match how {
-        Attached::Fresh(m) => info!("attached to {} in {m} mode", config.interface),
-        Attached::Replaced(m) => info!("replaced the running program on {} ({m} mode) atomically", config.interface),
+    if !reused && let Err(e) = attach(director, &config, mode, attached) {
+        neighbors.shutdown().await;
+        return Err(e);
     }
+    let how = attached.expect("attached above");
 
     let logger = director.dataplane_mut().take_logger();
     let log_task = logger.map(|logger| tokio::spawn(forward_program_log(logger)));
@@ -260,6 +261,16 @@ async fn start_and_serve(
     result
 }
 
+fn attach(director: &mut Director, config: &Config, mode: Option<AttachMode>, attached: &mut Option<Attached>) -> Result<()> {
+    let how = director.dataplane_mut().attach(&config.interface, mode)?;
+    *attached = Some(how);
+    match how {
+        Attached::Fresh(m) => info!("attached to {} in {m} mode", config.interface),
+        Attached::Replaced(m) => info!("replaced the running program on {} ({m} mode) atomically", config.interface),
+    }
+    Ok(())
+}
+
 /// What the event loop owns besides the director.
 struct Daemon {
     config_path: PathBuf,
@@ -288,8 +299,9 @@ impl Daemon {
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let mut sweep = tokio::time::interval(self.sweep_period());
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The connection table is read on a blocking thread (a million entries take seconds
-        // of syscalls); its copy is swept when it arrives. At most one read at a time.
+        // The connection table is read on a blocking thread (a million entries take a third of
+        // a second or more in the kernel); its copy is swept when it arrives. At most one read
+        // at a time.
         let mut reading: Option<(u64, tokio::task::JoinHandle<Result<Vec<_>, aya::maps::MapError>>)> = None;
         let mut period = self.sweep_period();
         // The interface's MAC is the source MAC of every forwarded frame: a change (an

@@ -40,6 +40,14 @@ pub struct ServiceStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Slots of the live table marked changed: flows begun before their master changed may
+    /// still be on their first master there (OPERATIONS.md, "The flow table").
+    #[serde(default)]
+    pub changed_slots: usize,
+    /// A change of `table_size` or `scheduler` is not over: some connections still follow
+    /// the table from before it, and the next such change is refused until it is.
+    #[serde(default)]
+    pub resizing: bool,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -123,7 +131,8 @@ pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate
     let maps = director.dataplane().maps_ro();
     let mut services = Vec::new();
     for (key, s) in director.desired() {
-        let table = director.written().get(key).map(|w| w.table()).unwrap_or(&[]);
+        let written = director.written().get(key);
+        let table = written.map(|w| w.table()).unwrap_or(&[]);
         let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
         for e in table {
             *slots.entry(e & MAGLEV_BACKEND_MASK).or_default() += 1;
@@ -160,6 +169,8 @@ pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate
             packets: stats.packets,
             bytes: stats.bytes,
             new_flows: stats.new_flows,
+            changed_slots: written.map_or(0, |w| w.marked()),
+            resizing: written.is_some_and(|w| w.resized()),
             backends,
         });
     }
@@ -222,6 +233,14 @@ pub fn render(status: &Status) -> String {
             human_bytes(s.bytes),
             s.name
         );
+        if s.changed_slots > 0 || s.resizing {
+            let _ = writeln!(
+                out,
+                "     {} slots changed master recently; flows begun before keep their first master{}",
+                s.changed_slots,
+                if s.resizing { "; resizing (table_size or scheduler cannot change again yet)" } else { "" }
+            );
+        }
         for b in &s.backends {
             let share = if s.table_size > 0 { 100.0 * f64::from(b.slots) / f64::from(s.table_size) } else { 0.0 };
             let check = match &b.last_check {
@@ -307,6 +326,8 @@ pub(crate) fn sample() -> Status {
             packets: 10,
             bytes: 2048,
             new_flows: 3,
+            changed_slots: 0,
+            resizing: false,
             backends: vec![BackendStatus {
                 address: "10.0.0.11".parse().expect("an address"),
                 mac: None,

@@ -66,8 +66,8 @@ fn connections_from_reused_ports_succeed_after_an_added_master_and_a_drain() {
     gw.write_config(&lab_config(&lab, &[three], extra)).unwrap();
     gw.ctl(&["reload"]).unwrap();
     wait_state(&gw, addr(&lab, 2), "up");
-    // Long enough for the idle timeout to pass and the sweep to clear the marks.
-    std::thread::sleep(Duration::from_secs(5));
+    // The idle timeout passes and the sweep clears the marks the added master left.
+    wait_settled(&gw);
     let after_add = connect_from(&lab, &ports);
     assert_eq!(failures(&after_add), Vec::<String>::new(), "connections from reused ports broke after an added master");
     let moved = first.iter().zip(&after_add).filter(|(a, b)| a.1 != b.1).count();
@@ -81,63 +81,108 @@ fn connections_from_reused_ports_succeed_after_an_added_master_and_a_drain() {
     assert!(on_drained.is_empty(), "new connections reached the drained master from ports {on_drained:?}");
 }
 
+/// Waits until the sweep has cleared every changed mark: the table is settled, as on a
+/// gateway that has run for a while.
+fn wait_settled(gw: &Gateway) {
+    gw.wait_until("no changed slots", Duration::from_secs(15), |s| s.services.iter().all(|s| s.changed_slots == 0)).unwrap();
+}
+
+/// Holds `conns` talking (a line every 50 ms, echoed) on threads of `scope` until `stop`.
+fn talk<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    conns: Vec<TcpHold>,
+    stop: &'scope AtomicBool,
+) -> Vec<std::thread::ScopedJoinHandle<'scope, Result<(TcpHold, usize), String>>> {
+    conns
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut conn)| {
+            scope.spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let mut lines = 0;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    conn.echo(&format!("line {lines}"), T)
+                        .map_err(|e| format!("held connection {k} to {} broke after {lines} lines: {e:#}", conn.name()))?;
+                    lines += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok((conn, lines))
+            })
+        })
+        .collect()
+}
+
+fn hold(lab: &Lab, n: usize) -> Vec<TcpHold> {
+    let vip = vip(lab);
+    in_netns(lab.client_ns(), || (0..n).map(|_| TcpHold::connect(vip, T)).collect::<anyhow::Result<Vec<_>>>()).unwrap().unwrap()
+}
+
 /// The measured defect: with a connection table of 1,024 flows, six long-lived connections
 /// exchanging a line every 50 ms, 3,000 new connections, then a drain of the master most of
-/// them were on: a long-lived connection on the drained master was reset.
+/// them were on: a long-lived connection on the drained master was reset. Then the same with
+/// the pressure where records are made: six more long-lived connections opened after the
+/// drain (on its marked slots, recorded), 4,096 new connections (4x the table; a third of them
+/// recorded) and the master enabled again. Every long-lived connection keeps talking.
 #[test]
 fn busy_long_lived_connections_survive_table_pressure_and_a_drain() {
     let mut lab = Lab::new(LabSpec::masters(3)).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
     let service = ServiceSpec { health: HEALTH.into(), ..ServiceSpec::tcp(&lab, PORT) };
-    let extra = "flow_table_size = 1024\ntcp_idle_timeout_s = 2";
-    let config = lab_config(&lab, &[service], extra);
+    let config = lab_config(&lab, std::slice::from_ref(&service), "flow_table_size = 1024\ntcp_idle_timeout_s = 2");
     let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
     gw.wait_all_up().unwrap();
-    // The masters came up one by one; once the sweep has cleared the marks that left, the
-    // table is settled, as on a gateway that has run for a while.
-    std::thread::sleep(Duration::from_secs(5));
+    wait_settled(&gw);
+    // From now on marks last: the drain's stay through the second round of pressure.
+    gw.write_config(&lab_config(&lab, &[service], "flow_table_size = 1024\ntcp_idle_timeout_s = 120")).unwrap();
+    gw.ctl(&["reload"]).unwrap();
     let vip = vip(&lab);
-    let held: Vec<TcpHold> =
-        in_netns(lab.client_ns(), || (0..6).map(|_| TcpHold::connect(vip, T)).collect::<anyhow::Result<Vec<_>>>()).unwrap().unwrap();
+    let first = hold(&lab, 6);
     let busiest = (0..lab.master_count())
-        .max_by_key(|&i| held.iter().filter(|c| c.name() == lab.master_name(i)).count())
+        .max_by_key(|&i| first.iter().filter(|c| c.name() == lab.master_name(i)).count())
         .unwrap();
-    let on_busiest = held.iter().filter(|c| c.name() == lab.master_name(busiest)).count();
+    let on_busiest = first.iter().filter(|c| c.name() == lab.master_name(busiest)).count();
     assert!(on_busiest >= 2, "the held connections are spread too thin to prove anything");
+    let service_name = format!("{}:{PORT}", lab.vip4());
+    let busiest_addr = addr(&lab, busiest).to_string();
 
     let stop = AtomicBool::new(false);
-    let results = std::thread::scope(|scope| {
-        let talkers: Vec<_> = held
-            .into_iter()
-            .enumerate()
-            .map(|(k, mut conn)| {
-                let stop = &stop;
-                scope.spawn(move || -> Result<usize, String> {
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    let mut lines = 0;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        conn.echo(&format!("line {lines}"), T)
-                            .map_err(|e| format!("held connection {k} to {} broke after {lines} lines: {e:#}", conn.name()))?;
-                        lines += 1;
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Ok(lines)
-                })
-            })
-            .collect();
-        // Table pressure: three times the table's size in new connections, each on a new port.
+    let (pressure, drain, talked) = std::thread::scope(|scope| {
+        let talkers = talk(scope, first, &stop);
         let pressure = in_netns(lab.client_ns(), || tcp_ask_many(vip, 3000, T)).unwrap().map(|_| ()).map_err(|e| format!("{e:#}"));
-        let drain = gw.ctl(&["drain", &format!("{}:{PORT}", lab.vip4()), &addr(&lab, busiest).to_string()]);
+        let drain = gw.ctl(&["drain", &service_name, &busiest_addr]);
         std::thread::sleep(Duration::from_secs(2));
         stop.store(true, Ordering::Relaxed);
-        let talked: Vec<Result<usize, String>> = talkers.into_iter().map(|t| t.join().expect("talker panicked")).collect();
+        let talked: Vec<_> = talkers.into_iter().map(|t| t.join().expect("talker panicked")).collect();
         (pressure, drain, talked)
     });
-    let (pressure, drain, talked) = results;
     assert_eq!(pressure, Ok(()), "a new connection failed under table pressure");
     drain.unwrap();
+    let mut all: Vec<TcpHold> = talked
+        .into_iter()
+        .map(|r| {
+            let (conn, lines) = r.unwrap();
+            assert!(lines > 20, "a held connection exchanged only {lines} lines");
+            conn
+        })
+        .collect();
+
+    all.extend(hold(&lab, 6));
+    let marked = gw.status().unwrap().services[0].changed_slots;
+    assert!(marked > 10_000, "only {marked} slots are marked: the second round would put no pressure on the table");
+    let stop = AtomicBool::new(false);
+    let (pressure, enable, talked) = std::thread::scope(|scope| {
+        let talkers = talk(scope, all, &stop);
+        let pressure = in_netns(lab.client_ns(), || tcp_ask_many(vip, 4096, T)).unwrap().map(|_| ()).map_err(|e| format!("{e:#}"));
+        let enable = gw.ctl(&["enable", &service_name, &busiest_addr]);
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+        let talked: Vec<_> = talkers.into_iter().map(|t| t.join().expect("talker panicked")).collect();
+        (pressure, enable, talked)
+    });
+    assert_eq!(pressure, Ok(()), "a new connection failed under table pressure on marked slots");
+    enable.unwrap();
     for result in talked {
-        let lines = result.unwrap();
+        let (_, lines) = result.unwrap();
         assert!(lines > 20, "a held connection exchanged only {lines} lines");
     }
 }

@@ -147,11 +147,11 @@ fn cases() -> Vec<Case> {
         Case { description: "IPv4 don't-fragment flag is not a fragment", input: fragment(0x4000, VIP4), expect: Expect::Forwarded(key(VIP4, 5353, 17)) },
         Case { description: "ICMP echo to a VIP is passed", input: Frame::new(CLIENT4.into(), VIP4.into(), L4::Other { proto: 1, bytes: vec![8, 0, 0, 0, 0, 1, 0, 1] }), expect: Expect::Passed(reason::NOT_TCP_UDP) },
         Case { description: "service whose only master has weight 0 drops", input: Frame::tcp(CLIENT4, 40000, Ipv4Addr::new(10, 0, 0, 102), 7000, TCP_SYN), expect: Expect::Dropped(reason::NO_BACKEND) },
-        Case { description: "SYN to a VIP addressed to another host's MAC is passed", input: Frame::tcp(CLIENT4, 40020, VIP4, 7000, TCP_SYN).with_macs(OTHER_MAC, CLIENT_MAC), expect: Expect::Passed(reason::FOREIGN_MAC) },
-        Case { description: "data to a VIP addressed to another host's MAC is passed", input: Frame::tcp(CLIENT4, 40021, VIP4, 7000, TCP_ACK).with_macs(OTHER_MAC, CLIENT_MAC), expect: Expect::Passed(reason::FOREIGN_MAC) },
-        Case { description: "broadcast UDP to a VIP is passed", input: Frame::udp(CLIENT4, 40022, VIP4, 5353).with_macs([0xff; 6], CLIENT_MAC), expect: Expect::Passed(reason::FOREIGN_MAC) },
-        Case { description: "multicast-addressed IPv6 SYN to a VIP is passed", input: Frame::tcp(CLIENT6, 40023, VIP6, 7000, TCP_SYN).with_macs([0x33, 0x33, 0, 0, 0, 1], CLIENT_MAC), expect: Expect::Passed(reason::FOREIGN_MAC) },
-        Case { description: "fragment to a VIP addressed to another host's MAC is passed", input: fragment(0x2000, VIP4).with_macs(OTHER_MAC, CLIENT_MAC), expect: Expect::Passed(reason::FOREIGN_MAC) },
+        Case { description: "SYN to a VIP addressed to another host's MAC is dropped", input: Frame::tcp(CLIENT4, 40020, VIP4, 7000, TCP_SYN).with_macs(OTHER_MAC, CLIENT_MAC), expect: Expect::Dropped(reason::FOREIGN_MAC) },
+        Case { description: "data to a VIP addressed to another host's MAC is dropped", input: Frame::tcp(CLIENT4, 40021, VIP4, 7000, TCP_ACK).with_macs(OTHER_MAC, CLIENT_MAC), expect: Expect::Dropped(reason::FOREIGN_MAC) },
+        Case { description: "broadcast UDP to a VIP is dropped", input: Frame::udp(CLIENT4, 40022, VIP4, 5353).with_macs([0xff; 6], CLIENT_MAC), expect: Expect::Dropped(reason::FOREIGN_MAC) },
+        Case { description: "multicast-addressed IPv6 SYN to a VIP is dropped", input: Frame::tcp(CLIENT6, 40023, VIP6, 7000, TCP_SYN).with_macs([0x33, 0x33, 0, 0, 0, 1], CLIENT_MAC), expect: Expect::Dropped(reason::FOREIGN_MAC) },
+        Case { description: "fragment to a VIP addressed to another host's MAC is dropped", input: fragment(0x2000, VIP4).with_macs(OTHER_MAC, CLIENT_MAC), expect: Expect::Dropped(reason::FOREIGN_MAC) },
     ]
 }
 

@@ -163,9 +163,12 @@ impl<'a> MapsRo<'a> {
     /// to each slot's previous master (`CLOCK_MONOTONIC >> SEEN_SHIFT`).
     pub fn slot_seen(&self, service_id: u32, size: u32) -> Result<Vec<u32>, DataplaneError> {
         let map = self.array::<u32>(names::SLOT_SEEN)?;
-        (0..size)
-            .map(|slot| map.get(&limits::slot_index(service_id, slot), 0).map_err(map_err(names::SLOT_SEEN)))
-            .collect()
+        let batched = batch::lookup_array::<u32>(map.map(), limits::slot_index(service_id, 0), size);
+        or_per_element(names::SLOT_SEEN, batched, || {
+            (0..size)
+                .map(|slot| map.get(&limits::slot_index(service_id, slot), 0).map_err(map_err(names::SLOT_SEEN)))
+                .collect()
+        })
     }
 
     pub fn backend(&self, id: u32) -> Result<BackendEntry, DataplaneError> {
@@ -305,11 +308,18 @@ impl<'a> Maps<'a> {
 
     /// Writes a service's table from before a resize into `MAGLEV_OLD` (master per slot).
     pub fn set_maglev_old(&mut self, service_id: u32, owners: &[u32]) -> Result<usize, DataplaneError> {
-        let mut map = self.array::<u32>(names::MAGLEV_OLD)?;
-        for (slot, owner) in owners.iter().enumerate() {
-            map.set(limits::slot_index(service_id, slot as u32), *owner, 0).map_err(map_err(names::MAGLEV_OLD))?;
-        }
-        Ok(owners.len())
+        let indices: Vec<u32> = (0..owners.len() as u32).map(|slot| limits::slot_index(service_id, slot)).collect();
+        let batched = {
+            let map = self.array::<u32>(names::MAGLEV_OLD)?;
+            batch::update(map.map(), &indices, owners)
+        };
+        or_per_element(names::MAGLEV_OLD, batched, || {
+            let mut map = self.array::<u32>(names::MAGLEV_OLD)?;
+            for (index, owner) in indices.iter().zip(owners) {
+                map.set(*index, *owner, 0).map_err(map_err(names::MAGLEV_OLD))?;
+            }
+            Ok(owners.len())
+        })
     }
 
     pub fn set_backend(&mut self, id: u32, value: &BackendEntry) -> Result<(), DataplaneError> {

@@ -548,6 +548,15 @@ fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize,
     ]
 }
 
+/// The `abi_version` in the pinned GLOBALS under `dir`, if it can be read and the maps were
+/// filled (an unfilled set speaks no version).
+fn pinned_abi_version(dir: &Path) -> Option<u32> {
+    let data = aya::maps::MapData::from_pin(dir.join(names::GLOBALS)).ok()?;
+    let globals: aya::maps::Array<_, Globals> = aya::maps::Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    let g = globals.get(&0, 0).ok()?;
+    (g.flags & GLOBALS_F_READY != 0).then_some(g.abi_version)
+}
+
 /// Creates the pin directory if needed and decides whether pins found there can be reused.
 /// Returns whether a complete, compatible set was found; a partial or mismatching set is an
 /// error rather than something to overwrite, because it holds live flows.
@@ -564,10 +573,16 @@ fn check_pins(dir: &Path, flow_table_size: u32) -> Result<bool, DataplaneError> 
         return Ok(false);
     }
     let incompatible = |detail: String| DataplaneError::IncompatiblePins { dir: dir.to_path_buf(), detail };
+    // Maps added since the oldest readable ABI may be missing only from a set that ABI filled:
+    // from a newer set, a missing one held live state (an old table during a resize).
+    let filled_by_oldest = pinned_abi_version(dir).is_some_and(|v| v < ABI_VERSION);
     let missing: Vec<&str> = expected
         .iter()
         .map(|e| e.0)
-        .filter(|n| !present.contains(n) && !MAPS_ADDED_SINCE_OLDEST.contains(n))
+        .filter(|n| {
+            let may_be_missing = filled_by_oldest && MAPS_ADDED_SINCE_OLDEST.contains(n);
+            !present.contains(n) && !may_be_missing
+        })
         .collect();
     if !missing.is_empty() {
         return Err(incompatible(format!("the set is incomplete (missing {})", missing.join(", "))));

@@ -61,6 +61,13 @@ pub enum DirectorError {
     UnknownService(String),
     #[error("service {service} has no backend {backend}")]
     UnknownBackend { service: String, backend: IpAddr },
+    #[error(
+        "service {service}: table_size or scheduler cannot change again yet: connections begun \
+         before its previous change still follow the table from before it. Retry once `mim-lb \
+         status` no longer shows the service as resizing (about tcp_idle_timeout_s after the \
+         last such connection ends)"
+    )]
+    ResizeInProgress { service: String },
 }
 
 /// What the director has written for one service.
@@ -96,6 +103,20 @@ impl WrittenService {
     /// Marked slots in the live table.
     pub fn marked(&self) -> usize {
         self.marked
+    }
+
+    /// Takes the live region as the kernel holds it (after a write to it failed part-way):
+    /// slots found clean lose their mark time, the count follows.
+    fn adopt_live_region(&mut self, live: Vec<u32>) {
+        for (slot, entry) in live.iter().enumerate() {
+            if !marks::is_marked(*entry)
+                && let Some(t) = self.times.marked_ns.get_mut(slot)
+            {
+                *t = 0;
+            }
+        }
+        self.marked = live.iter().filter(|e| marks::is_marked(**e)).count();
+        self.regions[self.active as usize] = live;
     }
 
     /// Whether unrecorded flows of marked slots may still look up the table from before a
@@ -194,9 +215,13 @@ impl Director {
         if mac == self.gateway_mac {
             return Ok(false);
         }
-        self.gateway_mac = mac;
-        if self.ready {
-            self.write_globals_identity()?;
+        let old = std::mem::replace(&mut self.gateway_mac, mac);
+        if self.ready
+            && let Err(e) = self.write_globals_identity()
+        {
+            // Not adopted, so the next call (the daemon checks every second) tries again.
+            self.gateway_mac = old;
+            return Err(e);
         }
         Ok(true)
     }
@@ -434,6 +459,14 @@ impl Director {
         }
         for w in self.written.values() {
             pools.services.reserve(w.id);
+            // A marked slot sends flows that began before its change to its previous master
+            // by id: that id must not name another backend while the mark lasts.
+            for e in w.table().iter().filter(|e| marks::is_marked(**e)) {
+                let prev = mim_lb_common::maglev_prev(*e);
+                if prev != 0 {
+                    pools.backends.reserve(prev);
+                }
+            }
         }
         for id in self.written_backends.keys() {
             pools.backends.reserve(*id);

@@ -61,7 +61,7 @@ impl Director {
             }
         }
         for (key, s) in next {
-            self.plan_service(key, s, now_ns, &mut plan);
+            self.plan_service(key, s, now_ns, &mut plan)?;
         }
         let entries = index_entries(next, &plan.written);
         if !self.ready || !same_entries(&entries, &self.index_entries) {
@@ -73,7 +73,7 @@ impl Director {
 
     /// Plans one service's table: kept when its inputs did not change, else rebuilt, with the
     /// slots whose master changed marked, written into the region the data path is not reading.
-    fn plan_service(&self, key: &ServiceKey, s: &ServiceDesire, now_ns: u64, plan: &mut Plan) {
+    fn plan_service(&self, key: &ServiceKey, s: &ServiceDesire, now_ns: u64, plan: &mut Plan) -> Result<(), DirectorError> {
         let flags = service_flags(s.scheduler);
         let inputs: Vec<(IpAddr, u32, u32)> = s.backends.iter().map(|(addr, b)| (*addr, b.id, b.table_weight())).collect();
         let old = self.written.get(key).filter(|o| o.id == s.id);
@@ -81,7 +81,7 @@ impl Director {
             // Only what changed is rebuilt: a verdict about one service costs no Maglev build of
             // the others.
             plan.written.insert(*key, old.clone());
-            return;
+            return Ok(());
         }
         let built = build_table(s);
         plan.report.tables_built += 1;
@@ -91,16 +91,21 @@ impl Director {
                 let next = marks::next_table(live, &built);
                 if next == live {
                     plan.written.insert(*key, WrittenService { inputs, ..old.clone() });
-                    return;
+                    return Ok(());
                 }
                 let times = old.times.after(live, &next, now_ns);
                 (1 - old.active, next, times, old.resized)
             }
             // A new size or hash: a flow may now hash to any slot, so every slot is marked and
             // unrecorded flows look up the table they began under. A second resize before the
-            // first one's flows are all recorded or gone keeps the first old table: every flow
-            // begun since was recorded (every slot was marked).
+            // first one is over keeps the first old table, which is right only while every
+            // slot still sends its unrecorded flows there (every flow begun since was then
+            // recorded); once the sweep has cleared a slot, its unrecorded flows began on the
+            // new table, which no single old table can describe, so the change must wait.
             Some(old) => {
+                if old.resized.is_some() && old.table().iter().any(|e| !marks::is_marked(*e) || mim_lb_common::maglev_prev(*e) != 0) {
+                    return Err(DirectorError::ResizeInProgress { service: s.name.clone() });
+                }
                 let resized = old.resized.or_else(|| {
                     plan.old_tables.push((s.id, old.table().iter().map(|e| marks::began_on(*e)).collect()));
                     Some(Resized { old_table_size: old.table_size, old_flags: old.flags })
@@ -138,6 +143,7 @@ impl Director {
             WrittenService { id: s.id, flags, table_size: s.table_size, active: target, regions, times, marked, resized, inputs },
         );
         plan.report.changed_services.push(s.name.clone());
+        Ok(())
     }
 }
 

@@ -65,11 +65,15 @@ pub(super) fn flow_slot(service: &WrittenService, key: &FlowKey) -> u32 {
     hash::table_slot(h, service.table_size)
 }
 
+/// How much older than its last packet a record's `last_seen_ns` can be: the data path
+/// refreshes it at most once a second, from a clock of the kernel tick's resolution.
+pub(super) const REFRESH_SLACK: Duration = Duration::from_secs(2);
+
 /// Whether a flow counts as live at `now_ns`, given that it could not refresh its record
 /// before `grace_from_ns`.
 pub(super) fn is_live(flow: &FlowEntry, grace_from_ns: u64, now_ns: u64, idle: Duration) -> bool {
     let seen = flow.last_seen_ns.max(grace_from_ns);
-    now_ns.saturating_sub(seen) < idle.as_nanos() as u64
+    now_ns.saturating_sub(seen) < (idle + REFRESH_SLACK).as_nanos() as u64
 }
 
 /// What the recorded flows say, by service.
@@ -182,8 +186,15 @@ impl Director {
             if clear.is_empty() {
                 continue;
             }
-            let (id, active) = (w.id, w.active);
-            cleared += self.dataplane.maps().set_maglev_entries(id, active, clear.iter().copied())?;
+            let (id, active, size) = (w.id, w.active, w.table_size);
+            if let Err(e) = self.dataplane.maps().set_maglev_entries(id, active, clear.iter().copied()) {
+                // Some entries may be clean in the kernel already: what the data path reads is
+                // the truth, and the record is taken from it before anything is built on it.
+                let live = self.dataplane.maps_ro().maglev_region(id, active, size)?;
+                self.written.get_mut(&key).expect("listed above").adopt_live_region(live);
+                return Err(e.into());
+            }
+            cleared += clear.len();
             let w = self.written.get_mut(&key).expect("listed above");
             for (slot, value) in clear {
                 w.regions[active as usize][slot as usize] = value;
@@ -208,16 +219,24 @@ impl Director {
     /// A resized service whose marked slots all name a previous master (or are clean) sends no
     /// flow to its old table any more: the index entry drops the old table.
     fn end_resizes(&mut self) -> Result<(), DirectorError> {
-        let mut ended = false;
-        for w in self.written.values_mut() {
+        let mut ended = Vec::new();
+        for (key, w) in self.written.iter_mut() {
             if w.resized.is_some() && !w.table().iter().any(|e| marks::is_marked(*e) && mim_lb_common::maglev_prev(*e) == 0) {
-                w.resized = None;
-                ended = true;
+                ended.push((*key, w.resized.take()));
             }
         }
-        if ended {
-            // Inputs are unchanged, so the commit only rewrites the index.
-            self.commit(self.desired.clone())?;
+        if ended.is_empty() {
+            return Ok(());
+        }
+        // Inputs are unchanged, so the commit only rewrites the index. If it fails, the index
+        // still names the old tables, and so must the record.
+        if let Err(e) = self.commit(self.desired.clone()) {
+            for (key, resized) in ended {
+                if let Some(w) = self.written.get_mut(&key) {
+                    w.resized = resized;
+                }
+            }
+            return Err(e);
         }
         Ok(())
     }
@@ -273,10 +292,12 @@ mod tests {
         let idle = Duration::from_secs(10);
         let s = 1_000_000_000u64;
         assert!(is_live(&flow(100 * s), 0, 105 * s, idle));
-        assert!(!is_live(&flow(100 * s), 0, 111 * s, idle));
-        // Recorded long ago, but the table changed recently: it gets a full timeout.
+        // A busy flow's record lags its last packet by up to the refresh slack.
+        assert!(is_live(&flow(100 * s), 0, 111 * s, idle));
+        assert!(!is_live(&flow(100 * s), 0, 112 * s, idle));
+        // Recorded long ago, but its slot was marked recently: it gets a full timeout.
         assert!(is_live(&flow(10 * s), 100 * s, 105 * s, idle));
-        assert!(!is_live(&flow(10 * s), 100 * s, 110 * s, idle));
+        assert!(!is_live(&flow(10 * s), 100 * s, 112 * s, idle));
         // A clock reading before the record (another CPU's later write) is not an underflow.
         assert!(is_live(&flow(100 * s), 0, 99 * s, idle));
     }
