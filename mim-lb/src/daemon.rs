@@ -315,6 +315,8 @@ impl Daemon {
                 sweep = tokio::time::interval(period);
                 sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
+            // Outside any change: the next one then writes only its own slots.
+            director.tidy();
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
                 _ = int.recv() => { info!("SIGINT: stopping"); return Ok(()); }

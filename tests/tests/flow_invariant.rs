@@ -465,3 +465,25 @@ fn a_missing_new_map_is_refused_unless_abi_1_filled_the_set() {
     assert!(format!("{err:#}").contains("incomplete (missing MAGLEV_OLD)"), "{err:#}");
     assert!(!dir.join(names::MAGLEV_OLD).exists(), "the refused start pinned a new map");
 }
+
+/// Once the region the data path does not read is brought up to date (the daemon does it
+/// after every event), a change writes exactly the slots it changes: a failover's write, which
+/// stands between the verdict and the data path seeing it, is no longer twice as wide.
+#[test]
+fn after_tidying_a_change_writes_only_the_slots_it_changes() {
+    let mut prog = ProgramUnderTest::new(&three_masters()).unwrap();
+    settle(&mut prog);
+    let tidied = prog.director.tidy();
+    assert!(tidied > 1000, "the unread region was already up to date ({tidied} writes): the test proves nothing");
+    assert_eq!(prog.director.tidy(), 0, "a second tidy wrote again");
+    let before = prog.director.written()[&web()].table().to_vec();
+    let weight_zero = three_masters().replace("address = \"10.0.0.11\"\n", "address = \"10.0.0.11\"\nweight = 0\n");
+    let report = prog.director.apply_config(&mim_lb::config::Config::parse(&weight_zero).unwrap()).unwrap();
+    let after = prog.director.written()[&web()].table();
+    let changed = before.iter().zip(after).filter(|(a, b)| a != b).count();
+    assert!(changed > 10_000, "draining a third of the table changed only {changed} slots");
+    assert_eq!(report.maglev_writes, changed, "the change wrote other slots than its own");
+    // The live table is what was written.
+    let w = &prog.director.written()[&web()];
+    assert_eq!(prog.director.dataplane().maps_ro().maglev_region(w.id, w.active, w.table_size).unwrap(), after);
+}

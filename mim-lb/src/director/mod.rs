@@ -105,6 +105,12 @@ impl WrittenService {
         self.marked
     }
 
+    /// The region the data path does not read, if it holds something other than the live
+    /// table (or is unknown).
+    fn unread_differs(&self) -> bool {
+        self.regions[1 - self.active as usize] != self.regions[self.active as usize]
+    }
+
     /// Takes the live region as the kernel holds it (after a write to it failed part-way):
     /// slots found clean lose their mark time, the count follows.
     fn adopt_live_region(&mut self, live: Vec<u32>) {
@@ -400,6 +406,44 @@ impl Director {
             return Ok(Vec::new());
         }
         Ok(self.commit(next)?.changes)
+    }
+
+    /// Brings the region each service's data path does not read up to date with the live
+    /// table. A change writes into that region, and writes only the slots where it differs
+    /// from the new table: after this, the next change (a failover, usually, with clients
+    /// waiting) writes its own slots only, not those of the change before too. Nothing reads
+    /// the region meanwhile, so the daemon calls this after each event, outside any change.
+    /// Returns the entries written. A failed write leaves the region unknown (written whole
+    /// by the next change).
+    pub fn tidy(&mut self) -> usize {
+        let stale: Vec<ServiceKey> = self.written.iter().filter(|(_, w)| w.unread_differs()).map(|(k, _)| *k).collect();
+        let mut written = 0;
+        for key in stale {
+            let w = &self.written[&key];
+            let unread = 1 - w.active;
+            let previous = &w.regions[unread as usize];
+            let writes: Vec<(u32, u32)> = w
+                .table()
+                .iter()
+                .enumerate()
+                .filter(|(slot, v)| previous.get(*slot) != Some(*v))
+                .map(|(slot, v)| (slot as u32, *v))
+                .collect();
+            let id = w.id;
+            let result = self.dataplane.maps().set_maglev_entries(id, unread, writes.iter().copied());
+            let w = self.written.get_mut(&key).expect("listed above");
+            match result {
+                Ok(n) => {
+                    written += n;
+                    w.regions[unread as usize] = w.regions[w.active as usize].clone();
+                }
+                Err(e) => {
+                    log::warn!("bringing the unread Maglev region of {key} up to date (the next change writes it whole): {e}");
+                    w.regions[unread as usize] = Vec::new();
+                }
+            }
+        }
+        written
     }
 
     /// The MAC the neighbour table gave for `address`, for any backend at that address.

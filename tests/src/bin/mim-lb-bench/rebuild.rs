@@ -198,6 +198,8 @@ impl Flips {
 /// One timed health flip; returns (ms, entries the commit wrote).
 fn flip(prog: &mut ProgramUnderTest, victim: IpAddr, up: bool) -> Result<(f64, usize)> {
     interrupt::check()?;
+    // As the daemon does after every event: the region the flip writes is up to date first.
+    prog.director.tidy();
     let svc = &prog.director.written()[&key()];
     let target = prog.director.dataplane().maps_ro().maglev_region(svc.id, 1 - svc.active, svc.table_size)?;
     let started = Instant::now();
