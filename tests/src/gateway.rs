@@ -206,7 +206,22 @@ impl Gateway {
         self.launch(lab, extra_args)
     }
 
+    /// Starts the daemon again with the same config file and pins, expecting the start to
+    /// fail: returns its exit status and everything it logged.
+    pub fn restart_failing(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<(std::process::ExitStatus, String)> {
+        let proc = self.spawn(lab, extra_args)?;
+        let status = proc.wait_exit(Duration::from_secs(20)).context("waiting for the failing start to end")?;
+        Ok((status, proc.lines().join("\n")))
+    }
+
     fn launch(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<()> {
+        let proc = self.spawn(lab, extra_args)?;
+        proc.wait_for_line("ready: serving", Duration::from_secs(20))
+            .context("waiting for mim-lb to start")?;
+        Ok(())
+    }
+
+    fn spawn(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<Proc> {
         let mut cmd = Command::new(mim_lb_binary());
         cmd.args(["--log-level", "info,mim_lb=debug", "run", "--config"])
             .arg(self.config_path())
@@ -227,9 +242,7 @@ impl Gateway {
         let ns = self.ns.clone();
         let proc = lab.spawn_in(&ns, &mut cmd)?;
         self.proc = Some(proc.clone());
-        proc.wait_for_line("ready: serving", Duration::from_secs(20))
-            .context("waiting for mim-lb to start")?;
-        Ok(())
+        Ok(proc)
     }
 
     pub fn config_path(&self) -> PathBuf {

@@ -373,3 +373,55 @@ fn a_gateway_mac_change_while_running_is_picked_up() {
     let old: Vec<_> = to_masters.iter().filter(|f| f.src_mac != new_mac).collect();
     assert!(old.is_empty(), "{} forwarded frames still carry another source MAC, e.g. {:?}", old.len(), old[0].src_mac);
 }
+
+/// A start over kept pins that fails after taking over the running program leaves it
+/// forwarding with its maps, pins and link: live connections survive, and the next start with
+/// a good config takes over again. The failure here is a second change of `table_size` while
+/// connections still follow the table from before the first one.
+#[test]
+fn a_failed_start_over_kept_pins_keeps_forwarding() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let sized = |lab: &Lab, size: Option<u32>| {
+        let service = ServiceSpec { health: HEALTH.into(), ..ServiceSpec::tcp(lab, PORT) };
+        let config = lab_config(lab, &[service], "tcp_idle_timeout_s = 1");
+        match size {
+            Some(n) => config.replace("protocol = \"tcp\"\n", &format!("protocol = \"tcp\"\ntable_size = {n}\n")),
+            None => config,
+        }
+    };
+    let config = sized(&lab, None);
+    let mut gw = Gateway::start_with_args(&mut lab, &config, Mode::Generic, &["--keep-pinned"]).unwrap();
+    gw.wait_all_up().unwrap();
+    gw.wait_until("a settled table", Duration::from_secs(15), |s| s.services.iter().all(|s| s.changed_slots == 0)).unwrap();
+    let mut held = hold(&lab, 30);
+
+    gw.write_config(&sized(&lab, Some(251))).unwrap();
+    gw.ctl(&["reload"]).unwrap();
+    // The held connections keep talking, so their slots stay marked while the others clear.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        echo_all(&mut held, "during the resize");
+        let s = gw.status().unwrap();
+        let svc = &s.services[0];
+        if svc.resizing && svc.changed_slots < 251 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the resize never reached a partly cleared table: {} slots marked, resizing {}", svc.changed_slots, svc.resizing);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    gw.stop().unwrap();
+
+    gw.write_config(&sized(&lab, Some(509))).unwrap();
+    let (status, log) = gw.restart_failing(&mut lab, &["--keep-pinned"]).unwrap();
+    assert!(!status.success(), "the start succeeded: {log}");
+    assert!(log.contains("cannot change again yet"), "{log}");
+    assert!(log.contains("stays attached"), "{log}");
+    assert!(gw.pin_dir().join("XDP_LINK").exists(), "the failed start removed the link pin");
+    echo_all(&mut held, "after a failed start over kept pins");
+
+    gw.write_config(&sized(&lab, Some(251))).unwrap();
+    gw.restart(&mut lab, &["--keep-pinned"]).unwrap();
+    gw.proc().wait_for_line("replaced the running program", T).unwrap();
+    echo_all(&mut held, "after the next start");
+}
