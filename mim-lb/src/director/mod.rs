@@ -188,6 +188,8 @@ pub struct Director {
     /// When each removed backend (by id) began removing: a sweep whose read began earlier
     /// may miss its newest flows.
     removing_since: BTreeMap<u32, u64>,
+    /// Services whose unread Maglev region may differ from the live table ([`Director::tidy`]).
+    untidy: BTreeSet<ServiceKey>,
     ready: bool,
 }
 
@@ -206,6 +208,7 @@ impl Director {
             index_slots: [BTreeSet::new(), BTreeSet::new()],
             index_entries: Vec::new(),
             removing_since: BTreeMap::new(),
+            untidy: BTreeSet::new(),
             ready: false,
         }
     }
@@ -416,10 +419,9 @@ impl Director {
     /// Returns the entries written. A failed write leaves the region unknown (written whole
     /// by the next change).
     pub fn tidy(&mut self) -> usize {
-        let stale: Vec<ServiceKey> = self.written.iter().filter(|(_, w)| w.unread_differs()).map(|(k, _)| *k).collect();
         let mut written = 0;
-        for key in stale {
-            let w = &self.written[&key];
+        for key in std::mem::take(&mut self.untidy) {
+            let Some(w) = self.written.get(&key).filter(|w| w.unread_differs()) else { continue };
             let unread = 1 - w.active;
             let previous = &w.regions[unread as usize];
             let writes: Vec<(u32, u32)> = w
@@ -440,6 +442,7 @@ impl Director {
                 Err(e) => {
                     log::warn!("bringing the unread Maglev region of {key} up to date (the next change writes it whole): {e}");
                     w.regions[unread as usize] = Vec::new();
+                    self.untidy.insert(key);
                 }
             }
         }
@@ -553,6 +556,7 @@ impl Director {
         self.removing_since.retain(|id, _| removing.contains(id));
         self.desired = next;
         self.written = plan.written;
+        self.untidy.extend(plan.region_writes.iter().map(|w| w.key));
         // The flip is done: what follows only tidies up, and is retried by the next commit.
         if let Err(e) = self.clear_gone_backends(&plan.entries) {
             log::warn!("clearing entries of backends that are gone (retried on the next change): {e}");
@@ -617,6 +621,7 @@ impl Director {
                 && old.active != w.half
             {
                 old.regions[w.half as usize] = Vec::new();
+                self.untidy.insert(w.key);
             }
         }
     }

@@ -129,6 +129,8 @@ impl Director {
         director.index_active = active;
         director.index_seeds = globals.service_seeds;
         director.desired = desired;
+        // The unread regions are unknown: tidying writes them once, outside any change.
+        director.untidy = written.keys().copied().collect();
         director.written = written;
         let now_removing = director
             .desired

@@ -192,9 +192,11 @@ impl Director {
                 // the truth, and the record is taken from it before anything is built on it.
                 let live = self.dataplane.maps_ro().maglev_region(id, active, size)?;
                 self.written.get_mut(&key).expect("listed above").adopt_live_region(live);
+                self.untidy.insert(key);
                 return Err(e.into());
             }
             cleared += clear.len();
+            self.untidy.insert(key);
             let w = self.written.get_mut(&key).expect("listed above");
             for (slot, value) in clear {
                 w.regions[active as usize][slot as usize] = value;
