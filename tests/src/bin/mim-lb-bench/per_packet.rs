@@ -1,5 +1,6 @@
 //! Per-packet cost of the real XDP program with BPF_PROG_TEST_RUN, next to reference programs
-//! loaded in the same run (`mim-lb-ebpf/src/bin/bench_floor.rs`).
+//! loaded in the same run (`mim-lb-ebpf/src/bin/bench_floor.rs`), and next to the program of
+//! an earlier commit (`baseline`, issue 7's comparison).
 //!
 //! The repeat trap: with `repeat = N` the kernel runs the program N times on one buffer, each
 //! run on what the previous one left there. A benchmark is only honest if every one of those
@@ -9,6 +10,8 @@
 //! measured one run per distinct SYN instead. The program forwards only frames addressed to the
 //! gateway's MAC, so every master here has that MAC (see [`config`]): a forwarded frame is
 //! addressed to the gateway again, and the next run takes the same path.
+
+mod baseline;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -30,6 +33,7 @@ use mim_lb_tests::{
 };
 use serde_json::json;
 
+pub use self::baseline::Baseline;
 use crate::interrupt;
 use crate::report::{Section, goal_verdict, median};
 
@@ -37,6 +41,8 @@ pub struct Settings {
     pub repeat: u32,
     pub runs: usize,
     pub new_flows: u32,
+    /// The earlier program to compare with (issue 7), or why there is none.
+    pub baseline: Baseline,
 }
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -299,13 +305,19 @@ struct Interleaved {
 
 impl Interleaved {
     fn measure(programs: &[(&'static str, &Xdp)], frame: &[u8], repeat: u32, runs: usize) -> Result<Interleaved> {
+        let each: Vec<(&'static str, &Xdp, &[u8])> = programs.iter().map(|(n, p)| (*n, *p, frame)).collect();
+        Self::measure_each(&each, repeat, runs)
+    }
+
+    /// Like [`Interleaved::measure`], each program on a frame of its own.
+    fn measure_each(programs: &[(&'static str, &Xdp, &[u8])], repeat: u32, runs: usize) -> Result<Interleaved> {
         let mut samples = vec![Vec::with_capacity(runs); programs.len()];
         for _ in 0..runs {
-            for (i, (_, p)) in programs.iter().enumerate() {
+            for (i, (_, p, frame)) in programs.iter().enumerate() {
                 samples[i].push(run(p, frame, repeat)?.0);
             }
         }
-        Ok(Interleaved { names: programs.iter().map(|(n, _)| *n).collect(), samples, repeat })
+        Ok(Interleaved { names: programs.iter().map(|(n, _, _)| *n).collect(), samples, repeat })
     }
 
     fn index(&self, name: &str) -> usize {
@@ -324,6 +336,13 @@ impl Interleaved {
     fn ratio(&self, a: &str, b: &str) -> f64 {
         let (a, b) = (self.per_round(a), self.per_round(b));
         median(&a.iter().zip(&b).map(|(x, y)| x / y).collect::<Vec<_>>())
+    }
+
+    /// Median over rounds of `a`'s time above `floor`'s divided by `b`'s, all in the same
+    /// round: how two programs compare once the harness's own cost is taken out.
+    fn ratio_above(&self, a: &str, b: &str, floor: &str) -> f64 {
+        let (a, b, f) = (self.per_round(a), self.per_round(b), self.per_round(floor));
+        median(&(0..f.len()).map(|r| (a[r] - f[r]) / (b[r] - f[r])).collect::<Vec<_>>())
     }
 
     fn kernel_ns(&self, name: &str) -> f64 {
@@ -403,8 +422,9 @@ struct Measured {
     syn_marked: Interleaved,
 }
 
-/// Returns the per-packet section and the program sizes.
-pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Section, Section)> {
+/// Returns the per-packet section, issue 7's comparison with the baseline program, and the
+/// program sizes.
+pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Section, Section, Section)> {
     let refs = References::load()?;
     let w = Warm { floor: refs.get("bench_floor")?, refs: &refs, repeat: settings.repeat, runs: settings.runs };
     let mut prog = ProgramUnderTest::new(&config(3))?;
@@ -423,7 +443,9 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
     let syn_marked = syn_on_marked_slot(&w, &prog)?;
     drop(prog);
     let m = Measured { est4, est6, pass, syn_clean, cold, recorded, unrecorded, syn_marked };
-    Ok((section(&m, settings), sizes))
+
+    let comparison = baseline::measure(&w, &settings.baseline, settings.new_flows)?;
+    Ok((section(&m, settings), comparison, sizes))
 }
 
 /// Established flow: an ACK on a slot the control plane's table shows unmarked. The flow has
