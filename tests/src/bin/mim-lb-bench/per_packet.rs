@@ -309,11 +309,14 @@ impl Interleaved {
         Self::measure_each(&each, repeat, runs)
     }
 
-    /// Like [`Interleaved::measure`], each program on a frame of its own.
+    /// Like [`Interleaved::measure`], each program on a frame of its own. Each round starts
+    /// with the next program, so that none is always first or always after the same one.
     fn measure_each(programs: &[(&'static str, &Xdp, &[u8])], repeat: u32, runs: usize) -> Result<Interleaved> {
-        let mut samples = vec![Vec::with_capacity(runs); programs.len()];
-        for _ in 0..runs {
-            for (i, (_, p, frame)) in programs.iter().enumerate() {
+        let k = programs.len();
+        let mut samples = vec![Vec::with_capacity(runs); k];
+        for round in 0..runs {
+            for i in (0..k).map(|j| (j + round) % k) {
+                let (_, p, frame) = programs[i];
                 samples[i].push(run(p, frame, repeat)?.0);
             }
         }
@@ -637,7 +640,7 @@ fn section(m: &Measured, settings: &Settings) -> Section {
     let mut section = Section::new("Per-packet cost (BPF_PROG_TEST_RUN)", &["case", "ns/pkt", "floor ns", "ratio", "goal"]);
     section.method = vec![
         format!(
-            "Warm rows: one BPF_PROG_TEST_RUN of {repeat} runs per measurement, {runs} rounds; each round measures the floor and mim-lb back to back; \
+            "Warm rows: one BPF_PROG_TEST_RUN of {repeat} runs per measurement, {runs} rounds; each round measures the floor and mim-lb back to back, starting with the next program each round; \
              ns/pkt and floor ns are medians over rounds, ratio is the median of the per-round ratios."
         ),
         "ns from this thread's CPU time over the call / repeat (sub-ns resolution; the kernel's own figure is whole ns, in the JSON).".into(),

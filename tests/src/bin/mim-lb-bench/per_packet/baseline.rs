@@ -333,7 +333,7 @@ fn section(commit: &str, n: u32, rows: &[Compared], [old_size, new_size]: [Size;
             "old: the XDP program of {commit}, the last commit before the redesign (bd68b07), loaded over the maps the current control plane \
              filled (pinned; its eight maps are shared). new: the current program on the same maps. Both next to the floor in the same rounds."
         ),
-        "Warm rows: as in the per-packet table, floor, old and new back to back in each round; medians over rounds. \
+        "Warm rows: as in the per-packet table, floor, old and new back to back in each round, each round starting with the next one; medians over rounds. \
          Cold rows: distinct SYNs, one run each (a repeated SYN would find the old program's record from its second run on), \
          a set of its own for each program, the floor on the current program's; medians over flows."
             .into(),
