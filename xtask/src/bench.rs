@@ -1,11 +1,12 @@
 //! `cargo xtask bench -- ARGS`: the benchmarks of the test crate (`mim-lb-bench ARGS`), as
-//! root, with leftovers of killed runs removed before and after, like `cargo xtask test`.
+//! root, with leftovers of killed runs removed before and after, like `cargo xtask test`; the
+//! per-packet benchmark also gets the baseline program of issue 7 (see `baseline`).
 use std::ffi::OsString;
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 
 use anyhow::{Result, bail};
 
-use crate::{bpffs, setup, test, util};
+use crate::{baseline, bpffs, setup, test, util};
 
 pub fn main(args: Vec<OsString>) -> Result<ExitCode> {
     if !util::is_root() {
@@ -29,13 +30,37 @@ pub fn main(args: Vec<OsString>) -> Result<ExitCode> {
         "--bin",
         "mim-lb-bench",
     ]))?;
+    let mut cmd = util::cargo();
+    cmd.args(["run", "--release", "--package", "mim-lb-tests", "--bin", "mim-lb-bench", "--"])
+        .args(&args);
+    if baseline::wanted(&args) {
+        pass_baseline(&mut cmd);
+    }
     // Ctrl-C reaches the benchmark (same process group), which removes what it made and exits;
     // xtask stays to sweep up after a benchmark that was killed harder than that.
     test::survive_interrupts();
-    let mut cmd = util::cargo();
-    cmd.args(["run", "--release", "--package", "mim-lb-tests", "--bin", "mim-lb-bench", "--"])
-        .args(args);
     let status = util::status(&mut cmd)?;
     test::remove_stale()?;
     Ok(util::exit_code(status))
+}
+
+/// Builds the baseline program and hands it to the benchmark. A baseline that cannot be built
+/// (no git history, a build failure) skips only the comparison with it: the benchmark is told
+/// why and says so in its report, and everything else runs.
+fn pass_baseline(cmd: &mut Command) {
+    match baseline::object() {
+        Ok(object) => {
+            cmd.env(baseline::ENV_OBJECT, object)
+                .env(baseline::ENV_COMMIT, baseline::COMMIT);
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            eprintln!(
+                "xtask bench: warning: the baseline XDP program ({}) could not be built; the \
+                 per-packet comparison with it is skipped: {why}",
+                baseline::COMMIT
+            );
+            cmd.env(baseline::ENV_MISSING, why);
+        }
+    }
 }

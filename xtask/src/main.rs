@@ -3,6 +3,7 @@
 //! Every command except `setup` first checks that the machine can build mim-lb (nightly with
 //! rust-src, bpf-linker, the lab's network tools) and installs what is missing, so a fresh
 //! Debian machine needs nothing but cargo before its first `cargo xtask test`.
+mod baseline;
 mod bench;
 mod bpffs;
 mod build_ebpf;

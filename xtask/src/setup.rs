@@ -50,7 +50,7 @@ const PACKAGES: &[Package] = &[
 ];
 
 /// aya-build compiles the eBPF crate with `cargo +nightly ... -Z build-std=core`.
-const NIGHTLY: &str = "nightly";
+pub(crate) const NIGHTLY: &str = "nightly";
 const RUST_SRC: &str = "rust-src";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// bpf-linker's build script does not find Debian's versioned LLVM on its own.

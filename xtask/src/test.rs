@@ -41,7 +41,7 @@ pub fn parse_netns_list(output: &str) -> Vec<&str> {
         .collect()
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 

@@ -66,6 +66,16 @@ struct Args {
     /// Save `bpftool prog dump xlated ... linum` of every measured program in this directory.
     #[arg(long, value_name = "DIR")]
     dump_xlated: Option<PathBuf>,
+    /// The XDP object of an earlier commit, measured next to the current program (`cargo xtask
+    /// bench` builds issue 7's baseline and sets this).
+    #[arg(long, value_name = "FILE", env = "MIM_LB_BENCH_BASELINE")]
+    baseline: Option<PathBuf>,
+    /// The commit the baseline object was built from, for the report.
+    #[arg(long, value_name = "COMMIT", env = "MIM_LB_BENCH_BASELINE_COMMIT", default_value = "the baseline")]
+    baseline_commit: String,
+    /// Why there is no baseline object (`cargo xtask bench` sets this when building it failed).
+    #[arg(long, value_name = "REASON", env = "MIM_LB_BENCH_BASELINE_MISSING")]
+    baseline_missing: Option<String>,
 
     /// Backends in the table-rebuild measurement.
     #[arg(long, default_value_t = 1000)]
@@ -144,19 +154,25 @@ fn run(args: &Args) -> Result<()> {
     let wants = |b| args.only.contains(&b);
     if wants(Bench::PerPacket) {
         eprintln!("mim-lb-bench: per-packet cost ...");
-        let settings = per_packet::Settings { repeat: args.repeat, runs: args.runs, new_flows: args.new_flows };
+        let baseline = match (&args.baseline, &args.baseline_missing) {
+            (Some(path), _) => per_packet::Baseline::Object { path: path.clone(), commit: args.baseline_commit.clone() },
+            (None, Some(why)) => per_packet::Baseline::Missing(why.clone()),
+            (None, None) => per_packet::Baseline::Missing("no --baseline object given (`cargo xtask bench` builds one)".into()),
+        };
+        let settings = per_packet::Settings { repeat: args.repeat, runs: args.runs, new_flows: args.new_flows, baseline };
         // Held while measuring: the kernel keeps the statistics on while the fd is open.
         let stats = if args.bpf_stats {
             Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("turning BPF run-time statistics on")?)
         } else {
             None
         };
-        let (mut packets, sizes) = per_packet::measure(&settings, args.dump_xlated.as_deref())?;
+        let (mut packets, baseline, sizes) = per_packet::measure(&settings, args.dump_xlated.as_deref())?;
         if stats.is_some() {
             packets.title += " with BPF run-time statistics on";
         }
         drop(stats);
         report.sections.push(packets);
+        report.sections.push(baseline);
         report.sections.push(sizes);
     }
     if wants(Bench::Rebuild) {

@@ -1,13 +1,19 @@
 //! Per-packet cost of the real XDP program with BPF_PROG_TEST_RUN, next to reference programs
-//! loaded in the same run (`mim-lb-ebpf/src/bin/bench_floor.rs`).
+//! loaded in the same run (`mim-lb-ebpf/src/bin/bench_floor.rs`), and next to the program of
+//! an earlier commit (`baseline`, issue 7's comparison).
 //!
 //! The repeat trap: with `repeat = N` the kernel runs the program N times on one buffer, each
 //! run on what the previous one left there. A benchmark is only honest if every one of those
 //! runs took the path it claims, so each case is followed by a proof from the program's own
-//! counters (and its output frame): e.g. a repeated SYN records its flow on the first run
-//! only, so new flows cannot be measured with a repeat at all; they are measured one run per
-//! distinct SYN instead.
+//! counters and the connection table: e.g. the old program recorded a repeated SYN's flow on
+//! the first run only, so its new flows cannot be measured with a repeat at all; they are
+//! measured one run per distinct SYN instead. The program forwards only frames addressed to the
+//! gateway's MAC, so every master here has that MAC (see [`config`]): a forwarded frame is
+//! addressed to the gateway again, and the next run takes the same path.
 
+mod baseline;
+
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
@@ -20,13 +26,14 @@ use mim_lb::{
     config::{Protocol, ServiceKey},
     dataplane::{program::BENCH_FLOOR_OBJECT, service_index::addr_words},
 };
-use mim_lb_common::{BACKEND_F_IN_USE, BackendEntry, MAGLEV_BACKEND_MASK, MAGLEV_SLOT_CHANGED, hash, reason};
+use mim_lb_common::{FlowEntry, FlowKey, MAGLEV_BACKEND_MASK, MAGLEV_SLOT_CHANGED, hash, maglev_entry, maglev_prev, reason};
 use mim_lb_tests::{
     packet::{Frame, TCP_ACK, TCP_SYN},
-    testrun::{ProgramUnderTest, forwarded},
+    testrun::{GATEWAY_MAC, ProgramUnderTest},
 };
 use serde_json::json;
 
+pub use self::baseline::Baseline;
 use crate::interrupt;
 use crate::report::{Section, goal_verdict, median};
 
@@ -34,6 +41,8 @@ pub struct Settings {
     pub repeat: u32,
     pub runs: usize,
     pub new_flows: u32,
+    /// The earlier program to compare with (issue 7), or why there is none.
+    pub baseline: Baseline,
 }
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -49,7 +58,14 @@ const GOAL_NEW_FLOW: f64 = 3.0;
 
 /// The per-packet configuration: an IPv4 and an IPv6 service with `backends` masters each,
 /// checked by nothing, so every master is up as soon as it is configured.
+///
+/// Every master has the gateway's own MAC. With `repeat`, each run sees the frame the previous
+/// run forwarded, whose destination is the master's MAC, and the program forwards only frames
+/// addressed to the gateway (any other it passes as `foreign_mac`): with masters of their own
+/// MACs, every run after the first would take that other path. Which master a frame went to
+/// is proven by the masters' packet counters instead.
 fn config(backends: u32) -> String {
+    let mac = GATEWAY_MAC.map(|b| format!("{b:02x}")).join(":");
     let mut c = String::from("interface = \"lo\"\n");
     for (name, vip) in [("bench4", IpAddr::from(VIP4)), ("bench6", IpAddr::from(VIP6))] {
         c += &format!(
@@ -61,8 +77,7 @@ fn config(backends: u32) -> String {
             } else {
                 Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1 + i as u16).into()
             };
-            let family = if vip.is_ipv4() { 4 } else { 6 };
-            c += &format!("[[service.backend]]\naddress = \"{address}\"\nmac = \"02:00:00:0{family}:00:{:02x}\"\n", i + 1);
+            c += &format!("[[service.backend]]\naddress = \"{address}\"\nmac = \"{mac}\"\n");
         }
     }
     c
@@ -119,11 +134,14 @@ fn run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(Sample, Vec<u8>)> {
     ))
 }
 
-/// Every reason counter and every service's new-flow counter, to prove what runs did.
+/// Every reason counter, every service's new-flow counter and every master's packet counter,
+/// to prove what runs did.
 #[derive(Clone, PartialEq, Eq, Debug)]
 struct Counters {
     reasons: Vec<u64>,
     new_flows: Vec<u64>,
+    /// Packets forwarded to each master, by backend id.
+    masters: BTreeMap<u32, u64>,
 }
 
 impl Counters {
@@ -131,15 +149,20 @@ impl Counters {
         let maps = prog.director.dataplane().maps_ro();
         let reasons = maps.reason_counters()?.iter().map(|c| c.packets).collect();
         let mut new_flows = Vec::new();
+        let mut masters = BTreeMap::new();
         for vip in [IpAddr::from(VIP4), IpAddr::from(VIP6)] {
-            let id = prog.service_id(&key(vip));
-            new_flows.push(maps.service_stats(id)?.new_flows);
+            let service = &prog.director.desired()[&key(vip)];
+            new_flows.push(maps.service_stats(service.id)?.new_flows);
+            for b in service.backends.values() {
+                masters.insert(b.id, maps.backend_stats(b.id)?.packets);
+            }
         }
-        Ok(Counters { reasons, new_flows })
+        Ok(Counters { reasons, new_flows, masters })
     }
 
     /// Asserts that between `self` and `after` exactly `packets` packets were counted, all
-    /// under `code`, and `new_flows` new flows were recorded.
+    /// under `code`, and `new_flows` new flows were counted (the program counts a flow as new
+    /// when the packet opens it: every SYN it forwards, whether it records the flow or not).
     fn prove(&self, after: &Counters, case: &str, code: u32, packets: u64, new_flows: u64) -> Result<()> {
         for (c, (a, b)) in self.reasons.iter().zip(&after.reasons).enumerate() {
             let expected = if c as u32 == code { packets } else { 0 };
@@ -150,38 +173,103 @@ impl Counters {
                 reason::name(c as u32)
             );
         }
-        let recorded: u64 = after.new_flows.iter().zip(&self.new_flows).map(|(b, a)| b - a).sum();
+        let opened: u64 = after.new_flows.iter().zip(&self.new_flows).map(|(b, a)| b - a).sum();
         ensure!(
-            recorded == new_flows,
-            "{case}: {recorded} new flows recorded, expected {new_flows}: a run did not take the measured path"
+            opened == new_flows,
+            "{case}: {opened} new flows counted, expected {new_flows}: a run did not take the measured path"
         );
+        Ok(())
+    }
+
+    /// Asserts that between `self` and `after` master `id` got `packets` packets and no other
+    /// master any.
+    fn prove_master(&self, after: &Counters, case: &str, id: u32, packets: u64) -> Result<()> {
+        for (b, n) in &after.masters {
+            let got = n - self.masters.get(b).copied().unwrap_or(0);
+            let expected = if *b == id { packets } else { 0 };
+            ensure!(
+                got == expected,
+                "{case}: master {b} got {got} packets, expected {expected}: a run did not take the measured path"
+            );
+        }
         Ok(())
     }
 }
 
-/// A flow (source port) of `vip`'s service from `client` whose Maglev slot is (or is not)
-/// marked changed in the table the control plane wrote, and the master that slot names.
-fn find_flow(prog: &ProgramUnderTest, client: IpAddr, vip: IpAddr, changed: bool, from: u16) -> Result<(u16, u32)> {
+/// The live Maglev slot of `vip`'s service for a TCP flow from `client:sport`, and its entry.
+fn slot_of(prog: &ProgramUnderTest, client: IpAddr, sport: u16, vip: IpAddr) -> (u32, u32) {
     let svc = &prog.director.written()[&key(vip)];
     let (s, family) = addr_words(client);
     let (d, _) = addr_words(vip);
-    (from..u16::MAX)
-        .find_map(|p| {
-            let h = hash::flow_hash(family, &s, &d, p.to_be(), PORT.to_be(), 6);
-            let entry = svc.table()[hash::table_slot(h, svc.table_size) as usize];
-            ((entry & MAGLEV_SLOT_CHANGED != 0) == changed).then_some((p, entry & MAGLEV_BACKEND_MASK))
-        })
-        .with_context(|| format!("no flow of {vip} hashes to a slot with changed={changed}"))
+    let slot = hash::table_slot(hash::flow_hash(family, &s, &d, sport.to_be(), PORT.to_be(), 6), svc.table_size);
+    (slot, svc.table()[slot as usize])
 }
 
-fn mac_of(prog: &ProgramUnderTest, vip: IpAddr, backend_id: u32) -> Result<[u8; 6]> {
-    let desired = &prog.director.desired()[&key(vip)];
-    let (addr, _) = desired
-        .backends
-        .iter()
-        .find(|(_, b)| b.id == backend_id)
-        .with_context(|| format!("no backend with id {backend_id}"))?;
-    Ok(prog.master_mac(&key(vip), *addr))
+fn slot_entry(prog: &ProgramUnderTest, client: IpAddr, sport: u16, vip: IpAddr) -> u32 {
+    slot_of(prog, client, sport, vip).1
+}
+
+fn clean(entry: u32) -> bool {
+    entry & MAGLEV_SLOT_CHANGED == 0
+}
+
+/// A marked slot that changed hands and remembers its previous master: a flow recorded there
+/// and one that began before the change go to different masters.
+fn changed_hands(entry: u32) -> bool {
+    let (owner, prev) = (entry & MAGLEV_BACKEND_MASK, maglev_prev(entry));
+    entry & MAGLEV_SLOT_CHANGED != 0 && prev != 0 && prev != owner
+}
+
+/// The first source port from `from` of a flow of `vip`'s service from `client` whose live
+/// Maglev entry satisfies `wanted`, and that entry.
+fn find_flow(prog: &ProgramUnderTest, client: IpAddr, vip: IpAddr, from: u16, wanted: fn(u32) -> bool) -> Result<(u16, u32)> {
+    (from..u16::MAX)
+        .map(|p| (p, slot_entry(prog, client, p, vip)))
+        .find(|(_, e)| wanted(*e))
+        .with_context(|| format!("no flow of {vip} from port {from} on hashes to the wanted kind of slot"))
+}
+
+/// The connection-table key of a TCP flow to the service on `vip`.
+fn flow_key(client: IpAddr, sport: u16, vip: IpAddr) -> FlowKey {
+    let (src, family) = addr_words(client);
+    let (dst, _) = addr_words(vip);
+    FlowKey { src, dst, sport: sport.to_be(), dport: PORT.to_be(), proto: 6, family, _pad0: [0; 2] }
+}
+
+/// Leaves a record of the TCP flow `client:sport` -> `vip` on master `on`, made by the program
+/// itself: the flow's slot is marked by hand, with `on` as its master, for one SYN (a SYN on a
+/// marked slot is recorded), then the control plane's entry is put back. On a clean slot the
+/// record is never consulted; a run that consulted it would go to `on`.
+fn plant_record(prog: &mut ProgramUnderTest, client: IpAddr, sport: u16, vip: IpAddr, on: u32) -> Result<()> {
+    let (slot, entry) = slot_of(prog, client, sport, vip);
+    let svc = &prog.director.written()[&key(vip)];
+    let (id, half) = (svc.id, svc.active);
+    prog.director.dataplane_mut().maps().set_maglev_entries(id, half, [(slot, maglev_entry(on, 0, true))])?;
+    let ran = prog.run(&Frame::tcp(client, sport, vip, PORT, TCP_SYN).bytes());
+    prog.director.dataplane_mut().maps().set_maglev_entries(id, half, [(slot, entry)])?;
+    ran?;
+    ensure!(
+        record_of(prog, &flow_key(client, sport, vip))?.is_some_and(|r| r.backend_id == on),
+        "planting a record of {client}:{sport} on master {on}: the SYN did not record it"
+    );
+    Ok(())
+}
+
+/// A master of `vip`'s service other than `id`.
+fn other_master(prog: &ProgramUnderTest, vip: IpAddr, id: u32) -> Result<u32> {
+    prog.director.desired()[&key(vip)].backends.values().map(|b| b.id).find(|b| *b != id).context("the service has one master")
+}
+
+fn record_of(prog: &ProgramUnderTest, key: &FlowKey) -> Result<Option<FlowEntry>> {
+    Ok(prog.director.dataplane().maps_ro().flow(key)?)
+}
+
+/// `CLOCK_MONOTONIC_COARSE`, the clock the program stamps records with.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The reference programs, loaded once.
@@ -217,29 +305,47 @@ struct Interleaved {
 
 impl Interleaved {
     fn measure(programs: &[(&'static str, &Xdp)], frame: &[u8], repeat: u32, runs: usize) -> Result<Interleaved> {
-        let mut samples = vec![Vec::with_capacity(runs); programs.len()];
-        for _ in 0..runs {
-            for (i, (_, p)) in programs.iter().enumerate() {
+        let each: Vec<(&'static str, &Xdp, &[u8])> = programs.iter().map(|(n, p)| (*n, *p, frame)).collect();
+        Self::measure_each(&each, repeat, runs)
+    }
+
+    /// Like [`Interleaved::measure`], each program on a frame of its own. Each round starts
+    /// with the next program, so that none is always first or always after the same one.
+    fn measure_each(programs: &[(&'static str, &Xdp, &[u8])], repeat: u32, runs: usize) -> Result<Interleaved> {
+        let k = programs.len();
+        let mut samples = vec![Vec::with_capacity(runs); k];
+        for round in 0..runs {
+            for i in (0..k).map(|j| (j + round) % k) {
+                let (_, p, frame) = programs[i];
                 samples[i].push(run(p, frame, repeat)?.0);
             }
         }
-        Ok(Interleaved { names: programs.iter().map(|(n, _)| *n).collect(), samples, repeat })
+        Ok(Interleaved { names: programs.iter().map(|(n, _, _)| *n).collect(), samples, repeat })
     }
 
     fn index(&self, name: &str) -> usize {
         self.names.iter().position(|n| *n == name).expect("measured program")
     }
 
+    fn per_round(&self, name: &str) -> Vec<f64> {
+        self.samples[self.index(name)].iter().map(|s| s.ns(self.repeat)).collect()
+    }
+
     fn ns(&self, name: &str) -> f64 {
-        let r = self.repeat;
-        median(&self.samples[self.index(name)].iter().map(|s| s.ns(r)).collect::<Vec<_>>())
+        median(&self.per_round(name))
     }
 
     /// Median over rounds of `a`'s time divided by `b`'s in the same round.
     fn ratio(&self, a: &str, b: &str) -> f64 {
-        let r = self.repeat;
-        let (a, b) = (&self.samples[self.index(a)], &self.samples[self.index(b)]);
-        median(&a.iter().zip(b).map(|(x, y)| x.ns(r) / y.ns(r)).collect::<Vec<_>>())
+        let (a, b) = (self.per_round(a), self.per_round(b));
+        median(&a.iter().zip(&b).map(|(x, y)| x / y).collect::<Vec<_>>())
+    }
+
+    /// Median over rounds of `a`'s time above `floor`'s divided by `b`'s, all in the same
+    /// round: how two programs compare once the harness's own cost is taken out.
+    fn ratio_above(&self, a: &str, b: &str, floor: &str) -> f64 {
+        let (a, b, f) = (self.per_round(a), self.per_round(b), self.per_round(floor));
+        median(&(0..f.len()).map(|r| (a[r] - f[r]) / (b[r] - f[r])).collect::<Vec<_>>())
     }
 
     fn kernel_ns(&self, name: &str) -> f64 {
@@ -251,6 +357,30 @@ impl Interleaved {
     }
 }
 
+/// What every warm case needs: the floor, the reference programs and the run settings.
+struct Warm<'a> {
+    floor: &'a Xdp,
+    refs: &'a References,
+    repeat: u32,
+    runs: usize,
+}
+
+impl Warm<'_> {
+    /// Program runs of one program in one case.
+    fn total(&self) -> u64 {
+        u64::from(self.repeat) * self.runs as u64
+    }
+
+    fn measure(&self, programs: &[(&'static str, &Xdp)], frame: &[u8]) -> Result<Interleaved> {
+        Interleaved::measure(programs, frame, self.repeat, self.runs)
+    }
+}
+
+/// One run of `program` on `frame`, timed by the kernel (CPU time would add the syscall).
+fn single(program: &Xdp, frame: &[u8]) -> Result<f64> {
+    Ok(run(program, frame, 1)?.0.kernel_ns)
+}
+
 struct Row {
     case: &'static str,
     ns: f64,
@@ -260,233 +390,267 @@ struct Row {
     json: serde_json::Value,
 }
 
-pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Section, Section)> {
-    let refs = References::load()?;
-    let floor = refs.get("bench_floor")?;
-    let mut prog = ProgramUnderTest::new(&config(3))?;
-    let (repeat, runs) = (settings.repeat, settings.runs);
-    let total = u64::from(repeat) * runs as u64;
-    let mut rows: Vec<Row> = Vec::new();
-    let mut notes = Vec::new();
-    let v4: IpAddr = VIP4.into();
-    let v6: IpAddr = VIP6.into();
-
-    let sizes = program_sizes(&prog, &refs, dump_xlated)?;
-
-    // Established flow: an ACK on a slot the control plane's table shows unmarked, of a flow
-    // the program never saw. Had any run consulted the connection table, it would have
-    // missed there and recorded the flow, so "0 new flows" proves every run took the fast
-    // path; the output frame proves it went to the slot's master.
-    let established = |prog: &mut ProgramUnderTest, client: IpAddr, vip: IpAddr, case: &'static str, variants: bool| -> Result<Interleaved> {
-        let (sport, master) = find_flow(prog, client, vip, false, 40_000)?;
-        let frame = Frame::tcp(client, sport, vip, PORT, TCP_ACK).with_payload(&[0; 64]).bytes();
-        let before = Counters::read(prog)?;
-        let mut programs = vec![("floor", floor), ("mim-lb", prog.director.dataplane().program())];
-        if variants {
-            programs.push(("hashes", refs.get("bench_hashes")?));
+impl Row {
+    fn warm(case: &'static str, m: &Interleaved, goal: Option<f64>) -> Row {
+        Row {
+            case,
+            ns: m.ns("mim-lb"),
+            floor: m.ns("floor"),
+            ratio: m.ratio("mim-lb", "floor"),
+            goal,
+            json: json!({
+                "ns": m.ns("mim-lb"), "floor_ns": m.ns("floor"), "ratio": m.ratio("mim-lb", "floor"),
+                "kernel_ns": m.kernel_ns("mim-lb"), "floor_kernel_ns": m.kernel_ns("floor"),
+                "goal": goal, "repeat": m.repeat, "runs": m.samples[0].len(),
+            }),
         }
-        let m = Interleaved::measure(&programs, &frame, repeat, runs)?;
-        before.prove(&Counters::read(prog)?, case, reason::FORWARDED, total, 0)?;
-        let (_, out) = run(prog.director.dataplane().program(), &frame, 1)?;
-        ensure!(out == forwarded(&frame, mac_of(prog, vip, master)?), "{case}: the frame did not go to the slot's master");
-        Ok(m)
-    };
+    }
 
-    let est4 = established(&mut prog, CLIENT4.into(), v4, "established IPv4", true)?;
-    let est6 = established(&mut prog, CLIENT6.into(), v6, "established IPv6", false)?;
+    fn cold(case: &'static str, ns: f64, floor: f64, goal: Option<f64>, flows: usize) -> Row {
+        let ratio = ns / floor;
+        let json = json!({"ns": ns, "floor_ns": floor, "ratio": ratio, "goal": goal, "flows": flows});
+        Row { case, ns, floor, ratio, goal, json }
+    }
+}
 
-    // Not for a service: another address of the same network, passed untouched.
+/// Everything the per-packet section reports, measured on the current program.
+struct Measured {
+    est4: Interleaved,
+    est6: Interleaved,
+    pass: Interleaved,
+    syn_clean: Interleaved,
+    cold: Cold,
+    recorded: Interleaved,
+    unrecorded: Interleaved,
+    syn_marked: Interleaved,
+}
+
+/// Returns the per-packet section, issue 7's comparison with the baseline program, and the
+/// program sizes.
+pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Section, Section, Section)> {
+    let refs = References::load()?;
+    let w = Warm { floor: refs.get("bench_floor")?, refs: &refs, repeat: settings.repeat, runs: settings.runs };
+    let mut prog = ProgramUnderTest::new(&config(3))?;
+    let sizes = program_sizes(&prog, &refs, dump_xlated)?;
+    let (v4, v6) = (IpAddr::from(VIP4), IpAddr::from(VIP6));
+
+    let est4 = established(&w, &mut prog, CLIENT4.into(), v4, "established IPv4", true)?;
+    let est6 = established(&w, &mut prog, CLIENT6.into(), v6, "established IPv6", false)?;
+    let pass = not_a_service(&w, &prog)?;
+    let syn_clean = syn_on_clean_slot(&w, &prog)?;
+    let cold = cold_flows(&w, &prog, settings.new_flows)?;
+    // A fourth master takes over about a quarter of the slots, which are marked changed.
+    prog.apply(&config(4))?;
+    let recorded = changed_recorded(&w, &prog)?;
+    let unrecorded = changed_unrecorded(&w, &prog)?;
+    let syn_marked = syn_on_marked_slot(&w, &prog)?;
+    drop(prog);
+    let m = Measured { est4, est6, pass, syn_clean, cold, recorded, unrecorded, syn_marked };
+
+    let comparison = baseline::measure(&w, &settings.baseline, settings.new_flows)?;
+    Ok((section(&m, settings), comparison, sizes))
+}
+
+/// Established flow: an ACK on a slot the control plane's table shows unmarked. The flow has
+/// a record naming another master (see [`plant_record`]), so a run that consulted the
+/// connection table would have gone there: all runs on the slot's master, forwarded, with 0
+/// new flows, prove every run took the fast path.
+fn established(w: &Warm, prog: &mut ProgramUnderTest, client: IpAddr, vip: IpAddr, case: &'static str, variants: bool) -> Result<Interleaved> {
+    let (sport, entry) = find_flow(prog, client, vip, 40_000, clean)?;
+    let owner = entry & MAGLEV_BACKEND_MASK;
+    plant_record(prog, client, sport, vip, other_master(prog, vip, owner)?)?;
+    let frame = Frame::tcp(client, sport, vip, PORT, TCP_ACK).with_payload(&[0; 64]).bytes();
+    let before = Counters::read(prog)?;
+    let mut programs = vec![("floor", w.floor), ("mim-lb", prog.director.dataplane().program())];
+    if variants {
+        programs.push(("hashes", w.refs.get("bench_hashes")?));
+    }
+    let m = w.measure(&programs, &frame)?;
+    let after = Counters::read(prog)?;
+    before.prove(&after, case, reason::FORWARDED, w.total(), 0)?;
+    before.prove_master(&after, case, owner, w.total())?;
+    Ok(m)
+}
+
+/// Not for a service: another address of the same network, passed untouched.
+fn not_a_service(w: &Warm, prog: &ProgramUnderTest) -> Result<Interleaved> {
     let other = Frame::tcp(CLIENT4, 40000, Ipv4Addr::new(10, 0, 0, 2), 22, TCP_ACK).with_payload(&[0; 64]).bytes();
-    let before = Counters::read(&prog)?;
-    let pass = Interleaved::measure(
-        &[("floor", floor), ("mim-lb", prog.director.dataplane().program()), ("service_hash", refs.get("bench_service_hash")?)],
-        &other,
-        repeat,
-        runs,
-    )?;
-    before.prove(&Counters::read(&prog)?, "not a service", reason::NOT_A_SERVICE, total, 0)?;
-    ensure!(pass.retvals("mim-lb").iter().all(|v| *v == reason::XDP_PASS), "not a service: not passed");
+    let before = Counters::read(prog)?;
+    let programs =
+        [("floor", w.floor), ("mim-lb", prog.director.dataplane().program()), ("service_hash", w.refs.get("bench_service_hash")?)];
+    let m = w.measure(&programs, &other)?;
+    before.prove(&Counters::read(prog)?, "not a service", reason::NOT_A_SERVICE, w.total(), 0)?;
+    ensure!(m.retvals("mim-lb").iter().all(|v| *v == reason::XDP_PASS), "not a service: not passed");
+    Ok(m)
+}
 
-    // A SYN of a flow already recorded, repeated: it consults the connection table (SYNs
-    // always do) and finds its flow every time. 0 new flows proves every run found it.
-    let (syn_port, _) = find_flow(&prog, CLIENT4.into(), v4, false, 30_000)?;
-    let syn = Frame::tcp(CLIENT4, syn_port, VIP4, PORT, TCP_SYN).bytes();
-    prog.run(&syn)?;
-    let before = Counters::read(&prog)?;
-    let syn_hit = Interleaved::measure(&[("floor", floor), ("mim-lb", prog.director.dataplane().program())], &syn, repeat, runs)?;
-    before.prove(&Counters::read(&prog)?, "SYN of a recorded flow", reason::FORWARDED, total, 0)?;
+/// A SYN on a clean slot, repeated: every run looks for a record an earlier connection on the
+/// same addresses and ports may have left (to delete it), finds none, records nothing and
+/// goes to the slot's master. Its flow has no record before or after.
+fn syn_on_clean_slot(w: &Warm, prog: &ProgramUnderTest) -> Result<Interleaved> {
+    let case = "SYN on a clean slot";
+    let (port, entry) = find_flow(prog, CLIENT4.into(), VIP4.into(), 30_000, clean)?;
+    let syn = Frame::tcp(CLIENT4, port, VIP4, PORT, TCP_SYN).bytes();
+    let key = flow_key(CLIENT4.into(), port, VIP4.into());
+    ensure!(record_of(prog, &key)?.is_none(), "{case}: the flow has a record before the runs");
+    let before = Counters::read(prog)?;
+    let m = w.measure(&[("floor", w.floor), ("mim-lb", prog.director.dataplane().program())], &syn)?;
+    let after = Counters::read(prog)?;
+    before.prove(&after, case, reason::FORWARDED, w.total(), w.total())?;
+    before.prove_master(&after, case, entry & MAGLEV_BACKEND_MASK, w.total())?;
+    ensure!(record_of(prog, &key)?.is_none(), "{case}: a run recorded the flow");
+    Ok(m)
+}
 
-    // New flows: each SYN has its own 5-tuple and is run once (a repeated SYN finds its own
-    // flow from the second run on). Each SYN is measured on mim-lb and on the floor in turn;
-    // then the same SYNs again (now recorded: the lookup finds them), and their ACKs (on clean
-    // slots: no lookup), all one run each. The single-run figures include the kernel timer's
-    // fixed cost and cold caches, on both sides.
-    let n = settings.new_flows;
+/// New flows one run each, cold: SYNs of distinct flows on a table with no marked slot, each
+/// run once on mim-lb and on the floor, then their ACKs.
+struct Cold {
+    syn: f64,
+    floor: f64,
+    acks: f64,
+    flows: usize,
+    acks_on_clean: usize,
+}
+
+/// Each SYN has its own 5-tuple and is run once, on mim-lb and on the floor in turn; then the
+/// ACKs of those on clean slots (all of them here), one run each. Single runs include the
+/// kernel timer's fixed cost and caches cooled by the syscall, on both sides. None is recorded.
+fn cold_flows(w: &Warm, prog: &ProgramUnderTest, n: u32) -> Result<Cold> {
     let flow = |i: u32, flags: u8| {
-        let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 2, 0, 0)) + i / 50_000);
-        Frame::tcp(client, 10_000 + (i % 50_000) as u16, VIP4, PORT, flags).bytes()
+        let client = IpAddr::from(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 2, 0, 0)) + i / 50_000));
+        let sport = 10_000 + (i % 50_000) as u16;
+        (client, sport, Frame::tcp(client, sport, VIP4, PORT, flags).bytes())
     };
-    let syns: Vec<Vec<u8>> = (0..n).map(|i| flow(i, TCP_SYN)).collect();
     let program = prog.director.dataplane().program();
-    let single = |p: &Xdp, f: &[u8]| -> Result<f64> { Ok(run(p, f, 1)?.0.kernel_ns) };
-    let before = Counters::read(&prog)?;
-    let (mut new_ns, mut new_floor) = (Vec::new(), Vec::new());
-    for f in &syns {
-        new_ns.push(single(program, f)?);
-        new_floor.push(single(floor, f)?);
+    let recorded_before = prog.director.dataplane().maps_ro().flows()?.len();
+    let before = Counters::read(prog)?;
+    let (mut syn_ns, mut floor_ns) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let (_, _, syn) = flow(i, TCP_SYN);
+        syn_ns.push(single(program, &syn)?);
+        floor_ns.push(single(w.floor, &syn)?);
     }
-    before.prove(&Counters::read(&prog)?, "new flows", reason::FORWARDED, u64::from(n), u64::from(n))?;
-    let before = Counters::read(&prog)?;
-    let mut again_ns = Vec::new();
-    for f in &syns {
-        again_ns.push(single(program, f)?);
-    }
-    before.prove(&Counters::read(&prog)?, "recorded SYNs, once each", reason::FORWARDED, u64::from(n), 0)?;
-    let cold_acks: Vec<Vec<u8>> = (0..n)
+    before.prove(&Counters::read(prog)?, "new flows", reason::FORWARDED, u64::from(n), u64::from(n))?;
+    let recorded = prog.director.dataplane().maps_ro().flows()?.len();
+    ensure!(recorded == recorded_before, "new flows: {} SYNs on clean slots were recorded", recorded - recorded_before);
+
+    // Only ACKs on clean slots: those take the fast path.
+    let acks: Vec<Vec<u8>> = (0..n)
         .map(|i| flow(i, TCP_ACK))
-        .filter(|f| {
-            // Only ACKs on clean slots: those take the fast path.
-            let (s, d) = (&f[26..30], &f[30..34]);
-            let src = [u32::from_ne_bytes(s.try_into().unwrap()), 0, 0, 0];
-            let dst = [u32::from_ne_bytes(d.try_into().unwrap()), 0, 0, 0];
-            let sport = u16::from_ne_bytes([f[34], f[35]]);
-            let svc = &prog.director.written()[&key(v4)];
-            let h = hash::flow_hash(mim_lb_common::FAMILY_V4, &src, &dst, sport, PORT.to_be(), 6);
-            svc.table()[hash::table_slot(h, svc.table_size) as usize] & MAGLEV_SLOT_CHANGED == 0
-        })
+        .filter(|(client, sport, _)| clean(slot_entry(prog, *client, *sport, VIP4.into())))
+        .map(|(_, _, frame)| frame)
         .collect();
-    let before = Counters::read(&prog)?;
+    let before = Counters::read(prog)?;
     let mut ack_ns = Vec::new();
-    for f in &cold_acks {
+    for f in &acks {
         ack_ns.push(single(program, f)?);
     }
-    before.prove(&Counters::read(&prog)?, "ACKs once each", reason::FORWARDED, cold_acks.len() as u64, 0)?;
-    // What recording a flow adds (lookup miss, clock read, LRU insert, counters), per flow:
-    // the same SYN's first run minus its second.
-    let record_cost = median(&new_ns.iter().zip(&again_ns).map(|(a, b)| a - b).collect::<Vec<_>>());
-    let cold_floor = median(&new_floor);
-    let cold_new = median(&new_ns);
+    before.prove(&Counters::read(prog)?, "ACKs once each", reason::FORWARDED, acks.len() as u64, 0)?;
+    Ok(Cold { syn: median(&syn_ns), floor: median(&floor_ns), acks: median(&ack_ns), flows: n as usize, acks_on_clean: acks.len() })
+}
 
-    // Established flow on a slot whose master changed: it must consult the connection table.
-    // Flows are recorded on their masters, then a fourth master is added, which takes over
-    // about a quarter of the slots. A recorded flow on a slot that changed hands still goes
-    // to its old master: a frame that reaches the old master (not the slot's new one) proves
-    // the lookup happened, and 0 new flows that it found the flow every time.
-    let ports = 20_000..20_200u16;
-    for p in ports.clone() {
-        prog.run(&Frame::tcp(CLIENT4, p, VIP4, PORT, TCP_SYN).bytes())?;
-    }
-    let before_change: Vec<u32> = prog.director.written()[&key(v4)].table().to_vec();
-    prog.apply(&config(4))?;
-    let svc = &prog.director.written()[&key(v4)];
-    let (s, _) = addr_words(CLIENT4.into());
-    let (d, _) = addr_words(v4);
-    let (old_port, old_master) = ports
-        .clone()
-        .find_map(|p| {
-            let slot = hash::table_slot(hash::flow_hash(mim_lb_common::FAMILY_V4, &s, &d, p.to_be(), PORT.to_be(), 6), svc.table_size) as usize;
-            let (old, new) = (before_change[slot] & MAGLEV_BACKEND_MASK, svc.table()[slot]);
-            (new & MAGLEV_SLOT_CHANGED != 0 && new & MAGLEV_BACKEND_MASK != old).then_some((p, old))
-        })
-        .context("changed slot: none of the recorded flows is on a slot that changed hands")?;
-    let changed = Frame::tcp(CLIENT4, old_port, VIP4, PORT, TCP_ACK).with_payload(&[0; 64]).bytes();
-    let before = Counters::read(&prog)?;
-    let lookup = Interleaved::measure(
-        &[
-            ("floor", floor),
-            ("mim-lb", prog.director.dataplane().program()),
-            ("clock", refs.get("bench_clock")?),
-            ("clock_coarse", refs.get("bench_clock_coarse")?),
-        ],
-        &changed,
-        repeat,
-        runs,
-    )?;
-    before.prove(&Counters::read(&prog)?, "changed slot", reason::FORWARDED, total, 0)?;
-    let (_, out) = run(prog.director.dataplane().program(), &changed, 1)?;
+/// An established flow on a slot whose master changed, recorded (its SYN came on the marked
+/// slot): every run finds its record. An unrecorded flow there goes to the slot's previous
+/// master, so all runs on the slot's master prove that every run found the record.
+fn changed_recorded(w: &Warm, prog: &ProgramUnderTest) -> Result<Interleaved> {
+    let case = "changed slot, recorded";
+    let v4 = IpAddr::from(VIP4);
+    let (port, entry) = find_flow(prog, CLIENT4.into(), v4, 20_000, changed_hands)?;
+    let owner = entry & MAGLEV_BACKEND_MASK;
+    prog.run(&Frame::tcp(CLIENT4, port, VIP4, PORT, TCP_SYN).bytes())?;
     ensure!(
-        out == forwarded(&changed, mac_of(&prog, v4, old_master)?),
-        "changed slot: the frame did not go to the recorded (old) master"
+        record_of(prog, &flow_key(CLIENT4.into(), port, v4))?.is_some_and(|r| r.backend_id == owner),
+        "{case}: the SYN on a marked slot was not recorded on the slot's master"
     );
+    let ack = Frame::tcp(CLIENT4, port, VIP4, PORT, TCP_ACK).with_payload(&[0; 64]).bytes();
+    let programs = [
+        ("floor", w.floor),
+        ("mim-lb", prog.director.dataplane().program()),
+        ("clock", w.refs.get("bench_clock")?),
+        ("clock_coarse", w.refs.get("bench_clock_coarse")?),
+    ];
+    let before = Counters::read(prog)?;
+    let m = w.measure(&programs, &ack)?;
+    let after = Counters::read(prog)?;
+    before.prove(&after, case, reason::FORWARDED, w.total(), 0)?;
+    before.prove_master(&after, case, owner, w.total())?;
+    Ok(m)
+}
 
-    // New flow, warm: a flow recorded on a master that (by a hand-made entry in the backend
-    // map) is in use but keeps no flows is re-steered and recorded again by every run: a
-    // lookup that finds the flow, then an LRU insert that replaces it, the clock read and the
-    // new-flow counters. That is at least the work of a real new flow (whose lookup misses
-    // and whose insert replaces nothing), and it repeats: "new flows == runs" proves every
-    // run recorded the flow.
-    let (re_port, re_master) = find_flow(&prog, CLIENT4.into(), v4, false, 50_000)?;
-    let re_syn = Frame::tcp(CLIENT4, re_port, VIP4, PORT, TCP_SYN).bytes();
-    prog.run(&re_syn)?;
-    let original = prog.director.dataplane().maps_ro().backend(re_master)?;
-    prog.director
-        .dataplane_mut()
-        .maps()
-        .set_backend(re_master, &BackendEntry { flags: BACKEND_F_IN_USE, ..original })?;
-    let before = Counters::read(&prog)?;
-    let rerecord = Interleaved::measure(&[("floor", floor), ("mim-lb", prog.director.dataplane().program())], &re_syn, repeat, runs);
-    let after = Counters::read(&prog);
-    prog.director.dataplane_mut().maps().set_backend(re_master, &original)?;
-    let rerecord = rerecord?;
-    before.prove(&after?, "re-recorded flow", reason::FORWARDED, total, total)?;
+/// An established flow on a slot whose master changed, unrecorded (it began before the
+/// change): every run misses in the connection table and goes to the slot's previous master,
+/// stamping the slot's `SLOT_SEEN`. All runs on the previous master (not the slot's) prove it.
+fn changed_unrecorded(w: &Warm, prog: &ProgramUnderTest) -> Result<Interleaved> {
+    let case = "changed slot, unrecorded";
+    let v4 = IpAddr::from(VIP4);
+    let (port, entry) = find_flow(prog, CLIENT4.into(), v4, 25_000, changed_hands)?;
+    let key = flow_key(CLIENT4.into(), port, v4);
+    ensure!(record_of(prog, &key)?.is_none(), "{case}: the flow has a record before the runs");
+    let ack = Frame::tcp(CLIENT4, port, VIP4, PORT, TCP_ACK).with_payload(&[0; 64]).bytes();
+    let before = Counters::read(prog)?;
+    let m = w.measure(&[("floor", w.floor), ("mim-lb", prog.director.dataplane().program())], &ack)?;
+    let after = Counters::read(prog)?;
+    before.prove(&after, case, reason::FORWARDED, w.total(), 0)?;
+    before.prove_master(&after, case, maglev_prev(entry), w.total())?;
+    ensure!(record_of(prog, &key)?.is_none(), "{case}: a run recorded the flow");
+    Ok(m)
+}
 
-    let row = |case, m: &Interleaved, goal| Row {
-        case,
-        ns: m.ns("mim-lb"),
-        floor: m.ns("floor"),
-        ratio: m.ratio("mim-lb", "floor"),
-        goal,
-        json: json!({
-            "ns": m.ns("mim-lb"), "floor_ns": m.ns("floor"), "ratio": m.ratio("mim-lb", "floor"),
-            "kernel_ns": m.kernel_ns("mim-lb"), "floor_kernel_ns": m.kernel_ns("floor"),
-            "goal": goal, "repeat": m.repeat, "runs": m.samples[0].len(),
-        }),
-    };
-    rows.push(row("established flow, IPv4 (TCP ACK, clean slot)", &est4, Some(GOAL_ESTABLISHED)));
-    rows.push(row("established flow, IPv6 (TCP ACK, clean slot)", &est6, None));
-    rows.push(row("not for a service (passed)", &pass, Some(GOAL_NOT_A_SERVICE)));
-    rows.push(row("established flow on a changed slot (table lookup)", &lookup, None));
-    rows.push(row("SYN of a recorded flow (table lookup)", &syn_hit, None));
-    let warm_floor = est4.ns("floor");
-    rows.push(row("new flow, warm (lookup + flow recorded every run)", &rerecord, Some(GOAL_NEW_FLOW)));
-    rows.push(Row {
-        case: "new flow (TCP SYN), 1 run each, cold",
-        ns: cold_new,
-        floor: cold_floor,
-        ratio: cold_new / cold_floor,
-        goal: Some(GOAL_NEW_FLOW),
-        json: json!({"ns": cold_new, "floor_ns": cold_floor, "ratio": cold_new / cold_floor, "goal": GOAL_NEW_FLOW, "flows": n}),
-    });
-    let again = median(&again_ns);
-    rows.push(Row {
-        case: "same SYNs again (recorded), 1 run each, cold",
-        ns: again,
-        floor: cold_floor,
-        ratio: again / cold_floor,
-        goal: None,
-        json: json!({"ns": again, "floor_ns": cold_floor, "ratio": again / cold_floor, "flows": n}),
-    });
-    let acks = median(&ack_ns);
-    rows.push(Row {
-        case: "their ACKs (clean slot), 1 run each, cold",
-        ns: acks,
-        floor: cold_floor,
-        ratio: acks / cold_floor,
-        goal: None,
-        json: json!({"ns": acks, "floor_ns": cold_floor, "ratio": acks / cold_floor, "flows": cold_acks.len()}),
-    });
+/// A SYN on a marked slot, repeated: every run records its flow on the slot's master (an LRU
+/// insert that replaces the previous run's record). The record is there afterwards, stamped by
+/// one of the last runs.
+fn syn_on_marked_slot(w: &Warm, prog: &ProgramUnderTest) -> Result<Interleaved> {
+    let case = "SYN on a marked slot";
+    let v4 = IpAddr::from(VIP4);
+    let (port, entry) = find_flow(prog, CLIENT4.into(), v4, 50_000, changed_hands)?;
+    let owner = entry & MAGLEV_BACKEND_MASK;
+    let syn = Frame::tcp(CLIENT4, port, VIP4, PORT, TCP_SYN).bytes();
+    let before = Counters::read(prog)?;
+    let m = w.measure(&[("floor", w.floor), ("mim-lb", prog.director.dataplane().program())], &syn)?;
+    let after = Counters::read(prog)?;
+    let now = coarse_now_ns();
+    before.prove(&after, case, reason::FORWARDED, w.total(), w.total())?;
+    before.prove_master(&after, case, owner, w.total())?;
+    let record = record_of(prog, &flow_key(CLIENT4.into(), port, v4))?.with_context(|| format!("{case}: no record"))?;
+    ensure!(record.backend_id == owner, "{case}: recorded on master {}, not the slot's {owner}", record.backend_id);
+    // The round took far longer than this: a record from the first runs only would be older.
+    let last_round_ns = m.per_round("mim-lb").last().copied().unwrap_or(0.0) * f64::from(w.repeat);
+    let age = now.saturating_sub(record.last_seen_ns);
+    ensure!(
+        (age as f64) < last_round_ns / 2.0 + 20e6,
+        "{case}: the record was last written {age} ns ago, before the last round ({last_round_ns:.0} ns)"
+    );
+    Ok(m)
+}
 
+/// The per-packet table and its notes.
+fn section(m: &Measured, settings: &Settings) -> Section {
+    let (repeat, runs, n) = (settings.repeat, settings.runs, m.cold.flows);
+    let rows = [
+        Row::warm("established flow, IPv4 (TCP ACK, clean slot)", &m.est4, Some(GOAL_ESTABLISHED)),
+        Row::warm("established flow, IPv6 (TCP ACK, clean slot)", &m.est6, None),
+        Row::warm("not for a service (passed)", &m.pass, Some(GOAL_NOT_A_SERVICE)),
+        Row::warm("new flow: SYN on a clean slot (lookup finds no record; nothing recorded)", &m.syn_clean, Some(GOAL_NEW_FLOW)),
+        Row::warm("new flow: SYN on a changed slot (flow recorded every run)", &m.syn_marked, Some(GOAL_NEW_FLOW)),
+        Row::warm("established flow on a changed slot, recorded (table lookup finds it)", &m.recorded, None),
+        Row::warm("established flow on a changed slot, began before (lookup misses; previous master)", &m.unrecorded, None),
+        Row::cold("new flow (TCP SYN, clean slot), 1 run each, cold", m.cold.syn, m.cold.floor, Some(GOAL_NEW_FLOW), n),
+        Row::cold("their ACKs (clean slot), 1 run each, cold", m.cold.acks, m.cold.floor, None, m.cold.acks_on_clean),
+    ];
     let mut section = Section::new("Per-packet cost (BPF_PROG_TEST_RUN)", &["case", "ns/pkt", "floor ns", "ratio", "goal"]);
     section.method = vec![
         format!(
-            "Warm rows: one BPF_PROG_TEST_RUN of {repeat} runs per measurement, {runs} rounds; each round measures the floor and mim-lb back to back; \
+            "Warm rows: one BPF_PROG_TEST_RUN of {repeat} runs per measurement, {runs} rounds; each round measures the floor and mim-lb back to back, starting with the next program each round; \
              ns/pkt and floor ns are medians over rounds, ratio is the median of the per-round ratios."
         ),
         "ns from this thread's CPU time over the call / repeat (sub-ns resolution; the kernel's own figure is whole ns, in the JSON).".into(),
         format!(
             "Cold rows: {n} distinct flows, one run each, median; both sides include the kernel timer's fixed cost (clock reads) and caches cooled by the syscall."
         ),
-        "Floor: swap the two MACs, XDP_TX (the least an XDP forwarder does). Every row's path is proven by mim-lb's counters and output frame.".into(),
+        "Floor: swap the two MACs, XDP_TX (the least an XDP forwarder does). Every row's path is proven by mim-lb's counters (reasons, new flows, \
+         packets per master) and its connection table. Every master has the gateway's MAC, so a forwarded frame is addressed to the gateway \
+         again and the next run takes the same path."
+            .into(),
     ];
     for r in &rows {
         section.row(vec![
@@ -497,54 +661,71 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
             r.goal.map_or("-".into(), |g| goal_verdict(r.ratio, g)),
         ]);
     }
-    let hashes = est4.ns("hashes") - est4.ns("floor");
-    let over_floor = est4.ns("mim-lb") - est4.ns("floor");
-    notes.push(format!(
-        "Where a packet for no service spends its {:.1} ns above the floor: the floor plus only the service-slot hash costs {:.1} ns, i.e. {:.1} ns is that hash; \
-         the rest is parsing, the service-index lookup and the reason counter.",
-        pass.ns("mim-lb") - pass.ns("floor"),
-        pass.ns("service_hash"),
-        pass.ns("service_hash") - pass.ns("floor"),
-    ));
-    notes.push(format!(
-        "Where an established IPv4 packet's {over_floor:.1} ns above the floor go: the floor plus only mim-lb's two hashes \
-         (service slot and flow hash over the IPv4 words, 2 + 4 blocks; same code) costs {:.1} ns, i.e. {hashes:.1} ns ({:.0}%) is hashing.",
-        est4.ns("hashes"),
-        100.0 * hashes / over_floor
-    ));
-    notes.push(format!(
-        "New flows, warm: a SYN that finds its flow costs {:.1} ns; recording the flow on every run as well costs {:.1} ns (a hand-made state: \
-         the flow's master keeps no flows, so each run re-records it; at least the work of a real new flow). Cold, recording a flow adds \
-         {record_cost:.0} ns to a SYN (median per flow of its first run minus its second).",
-        syn_hit.ns("mim-lb"),
-        rerecord.ns("mim-lb")
-    ));
-    notes.push(format!(
-        "A packet on a changed slot reads the clock on every packet, a flow being recorded once more; mim-lb reads the tick-resolution clock \
-         (bpf_ktime_get_coarse_ns): the floor plus one such read costs {2:.1} ns ({3:.1} ns over the floor), the floor plus one bpf_ktime_get_ns {0:.1} ns ({1:.1} ns over).",
-        lookup.ns("clock"),
-        lookup.ns("clock") - lookup.ns("floor"),
-        lookup.ns("clock_coarse"),
-        lookup.ns("clock_coarse") - lookup.ns("floor"),
-    ));
-    notes.push(format!(
-        "Cold penalty: an established ACK costs {acks:.0} ns when run once vs {:.1} ns warm; the cold floor is {cold_floor:.0} ns vs {warm_floor:.1} ns warm.",
-        est4.ns("mim-lb")
-    ));
+    section.notes = notes(m);
     let json_rows: serde_json::Map<String, serde_json::Value> =
         rows.iter().map(|r| (r.case.to_string(), r.json.clone())).collect();
     section.json = json!({
         "rows": json_rows,
         "reference_programs_ns": {
-            "floor_plus_service_hash": pass.ns("service_hash"),
-            "floor_plus_ktime_get_ns": lookup.ns("clock"),
-            "floor_plus_ktime_get_coarse_ns": lookup.ns("clock_coarse"),
-            "floor": est4.ns("floor"),
-            "floor_plus_mim_lb_hashes": est4.ns("hashes"),
+            "floor_plus_service_hash": m.pass.ns("service_hash"),
+            "floor_plus_ktime_get_ns": m.recorded.ns("clock"),
+            "floor_plus_ktime_get_coarse_ns": m.recorded.ns("clock_coarse"),
+            "floor": m.est4.ns("floor"),
+            "floor_plus_mim_lb_hashes": m.est4.ns("hashes"),
         },
     });
-    section.notes = notes;
-    Ok((section, sizes))
+    section
+}
+
+fn notes(m: &Measured) -> Vec<String> {
+    let (est4, pass, recorded) = (&m.est4, &m.pass, &m.recorded);
+    let hashes = est4.ns("hashes") - est4.ns("floor");
+    let over_floor = est4.ns("mim-lb") - est4.ns("floor");
+    let above = |i: &Interleaved| i.ns("mim-lb") - i.ns("floor");
+    vec![
+        format!(
+            "Where a packet for no service spends its {:.1} ns above the floor: the floor plus only the service-slot hash costs {:.1} ns, i.e. {:.1} ns is that hash; \
+             the rest is parsing, the service-index lookup and the reason counter.",
+            above(pass),
+            pass.ns("service_hash"),
+            pass.ns("service_hash") - pass.ns("floor"),
+        ),
+        format!(
+            "Where an established IPv4 packet's {over_floor:.1} ns above the floor go: the floor plus only mim-lb's two hashes \
+             (service slot and flow hash over the IPv4 words, 2 + 4 blocks; same code) costs {:.1} ns, i.e. {hashes:.1} ns ({:.0}%) is hashing.",
+            est4.ns("hashes"),
+            100.0 * hashes / over_floor
+        ),
+        format!(
+            "New flows, warm: a SYN on a clean slot (the usual case: the table remembers where it went) costs {:.1} ns above the floor, {:.1} more than \
+             an established packet: the lookup for a record left by an earlier connection on the same addresses and ports. On a changed slot, where \
+             the flow is recorded (an LRU insert replacing the previous run's record, the clock read), it costs {:.1} ns above the floor.",
+            above(&m.syn_clean),
+            above(&m.syn_clean) - over_floor,
+            above(&m.syn_marked),
+        ),
+        format!(
+            "On a changed slot, a recorded flow costs {:.1} ns above the floor (lookup that finds it, clock read to refresh last_seen_ns at most once a second); \
+             a flow that began before the change {:.1} ns (lookup that misses, clock read to stamp SLOT_SEEN for the sweep, its previous master).",
+            above(recorded),
+            above(&m.unrecorded),
+        ),
+        format!(
+            "mim-lb reads the tick-resolution clock (bpf_ktime_get_coarse_ns): the floor plus one such read costs {2:.1} ns ({3:.1} ns over the floor), \
+             the floor plus one bpf_ktime_get_ns {0:.1} ns ({1:.1} ns over).",
+            recorded.ns("clock"),
+            recorded.ns("clock") - recorded.ns("floor"),
+            recorded.ns("clock_coarse"),
+            recorded.ns("clock_coarse") - recorded.ns("floor"),
+        ),
+        format!(
+            "Cold penalty: an established ACK costs {:.0} ns when run once vs {:.1} ns warm; the cold floor is {:.0} ns vs {:.1} ns warm.",
+            m.cold.acks,
+            est4.ns("mim-lb"),
+            m.cold.floor,
+            est4.ns("floor"),
+        ),
+    ]
 }
 
 /// Instruction counts and JIT sizes of every program measured.
