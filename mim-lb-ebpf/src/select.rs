@@ -57,8 +57,9 @@ pub struct Choice {
 /// The rule that keeps every established flow on its master while recording as little as
 /// possible:
 /// - a TCP SYN always goes to the slot's master (the table holds only masters that are up).
-///   It is recorded only on a marked slot; on a clean slot the table itself remembers it, and
-///   a record left by an earlier connection on the same addresses and ports is deleted;
+///   It is recorded only on a marked slot whose unrecorded flows go elsewhere; on a clean slot
+///   the table itself remembers it, and any record there names the same master (the sweep
+///   deletes those that do not), so it is not even looked up;
 /// - other TCP packets on a clean slot go to the slot's master without a lookup: every flow
 ///   there began on it;
 /// - on a marked slot, a recorded flow keeps its master while that master keeps flows (up or
@@ -79,9 +80,9 @@ pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Resu
     let marked = entry & MAGLEV_SLOT_CHANGED != 0;
 
     if packet.proto == PROTO_TCP && !marked {
-        if packet.tcp_syn {
-            forget(&flow_key(packet));
-        }
+        // No lookup, SYN or not: every record a clean slot holds names its master (the sweep
+        // keeps it so), so even one left by an earlier connection on these ports agrees with
+        // where this packet goes.
         return to(owner, packet.tcp_syn);
     }
     let key = flow_key(packet);
@@ -233,8 +234,8 @@ fn record(ctx: &XdpContext, key: &FlowKey, service: &ServiceEntry, owner: u32, s
 }
 
 /// Deletes the record of an earlier connection that used the same addresses and ports, so
-/// that it cannot claim this one if the slot changes later. A lookup first: the common case
-/// is no record, and a lookup takes no lock.
+/// that it cannot claim this one: on a marked slot, where records are looked up. A lookup
+/// first: the common case is no record, and a lookup takes no lock.
 #[inline(always)]
 fn forget(key: &FlowKey) {
     if crate::simulating() {

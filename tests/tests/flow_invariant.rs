@@ -487,3 +487,35 @@ fn after_tidying_a_change_writes_only_the_slots_it_changes() {
     let w = &prog.director.written()[&web()];
     assert_eq!(prog.director.dataplane().maps_ro().maglev_region(w.id, w.active, w.table_size).unwrap(), after);
 }
+
+/// A SYN on a clean slot does not look the connection table up, so the sweep must leave no
+/// record on a clean slot that names another master. A connection recorded on a marked slot
+/// ends; its slot's master changes back; the mark clears. The same client port connects again
+/// (on the clean slot, unrecorded) and the slot changes once more: the new connection stays on
+/// its master, not on the one the old connection's record named.
+#[test]
+fn a_reused_port_is_not_claimed_by_a_record_its_slot_no_longer_agrees_with() {
+    let mut prog = ProgramUnderTest::new(&three_masters()).unwrap();
+    settle(&mut prog);
+    let m1 = prog.master_mac(&web(), ip(M1));
+    // Ports whose slot M1 owns: drained, they move to M2 or M3 and are marked.
+    let ports: Vec<u16> = (61000..62000).filter(|&p| prog.table_master(&web(), CLIENT.into(), p, 7000).unwrap() == ip(M1)).take(100).collect();
+    assert!(ports.len() == 100);
+    prog.director.set_admin(&web(), ip(M1), Admin::Drained).unwrap();
+    let old: Vec<[u8; 6]> = ports.iter().map(|&p| send(&prog, p, TCP_SYN)).collect();
+    assert!(old.iter().all(|mac| *mac != m1));
+    assert!(recorded_flows(&prog) >= ports.len(), "the connections on marked slots were not recorded");
+    // The old connections end; M1 is back; a timeout later the marks are cleared.
+    prog.director.set_admin(&web(), ip(M1), Admin::Enabled).unwrap();
+    settle(&mut prog);
+    for (&p, mac) in ports.iter().zip(&old) {
+        // The same ports connect again: their slots are M1's and clean.
+        let syn = send(&prog, p, TCP_SYN);
+        assert_eq!(syn, m1, "port {p}");
+        assert_ne!(syn, *mac);
+    }
+    prog.director.set_admin(&web(), ip(M1), Admin::Drained).unwrap();
+    for &p in &ports {
+        assert_eq!(send(&prog, p, TCP_ACK), m1, "port {p}: a new connection went where an old record of its ports said");
+    }
+}

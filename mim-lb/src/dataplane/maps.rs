@@ -335,7 +335,10 @@ impl<'a> Maps<'a> {
         for key in keys {
             match flows.remove(key) {
                 Ok(()) => deleted += 1,
+                // Evicted, or deleted already: aya reports a missing key on delete as the
+                // syscall's ENOENT.
                 Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(map_err(names::FLOWS)(e)),
             }
         }

@@ -190,6 +190,10 @@ pub struct Director {
     removing_since: BTreeMap<u32, u64>,
     /// Services whose unread Maglev region may differ from the live table ([`Director::tidy`]).
     untidy: BTreeSet<ServiceKey>,
+    /// The connection table may hold TCP records on clean slots that name another master
+    /// (maps taken over from an earlier run, which may predate the rule): the next sweep
+    /// checks every record.
+    records_unchecked: bool,
     ready: bool,
 }
 
@@ -209,6 +213,7 @@ impl Director {
             index_entries: Vec::new(),
             removing_since: BTreeMap::new(),
             untidy: BTreeSet::new(),
+            records_unchecked: false,
             ready: false,
         }
     }

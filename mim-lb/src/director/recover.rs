@@ -131,6 +131,7 @@ impl Director {
         director.desired = desired;
         // The unread regions are unknown: tidying writes them once, outside any change.
         director.untidy = written.keys().copied().collect();
+        director.records_unchecked = true;
         director.written = written;
         let now_removing = director
             .desired

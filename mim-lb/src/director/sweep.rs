@@ -18,7 +18,7 @@
 //! full timeout to show itself.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     time::Duration,
 };
 
@@ -85,6 +85,12 @@ struct LiveFlows {
     in_use: HashSet<u32>,
     /// Every record, by backend, to delete those of retired backends.
     records_of: HashMap<u32, Vec<FlowKey>>,
+    /// TCP records naming another master than their slot's, live or not, by service and
+    /// slot: a clean slot must hold none (see [`Director::clean_records`]).
+    disagreeing: HashMap<ServiceKey, BTreeMap<u32, Vec<FlowKey>>>,
+    /// Records of services that are gone: nothing reads them, and a service id given to a
+    /// new service must not inherit them.
+    orphans: Vec<FlowKey>,
     live: usize,
 }
 
@@ -92,7 +98,9 @@ impl Director {
     /// Whether a sweep has anything to do: marked slots, resized services or backends waiting
     /// to be retired. Kept counts, no scan.
     pub fn sweep_pending(&self) -> bool {
-        self.written.values().any(|w| w.marked > 0 || w.resized.is_some()) || !self.removing_since.is_empty()
+        self.written.values().any(|w| w.marked > 0 || w.resized.is_some())
+            || !self.removing_since.is_empty()
+            || self.records_unchecked
     }
 
     /// Clears marks no live flow needs and retires removed backends without live flows.
@@ -121,10 +129,11 @@ impl Director {
         let live = self.live_flows(flows, read_ns, tcp_idle, udp_idle);
         report.live_flows = live.live;
         report.marks_cleared = self.clear_marks(&live.needed, read_ns, tcp_idle)?;
+        report.flows_deleted += self.clean_records(&live, read_ns)?;
         self.end_resizes()?;
         let (retired, deleted) = self.retire(&live, read_ns)?;
         report.backends_retired = retired;
-        report.flows_deleted = deleted;
+        report.flows_deleted += deleted;
         Ok(report)
     }
 
@@ -140,9 +149,16 @@ impl Director {
         let mut live = LiveFlows::default();
         for (key, flow) in flows {
             live.records_of.entry(flow.backend_id).or_default().push(*key);
-            let Some(service) = by_id.get(&flow.service_id) else { continue };
+            let Some(service) = by_id.get(&flow.service_id) else {
+                live.orphans.push(*key);
+                continue;
+            };
             let written = &self.written[service];
             let slot = flow_slot(written, key);
+            let owner = written.table().get(slot as usize).map_or(0, |e| marks::owner(*e));
+            if key.proto == PROTO_TCP && owner != flow.backend_id {
+                live.disagreeing.entry(*service).or_default().entry(slot).or_default().push(*key);
+            }
             let grace = written.times.marked_ns.get(slot as usize).copied().unwrap_or(0);
             let idle = if key.proto == PROTO_TCP { tcp_idle } else { udp_idle };
             if !is_live(flow, grace, read_ns, idle) {
@@ -150,7 +166,6 @@ impl Director {
             }
             live.live += 1;
             live.in_use.insert(flow.backend_id);
-            let owner = written.table().get(slot as usize).map_or(0, |e| marks::owner(*e));
             // UDP looks its record up on every datagram, marked slot or not; a flow on a master
             // that no longer keeps flows is re-steered whichever way its packets go.
             if key.proto == PROTO_TCP && owner != flow.backend_id && keeps.contains(&flow.backend_id) {
@@ -205,6 +220,40 @@ impl Director {
             }
         }
         Ok(cleared)
+    }
+
+    /// Keeps the rule a SYN on a clean slot relies on (it neither looks records up nor
+    /// deletes them): every TCP record on a clean slot names the slot's master. Such a
+    /// record, even one an earlier connection on the same addresses and ports left, names the
+    /// master the slot gives every new connection for as long as the slot stays clean, which
+    /// is where a later change's mark sends unrecorded flows too. The sweep deletes the TCP
+    /// records of clean slots that name another master: a mark is cleared only when none of
+    /// them is live and keeps flows (the others move to the slot's master at their next packet
+    /// anyway). Slots whose master changed after the read began are left to the next sweep, as
+    /// are records made since (they name the master of their moment, which is the slot's).
+    /// Records of services that are gone go too.
+    fn clean_records(&mut self, live: &LiveFlows, read_ns: u64) -> Result<usize, DirectorError> {
+        let mut doomed: Vec<FlowKey> = live.orphans.clone();
+        for (key, slots) in &live.disagreeing {
+            let Some(w) = self.written.get(key) else { continue };
+            for (slot, keys) in slots {
+                let i = *slot as usize;
+                let clean = w.table().get(i).is_some_and(|e| !marks::is_marked(*e));
+                let settled = w.times.changed_ns.get(i).is_some_and(|t| *t < read_ns);
+                if clean && settled {
+                    doomed.extend(keys);
+                }
+            }
+        }
+        if doomed.is_empty() {
+            self.records_unchecked = false;
+            return Ok(0);
+        }
+        // Until they are gone, the next sweep checks again.
+        self.records_unchecked = true;
+        let deleted = self.dataplane.maps().delete_flows(doomed.iter())?;
+        self.records_unchecked = false;
+        Ok(deleted)
     }
 
     fn slot_facts(&self, w: &WrittenService, slot: u32, keep: Option<&BTreeSet<u32>>, seen: u32) -> marks::SlotFacts {
