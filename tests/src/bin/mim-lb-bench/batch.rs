@@ -239,6 +239,8 @@ struct Maglev {
 /// written both ways into the region the data path does not read; and a whole-region read.
 fn maglev(runs: usize) -> Result<Maglev> {
     let mut prog = ProgramUnderTest::new(&config_checked(3, "tcp"))?;
+    // As the daemon does after every event: the region the flip writes holds the live table.
+    prog.director.tidy();
     let before = prog.director.written()[&key()].clone();
     let target = prog.director.dataplane().maps_ro().maglev_region(before.id, 1 - before.active, before.table_size)?;
     prog.director.set_health(&key(), backend_addr(1), false, "bench: failover")?.context("the flip changed nothing")?;

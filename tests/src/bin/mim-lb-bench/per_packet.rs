@@ -237,14 +237,16 @@ fn flow_key(client: IpAddr, sport: u16, vip: IpAddr) -> FlowKey {
 }
 
 /// Leaves a record of the TCP flow `client:sport` -> `vip` on master `on`, made by the program
-/// itself: the flow's slot is marked by hand, with `on` as its master, for one SYN (a SYN on a
-/// marked slot is recorded), then the control plane's entry is put back. On a clean slot the
-/// record is never consulted; a run that consulted it would go to `on`.
+/// itself: the flow's slot is marked by hand, with `on` as its master and another as its
+/// previous one, for one SYN (a SYN on a marked slot whose unrecorded flows go elsewhere is
+/// recorded), then the control plane's entry is put back. On a clean slot the record is never
+/// consulted; a run that consulted it would go to `on`.
 fn plant_record(prog: &mut ProgramUnderTest, client: IpAddr, sport: u16, vip: IpAddr, on: u32) -> Result<()> {
     let (slot, entry) = slot_of(prog, client, sport, vip);
     let svc = &prog.director.written()[&key(vip)];
     let (id, half) = (svc.id, svc.active);
-    prog.director.dataplane_mut().maps().set_maglev_entries(id, half, [(slot, maglev_entry(on, 0, true))])?;
+    let prev = other_master(prog, vip, on)?;
+    prog.director.dataplane_mut().maps().set_maglev_entries(id, half, [(slot, maglev_entry(on, prev, true))])?;
     let ran = prog.run(&Frame::tcp(client, sport, vip, PORT, TCP_SYN).bytes());
     prog.director.dataplane_mut().maps().set_maglev_entries(id, half, [(slot, entry)])?;
     ran?;

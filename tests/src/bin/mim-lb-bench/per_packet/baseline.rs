@@ -298,18 +298,32 @@ fn clear_flows(prog: &mut ProgramUnderTest) -> Result<()> {
 }
 
 /// Runs `f` with every slot of the IPv4 service's live table marked, by hand, with no
-/// previous master (an entry both programs read alike), and writes the control plane's table
-/// back afterwards, also when `f` fails.
+/// previous master (an entry both programs read alike), and the service's index entry flagged
+/// `SERVICE_F_RESIZED` (a bit the old program does not read; with it, the current program
+/// records SYNs on marked slots with no previous master, as the old one does), and writes
+/// the control plane's table and index entry back afterwards, also when `f` fails.
 fn with_slots_marked<T>(prog: &mut ProgramUnderTest, f: impl FnOnce(&mut ProgramUnderTest) -> Result<T>) -> Result<T> {
     let svc = &prog.director.written()[&key(VIP4.into())];
-    let (id, half, table) = (svc.id, svc.active, svc.table().to_vec());
+    let (id, half, size, table) = (svc.id, svc.active, svc.table_size, svc.table().to_vec());
+    let index_half = prog.director.dataplane().maps_ro().globals()?.active_services & 1;
+    let (index_slot, entry) = prog
+        .director
+        .dataplane()
+        .maps_ro()
+        .service_half(index_half)?
+        .into_iter()
+        .find(|(_, e)| e.service_id == id && e.flags & mim_lb_common::SERVICE_F_VIP_MARKER == 0)
+        .context("the IPv4 service's index entry")?;
+    let resized = mim_lb_common::ServiceEntry { flags: entry.flags | mim_lb_common::SERVICE_F_RESIZED, old_table_size: size, ..entry };
+    prog.director.dataplane_mut().maps().set_service_slot(index_half, index_slot, &resized)?;
     let marked = table.iter().enumerate().map(|(s, e)| (s as u32, maglev_entry(*e, 0, true)));
-    prog.director.dataplane_mut().maps().set_maglev_entries(id, half, marked)?;
-    let result = f(prog);
+    let result = prog.director.dataplane_mut().maps().set_maglev_entries(id, half, marked).map_err(Into::into).and_then(|_| f(prog));
     let unmarked = table.iter().enumerate().map(|(s, e)| (s as u32, *e));
     let restored = prog.director.dataplane_mut().maps().set_maglev_entries(id, half, unmarked);
+    let restored_index = prog.director.dataplane_mut().maps().set_service_slot(index_half, index_slot, &entry);
     let value = result?;
     restored.context("writing the IPv4 service's table back")?;
+    restored_index.context("writing the IPv4 service's index entry back")?;
     Ok(value)
 }
 
