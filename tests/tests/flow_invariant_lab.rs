@@ -135,7 +135,6 @@ fn busy_long_lived_connections_survive_table_pressure_and_a_drain() {
     // From now on marks last: the drain's stay through the second round of pressure.
     gw.write_config(&lab_config(&lab, &[service], "flow_table_size = 1024\ntcp_idle_timeout_s = 120")).unwrap();
     gw.ctl(&["reload"]).unwrap();
-    let vip = vip(&lab);
     let first = hold(&lab, 6);
     let busiest = (0..lab.master_count())
         .max_by_key(|&i| first.iter().filter(|c| c.name() == lab.master_name(i)).count())
@@ -145,44 +144,37 @@ fn busy_long_lived_connections_survive_table_pressure_and_a_drain() {
     let service_name = format!("{}:{PORT}", lab.vip4());
     let busiest_addr = addr(&lab, busiest).to_string();
 
+    let first = talk_through(&lab, &gw, first, 3000, &["drain", &service_name, &busiest_addr]);
+    let mut all = first;
+    all.extend(hold(&lab, 6));
+    let marked = gw.status().unwrap().services[0].changed_slots;
+    assert!(marked > 10_000, "only {marked} slots are marked: the second round would put no pressure on the table");
+    talk_through(&lab, &gw, all, 4096, &["enable", &service_name, &busiest_addr]);
+}
+
+/// Keeps `held` talking while `n` new connections are made one after another, then the
+/// operator's `command` runs and they talk for two more seconds. Every new connection and
+/// every held one must succeed; returns the held connections.
+fn talk_through(lab: &Lab, gw: &Gateway, held: Vec<TcpHold>, n: usize, command: &[&str]) -> Vec<TcpHold> {
+    let vip = vip(lab);
     let stop = AtomicBool::new(false);
-    let (pressure, drain, talked) = std::thread::scope(|scope| {
-        let talkers = talk(scope, first, &stop);
-        let pressure = in_netns(lab.client_ns(), || tcp_ask_many(vip, 3000, T)).unwrap().map(|_| ()).map_err(|e| format!("{e:#}"));
-        let drain = gw.ctl(&["drain", &service_name, &busiest_addr]);
+    let (pressure, said, talked) = std::thread::scope(|scope| {
+        let talkers = talk(scope, held, &stop);
+        let pressure = in_netns(lab.client_ns(), || tcp_ask_many(vip, n, T)).unwrap().map(|_| ()).map_err(|e| format!("{e:#}"));
+        let said = gw.ctl(command);
         std::thread::sleep(Duration::from_secs(2));
         stop.store(true, Ordering::Relaxed);
         let talked: Vec<_> = talkers.into_iter().map(|t| t.join().expect("talker panicked")).collect();
-        (pressure, drain, talked)
+        (pressure, said, talked)
     });
-    assert_eq!(pressure, Ok(()), "a new connection failed under table pressure");
-    drain.unwrap();
-    let mut all: Vec<TcpHold> = talked
+    assert_eq!(pressure, Ok(()), "a new connection failed under table pressure ({n} new, then {command:?})");
+    said.unwrap();
+    talked
         .into_iter()
         .map(|r| {
             let (conn, lines) = r.unwrap();
             assert!(lines > 20, "a held connection exchanged only {lines} lines");
             conn
         })
-        .collect();
-
-    all.extend(hold(&lab, 6));
-    let marked = gw.status().unwrap().services[0].changed_slots;
-    assert!(marked > 10_000, "only {marked} slots are marked: the second round would put no pressure on the table");
-    let stop = AtomicBool::new(false);
-    let (pressure, enable, talked) = std::thread::scope(|scope| {
-        let talkers = talk(scope, all, &stop);
-        let pressure = in_netns(lab.client_ns(), || tcp_ask_many(vip, 4096, T)).unwrap().map(|_| ()).map_err(|e| format!("{e:#}"));
-        let enable = gw.ctl(&["enable", &service_name, &busiest_addr]);
-        std::thread::sleep(Duration::from_secs(2));
-        stop.store(true, Ordering::Relaxed);
-        let talked: Vec<_> = talkers.into_iter().map(|t| t.join().expect("talker panicked")).collect();
-        (pressure, enable, talked)
-    });
-    assert_eq!(pressure, Ok(()), "a new connection failed under table pressure on marked slots");
-    enable.unwrap();
-    for result in talked {
-        let (_, lines) = result.unwrap();
-        assert!(lines > 20, "a held connection exchanged only {lines} lines");
-    }
+        .collect()
 }
