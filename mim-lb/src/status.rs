@@ -48,6 +48,10 @@ pub struct ServiceStatus {
     /// the table from before it, and the next such change is refused until it is.
     #[serde(default)]
     pub resizing: bool,
+    /// A digest of the live table's decisions (each slot's master, by address; the size and
+    /// hash): equal on two directors that send every new connection to the same master.
+    #[serde(default)]
+    pub table_digest: String,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -171,6 +175,7 @@ pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate
             new_flows: stats.new_flows,
             changed_slots: written.map_or(0, |w| w.marked()),
             resizing: written.is_some_and(|w| w.resized()),
+            table_digest: written.map(|w| w.digest().to_owned()).unwrap_or_default(),
             backends,
         });
     }
@@ -213,7 +218,7 @@ pub fn render(status: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "Prot LocalAddress:Port            Scheduler      Check   NewFlows    Packets      Bytes  Name"
+        "Prot LocalAddress:Port            Scheduler      Check   NewFlows    Packets      Bytes  Name (table digest)"
     );
     let _ = writeln!(
         out,
@@ -223,7 +228,7 @@ pub fn render(status: &Status) -> String {
         let endpoint = std::net::SocketAddr::new(s.vip, s.port).to_string();
         let _ = writeln!(
             out,
-            "{:<4} {:<28} {:<14} {:<7} {:>8} {:>10} {:>10}  {}",
+            "{:<4} {:<28} {:<14} {:<7} {:>8} {:>10} {:>10}  {} ({})",
             s.protocol.to_uppercase(),
             endpoint,
             s.scheduler,
@@ -231,7 +236,8 @@ pub fn render(status: &Status) -> String {
             s.new_flows,
             s.packets,
             human_bytes(s.bytes),
-            s.name
+            s.name,
+            s.table_digest
         );
         if s.changed_slots > 0 || s.resizing {
             let _ = writeln!(
@@ -328,6 +334,7 @@ pub(crate) fn sample() -> Status {
             new_flows: 3,
             changed_slots: 0,
             resizing: false,
+            table_digest: "0123456789abcdef".into(),
             backends: vec![BackendStatus {
                 address: "10.0.0.11".parse().expect("an address"),
                 mac: None,
@@ -370,6 +377,7 @@ mod tests {
         assert!(text.contains("(unresolved)"), "{text}");
         assert!(text.contains("down: no ARP reply"), "{text}");
         assert!(text.contains("Verdicts (packets): forwarded 10"), "{text}");
+        assert!(text.contains("(0123456789abcdef)"), "the table digest is shown: {text}");
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status);
     }

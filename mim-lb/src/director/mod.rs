@@ -22,6 +22,7 @@
 //! backends go once their last flow has ended.
 
 mod desired;
+pub mod digest;
 mod ids;
 pub mod marks;
 mod plan;
@@ -88,6 +89,9 @@ pub struct WrittenService {
     marked: usize,
     /// Set by a resize until no slot sends unrecorded flows to the old table.
     resized: Option<Resized>,
+    /// [`digest::table_digest`] of the live table: equal on two directors that send every
+    /// new connection of the service to the same master.
+    digest: String,
     /// What the live table was built from: (address, id, table weight) of every backend.
     /// Unchanged inputs mean an unchanged table, so a change elsewhere rebuilds nothing
     /// here. Empty when unknown (after a restart).
@@ -103,6 +107,11 @@ impl WrittenService {
     /// Marked slots in the live table.
     pub fn marked(&self) -> usize {
         self.marked
+    }
+
+    /// The digest of the live table's decisions ([`digest::table_digest`]).
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 
     /// The region the data path does not read, if it holds something other than the live

@@ -138,13 +138,20 @@ impl Director {
         plan.region_writes.push(RegionWrite { key: *key, id: s.id, half: target, writes });
         regions[target as usize] = table;
         let marked = regions[target as usize].iter().filter(|e| marks::is_marked(**e)).count();
+        let digest = service_digest(s, &regions[target as usize], flags);
         plan.written.insert(
             *key,
-            WrittenService { id: s.id, flags, table_size: s.table_size, active: target, regions, times, marked, resized, inputs },
+            WrittenService { id: s.id, flags, table_size: s.table_size, active: target, regions, times, marked, resized, digest, inputs },
         );
         plan.report.changed_services.push(s.name.clone());
         Ok(())
     }
+}
+
+/// The digest of `table` as a table of `s`, whose backends name its masters' addresses.
+pub(super) fn service_digest(s: &ServiceDesire, table: &[u32], flags: u32) -> String {
+    let by_id: std::collections::HashMap<u32, IpAddr> = s.backends.iter().map(|(addr, b)| (b.id, *addr)).collect();
+    super::digest::table_digest(table, flags, |id| by_id.get(&id).copied())
 }
 
 /// The flags an index entry carries for a resized service, and its old table size.

@@ -75,6 +75,8 @@ impl Director {
                     times,
                     marked,
                     resized,
+                    // Known once the backends are read, below.
+                    digest: String::new(),
                     inputs: Vec::new(),
                 },
             );
@@ -123,6 +125,11 @@ impl Director {
             recovered.backends += 1;
         }
 
+        for (key, w) in written.iter_mut() {
+            if let Some(s) = desired.get(key) {
+                w.digest = super::plan::service_digest(s, w.table(), w.flags);
+            }
+        }
         let index_slots = [0, 1].map(|h| halves[h].iter().map(|(slot, _)| *slot).collect::<BTreeSet<u32>>());
         director.index_entries = halves[active as usize].iter().map(|(_, e)| *e).collect();
         director.index_slots = index_slots;

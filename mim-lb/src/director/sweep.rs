@@ -364,6 +364,7 @@ mod tests {
             times: marks::SlotTimes::default(),
             marked: 0,
             resized: None,
+            digest: String::new(),
             inputs: Vec::new(),
         };
         let key = FlowKey {
