@@ -519,3 +519,52 @@ fn a_reused_port_is_not_claimed_by_a_record_its_slot_no_longer_agrees_with() {
         assert_eq!(send(&prog, p, TCP_ACK), m1, "port {p}: a new connection went where an old record of its ports said");
     }
 }
+
+/// The sweep computes each record's Maglev slot itself (the table may have been resized since
+/// the record was made); the data path writes the slot it used into the record. They agree,
+/// for both hashes (`maglev` and `maglev-source`) and both families.
+#[test]
+fn the_sweep_finds_each_record_on_the_slot_the_program_used() {
+    // UDP services (every flow recorded), one per hash and family.
+    let config = r#"
+interface = "lo"
+[[service]]
+name = "dns4"
+vip = "10.0.0.100"
+port = 5353
+protocol = "udp"
+health = { check = "none" }
+[[service.backend]]
+address = "10.0.0.11"
+mac = "02:00:00:00:00:11"
+[[service.backend]]
+address = "10.0.0.12"
+mac = "02:00:00:00:00:12"
+[[service]]
+name = "dns6"
+vip = "fd00::100"
+port = 5353
+protocol = "udp"
+scheduler = "maglev-source"
+health = { check = "none" }
+[[service.backend]]
+address = "fd00::11"
+mac = "02:00:00:00:06:11"
+[[service.backend]]
+address = "fd00::12"
+mac = "02:00:00:00:06:12"
+"#;
+    let prog = ProgramUnderTest::new(config).unwrap();
+    let vip6: std::net::Ipv6Addr = "fd00::100".parse().unwrap();
+    let client6: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
+    for p in 0..300u16 {
+        prog.run(&Frame::udp(Ipv4Addr::new(10, 7, (p >> 8) as u8, p as u8), 30000 + p, VIP, 5353).bytes()).unwrap();
+        prog.run(&Frame::udp(std::net::Ipv6Addr::from(u128::from(client6) + u128::from(p)), 30000 + p, vip6, 5353).bytes()).unwrap();
+    }
+    let flows = prog.director.dataplane().maps_ro().flows().unwrap();
+    assert!(flows.len() >= 600, "only {} UDP flows recorded", flows.len());
+    for (key, entry) in &flows {
+        let (service, w) = prog.director.written().iter().find(|(_, w)| w.id == entry.service_id).expect("a record of a known service");
+        assert_eq!(mim_lb::director::record_slot(w, key), entry.slot, "{service}: the sweep looks for a record on another slot than the program used");
+    }
+}

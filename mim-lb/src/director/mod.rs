@@ -39,7 +39,7 @@ use mim_lb_common::{
     ABI_VERSION, BACKEND_F_IN_USE, BACKEND_F_KEEPS_FLOWS, BackendEntry, GLOBALS_F_READY,
     HEALTH_DOWN, HEALTH_UP, SERVICE_F_SOURCE_HASH, SERVICE_F_VIP_MARKER, ServiceEntry, limits,
 };
-pub use sweep::{SweepReport, monotonic_ns, read_pinned_flows};
+pub use sweep::{SweepReport, monotonic_ns, read_pinned_flows, record_slot};
 
 use crate::{
     config::{CheckKind, Config, HealthCheck, Protocol, Scheduler, ServiceKey},
