@@ -163,7 +163,7 @@ fn keep_pinned_keeps_forwarding_until_detach() {
     let err = gw.ctl(&["run", "--config", config_path.to_str().unwrap(), "--xdp-mode", "generic"]).unwrap_err();
     assert!(format!("{err:#}").contains("flow_table_size was 1048576 and is now 2048"), "{err:#}");
     let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 5, T)).unwrap().unwrap();
-    assert_eq!(names.len(), 5, "a refused start disturbed the running program");
+    assert!(names.iter().all(|n| *n == lab.master_name(0)), "a refused start disturbed the running program: {names:?}");
 
     let said = gw.ctl(&["detach", "--config", config_path.to_str().unwrap()]).unwrap();
     assert!(said.contains("detached mim-lb from eth0"), "{said}");
@@ -191,5 +191,7 @@ fn a_second_daemon_on_the_same_pins_refuses_to_start() {
     // The first one is unharmed.
     assert_eq!(gw.status().unwrap().services[0].backends[0].state, "up");
     let vip = SocketAddr::new(lab.vip4().into(), PORT);
-    assert_eq!(in_netns(lab.client_ns(), || tcp_ask_many(vip, 5, T)).unwrap().unwrap().len(), 5);
+    let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 5, T)).unwrap().unwrap();
+    let masters: Vec<String> = (0..lab.master_count()).map(|i| lab.master_name(i)).collect();
+    assert!(names.iter().all(|n| masters.contains(n)), "connections reached something other than a master: {names:?}");
 }

@@ -352,7 +352,8 @@ fn a_gateway_mac_change_while_running_is_picked_up() {
     let mut lab = Lab::new(LabSpec::default()).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
     let gw = start(&mut lab, HEALTH, "");
-    assert_eq!(ask(&lab, 5).len(), 5);
+    // Connections work before the change (ask fails the test otherwise).
+    ask(&lab, 5);
 
     let new_mac = [0x02, 0xab, 0xcd, 0x00, 0x00, 0x77];
     let ifname = lab.gateway_ifname().to_owned();
