@@ -426,3 +426,46 @@ fn a_failed_start_over_kept_pins_keeps_forwarding() {
     gw.proc().wait_for_line("replaced the running program", T).unwrap();
     echo_all(&mut held, "after the next start");
 }
+
+/// A master configured without `mac` changes its MAC and announces it (arp_notify): the daemon
+/// sees it through the neighbour table, `status` shows the new MAC, frames go to it, and held
+/// connections to that master and the others keep talking (a MAC change alone moves no flow).
+#[test]
+fn a_masters_mac_change_is_followed_without_moving_its_flows() {
+    use mim_lb_tests::{Capture, mac_to_string};
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let service = ServiceSpec {
+        health: HEALTH.into(),
+        masters: (0..lab.master_count()).map(|i| (i, false)).collect(),
+        ..ServiceSpec::tcp(&lab, PORT)
+    };
+    let config = lab_config(&lab, &[service], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    gw.wait_all_up().unwrap();
+    let mut held = hold(&lab, 30);
+    let on_first = held.iter().filter(|h| h.name() == lab.master_name(0)).count();
+    assert!(on_first > 0, "no held connection on the master whose MAC changes: the test proves less");
+    echo_all(&mut held, "before");
+
+    let new_mac = [0x02, 0x5a, 0x5a, 0x00, 0x00, 0x42];
+    let master = lab.master_ns(0).to_owned();
+    lab.run_in(&master, "sysctl", &["-qw", "net.ipv4.conf.eth0.arp_notify=1"]).unwrap();
+    lab.run_in(&master, "ip", &["link", "set", "dev", "eth0", "address", &mac_to_string(&new_mac)]).unwrap();
+    let shown = mac_to_string(&new_mac);
+    gw.wait_until("the new MAC in status", Duration::from_secs(10), |s| {
+        s.services.iter().flat_map(|s| &s.backends).any(|b| b.address == addr(&lab, 0) && b.mac.as_deref() == Some(shown.as_str()))
+    })
+    .unwrap();
+    assert_eq!(gw.backend(addr(&lab, 0)).unwrap().state, "up");
+
+    let capture = Capture::start(&master, "eth0").unwrap();
+    echo_all(&mut held, "after the MAC change");
+    let names = ask(&lab, 60);
+    let frames = capture.stop();
+    let vip4: IpAddr = lab.vip4().into();
+    let to_master: Vec<_> = frames.iter().filter(|f| !f.outgoing && f.is_tcp() && f.dst_ip == Some(vip4)).collect();
+    assert!(names.contains(&lab.master_name(0)), "no new connection reached the master after its MAC change");
+    assert!(!to_master.is_empty(), "no forwarded frame reached the master after its MAC change");
+    assert!(to_master.iter().all(|f| f.dst_mac == new_mac), "forwarded frames still go to the old MAC");
+}
