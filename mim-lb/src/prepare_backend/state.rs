@@ -381,6 +381,11 @@ mod tests {
         Store::new(&dir, netns(7)).save(&Ledger::default()).unwrap();
         // Same inode (same file name), another cookie: a namespace that reused the inode.
         assert_eq!(Store::new(&dir, netns(8)).load().unwrap(), Loaded::Stale);
+        // After a reboot cookies count from the start again, so the same inode and cookie can
+        // come back: the boot id tells (the default directory under /run survives no reboot,
+        // but a --state-dir on disk does).
+        let rebooted = NetnsId { boot_id: "b1".into(), ..netns(7) };
+        assert_eq!(Store::new(&dir, rebooted).load().unwrap(), Loaded::Stale);
         let store = Store::new(&dir, netns(7));
         std::fs::write(store.path(), "{\"version\": 99}").unwrap();
         assert!(matches!(store.load(), Err(StateError::Version { found: 99, .. })));
