@@ -145,6 +145,8 @@ pub struct Gateway {
     mode: Mode,
     /// RLIMIT_NOFILE (soft, hard) the daemon starts with; None inherits the test's.
     nofile: Option<(u64, u64)>,
+    /// A command the daemon is started under (e.g. `setpriv ...`), which execs it.
+    wrapper: Vec<String>,
     /// The XDP_PASS program on the gateway's bridge port (native mode on veth needs it).
     _peer_pass: Option<Dataplane>,
 }
@@ -190,6 +192,7 @@ impl Gateway {
             dir,
             mode,
             nofile,
+            wrapper: Vec::new(),
             _peer_pass: None,
         };
         if mode == Mode::Native {
@@ -221,8 +224,40 @@ impl Gateway {
         Ok(())
     }
 
+    /// [`Gateway::start`] with the daemon started under `wrapper` (a command that execs the
+    /// rest of its arguments, e.g. `setpriv --bounding-set ...`); restarts keep it.
+    pub fn start_wrapped(lab: &mut Lab, config: &str, mode: Mode, wrapper: &[&str]) -> Result<Gateway> {
+        let suffix = unique_suffix();
+        let dir = std::env::temp_dir().join(format!("mimlb-{suffix}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut gw = Gateway {
+            proc: None,
+            ns: lab.gateway_ns().to_owned(),
+            pin_dir: PathBuf::from(format!("{PIN_PREFIX}{suffix}")),
+            socket: dir.join("control.sock"),
+            dir,
+            mode,
+            nofile: None,
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+            _peer_pass: None,
+        };
+        if mode == Mode::Native {
+            gw._peer_pass = Some(attach_peer_pass(lab)?);
+        }
+        gw.write_config(config)?;
+        gw.launch(lab, &[])?;
+        Ok(gw)
+    }
+
     fn spawn(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<Proc> {
-        let mut cmd = Command::new(mim_lb_binary());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(mim_lb_binary());
+                c
+            }
+            None => Command::new(mim_lb_binary()),
+        };
         cmd.args(["--log-level", "info,mim_lb=debug", "run", "--config"])
             .arg(self.config_path())
             .args(["--xdp-mode", self.mode.name()])

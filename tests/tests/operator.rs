@@ -187,3 +187,38 @@ fn the_control_socket_refuses_other_users() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("permission denied") && stderr.contains("run this as root"), "{stderr}");
 }
+
+/// The daemon runs with exactly the capabilities the systemd unit leaves it
+/// (`CapabilityBoundingSet=` and `NoNewPrivileges=` of dist/mim-lb.service, read from the
+/// file so the two cannot drift apart): it loads, attaches, pins, checks, serves and stops.
+#[test]
+fn the_daemon_works_with_the_units_capabilities_only() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/mim-lb.service")).unwrap();
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds capabilities")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.to_lowercase().trim_start_matches("cap_")))
+        .collect();
+    assert!(unit.lines().any(|l| l == "NoNewPrivileges=yes"));
+    let bounding = format!("-all,{}", caps.join(","));
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let mut gw = Gateway::start_wrapped(&mut lab, &config, Mode::Generic, &["setpriv", "--bounding-set", &bounding, "--no-new-privs"]).unwrap();
+    gw.wait_all_up().unwrap();
+    // The daemon really runs with the reduced set: CAP_SYS_PTRACE (not in the unit) is gone.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.proc().pid())).unwrap();
+    let bnd = status.lines().find_map(|l| l.strip_prefix("CapBnd:")).unwrap().trim();
+    let bnd = u64::from_str_radix(bnd, 16).unwrap();
+    const CAP_SYS_PTRACE: u32 = 19;
+    assert_eq!(bnd & (1 << CAP_SYS_PTRACE), 0, "the daemon kept capabilities the unit does not give: {bnd:x}");
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 30, T)).unwrap().unwrap();
+    let masters: std::collections::BTreeSet<&String> = names.iter().collect();
+    assert!(masters.len() > 1, "30 connections all reached one master: {masters:?}");
+    assert!(gw.pin_dir().join("XDP_LINK").exists(), "the daemon pinned nothing");
+    gw.stop().unwrap();
+    assert!(!gw.pin_dir().join("XDP_LINK").exists(), "the daemon could not remove its pins on a clean stop");
+}
