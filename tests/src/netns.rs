@@ -164,14 +164,31 @@ pub fn run_in(ns: &str, program: &str, args: &[&str]) -> Result<String> {
     run_in_with_env(ns, program, args, &[])
 }
 
+/// The longest a command run with [`run_in`] may take: a CLI call that hangs (a daemon expected
+/// to refuse, a control request nobody answers) fails its test instead of hanging the suite.
+pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// [`run_in`] with extra environment variables.
 pub fn run_in_with_env(ns: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
     let mut cmd = Command::new(program);
-    cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null());
+    cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     enter_netns_on_spawn(&mut cmd, ns)?;
-    let out = cmd
-        .output()
-        .with_context(|| format!("starting `{}` in {ns}", command_line(&cmd)))?;
+    let child = cmd.spawn().with_context(|| format!("starting `{}` in {ns}", command_line(&cmd)))?;
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(RUN_TIMEOUT) {
+        Ok(out) => out.with_context(|| format!("waiting for `{}` in {ns}", command_line(&cmd)))?,
+        Err(_) => {
+            // SAFETY: kill(2) on the child's pid, which it keeps until it is reaped by the
+            // thread above (so the pid cannot have been reused).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = rx.recv();
+            bail!("`{}` in {ns} did not finish within {RUN_TIMEOUT:?}: killed", command_line(&cmd));
+        }
+    };
     if !out.status.success() {
         bail!(
             "`{}` in {ns} failed ({}): {}",
