@@ -1,5 +1,5 @@
 //! What the documentation calls a stable interface, pinned so that a change to it fails here
-//! first: the `mim-lb status --json` fields and the reason codes.
+//! first: the `mim-lb status --json` fields, the reason codes, and `mim-lb check`'s output.
 //!
 //! The expected values come from outside the code under test: golden files in
 //! `tests/golden/` and the tables and examples in CONFIG.md and OPERATIONS.md. Changing a
@@ -10,7 +10,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    io::Write as _,
     path::{Path, PathBuf},
+    process::{Command, Stdio},
 };
 
 use mim_lb::status::Status;
@@ -263,4 +265,40 @@ fn reason_table_in_operations_md_matches_the_code() {
         })
         .collect();
     assert_eq!(documented, reasons_in_code(), "OPERATIONS.md's reason table (code, name, verdict) differs from mim-lb-common/src/reason.rs");
+}
+
+// ---- mim-lb check ------------------------------------------------------------------------
+
+/// `mim-lb check --config /dev/stdin` with `config` as its input: its output, having
+/// asserted that it succeeded.
+fn check(config: &str) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mim-lb-dut"))
+        .args(["check", "--config", "/dev/stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting mim-lb check");
+    child.stdin.take().unwrap().write_all(config.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "mim-lb check failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// CONFIG.md's annotated example is accepted, and `mim-lb check` on it prints exactly what
+/// CONFIG.md shows under it.
+#[test]
+fn check_of_the_annotated_example_prints_what_config_md_shows() {
+    let doc = read("CONFIG.md");
+    let config = fenced_block_after(&doc, "## A complete annotated example", "toml");
+    let shown = fenced_block_after(&doc, "`mim-lb check` on it:", "");
+    assert_eq!(check(&config), shown, "`mim-lb check` on CONFIG.md's annotated example differs from what CONFIG.md shows");
+}
+
+/// The shipped example (dist/mim-lb.toml, also `mim-lb example-config`) is accepted, and
+/// `mim-lb check` on it prints tests/golden/check-dist.txt.
+#[test]
+fn check_of_the_shipped_example_matches_the_golden_output() {
+    let out = check(&read("dist/mim-lb.toml"));
+    assert_eq!(out, read("tests/golden/check-dist.txt"), "`mim-lb check` output on dist/mim-lb.toml changed");
 }
