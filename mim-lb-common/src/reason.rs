@@ -12,9 +12,10 @@ pub const NOT_A_SERVICE: u32 = 2;
 pub const NO_BACKEND: u32 = 3;
 /// Passed: a header is truncated or inconsistent; the kernel decides what to do with it.
 pub const MALFORMED: u32 = 4;
-/// Dropped: an IP fragment addressed to a VIP. Non-first fragments carry no ports, so they
-/// cannot be matched to a flow; dropping every fragment for a VIP guarantees that no two
-/// parts of one datagram reach different masters.
+/// Dropped: an IP fragment addressed to a VIP that has a service for the fragment's protocol
+/// (UDP fragments to a TCP-only VIP are `NOT_A_SERVICE`). Non-first fragments carry no
+/// ports, so they cannot be matched to a flow; dropping every fragment for a VIP guarantees
+/// that no two parts of one datagram reach different masters.
 pub const FRAGMENT: u32 = 5;
 /// Passed: an IPv6 extension header the program does not walk (ESP, AH, mobility, ...), or a
 /// chain longer than it walks.

@@ -1,5 +1,8 @@
 //! The status view: what `mim-lb status` shows and `--json` prints, and what the metrics
-//! endpoint exposes. The JSON field names are a stable interface (see OPERATIONS.md).
+//! endpoint exposes. The JSON field names are a stable interface (see OPERATIONS.md), pinned
+//! by tests/golden/status.json (tests/tests/stable_interfaces.rs): a renamed field keeps its
+//! old name readable with `#[serde(alias = "...")]`, since the CLI reads the daemon's answer
+//! into these types and the two may be of different versions during an upgrade.
 
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, time::Duration};
 

@@ -165,8 +165,13 @@ fn ipv6_header(src: Ipv6Addr, dst: Ipv6Addr, ext: &[Ext6], proto: u8, l4_len: us
         assert!((e.body.len() + 2) % 8 == 0, "extension header length must be a multiple of 8");
         let next = ext.get(i + 1).map_or(proto, |n| n.kind);
         chain.push(next);
-        // Fragment headers have a reserved octet where others have a length.
-        chain.push(if e.kind == 44 { 0 } else { ((e.body.len() + 2) / 8 - 1) as u8 });
+        // Fragment headers have a reserved octet where others have a length; AH counts its
+        // length in 4-octet units, not counting the first two (RFC 4302).
+        chain.push(match e.kind {
+            44 => 0,
+            51 => ((e.body.len() + 2) / 4 - 2) as u8,
+            _ => ((e.body.len() + 2) / 8 - 1) as u8,
+        });
         chain.extend_from_slice(&e.body);
     }
     let mut h = Vec::with_capacity(40 + chain.len());
@@ -208,4 +213,13 @@ pub fn ext_fragment(offset: u16, more: bool) -> Ext6 {
     let mut body = field.to_be_bytes().to_vec();
     body.extend_from_slice(&0xdead_beefu32.to_be_bytes());
     Ext6 { kind: 44, body }
+}
+
+/// An IPv6 authentication header (51) with a 96-bit ICV (HMAC-SHA1-96), 24 octets in all.
+pub fn ext_ah() -> Ext6 {
+    let mut body = vec![0, 0]; // reserved
+    body.extend_from_slice(&0x0000_1234u32.to_be_bytes()); // SPI
+    body.extend_from_slice(&1u32.to_be_bytes()); // sequence number
+    body.extend_from_slice(&[0xab; 12]); // ICV
+    Ext6 { kind: 51, body }
 }

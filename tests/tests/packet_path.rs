@@ -7,12 +7,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use mim_lb::config::{Protocol, ServiceKey};
 use mim_lb_common::reason;
 use mim_lb_tests::{
-    packet::{Ext6, Frame, L4, TCP_ACK, TCP_PSH, TCP_SYN, ext_fragment, ext_padding},
+    packet::{Ext6, Frame, L4, TCP_ACK, TCP_PSH, TCP_SYN, ext_ah, ext_fragment, ext_padding},
     testrun::{ProgramUnderTest, forwarded, verdict_name},
 };
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+/// The "sticky" service's VIP: TCP only.
+const STICKY_VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
 
@@ -121,6 +123,16 @@ fn cases() -> Vec<Case> {
         f.ipv6_ext = ext;
         f
     };
+    let tcp_fragment = |offset_field: u16, dst: Ipv4Addr| {
+        let mut f = Frame::tcp(CLIENT4, 40002, dst, 7000, TCP_SYN).with_payload(&[7; 32]);
+        f.ipv4_frag = offset_field;
+        f
+    };
+    let udp6_ext = |ext: Vec<Ext6>| {
+        let mut f = Frame::udp(CLIENT6, 40003, VIP6, 7000).with_payload(&[7; 32]);
+        f.ipv6_ext = ext;
+        f
+    };
     vec![
         Case { description: "TCP SYN to a VIP", input: Frame::tcp(CLIENT4, 40000, VIP4, 7000, TCP_SYN), expect: Expect::Forwarded(tcp4) },
         Case { description: "TCP data of an established flow", input: Frame::tcp(CLIENT4, 40000, VIP4, 7000, TCP_ACK | TCP_PSH).with_payload(b"hello"), expect: Expect::Forwarded(tcp4) },
@@ -141,9 +153,24 @@ fn cases() -> Vec<Case> {
         Case { description: "IPv6 non-first fragment to a VIP is dropped", input: v6_ext(vec![ext_fragment(100, false)]), expect: Expect::Dropped(reason::FRAGMENT) },
         Case { description: "IPv6 ESP is passed", input: Frame::new(CLIENT6.into(), VIP6.into(), L4::Other { proto: 50, bytes: vec![0; 16] }), expect: Expect::Passed(reason::IPV6_EXTENSION) },
         Case { description: "IPv6 with five extension headers is passed", input: v6_ext(vec![ext_padding(0, 1), ext_padding(60, 1), ext_padding(60, 1), ext_padding(60, 1), ext_padding(60, 1)]), expect: Expect::Passed(reason::IPV6_EXTENSION) },
+        // OPERATIONS.md: "up to four hop-by-hop, routing, destination-options or atomic fragment
+        // headers" are walked; a longer chain is passed. Four of every walked kind reach the
+        // service, the same four plus one more do not: the limit is exactly four.
+        Case { description: "IPv6 with exactly four extension headers, one of each walked kind, is forwarded", input: v6_ext(vec![ext_padding(0, 1), ext_padding(43, 1), ext_fragment(0, false), ext_padding(60, 2)]), expect: Expect::Forwarded(key(VIP6, 7000, 6)) },
+        Case { description: "IPv6 with those four and a fifth destination-options header is passed", input: v6_ext(vec![ext_padding(0, 1), ext_padding(43, 1), ext_fragment(0, false), ext_padding(60, 2), ext_padding(60, 1)]), expect: Expect::Passed(reason::IPV6_EXTENSION) },
+        Case { description: "IPv6 AH in front of TCP to a VIP is passed", input: v6_ext(vec![ext_ah()]), expect: Expect::Passed(reason::IPV6_EXTENSION) },
+        Case { description: "IPv6 AH after a hop-by-hop header is passed", input: v6_ext(vec![ext_padding(0, 1), ext_ah()]), expect: Expect::Passed(reason::IPV6_EXTENSION) },
         Case { description: "IPv4 first fragment to a VIP is dropped", input: fragment(0x2000, VIP4), expect: Expect::Dropped(reason::FRAGMENT) },
         Case { description: "IPv4 later fragment to a VIP is dropped", input: fragment(0x0010, VIP4), expect: Expect::Dropped(reason::FRAGMENT) },
         Case { description: "IPv4 fragment to another address is passed", input: fragment(0x2000, Ipv4Addr::new(10, 0, 0, 2)), expect: Expect::Passed(reason::NOT_A_SERVICE) },
+        // The fragment rule is per (VIP, protocol) (OPERATIONS.md, "Fragments are dropped"):
+        // 10.0.0.101 and fd00::100 have TCP services only, so their UDP fragments are the
+        // kernel's, while TCP fragments to the same VIP are dropped.
+        Case { description: "IPv4 UDP first fragment to a TCP-only VIP is passed", input: fragment(0x2000, STICKY_VIP4), expect: Expect::Passed(reason::NOT_A_SERVICE) },
+        Case { description: "IPv4 UDP later fragment to a TCP-only VIP is passed", input: fragment(0x0010, STICKY_VIP4), expect: Expect::Passed(reason::NOT_A_SERVICE) },
+        Case { description: "IPv4 TCP fragment to that VIP is dropped", input: tcp_fragment(0x2000, STICKY_VIP4), expect: Expect::Dropped(reason::FRAGMENT) },
+        Case { description: "IPv6 UDP first fragment to a TCP-only VIP is passed", input: udp6_ext(vec![ext_fragment(0, true)]), expect: Expect::Passed(reason::NOT_A_SERVICE) },
+        Case { description: "IPv6 UDP later fragment to a TCP-only VIP is passed", input: udp6_ext(vec![ext_fragment(100, false)]), expect: Expect::Passed(reason::NOT_A_SERVICE) },
         Case { description: "IPv4 don't-fragment flag is not a fragment", input: fragment(0x4000, VIP4), expect: Expect::Forwarded(key(VIP4, 5353, 17)) },
         Case { description: "ICMP echo to a VIP is passed", input: Frame::new(CLIENT4.into(), VIP4.into(), L4::Other { proto: 1, bytes: vec![8, 0, 0, 0, 0, 1, 0, 1] }), expect: Expect::Passed(reason::NOT_TCP_UDP) },
         Case { description: "service whose only master has weight 0 drops", input: Frame::tcp(CLIENT4, 40000, Ipv4Addr::new(10, 0, 0, 102), 7000, TCP_SYN), expect: Expect::Dropped(reason::NO_BACKEND) },
