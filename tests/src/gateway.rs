@@ -37,13 +37,16 @@ pub fn mim_lb_binary() -> PathBuf {
 pub enum Mode {
     Native,
     Generic,
+    /// Generic, chosen by the config's `xdp_mode = "generic"` rather than `--xdp-mode`,
+    /// which would override the file on reloads too (for tests that change `xdp_mode`).
+    GenericFromFile,
 }
 
 impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Native => "native",
-            Mode::Generic => "generic",
+            Mode::Generic | Mode::GenericFromFile => "generic",
         }
     }
 }
@@ -258,10 +261,11 @@ impl Gateway {
             }
             None => Command::new(mim_lb_binary()),
         };
-        cmd.args(["--log-level", "info,mim_lb=debug", "run", "--config"])
-            .arg(self.config_path())
-            .args(["--xdp-mode", self.mode.name()])
-            .args(extra_args);
+        cmd.args(["--log-level", "info,mim_lb=debug", "run", "--config"]).arg(self.config_path());
+        if self.mode != Mode::GenericFromFile {
+            cmd.args(["--xdp-mode", self.mode.name()]);
+        }
+        cmd.args(extra_args);
         if let Some((soft, hard)) = self.nofile {
             // SAFETY: only setrlimit(2), which is async-signal-safe, between fork and exec.
             unsafe {

@@ -1,0 +1,164 @@
+//! Reloads of the real daemon (control socket and SIGHUP) in the namespace lab: what CONFIG.md
+//! ("What a reload can and cannot change") and OPERATIONS.md ("Health checks") promise.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mim_lb::status::Status;
+use mim_lb_tests::{
+    Lab, LabSpec, TcpHold, count_names, in_netns, tcp_ask_many,
+    gateway::{Gateway, Mode, ServiceSpec, lab_config},
+};
+
+const PORT: u16 = 7000;
+const T: Duration = Duration::from_secs(3);
+const HEALTH: &str = "interval_ms = 100\ntimeout_ms = 100\nrise = 2\nfall = 2";
+
+fn vip(lab: &Lab) -> SocketAddr {
+    SocketAddr::new(lab.vip4().into(), PORT)
+}
+
+fn ask(lab: &Lab, n: usize) -> Vec<String> {
+    let vip = vip(lab);
+    in_netns(lab.client_ns(), || tcp_ask_many(vip, n, T)).unwrap().unwrap()
+}
+
+fn hold(lab: &Lab, n: usize) -> Vec<TcpHold> {
+    let vip = vip(lab);
+    in_netns(lab.client_ns(), || (0..n).map(|_| TcpHold::connect(vip, T)).collect::<anyhow::Result<Vec<_>>>())
+        .unwrap()
+        .unwrap()
+}
+
+fn echo_all(held: &mut [TcpHold], round: &str) {
+    for (k, conn) in held.iter_mut().enumerate() {
+        conn.echo(&format!("{round} {k}"), T)
+            .unwrap_or_else(|e| panic!("{round}: held connection {k} to {} broke: {e:#}", conn.name()));
+    }
+}
+
+/// What a reload could change, without the counters and check ages that move on their own.
+fn shape(s: &Status) -> String {
+    let mut text = format!("{} {} {}\n", s.interface, s.xdp_mode, s.pin_dir);
+    for svc in &s.services {
+        text += &format!("{} {}:{} {} {}\n", svc.name, svc.vip, svc.port, svc.table_size, svc.table_digest);
+        for b in &svc.backends {
+            text += &format!("  {} {} {} {} {} {:?}\n", b.address, b.state, b.admin, b.weight, b.slots, b.mac);
+        }
+    }
+    text
+}
+
+/// The files of refused reloads: each changes one fixed key, and also leaves master 2 out of
+/// the service, so that a reload applied even in part would show in the status.
+fn fixed_key_changes(lab: &Lab, gw: &Gateway, top: &str) -> Vec<(&'static str, String)> {
+    let two = ServiceSpec { health: HEALTH.into(), masters: vec![(0, true), (1, true)], ..ServiceSpec::tcp(lab, PORT) };
+    let body = lab_config(lab, &[two], top);
+    let (pin_dir, socket) = (gw.pin_dir().display().to_string(), gw.socket().display().to_string());
+    let file = |pin: &str, sock: &str, body: &str| format!("pin_dir = \"{pin}\"\ncontrol_socket = \"{sock}\"\n{body}");
+    let changed = |from: &str, to: &str| {
+        assert!(body.contains(from), "{from} is not in the config");
+        file(&pin_dir, &socket, &body.replacen(from, to, 1))
+    };
+    vec![
+        ("interface", changed(&format!("interface = \"{}\"", lab.gateway_ifname()), "interface = \"lo\"")),
+        ("xdp_mode", changed("xdp_mode = \"generic\"", "xdp_mode = \"native\"")),
+        ("pin_dir", file(&format!("{pin_dir}-other"), &socket, &body)),
+        ("flow_table_size", changed("flow_table_size = 4096", "flow_table_size = 8192")),
+        ("control_socket", file(&pin_dir, &format!("{socket}.other"), &body)),
+        ("metrics_listen", changed("metrics_listen = \"127.0.0.1:9469\"", "metrics_listen = \"127.0.0.1:9470\"")),
+    ]
+}
+
+/// A reload that changes a key fixed at start is refused, naming the key, over the control
+/// socket and on SIGHUP; the status is as before (master 2, which each refused file leaves
+/// out, still up with its slots), held connections keep talking and new ones reach every
+/// master. Fails if a fixed key is not compared, or a refused reload applies the rest.
+#[test]
+fn a_reload_changing_a_fixed_key_is_refused_naming_it_and_changes_nothing() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let top = "xdp_mode = \"generic\"\nflow_table_size = 4096\nmetrics_listen = \"127.0.0.1:9469\"";
+    let service = ServiceSpec { health: HEALTH.into(), ..ServiceSpec::tcp(&lab, PORT) };
+    let config = lab_config(&lab, &[service], top);
+    let gw = Gateway::start(&mut lab, &config, Mode::GenericFromFile).unwrap();
+    gw.wait_all_up().unwrap();
+    let mut held = hold(&lab, 20);
+    let before = shape(&gw.status().unwrap());
+
+    for (key, text) in fixed_key_changes(&lab, &gw, top) {
+        std::fs::write(gw.config_path(), &text).unwrap();
+        let err = format!("{:#}", gw.ctl(&["reload"]).expect_err(key));
+        let want = format!("reload rejected, nothing changed: {key} cannot change while running");
+        assert!(err.contains(&want), "changing {key}: {err}");
+        assert_eq!(shape(&gw.status().unwrap()), before, "the refused change of {key} changed the state");
+        echo_all(&mut held, key);
+    }
+    // SIGHUP takes the same path (the file still changes metrics_listen).
+    gw.proc().signal(libc::SIGHUP).unwrap();
+    gw.proc().wait_for_line("SIGHUP: reload rejected, nothing changed: metrics_listen cannot change", T).unwrap();
+    assert_eq!(shape(&gw.status().unwrap()), before, "the refused SIGHUP changed the state");
+    echo_all(&mut held, "after SIGHUP");
+    assert_eq!(count_names(&ask(&lab, 150)).len(), 3, "new connections no longer reach every master");
+}
+
+/// A backend's state, and whether its last check failed (None before its first check).
+fn backend_state(s: &Status, address: IpAddr) -> Option<(String, Option<bool>)> {
+    let b = s.services.iter().flat_map(|s| &s.backends).find(|b| b.address == address)?;
+    Some((b.state.clone(), b.last_check.as_ref().map(|c| !c.ok)))
+}
+
+/// A master added by reload whose port is closed starts `down` and stays so while its checks
+/// fail: never `up`, and no new connection is sent to it (one would be refused, and fail
+/// `ask`). Once it answers, `rise` checks bring it up. The reload also keeps the operator's
+/// drain of master 0. Fails if a new backend starts up, or a reload forgets the drain.
+#[test]
+fn a_master_added_by_reload_stays_down_until_its_checks_pass() {
+    let mut lab = Lab::new(LabSpec::masters(4)).unwrap();
+    for i in 0..3 {
+        lab.start_tcp_server(i, PORT).unwrap();
+    }
+    let spec = |lab: &Lab, n: usize| ServiceSpec {
+        health: HEALTH.into(),
+        masters: (0..n).map(|i| (i, true)).collect(),
+        ..ServiceSpec::tcp(lab, PORT)
+    };
+    let config = lab_config(&lab, &[spec(&lab, 3)], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    gw.wait_all_up().unwrap();
+    let (drained, added): (IpAddr, IpAddr) = (lab.master_addr4(0).into(), lab.master_addr4(3).into());
+    gw.ctl(&["drain", "tcp-7000", &drained.to_string()]).unwrap();
+
+    gw.write_config(&lab_config(&lab, &[spec(&lab, 4)], "")).unwrap();
+    let said = gw.ctl(&["reload"]).unwrap();
+    assert!(said.contains("applied"), "{said}");
+    let now = gw.status().unwrap();
+    assert_eq!(backend_state(&now, added).map(|s| s.0).as_deref(), Some("down"), "the new master right after the reload");
+    assert_eq!(backend_state(&now, drained).map(|s| s.0).as_deref(), Some("draining"), "the reload forgot the drain");
+
+    // Its checks run and fail, and it never comes up meanwhile.
+    gw.wait_until("the new master's check failing", Duration::from_secs(10), |s| {
+        let (state, failed) = backend_state(s, added).unwrap();
+        assert_ne!(state, "up", "the new master came up with its port closed");
+        failed == Some(true)
+    })
+    .unwrap();
+    // "Never up" needs a window: 2 s is about 20 checks, ten times the `rise` of 2.
+    let watch_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < watch_until {
+        let (state, failed) = backend_state(&gw.status().unwrap(), added).unwrap();
+        assert_eq!((state.as_str(), failed), ("down", Some(true)), "the new master with its port closed");
+        let names = ask(&lab, 20);
+        assert!(!names.contains(&lab.master_name(0)), "a new connection reached the drained master");
+    }
+    let stats = gw.status().unwrap();
+    let b = stats.services[0].backends.iter().find(|b| b.address == added).unwrap();
+    assert_eq!((b.new_flows, b.slots), (0, 0), "the down master was given flows or slots");
+
+    lab.start_tcp_server(3, PORT).unwrap();
+    gw.wait_until("the new master up once it answers", Duration::from_secs(10), |s| {
+        backend_state(s, added).is_some_and(|(state, _)| state == "up")
+    })
+    .unwrap();
+    assert!(ask(&lab, 150).contains(&lab.master_name(3)), "the master that came up gets no connection");
+}
