@@ -37,6 +37,8 @@ pub fn mim_lb_binary() -> PathBuf {
 pub enum Mode {
     Native,
     Generic,
+    /// `--xdp-mode auto`: native where the driver allows it, else generic.
+    Auto,
 }
 
 impl Mode {
@@ -44,6 +46,7 @@ impl Mode {
         match self {
             Mode::Native => "native",
             Mode::Generic => "generic",
+            Mode::Auto => "auto",
         }
     }
 }
@@ -192,9 +195,7 @@ impl Gateway {
             nofile,
             _peer_pass: None,
         };
-        if mode == Mode::Native {
-            gw._peer_pass = Some(attach_peer_pass(lab)?);
-        }
+        gw.set_mode(lab, mode)?;
         gw.write_config(config)?;
         gw.launch(lab, args)?;
         Ok(gw)
@@ -212,6 +213,16 @@ impl Gateway {
         let proc = self.spawn(lab, extra_args)?;
         let status = proc.wait_exit(Duration::from_secs(20)).context("waiting for the failing start to end")?;
         Ok((status, proc.lines().join("\n")))
+    }
+
+    /// The mode of the next (re)start. Native and auto (which is native on veth unless the
+    /// driver refuses) need the XDP_PASS program on the peer, or XDP_TX frames are dropped.
+    pub fn set_mode(&mut self, lab: &Lab, mode: Mode) -> Result<()> {
+        self.mode = mode;
+        if mode != Mode::Generic && self._peer_pass.is_none() {
+            self._peer_pass = Some(attach_peer_pass(lab)?);
+        }
+        Ok(())
     }
 
     fn launch(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<()> {
