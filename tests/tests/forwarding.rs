@@ -193,3 +193,79 @@ fn a_second_daemon_on_the_same_pins_refuses_to_start() {
     let vip = SocketAddr::new(lab.vip4().into(), PORT);
     assert_eq!(in_netns(lab.client_ns(), || tcp_ask_many(vip, 5, T)).unwrap().unwrap().len(), 5);
 }
+
+/// What `ip -d link show eth0` says is attached in the gateway namespace: `xdp` (native) or
+/// `xdpgeneric`, or None.
+fn attached_mode(lab: &Lab) -> Option<&'static str> {
+    let link = lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "eth0"]).unwrap();
+    if link.contains("xdpgeneric") {
+        Some("generic")
+    } else if link.contains("xdp") {
+        Some("native")
+    } else {
+        None
+    }
+}
+
+/// The mode in use agrees everywhere: the log, `status`, the kernel; and connections work.
+fn assert_runs_in(lab: &Lab, gw: &Gateway, mode: &str) {
+    assert_eq!(gw.status().unwrap().xdp_mode, mode, "status");
+    assert_eq!(attached_mode(lab), Some(mode), "ip -d link show eth0");
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 20, T)).unwrap().unwrap();
+    assert_eq!(names.len(), 20);
+}
+
+/// The default `xdp_mode = "auto"`: on a veth, whose driver has native XDP, it runs natively;
+/// when the driver refuses (veth refuses native XDP while its peer's MTU is above what a
+/// single-buffer program can take), it falls back to generic mode and logs why.
+#[test]
+fn auto_mode_runs_native_and_falls_back_to_generic_when_refused() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Auto).unwrap();
+    gw.wait_all_up().unwrap();
+    gw.proc().wait_for_line("attached to eth0 in native mode", T).unwrap();
+    assert_runs_in(&lab, &gw, "native");
+    drop(gw);
+
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let port = lab.gateway_peer_ifname().to_owned();
+    lab.run_in(lab.bridge_ns(), "ip", &["link", "set", "dev", &port, "mtu", "9000"]).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Auto).unwrap();
+    gw.wait_all_up().unwrap();
+    let line = gw.proc().wait_for_line("falling back to generic mode", T).unwrap();
+    // The log says why: veth's refusal is ERANGE.
+    assert!(line.contains("attaching to interface eth0 in native mode: "), "{line}");
+    assert!(line.contains("Numerical result out of range"), "the reason is not logged: {line}");
+    gw.proc().wait_for_line("attached to eth0 in generic mode", T).unwrap();
+    assert_runs_in(&lab, &gw, "generic");
+}
+
+/// A start in another explicitly requested mode over a kept attachment removes it and makes a
+/// new one in that mode; `auto` takes over the attachment in whatever mode it is.
+#[test]
+fn a_restart_in_another_mode_remakes_the_pinned_attachment() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let mut gw = Gateway::start_with_args(&mut lab, &config, Mode::Generic, &["--keep-pinned"]).unwrap();
+    gw.wait_all_up().unwrap();
+    assert_runs_in(&lab, &gw, "generic");
+
+    for (mode, expect_log, runs_in) in [
+        (Mode::Native, "detaching it and attaching anew", "native"),
+        (Mode::Auto, "replaced the running program on eth0 (native mode) atomically", "native"),
+        (Mode::Generic, "detaching it and attaching anew", "generic"),
+        (Mode::Auto, "replaced the running program on eth0 (generic mode) atomically", "generic"),
+    ] {
+        gw.stop().unwrap();
+        gw.set_mode(&lab, mode).unwrap();
+        gw.restart(&mut lab, &["--keep-pinned"]).unwrap();
+        gw.proc().wait_for_line(expect_log, T).unwrap_or_else(|e| panic!("--xdp-mode {}: {e:#}", mode.name()));
+        assert_runs_in(&lab, &gw, runs_in);
+    }
+}
