@@ -225,6 +225,12 @@ impl Gateway {
         Ok(())
     }
 
+    /// Starts the daemon again with the same config file and pins, without waiting for it to
+    /// serve (to act on it while it starts).
+    pub fn restart_no_wait(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<Proc> {
+        self.spawn(lab, extra_args)
+    }
+
     fn launch(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<()> {
         let proc = self.spawn(lab, extra_args)?;
         proc.wait_for_line("ready: serving", Duration::from_secs(20))

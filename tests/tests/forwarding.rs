@@ -269,3 +269,81 @@ fn a_restart_in_another_mode_remakes_the_pinned_attachment() {
         assert_runs_in(&lab, &gw, runs_in);
     }
 }
+
+/// The `abi_version` in the GLOBALS pinned under `pin_dir`; with `set`, writes it first, as
+/// another build of mim-lb would have left it.
+fn pinned_abi_version(pin_dir: &std::path::Path, set: Option<u32>) -> u32 {
+    use aya::maps::{Array, Map, MapData};
+    use mim_lb_common::{Globals, maps::names};
+    let map = Map::from_map_data(MapData::from_pin(pin_dir.join(names::GLOBALS)).unwrap()).unwrap();
+    let mut globals: Array<MapData, Globals> = Array::try_from(map).unwrap();
+    if let Some(version) = set {
+        let g = globals.get(&0, 0).unwrap();
+        globals.set(0, Globals { abi_version: version, ..g }, 0).unwrap();
+    }
+    globals.get(&0, 0).unwrap().abi_version
+}
+
+/// A start over pins it cannot use fails with the documented message and leaves the earlier
+/// run's program attached and forwarding, with its pins as they were.
+fn assert_refused(lab: &mut Lab, gw: &mut Gateway, why: &str) {
+    let (status, log) = gw.restart_failing(lab, &["--keep-pinned"]).unwrap();
+    assert!(!status.success(), "the start over unusable pins succeeded:\n{log}");
+    assert!(log.contains("do not fit this version or configuration of mim-lb"), "{log}");
+    assert!(log.contains(why), "the refusal does not say {why:?}:\n{log}");
+    assert!(log.contains("The program that uses them is still forwarding"), "{log}");
+    assert!(gw.pin_dir().join("XDP_LINK").exists(), "the refused start removed the link pin");
+    assert_eq!(attached_mode(lab), Some("generic"), "the refused start touched the attachment");
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 10, T)).unwrap().unwrap();
+    assert_eq!(names.len(), 10, "the earlier program stopped forwarding after a refused start");
+}
+
+/// Beyond a changed flow_table_size (above): maps filled by an ABI this build cannot read,
+/// and a set missing a map (other than the two an ABI 1 set lacks), are refused.
+#[test]
+fn pins_of_another_abi_or_an_incomplete_set_are_refused_while_the_program_forwards() {
+    use mim_lb_common::{ABI_VERSION, maps::names};
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let mut gw = Gateway::start_with_args(&mut lab, &config, Mode::Generic, &["--keep-pinned"]).unwrap();
+    gw.wait_all_up().unwrap();
+    gw.stop().unwrap();
+
+    let future = ABI_VERSION + 1;
+    pinned_abi_version(gw.pin_dir(), Some(future));
+    assert_refused(&mut lab, &mut gw, &format!("they were filled by ABI version {future}, this build speaks {ABI_VERSION}"));
+    assert_eq!(pinned_abi_version(gw.pin_dir(), None), future, "the refused start rewrote GLOBALS");
+    // Put back, the same pins are taken over again.
+    pinned_abi_version(gw.pin_dir(), Some(ABI_VERSION));
+    gw.restart(&mut lab, &["--keep-pinned"]).unwrap();
+    gw.proc().wait_for_line("replaced the running program", T).unwrap();
+    gw.stop().unwrap();
+
+    std::fs::remove_file(gw.pin_dir().join(names::BACKENDS)).unwrap();
+    assert_refused(&mut lab, &mut gw, &format!("the set is incomplete (missing {})", names::BACKENDS));
+    assert!(!gw.pin_dir().join(names::BACKENDS).exists(), "the refused start pinned a new map");
+}
+
+/// SIGTERM while the daemon is still starting (here: maps loaded, not yet attached) is a
+/// clean stop once it has started, as a service manager's stop must be: exit status 0,
+/// program detached, pins removed. It used to kill the daemon outright (the handler was
+/// installed only after `ready`), leaving the program attached and the pins behind.
+#[test]
+fn sigterm_during_the_start_stops_the_daemon_cleanly() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let mut gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    gw.stop().unwrap();
+
+    let proc = gw.restart_no_wait(&mut lab, &[]).unwrap();
+    proc.wait_for_line("XDP program loaded", T).unwrap();
+    proc.signal(libc::SIGTERM).unwrap();
+    let status = proc.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "SIGTERM during the start ended the daemon with {status}:\n{}", proc.tail(20));
+    proc.wait_for_line("SIGTERM: stopping", T).unwrap();
+    assert!(!gw.pin_dir().exists(), "pins left behind");
+    assert_eq!(attached_mode(&lab), None, "the program stayed attached");
+}
