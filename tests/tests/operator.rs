@@ -280,3 +280,69 @@ fn every_documented_metric_is_served_with_its_labels() {
         assert!(status_line.starts_with("HTTP/1.1 404"), "GET {path}: {status_line}");
     }
 }
+
+/// `mim-lb-dut run --config CONFIG` in the gateway namespace, expected to fail: its exit
+/// status and what it printed, within a deadline.
+fn run_failing(lab: &mut Lab, config: &std::path::Path) -> (std::process::ExitStatus, String) {
+    let mut cmd = std::process::Command::new(mim_lb_tests::gateway::mim_lb_binary());
+    cmd.args(["run", "--xdp-mode", "generic", "--config"]).arg(config);
+    let ns = lab.gateway_ns().to_owned();
+    let proc = lab.spawn_in(&ns, &mut cmd).unwrap();
+    let status = proc.wait_exit(Duration::from_secs(20)).unwrap();
+    (status, proc.lines().join("\n"))
+}
+
+/// A taken `metrics_listen` fails the start with an error naming the address, before anything
+/// touches the kernel: no pins, nothing attached.
+#[test]
+fn a_taken_metrics_address_fails_the_start_before_touching_the_kernel() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let mut gw = start(&mut lab, "");
+    gw.stop().unwrap();
+    let _taken = in_netns(lab.gateway_ns(), || std::net::TcpListener::bind(METRICS)).unwrap().unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], &format!("metrics_listen = \"{METRICS}\""));
+    gw.write_config(&config).unwrap();
+    let (status, log) = gw.restart_failing(&mut lab, &[]).unwrap();
+    assert!(!status.success(), "the start succeeded on a taken address:\n{log}");
+    assert!(log.contains(&format!("listening for metrics on {METRICS}: Address already in use")), "{log}");
+    // The pin directory itself may exist: the instance lock is taken on it first.
+    let pins: Vec<_> = std::fs::read_dir(gw.pin_dir()).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(pins.is_empty(), "the failed start pinned {pins:?}");
+    let link = lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "eth0"]).unwrap();
+    assert!(!link.contains("xdp"), "the failed start attached a program: {link}");
+}
+
+/// A second daemon with the same control socket (and its own pins) is refused with the
+/// documented message; the first keeps its socket and keeps serving.
+#[test]
+fn a_second_daemon_on_the_same_control_socket_is_refused() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let gw = start(&mut lab, &format!("metrics_listen = \"{METRICS}\""));
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let other = gw.config_path().with_file_name("second.toml");
+    let other_pins = format!("{}-second", gw.pin_dir().display());
+    let _cleanup = RemoveOnDrop(other_pins.clone().into());
+    let socket = gw.socket().display().to_string();
+    std::fs::write(&other, format!("pin_dir = \"{other_pins}\"\ncontrol_socket = \"{socket}\"\n{config}")).unwrap();
+
+    let (status, log) = run_failing(&mut lab, &other);
+    assert!(!status.success(), "the second daemon started:\n{log}");
+    let want = format!("another mim-lb is running with control socket {socket} (it holds a lock on {socket}.lock)");
+    assert!(log.contains(&want), "{log}");
+    let pins: Vec<_> = std::fs::read_dir(&other_pins).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(pins.is_empty(), "the refused daemon pinned {pins:?}");
+    // The first one still answers on its socket and its metrics, and forwards.
+    assert_eq!(gw.query_status().unwrap().services[0].backends[0].state, "up");
+    assert!(get(&lab, "/metrics").0.starts_with("HTTP/1.1 200"));
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    assert_eq!(in_netns(lab.client_ns(), || tcp_ask_many(vip, 5, T)).unwrap().unwrap().len(), 5);
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
