@@ -347,3 +347,31 @@ fn sigterm_during_the_start_stops_the_daemon_cleanly() {
     assert!(!gw.pin_dir().exists(), "pins left behind");
     assert_eq!(attached_mode(&lab), None, "the program stayed attached");
 }
+
+/// A start on another interface (`--interface`) over a kept attachment removes it from the
+/// old interface and attaches anew; the next start on the first interface moves it back.
+#[test]
+fn a_restart_on_another_interface_remakes_the_pinned_attachment() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    // A second interface, connected to nothing (a veth pair: the dummy driver may be absent).
+    lab.run_in(lab.gateway_ns(), "ip", &["link", "add", "mimother0", "type", "veth", "peer", "name", "mimother1"]).unwrap();
+    lab.run_in(lab.gateway_ns(), "ip", &["link", "set", "mimother0", "up"]).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let mut gw = Gateway::start_with_args(&mut lab, &config, Mode::Generic, &["--keep-pinned"]).unwrap();
+    gw.wait_all_up().unwrap();
+    let on_other = |lab: &Lab| lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "mimother0"]).unwrap().contains("xdpgeneric");
+
+    gw.stop().unwrap();
+    gw.restart(&mut lab, &["--keep-pinned", "--interface", "mimother0"]).unwrap();
+    gw.proc().wait_for_line("detaching it and attaching anew", T).unwrap();
+    assert_eq!(gw.status().unwrap().interface, "mimother0");
+    assert!(on_other(&lab), "nothing attached to the new interface");
+    assert_eq!(attached_mode(&lab), None, "the old interface kept its attachment");
+
+    gw.stop().unwrap();
+    gw.restart(&mut lab, &["--keep-pinned"]).unwrap();
+    gw.proc().wait_for_line("detaching it and attaching anew", T).unwrap();
+    assert!(!on_other(&lab), "the other interface kept its attachment");
+    assert_runs_in(&lab, &gw, "generic");
+}
