@@ -278,10 +278,9 @@ impl Dataplane {
                         pinned_mode.map_or("unknown".to_owned(), |m| m.to_string()),
                         mode.map_or("auto".to_owned(), |m| m.to_string()),
                     );
-                    std::fs::remove_file(path).map_err(|e| DataplaneError::Link {
-                        path: path.clone(),
-                        detail: format!("removing it: {e}"),
-                    })?;
+                    // Not only the pin: the kernel may free an unpinned link later, and until
+                    // then a new attachment in the other mode is refused (EEXIST).
+                    detach_pinned_link(path)?;
                 }
             }
         }
