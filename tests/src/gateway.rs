@@ -131,6 +131,18 @@ pub fn cleanup_stale_pins() -> Result<usize> {
     Ok(removed)
 }
 
+/// Runs `mim-lb run --xdp-mode generic --config CONFIG` in the gateway namespace, expecting it
+/// to fail (e.g. a second daemon): returns its exit status and everything it printed, or an
+/// error if it is still running after 20 s.
+pub fn run_failing(lab: &mut Lab, config: &Path) -> Result<(std::process::ExitStatus, String)> {
+    let mut cmd = Command::new(mim_lb_binary());
+    cmd.args(["run", "--xdp-mode", "generic", "--config"]).arg(config);
+    let ns = lab.gateway_ns().to_owned();
+    let proc = lab.spawn_in(&ns, &mut cmd)?;
+    let status = proc.wait_exit(Duration::from_secs(20)).context("waiting for the failing start to end")?;
+    Ok((status, proc.lines().join("\n")))
+}
+
 /// The pid in `<pid hex>-<n>`.
 fn owner_pid(suffix: &str) -> Option<u32> {
     let (hex, n) = suffix.split_once('-')?;

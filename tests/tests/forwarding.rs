@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mim_lb_tests::{
     Capture, Lab, LabSpec, count_names, in_netns, tcp_ask_many, udp_ask,
-    gateway::{Gateway, Mode, ServiceSpec, lab_config},
+    gateway::{Gateway, Mode, ServiceSpec, lab_config, run_failing},
 };
 
 const PORT: u16 = 7000;
@@ -160,8 +160,8 @@ fn keep_pinned_keeps_forwarding_until_detach() {
     // A start whose config no longer fits the pinned maps is refused, and the running program
     // is left as it was.
     gw.write_config(&format!("flow_table_size = 2048\n{config}")).unwrap();
-    let err = gw.ctl(&["run", "--config", config_path.to_str().unwrap(), "--xdp-mode", "generic"]).unwrap_err();
-    assert!(format!("{err:#}").contains("flow_table_size was 1048576 and is now 2048"), "{err:#}");
+    let (status, log) = run_failing(&mut lab, &config_path).unwrap();
+    assert!(!status.success() && log.contains("flow_table_size was 1048576 and is now 2048"), "{log}");
     let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 5, T)).unwrap().unwrap();
     assert_eq!(names.len(), 5, "a refused start disturbed the running program");
 
@@ -186,8 +186,10 @@ fn a_second_daemon_on_the_same_pins_refuses_to_start() {
     let other = gw.config_path().with_file_name("second.toml");
     let socket = gw.config_path().with_file_name("second.sock");
     std::fs::write(&other, format!("pin_dir = \"{}\"\ncontrol_socket = \"{}\"\n{config}", gw.pin_dir().display(), socket.display())).unwrap();
-    let err = gw.ctl(&["run", "--config", other.to_str().unwrap(), "--xdp-mode", "generic"]).unwrap_err();
-    assert!(format!("{err:#}").contains("another mim-lb is running with pin_dir"), "{err:#}");
+    let (status, log) = run_failing(&mut lab, &other).unwrap();
+    let pins = gw.pin_dir().display();
+    assert!(!status.success(), "the second daemon started:\n{log}");
+    assert!(log.contains(&format!("another mim-lb is running with pin_dir {pins} (it holds a lock on {pins})")), "{log}");
     // The first one is unharmed.
     assert_eq!(gw.status().unwrap().services[0].backends[0].state, "up");
     let vip = SocketAddr::new(lab.vip4().into(), PORT);

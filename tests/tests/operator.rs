@@ -281,17 +281,6 @@ fn every_documented_metric_is_served_with_its_labels() {
     }
 }
 
-/// `mim-lb-dut run --config CONFIG` in the gateway namespace, expected to fail: its exit
-/// status and what it printed, within a deadline.
-fn run_failing(lab: &mut Lab, config: &std::path::Path) -> (std::process::ExitStatus, String) {
-    let mut cmd = std::process::Command::new(mim_lb_tests::gateway::mim_lb_binary());
-    cmd.args(["run", "--xdp-mode", "generic", "--config"]).arg(config);
-    let ns = lab.gateway_ns().to_owned();
-    let proc = lab.spawn_in(&ns, &mut cmd).unwrap();
-    let status = proc.wait_exit(Duration::from_secs(20)).unwrap();
-    (status, proc.lines().join("\n"))
-}
-
 /// A taken `metrics_listen` fails the start with an error naming the address, before anything
 /// touches the kernel: no pins, nothing attached.
 #[test]
@@ -327,7 +316,7 @@ fn a_second_daemon_on_the_same_control_socket_is_refused() {
     let socket = gw.socket().display().to_string();
     std::fs::write(&other, format!("pin_dir = \"{other_pins}\"\ncontrol_socket = \"{socket}\"\n{config}")).unwrap();
 
-    let (status, log) = run_failing(&mut lab, &other);
+    let (status, log) = mim_lb_tests::gateway::run_failing(&mut lab, &other).unwrap();
     assert!(!status.success(), "the second daemon started:\n{log}");
     let want = format!("another mim-lb is running with control socket {socket} (it holds a lock on {socket}.lock)");
     assert!(log.contains(&want), "{log}");
