@@ -91,6 +91,7 @@ fn log_open_file_limit(raised: Result<crate::rlimit::OpenFileLimit, crate::rlimi
 }
 
 async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_pinned: bool) -> Result<()> {
+    let signals = Signals::install()?;
     let _lock = InstanceLock::acquire(&config.control_socket, &config.pin_dir)?;
     let listener = server::bind(&config.control_socket).await?;
     let metrics_listener = match config.metrics_listen {
@@ -121,7 +122,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
     };
 
     let mut attached = None;
-    let listeners = Listeners { control: listener, metrics: metrics_listener };
+    let listeners = Listeners { control: listener, metrics: metrics_listener, signals };
     let result = start_and_serve(&config_path, overrides, config.clone(), &mut director, listeners, &mut attached).await;
     let stop = attached.take();
     let dataplane = director.dataplane_mut();
@@ -164,10 +165,32 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
     result
 }
 
-/// Sockets bound before anything touches the kernel, so a taken address fails the start.
+/// Sockets bound before anything touches the kernel, so a taken address fails the start, and
+/// the signal handlers.
 struct Listeners {
     control: tokio::net::UnixListener,
     metrics: Option<tokio::net::TcpListener>,
+    signals: Signals,
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught from the very start of `run`: a signal that arrives
+/// while the daemon starts waits for the event loop. Installed only there, a SIGTERM just
+/// after `ready` (an operator's or a service manager's stop) killed the daemon outright, which
+/// leaves the program attached and the pins in place as a crash does, not a clean stop.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
 }
 
 async fn start_and_serve(
@@ -247,7 +270,7 @@ async fn start_and_serve(
         daemon.config.interface,
         daemon.mode
     );
-    let result = daemon.event_loop(director, report_rx, neigh_rx, control_rx).await;
+    let result = daemon.event_loop(director, listeners.signals, report_rx, neigh_rx, control_rx).await;
 
     daemon.health.shutdown();
     control_task.abort();
@@ -290,13 +313,12 @@ impl Daemon {
     async fn event_loop(
         &mut self,
         director: &mut Director,
+        signals: Signals,
         mut reports: mpsc::Receiver<Report>,
         mut neighbours: mpsc::Receiver<NeighborEvent>,
         mut control: mpsc::Receiver<Pending>,
     ) -> Result<()> {
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let Signals { mut term, mut int, mut hup } = signals;
         let mut sweep = tokio::time::interval(self.sweep_period());
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The connection table is read on a blocking thread (a million entries take a third of

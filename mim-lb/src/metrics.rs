@@ -335,4 +335,39 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
     }
+
+    /// One GET of `path` from `addr`: the status line.
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer.lines().next().unwrap_or_default().to_owned()
+    }
+
+    /// OPERATIONS.md: other paths answer 404; when the daemon cannot read its maps, 503 (its
+    /// status request then fails as `reading the maps: ...`, as the daemon answers it).
+    #[test]
+    fn other_paths_are_404_and_unreadable_maps_503() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (tx, mut rx) = mpsc::channel::<Pending>(4);
+            tokio::spawn(serve(listener, tx));
+            tokio::spawn(async move {
+                while let Some((_, reply)) = rx.recv().await {
+                    let _ = reply.send(protocol::Response::error("reading the maps: Bad file descriptor"));
+                }
+            });
+            let deadline = Duration::from_secs(5);
+            let other = tokio::time::timeout(deadline, get(addr, "/other")).await.unwrap();
+            assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+            let metrics = tokio::time::timeout(deadline, get(addr, "/metrics")).await.unwrap();
+            assert!(metrics.starts_with("HTTP/1.1 503"), "{metrics}");
+        });
+    }
+
 }

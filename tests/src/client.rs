@@ -131,6 +131,30 @@ impl TcpHold {
         Ok(self.writer.local_addr()?)
     }
 
+    /// Segments this side has retransmitted over the connection's life (TCP_INFO
+    /// `tcpi_total_retrans`): a segment the gateway dropped or passed to its own kernel is
+    /// retransmitted, so a count that stays put proves none was lost, which an echo that
+    /// waits longer than the retransmission timeout cannot.
+    pub fn retransmits(&self) -> Result<u32> {
+        use std::os::fd::AsRawFd as _;
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: `info` is a writable tcp_info of `len` bytes; the fd is open (owned by self).
+        let rc = unsafe {
+            libc::getsockopt(
+                self.writer.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("getsockopt(TCP_INFO)");
+        }
+        Ok(info.tcpi_total_retrans)
+    }
+
     /// Sends `line` and waits for its echo; fails if the echo differs, so a connection that was
     /// moved to another master (which would answer with a reset) shows up as an error.
     pub fn echo(&mut self, line: &str, timeout: Duration) -> Result<()> {

@@ -40,6 +40,8 @@ pub enum Mode {
     /// Generic, chosen by the config's `xdp_mode = "generic"` rather than `--xdp-mode`,
     /// which would override the file on reloads too (for tests that change `xdp_mode`).
     GenericFromFile,
+    /// `--xdp-mode auto`: native where the driver allows it, else generic.
+    Auto,
 }
 
 impl Mode {
@@ -47,6 +49,7 @@ impl Mode {
         match self {
             Mode::Native => "native",
             Mode::Generic | Mode::GenericFromFile => "generic",
+            Mode::Auto => "auto",
         }
     }
 }
@@ -131,6 +134,18 @@ pub fn cleanup_stale_pins() -> Result<usize> {
     Ok(removed)
 }
 
+/// Runs `mim-lb run --xdp-mode generic --config CONFIG` in the gateway namespace, expecting it
+/// to fail (e.g. a second daemon): returns its exit status and everything it printed, or an
+/// error if it is still running after 20 s.
+pub fn run_failing(lab: &mut Lab, config: &Path) -> Result<(std::process::ExitStatus, String)> {
+    let mut cmd = Command::new(mim_lb_binary());
+    cmd.args(["run", "--xdp-mode", "generic", "--config"]).arg(config);
+    let ns = lab.gateway_ns().to_owned();
+    let proc = lab.spawn_in(&ns, &mut cmd)?;
+    let status = proc.wait_exit(Duration::from_secs(20)).context("waiting for the failing start to end")?;
+    Ok((status, proc.lines().join("\n")))
+}
+
 /// The pid in `<pid hex>-<n>`.
 fn owner_pid(suffix: &str) -> Option<u32> {
     let (hex, n) = suffix.split_once('-')?;
@@ -198,9 +213,7 @@ impl Gateway {
             wrapper: Vec::new(),
             _peer_pass: None,
         };
-        if mode == Mode::Native {
-            gw._peer_pass = Some(attach_peer_pass(lab)?);
-        }
+        gw.set_mode(lab, mode)?;
         gw.write_config(config)?;
         gw.launch(lab, args)?;
         Ok(gw)
@@ -218,6 +231,22 @@ impl Gateway {
         let proc = self.spawn(lab, extra_args)?;
         let status = proc.wait_exit(Duration::from_secs(20)).context("waiting for the failing start to end")?;
         Ok((status, proc.lines().join("\n")))
+    }
+
+    /// The mode of the next (re)start. Native and auto (which is native on veth unless the
+    /// driver refuses) need the XDP_PASS program on the peer, or XDP_TX frames are dropped.
+    pub fn set_mode(&mut self, lab: &Lab, mode: Mode) -> Result<()> {
+        self.mode = mode;
+        if mode != Mode::Generic && self._peer_pass.is_none() {
+            self._peer_pass = Some(attach_peer_pass(lab)?);
+        }
+        Ok(())
+    }
+
+    /// Starts the daemon again with the same config file and pins, without waiting for it to
+    /// serve (to act on it while it starts).
+    pub fn restart_no_wait(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<Proc> {
+        self.spawn(lab, extra_args)
     }
 
     fn launch(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<()> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mim_lb_tests::{
     Capture, Lab, LabSpec, count_names, in_netns, tcp_ask_many, udp_ask,
-    gateway::{Gateway, Mode, ServiceSpec, lab_config},
+    gateway::{Gateway, Mode, ServiceSpec, lab_config, run_failing},
 };
 
 const PORT: u16 = 7000;
@@ -160,8 +160,8 @@ fn keep_pinned_keeps_forwarding_until_detach() {
     // A start whose config no longer fits the pinned maps is refused, and the running program
     // is left as it was.
     gw.write_config(&format!("flow_table_size = 2048\n{config}")).unwrap();
-    let err = gw.ctl(&["run", "--config", config_path.to_str().unwrap(), "--xdp-mode", "generic"]).unwrap_err();
-    assert!(format!("{err:#}").contains("flow_table_size was 1048576 and is now 2048"), "{err:#}");
+    let (status, log) = run_failing(&mut lab, &config_path).unwrap();
+    assert!(!status.success() && log.contains("flow_table_size was 1048576 and is now 2048"), "{log}");
     let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 5, T)).unwrap().unwrap();
     assert!(names.iter().all(|n| *n == lab.master_name(0)), "a refused start disturbed the running program: {names:?}");
 
@@ -186,12 +186,196 @@ fn a_second_daemon_on_the_same_pins_refuses_to_start() {
     let other = gw.config_path().with_file_name("second.toml");
     let socket = gw.config_path().with_file_name("second.sock");
     std::fs::write(&other, format!("pin_dir = \"{}\"\ncontrol_socket = \"{}\"\n{config}", gw.pin_dir().display(), socket.display())).unwrap();
-    let err = gw.ctl(&["run", "--config", other.to_str().unwrap(), "--xdp-mode", "generic"]).unwrap_err();
-    assert!(format!("{err:#}").contains("another mim-lb is running with pin_dir"), "{err:#}");
+    let (status, log) = run_failing(&mut lab, &other).unwrap();
+    let pins = gw.pin_dir().display();
+    assert!(!status.success(), "the second daemon started:\n{log}");
+    assert!(log.contains(&format!("another mim-lb is running with pin_dir {pins} (it holds a lock on {pins})")), "{log}");
     // The first one is unharmed.
     assert_eq!(gw.status().unwrap().services[0].backends[0].state, "up");
     let vip = SocketAddr::new(lab.vip4().into(), PORT);
     let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 5, T)).unwrap().unwrap();
     let masters: Vec<String> = (0..lab.master_count()).map(|i| lab.master_name(i)).collect();
     assert!(names.iter().all(|n| masters.contains(n)), "connections reached something other than a master: {names:?}");
+}
+
+/// What `ip -d link show eth0` says is attached in the gateway namespace: `xdp` (native) or
+/// `xdpgeneric`, or None.
+fn attached_mode(lab: &Lab) -> Option<&'static str> {
+    let link = lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "eth0"]).unwrap();
+    if link.contains("xdpgeneric") {
+        Some("generic")
+    } else if link.contains("xdp") {
+        Some("native")
+    } else {
+        None
+    }
+}
+
+/// The mode in use agrees everywhere: the log, `status`, the kernel; and connections work.
+fn assert_runs_in(lab: &Lab, gw: &Gateway, mode: &str) {
+    assert_eq!(gw.status().unwrap().xdp_mode, mode, "status");
+    assert_eq!(attached_mode(lab), Some(mode), "ip -d link show eth0");
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 20, T)).unwrap().unwrap();
+    assert_eq!(names.len(), 20);
+}
+
+/// The default `xdp_mode = "auto"`: on a veth, whose driver has native XDP, it runs natively;
+/// when the driver refuses (veth refuses native XDP while its peer's MTU is above what a
+/// single-buffer program can take), it falls back to generic mode and logs why.
+#[test]
+fn auto_mode_runs_native_and_falls_back_to_generic_when_refused() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Auto).unwrap();
+    gw.wait_all_up().unwrap();
+    gw.proc().wait_for_line("attached to eth0 in native mode", T).unwrap();
+    assert_runs_in(&lab, &gw, "native");
+    drop(gw);
+
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let port = lab.gateway_peer_ifname().to_owned();
+    lab.run_in(lab.bridge_ns(), "ip", &["link", "set", "dev", &port, "mtu", "9000"]).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Auto).unwrap();
+    gw.wait_all_up().unwrap();
+    let line = gw.proc().wait_for_line("falling back to generic mode", T).unwrap();
+    // The log says why: veth's refusal is ERANGE.
+    assert!(line.contains("attaching to interface eth0 in native mode: "), "{line}");
+    assert!(line.contains("Numerical result out of range"), "the reason is not logged: {line}");
+    gw.proc().wait_for_line("attached to eth0 in generic mode", T).unwrap();
+    assert_runs_in(&lab, &gw, "generic");
+}
+
+/// A start in another explicitly requested mode over a kept attachment removes it and makes a
+/// new one in that mode; `auto` takes over the attachment in whatever mode it is.
+#[test]
+fn a_restart_in_another_mode_remakes_the_pinned_attachment() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let mut gw = Gateway::start_with_args(&mut lab, &config, Mode::Generic, &["--keep-pinned"]).unwrap();
+    gw.wait_all_up().unwrap();
+    assert_runs_in(&lab, &gw, "generic");
+
+    for (mode, expect_log, runs_in) in [
+        (Mode::Native, "detaching it and attaching anew", "native"),
+        (Mode::Auto, "replaced the running program on eth0 (native mode) atomically", "native"),
+        (Mode::Generic, "detaching it and attaching anew", "generic"),
+        (Mode::Auto, "replaced the running program on eth0 (generic mode) atomically", "generic"),
+    ] {
+        gw.stop().unwrap();
+        gw.set_mode(&lab, mode).unwrap();
+        gw.restart(&mut lab, &["--keep-pinned"]).unwrap();
+        gw.proc().wait_for_line(expect_log, T).unwrap_or_else(|e| panic!("--xdp-mode {}: {e:#}", mode.name()));
+        assert_runs_in(&lab, &gw, runs_in);
+    }
+}
+
+/// The `abi_version` in the GLOBALS pinned under `pin_dir`; with `set`, writes it first, as
+/// another build of mim-lb would have left it.
+fn pinned_abi_version(pin_dir: &std::path::Path, set: Option<u32>) -> u32 {
+    use aya::maps::{Array, Map, MapData};
+    use mim_lb_common::{Globals, maps::names};
+    let map = Map::from_map_data(MapData::from_pin(pin_dir.join(names::GLOBALS)).unwrap()).unwrap();
+    let mut globals: Array<MapData, Globals> = Array::try_from(map).unwrap();
+    if let Some(version) = set {
+        let g = globals.get(&0, 0).unwrap();
+        globals.set(0, Globals { abi_version: version, ..g }, 0).unwrap();
+    }
+    globals.get(&0, 0).unwrap().abi_version
+}
+
+/// A start over pins it cannot use fails with the documented message and leaves the earlier
+/// run's program attached and forwarding, with its pins as they were.
+fn assert_refused(lab: &mut Lab, gw: &mut Gateway, why: &str) {
+    let (status, log) = gw.restart_failing(lab, &["--keep-pinned"]).unwrap();
+    assert!(!status.success(), "the start over unusable pins succeeded:\n{log}");
+    assert!(log.contains("do not fit this version or configuration of mim-lb"), "{log}");
+    assert!(log.contains(why), "the refusal does not say {why:?}:\n{log}");
+    assert!(log.contains("The program that uses them is still forwarding"), "{log}");
+    assert!(gw.pin_dir().join("XDP_LINK").exists(), "the refused start removed the link pin");
+    assert_eq!(attached_mode(lab), Some("generic"), "the refused start touched the attachment");
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 10, T)).unwrap().unwrap();
+    assert_eq!(names.len(), 10, "the earlier program stopped forwarding after a refused start");
+}
+
+/// Beyond a changed flow_table_size (above): maps filled by an ABI this build cannot read,
+/// and a set missing a map (other than the two an ABI 1 set lacks), are refused.
+#[test]
+fn pins_of_another_abi_or_an_incomplete_set_are_refused_while_the_program_forwards() {
+    use mim_lb_common::{ABI_VERSION, maps::names};
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let mut gw = Gateway::start_with_args(&mut lab, &config, Mode::Generic, &["--keep-pinned"]).unwrap();
+    gw.wait_all_up().unwrap();
+    gw.stop().unwrap();
+
+    let future = ABI_VERSION + 1;
+    pinned_abi_version(gw.pin_dir(), Some(future));
+    assert_refused(&mut lab, &mut gw, &format!("they were filled by ABI version {future}, this build speaks {ABI_VERSION}"));
+    assert_eq!(pinned_abi_version(gw.pin_dir(), None), future, "the refused start rewrote GLOBALS");
+    // Put back, the same pins are taken over again.
+    pinned_abi_version(gw.pin_dir(), Some(ABI_VERSION));
+    gw.restart(&mut lab, &["--keep-pinned"]).unwrap();
+    gw.proc().wait_for_line("replaced the running program", T).unwrap();
+    gw.stop().unwrap();
+
+    std::fs::remove_file(gw.pin_dir().join(names::BACKENDS)).unwrap();
+    assert_refused(&mut lab, &mut gw, &format!("the set is incomplete (missing {})", names::BACKENDS));
+    assert!(!gw.pin_dir().join(names::BACKENDS).exists(), "the refused start pinned a new map");
+}
+
+/// SIGTERM while the daemon is still starting (here: maps loaded, not yet attached) is a
+/// clean stop once it has started, as a service manager's stop must be: exit status 0,
+/// program detached, pins removed. It used to kill the daemon outright (the handler was
+/// installed only after `ready`), leaving the program attached and the pins behind.
+#[test]
+fn sigterm_during_the_start_stops_the_daemon_cleanly() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let mut gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    gw.stop().unwrap();
+
+    let proc = gw.restart_no_wait(&mut lab, &[]).unwrap();
+    proc.wait_for_line("XDP program loaded", T).unwrap();
+    proc.signal(libc::SIGTERM).unwrap();
+    let status = proc.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "SIGTERM during the start ended the daemon with {status}:\n{}", proc.tail(20));
+    proc.wait_for_line("SIGTERM: stopping", T).unwrap();
+    assert!(!gw.pin_dir().exists(), "pins left behind");
+    assert_eq!(attached_mode(&lab), None, "the program stayed attached");
+}
+
+/// A start on another interface (`--interface`) over a kept attachment removes it from the
+/// old interface and attaches anew; the next start on the first interface moves it back.
+#[test]
+fn a_restart_on_another_interface_remakes_the_pinned_attachment() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    // A second interface, connected to nothing (a veth pair: the dummy driver may be absent).
+    lab.run_in(lab.gateway_ns(), "ip", &["link", "add", "mimother0", "type", "veth", "peer", "name", "mimother1"]).unwrap();
+    lab.run_in(lab.gateway_ns(), "ip", &["link", "set", "mimother0", "up"]).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let mut gw = Gateway::start_with_args(&mut lab, &config, Mode::Generic, &["--keep-pinned"]).unwrap();
+    gw.wait_all_up().unwrap();
+    let on_other = |lab: &Lab| lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "mimother0"]).unwrap().contains("xdpgeneric");
+
+    gw.stop().unwrap();
+    gw.restart(&mut lab, &["--keep-pinned", "--interface", "mimother0"]).unwrap();
+    gw.proc().wait_for_line("detaching it and attaching anew", T).unwrap();
+    assert_eq!(gw.status().unwrap().interface, "mimother0");
+    assert!(on_other(&lab), "nothing attached to the new interface");
+    assert_eq!(attached_mode(&lab), None, "the old interface kept its attachment");
+
+    gw.stop().unwrap();
+    gw.restart(&mut lab, &["--keep-pinned"]).unwrap();
+    gw.proc().wait_for_line("detaching it and attaching anew", T).unwrap();
+    assert!(!on_other(&lab), "the other interface kept its attachment");
+    assert_runs_in(&lab, &gw, "generic");
 }

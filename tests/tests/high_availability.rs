@@ -57,8 +57,12 @@ fn hold(lab: &Lab, n: usize) -> Vec<TcpHold> {
 }
 
 fn echo_all(held: &mut [TcpHold], round: &str) {
+    echo_all_within(held, round, T);
+}
+
+fn echo_all_within(held: &mut [TcpHold], round: &str, timeout: Duration) {
     for (k, conn) in held.iter_mut().enumerate() {
-        conn.echo(&format!("{round} {k}"), T)
+        conn.echo(&format!("{round} {k}"), timeout)
             .unwrap_or_else(|e| panic!("{round}: held connection {k} to {} broke: {e:#}", conn.name()));
     }
 }
@@ -273,8 +277,94 @@ fn a_removed_master_drains_then_leaves() {
     gw.proc().wait_for_line("removed: no live flow left on it", T).unwrap();
 }
 
-/// The daemon stops (`--keep-pinned`) or dies (SIGKILL) and starts again while a connection
-/// is exchanging data: the connection survives both.
+/// Echo timeout for the hitless checks: no more than Linux's minimum retransmission timeout
+/// (200 ms), so a segment lost during a restart shows as a failed echo rather than a late one.
+const FAST: Duration = Duration::from_millis(200);
+
+/// The counters a hitless restart must carry over: drops and passes that mean "no master"
+/// or "not filled yet" must not grow, forwarded ones must not restart from zero.
+#[derive(Debug, Clone)]
+struct Carried {
+    no_backend: u64,
+    not_ready: u64,
+    forwarded: u64,
+    backend_packets: std::collections::BTreeMap<IpAddr, u64>,
+}
+
+fn carried(s: &mim_lb::status::Status) -> Carried {
+    let reason = |name: &str| s.reasons.iter().find(|r| r.name == name).map_or(0, |r| r.packets);
+    Carried {
+        no_backend: reason("no_backend"),
+        not_ready: reason("not_ready"),
+        forwarded: reason("forwarded"),
+        backend_packets: s.services.iter().flat_map(|s| &s.backends).map(|b| (b.address, b.packets)).collect(),
+    }
+}
+
+/// The first status after a restart: every master is as it was (health up, the drained one
+/// still draining), nothing was dropped for want of a master or passed as not ready, and the
+/// forwarded counters went on from where they were.
+fn assert_hitless(gw: &Gateway, before: &Carried, drained: IpAddr, what: &str) -> Carried {
+    let s = gw.query_status().unwrap();
+    for b in s.services.iter().flat_map(|s| &s.backends) {
+        let want = if b.address == drained { "draining" } else { "up" };
+        assert_eq!((b.health.as_str(), b.state.as_str()), ("up", want), "{what}: {} in the first status", b.address);
+    }
+    let after = carried(&s);
+    assert_eq!(after.no_backend, before.no_backend, "{what}: no_backend grew");
+    assert_eq!(after.not_ready, before.not_ready, "{what}: not_ready grew");
+    assert!(after.forwarded >= before.forwarded, "{what}: forwarded went back: {before:?} -> {after:?}");
+    for (b, n) in &before.backend_packets {
+        assert!(after.backend_packets[b] >= *n, "{what}: packets of {b} went back: {before:?} -> {after:?}");
+    }
+    after
+}
+
+/// One held connection echoing every 10 ms on a thread of its own, so that the whole restart
+/// window carries traffic; stopped by [`Chatter::finish`], which fails on the first lost echo.
+struct Chatter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(TcpHold, usize, anyhow::Result<()>)>,
+}
+
+impl Chatter {
+    fn start(mut conn: TcpHold) -> Chatter {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0;
+            while !flag.load(Ordering::Relaxed) {
+                if let Err(e) = conn.echo(&format!("chatter {n}"), FAST) {
+                    return (conn, n, Err(e));
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (conn, n, Ok(()))
+        });
+        Chatter { stop, thread }
+    }
+
+    fn finish(self) -> TcpHold {
+        self.stop.store(true, Ordering::Relaxed);
+        let (conn, n, result) = self.thread.join().unwrap();
+        result.unwrap_or_else(|e| panic!("the chattering connection lost echo {n}: {e:#}"));
+        assert!(n > 20, "the chattering connection made only {n} echoes");
+        conn
+    }
+}
+
+/// No held connection retransmitted anything: the gateway lost none of their segments.
+fn assert_no_retransmits(held: &[TcpHold], what: &str) {
+    for (k, h) in held.iter().enumerate() {
+        assert_eq!(h.retransmits().unwrap(), 0, "{what}: held connection {k} to {} retransmitted", h.name());
+    }
+}
+
+/// The daemon stops (`--keep-pinned`) or dies (SIGKILL) and starts again while connections
+/// are exchanging data: the restarts are hitless. Echoes must come back within 200 ms (a lost
+/// segment waits at least that long to be retransmitted) and no segment is retransmitted at
+/// all; no packet is dropped for want of a master or passed as not ready; counters carry on.
 #[test]
 fn restarts_keep_long_lived_connections() {
     let mut lab = Lab::new(LabSpec::default()).unwrap();
@@ -284,23 +374,29 @@ fn restarts_keep_long_lived_connections() {
     let mut gw = Gateway::start_with_args(&mut lab, &config, Mode::Native, &["--keep-pinned"]).unwrap();
     gw.wait_all_up().unwrap();
     let mut held = hold(&lab, 30);
+    // Enough traffic that counters reset by a restart could not climb back during it.
+    ask(&lab, 200);
     std::thread::sleep(Duration::from_millis(2200));
-    echo_all(&mut held, "before");
+    echo_all_within(&mut held, "before", FAST);
 
     gw.ctl(&["drain", "tcp-7000", &addr(&lab, 0).to_string()]).unwrap();
+    let chatter = Chatter::start(held.pop().unwrap());
+    let before = carried(&gw.query_status().unwrap());
     gw.stop().unwrap();
     assert!(gw.pin_dir().join("XDP_LINK").exists(), "--keep-pinned removed the link pin");
-    echo_all(&mut held, "while no daemon runs");
+    echo_all_within(&mut held, "while no daemon runs", FAST);
     gw.restart(&mut lab, &["--keep-pinned"]).unwrap();
+    let before = assert_hitless(&gw, &before, addr(&lab, 0), "a --keep-pinned restart");
     gw.proc().wait_for_line("replaced the running program", T).unwrap();
-    echo_all(&mut held, "after a --keep-pinned restart");
-    // Operator state survives too.
-    assert_eq!(gw.backend(addr(&lab, 0)).unwrap().state, "draining");
+    echo_all_within(&mut held, "after a --keep-pinned restart", FAST);
 
     gw.kill().unwrap();
-    echo_all(&mut held, "after SIGKILL");
+    echo_all_within(&mut held, "after SIGKILL", FAST);
     gw.restart(&mut lab, &[]).unwrap();
-    echo_all(&mut held, "after restarting from a crash");
+    assert_hitless(&gw, &before, addr(&lab, 0), "a start after SIGKILL");
+    echo_all_within(&mut held, "after restarting from a crash", FAST);
+    held.push(chatter.finish());
+    assert_no_retransmits(&held, "across both restarts");
     let names = ask(&lab, 60);
     assert!(!names.contains(&lab.master_name(0)), "the drained master took new connections after restarts");
     let name = in_netns(lab.client_ns(), || tcp_ask(vip(&lab), T)).unwrap().unwrap();

@@ -222,3 +222,153 @@ fn the_daemon_works_with_the_units_capabilities_only() {
     gw.stop().unwrap();
     assert!(!gw.pin_dir().join("XDP_LINK").exists(), "the daemon could not remove its pins on a clean stop");
 }
+
+/// One GET of `path` from the gateway's metrics endpoint: the status line and the body.
+fn get(lab: &Lab, path: &str) -> (String, String) {
+    in_netns(lab.gateway_ns(), || -> anyhow::Result<(String, String)> {
+        let mut stream = TcpStream::connect_timeout(&METRICS.parse().unwrap(), T)?;
+        stream.set_read_timeout(Some(T))?;
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        Ok((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
+    })
+    .unwrap()
+    .unwrap()
+}
+
+/// The metric families OPERATIONS.md documents ("Metrics"), with their type and label names.
+fn documented_families() -> BTreeMap<String, (String, Vec<String>)> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../OPERATIONS.md")).unwrap();
+    let section = doc.split("\n## Metrics\n").nth(1).unwrap().split("\n## ").next().unwrap();
+    let service = ["service", "vip", "port", "protocol"].map(String::from);
+    section
+        .lines()
+        .filter(|l| l.starts_with("| `mim_lb_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let labels = cells[3]
+                .split(',')
+                .map(|c| c.trim().trim_matches('`'))
+                .filter(|c| !c.is_empty())
+                .flat_map(|c| if c == "service" { service.to_vec() } else { vec![c.to_owned()] })
+                .collect();
+            (cells[1].trim_matches('`').to_owned(), (cells[2].to_owned(), labels))
+        })
+        .collect()
+}
+
+/// Each family of a scrape: its `# TYPE` and the label names of every one of its series.
+fn scraped_families(text: &str) -> BTreeMap<String, (String, Vec<Vec<String>>)> {
+    let mut families: BTreeMap<String, (String, Vec<Vec<String>>)> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            // OpenMetrics names a counter's family without `_total`, its series with it.
+            let name = if kind == "counter" && !name.ends_with("_total") { format!("{name}_total") } else { name.to_owned() };
+            families.insert(name, (kind.to_owned(), vec![]));
+        } else if line.starts_with("mim_lb_") {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let labels = line
+                .split_once('{')
+                .map(|(_, rest)| rest.split('}').next().unwrap())
+                .map(|l| l.split(',').map(|kv| kv.split('=').next().unwrap().to_owned()).collect())
+                .unwrap_or_default();
+            families.get_mut(name).unwrap_or_else(|| panic!("series {line:?} has no # TYPE")).1.push(labels);
+        }
+    }
+    families
+}
+
+/// OPERATIONS.md's list of metrics against a real scrape, both ways: every documented family
+/// is served, with its type and exactly its labels on every series; nothing undocumented is
+/// served; every backend has a series for each of the five states.
+#[test]
+fn every_documented_metric_is_served_with_its_labels() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let _gw = start(&mut lab, &format!("metrics_listen = \"{METRICS}\""));
+    let text = scrape(&lab);
+    let documented = documented_families();
+    assert!(documented.len() >= 16, "the doc's table was not found: {documented:?}");
+    let served = scraped_families(&text);
+    for (name, (kind, labels)) in &documented {
+        let (served_kind, series) = served.get(name).unwrap_or_else(|| panic!("{name} is documented but not served:\n{text}"));
+        assert_eq!(served_kind, kind, "{name}: type");
+        assert!(!series.is_empty(), "{name} has no series");
+        for got in series {
+            assert_eq!(got, labels, "{name}: labels");
+        }
+    }
+    let undocumented: Vec<&String> = served.keys().filter(|n| !documented.contains_key(*n)).collect();
+    assert!(undocumented.is_empty(), "served but not in OPERATIONS.md: {undocumented:?}");
+    for i in 0..lab.master_count() {
+        for state in ["up", "down", "draining", "disabled", "removing"] {
+            let series = format!("backend=\"{}\",state=\"{state}\"}}", lab.master_addr4(i));
+            assert!(text.lines().any(|l| l.starts_with("mim_lb_backend_state{") && l.contains(&series)), "no {series}");
+        }
+    }
+    // Other paths are not the metrics.
+    for path in ["/", "/metrics/extra", "/status"] {
+        let (status_line, _) = get(&lab, path);
+        assert!(status_line.starts_with("HTTP/1.1 404"), "GET {path}: {status_line}");
+    }
+}
+
+/// A taken `metrics_listen` fails the start with an error naming the address, before anything
+/// touches the kernel: no pins, nothing attached.
+#[test]
+fn a_taken_metrics_address_fails_the_start_before_touching_the_kernel() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let mut gw = start(&mut lab, "");
+    gw.stop().unwrap();
+    let _taken = in_netns(lab.gateway_ns(), || std::net::TcpListener::bind(METRICS)).unwrap().unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], &format!("metrics_listen = \"{METRICS}\""));
+    gw.write_config(&config).unwrap();
+    let (status, log) = gw.restart_failing(&mut lab, &[]).unwrap();
+    assert!(!status.success(), "the start succeeded on a taken address:\n{log}");
+    assert!(log.contains(&format!("listening for metrics on {METRICS}: Address already in use")), "{log}");
+    // The pin directory itself may exist: the instance lock is taken on it first.
+    let pins: Vec<_> = std::fs::read_dir(gw.pin_dir()).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(pins.is_empty(), "the failed start pinned {pins:?}");
+    let link = lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "eth0"]).unwrap();
+    assert!(!link.contains("xdp"), "the failed start attached a program: {link}");
+}
+
+/// A second daemon with the same control socket (and its own pins) is refused with the
+/// documented message; the first keeps its socket and keeps serving.
+#[test]
+fn a_second_daemon_on_the_same_control_socket_is_refused() {
+    let mut lab = Lab::new(LabSpec::masters(1)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let gw = start(&mut lab, &format!("metrics_listen = \"{METRICS}\""));
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let other = gw.config_path().with_file_name("second.toml");
+    let other_pins = format!("{}-second", gw.pin_dir().display());
+    let _cleanup = RemoveOnDrop(other_pins.clone().into());
+    let socket = gw.socket().display().to_string();
+    std::fs::write(&other, format!("pin_dir = \"{other_pins}\"\ncontrol_socket = \"{socket}\"\n{config}")).unwrap();
+
+    let (status, log) = mim_lb_tests::gateway::run_failing(&mut lab, &other).unwrap();
+    assert!(!status.success(), "the second daemon started:\n{log}");
+    let want = format!("another mim-lb is running with control socket {socket} (it holds a lock on {socket}.lock)");
+    assert!(log.contains(&want), "{log}");
+    let pins: Vec<_> = std::fs::read_dir(&other_pins).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(pins.is_empty(), "the refused daemon pinned {pins:?}");
+    // The first one still answers on its socket and its metrics, and forwards.
+    assert_eq!(gw.query_status().unwrap().services[0].backends[0].state, "up");
+    assert!(get(&lab, "/metrics").0.starts_with("HTTP/1.1 200"));
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    let names = in_netns(lab.client_ns(), || tcp_ask_many(vip, 5, T)).unwrap().unwrap();
+    let masters: Vec<String> = (0..lab.master_count()).map(|i| lab.master_name(i)).collect();
+    assert!(names.iter().all(|n| masters.contains(n)), "connections reached something other than a master: {names:?}");
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -278,10 +278,9 @@ impl Dataplane {
                         pinned_mode.map_or("unknown".to_owned(), |m| m.to_string()),
                         mode.map_or("auto".to_owned(), |m| m.to_string()),
                     );
-                    std::fs::remove_file(path).map_err(|e| DataplaneError::Link {
-                        path: path.clone(),
-                        detail: format!("removing it: {e}"),
-                    })?;
+                    // Not only the pin: the kernel may free an unpinned link later, and until
+                    // then a new attachment in the other mode is refused (EEXIST).
+                    detach_pinned_link(path)?;
                 }
             }
         }
@@ -292,7 +291,7 @@ impl Dataplane {
             None => match attach_in(program, interface, AttachMode::Native) {
                 Ok(id) => (id, AttachMode::Native),
                 Err(err) => {
-                    log::warn!("{err}; falling back to generic mode");
+                    log::warn!("{}; falling back to generic mode", with_causes(&err));
                     (attach_in(program, interface, AttachMode::Generic)?, AttachMode::Generic)
                 }
             },
@@ -428,6 +427,22 @@ impl Simulator {
         })?;
         Ok((code, out))
     }
+}
+
+/// `err` and its causes, `: `-separated, each once: aya's message for a refused attach only
+/// names the syscall; the errno under it (e.g. `Numerical result out of range` from a veth
+/// whose peer's MTU is too large) is what says why the driver refused.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let message = cause.to_string();
+        if !text.ends_with(&message) {
+            text = format!("{text}: {message}");
+        }
+        next = cause.source();
+    }
+    text
 }
 
 /// Detaches the link pinned at `path` now, then removes the pin.
