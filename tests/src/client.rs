@@ -171,6 +171,15 @@ impl TcpHold {
     }
 }
 
+/// One line on each held connection, echoed within `timeout`; panics (failing the test) naming
+/// the connection and the round if one broke.
+pub fn echo_all(held: &mut [TcpHold], round: &str, timeout: Duration) {
+    for (k, conn) in held.iter_mut().enumerate() {
+        conn.echo(&format!("{round} {k}"), timeout)
+            .unwrap_or_else(|e| panic!("{round}: held connection {k} to {} broke: {e:#}", conn.name()));
+    }
+}
+
 /// How many times each name occurs.
 pub fn count_names(names: &[String]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();

@@ -183,13 +183,13 @@ impl Gateway {
 
     /// [`Gateway::start`] with more arguments for `mim-lb run` (e.g. `--keep-pinned`).
     pub fn start_with_args(lab: &mut Lab, config: &str, mode: Mode, args: &[&str]) -> Result<Gateway> {
-        Gateway::start_with(lab, config, mode, args, None)
+        Gateway::start_with(lab, config, mode, args, None, &[])
     }
 
     /// [`Gateway::start`] with the daemon's open file limit set to `soft` and `hard`
     /// (RLIMIT_NOFILE), as a service manager would; restarts keep it.
     pub fn start_with_nofile(lab: &mut Lab, config: &str, mode: Mode, soft: u64, hard: u64) -> Result<Gateway> {
-        Gateway::start_with(lab, config, mode, &[], Some((soft, hard)))
+        Gateway::start_with(lab, config, mode, &[], Some((soft, hard)), &[])
     }
 
     fn start_with(
@@ -198,6 +198,7 @@ impl Gateway {
         mode: Mode,
         args: &[&str],
         nofile: Option<(u64, u64)>,
+        wrapper: &[&str],
     ) -> Result<Gateway> {
         let suffix = unique_suffix();
         let dir = std::env::temp_dir().join(format!("mimlb-{suffix}"));
@@ -210,7 +211,7 @@ impl Gateway {
             dir,
             mode,
             nofile,
-            wrapper: Vec::new(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             _peer_pass: None,
         };
         gw.set_mode(lab, mode)?;
@@ -259,26 +260,7 @@ impl Gateway {
     /// [`Gateway::start`] with the daemon started under `wrapper` (a command that execs the
     /// rest of its arguments, e.g. `setpriv --bounding-set ...`); restarts keep it.
     pub fn start_wrapped(lab: &mut Lab, config: &str, mode: Mode, wrapper: &[&str]) -> Result<Gateway> {
-        let suffix = unique_suffix();
-        let dir = std::env::temp_dir().join(format!("mimlb-{suffix}"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut gw = Gateway {
-            proc: None,
-            ns: lab.gateway_ns().to_owned(),
-            pin_dir: PathBuf::from(format!("{PIN_PREFIX}{suffix}")),
-            socket: dir.join("control.sock"),
-            dir,
-            mode,
-            nofile: None,
-            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
-            _peer_pass: None,
-        };
-        if mode == Mode::Native {
-            gw._peer_pass = Some(attach_peer_pass(lab)?);
-        }
-        gw.write_config(config)?;
-        gw.launch(lab, &[])?;
-        Ok(gw)
+        Gateway::start_with(lab, config, mode, &[], None, wrapper)
     }
 
     fn spawn(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<Proc> {

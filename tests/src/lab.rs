@@ -521,6 +521,19 @@ impl Lab {
     pub fn run_in(&self, ns: &str, program: &str, args: &[&str]) -> Result<String> {
         crate::netns::run_in(ns, program, args)
     }
+
+    /// `n` connections from the client to `addr`, one after another: the names of the
+    /// masters that answered. Panics (failing the test) if one fails.
+    pub fn ask(&self, addr: std::net::SocketAddr, n: usize, timeout: std::time::Duration) -> Vec<String> {
+        crate::in_netns(self.client_ns(), || crate::tcp_ask_many(addr, n, timeout)).unwrap().unwrap()
+    }
+
+    /// `n` held connections from the client to `addr` (the servers keep them open and echo).
+    pub fn hold(&self, addr: std::net::SocketAddr, n: usize, timeout: std::time::Duration) -> Vec<crate::TcpHold> {
+        crate::in_netns(self.client_ns(), || (0..n).map(|_| crate::TcpHold::connect(addr, timeout)).collect::<Result<Vec<_>>>())
+            .unwrap()
+            .unwrap()
+    }
 }
 
 impl Drop for Lab {

@@ -113,8 +113,7 @@ fn talk<'scope>(
 }
 
 fn hold(lab: &Lab, n: usize) -> Vec<TcpHold> {
-    let vip = vip(lab);
-    in_netns(lab.client_ns(), || (0..n).map(|_| TcpHold::connect(vip, T)).collect::<anyhow::Result<Vec<_>>>()).unwrap().unwrap()
+    lab.hold(vip(lab), n, T)
 }
 
 /// The measured defect: with a connection table of 1,024 flows, six long-lived connections

@@ -44,27 +44,20 @@ fn wait_state(gw: &Gateway, backend: IpAddr, state: &str) -> Duration {
 
 /// `n` connections through the VIP; every one must succeed.
 fn ask(lab: &Lab, n: usize) -> Vec<String> {
-    let vip = vip(lab);
-    in_netns(lab.client_ns(), || tcp_ask_many(vip, n, T)).unwrap().unwrap()
+    lab.ask(vip(lab), n, T)
 }
 
 /// Opens `n` held connections through the VIP.
 fn hold(lab: &Lab, n: usize) -> Vec<TcpHold> {
-    let vip = vip(lab);
-    in_netns(lab.client_ns(), || (0..n).map(|_| TcpHold::connect(vip, T)).collect::<anyhow::Result<Vec<_>>>())
-        .unwrap()
-        .unwrap()
+    lab.hold(vip(lab), n, T)
 }
 
 fn echo_all(held: &mut [TcpHold], round: &str) {
-    echo_all_within(held, round, T);
+    mim_lb_tests::echo_all(held, round, T);
 }
 
 fn echo_all_within(held: &mut [TcpHold], round: &str, timeout: Duration) {
-    for (k, conn) in held.iter_mut().enumerate() {
-        conn.echo(&format!("{round} {k}"), timeout)
-            .unwrap_or_else(|e| panic!("{round}: held connection {k} to {} broke: {e:#}", conn.name()));
-    }
+    mim_lb_tests::echo_all(held, round, timeout);
 }
 
 #[test]

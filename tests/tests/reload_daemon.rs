@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use mim_lb::status::Status;
 use mim_lb_tests::{
-    Lab, LabSpec, TcpHold, count_names, in_netns, tcp_ask_many,
+    Lab, LabSpec, TcpHold, count_names,
     gateway::{Gateway, Mode, ServiceSpec, lab_config},
 };
 
@@ -19,22 +19,15 @@ fn vip(lab: &Lab) -> SocketAddr {
 }
 
 fn ask(lab: &Lab, n: usize) -> Vec<String> {
-    let vip = vip(lab);
-    in_netns(lab.client_ns(), || tcp_ask_many(vip, n, T)).unwrap().unwrap()
+    lab.ask(vip(lab), n, T)
 }
 
 fn hold(lab: &Lab, n: usize) -> Vec<TcpHold> {
-    let vip = vip(lab);
-    in_netns(lab.client_ns(), || (0..n).map(|_| TcpHold::connect(vip, T)).collect::<anyhow::Result<Vec<_>>>())
-        .unwrap()
-        .unwrap()
+    lab.hold(vip(lab), n, T)
 }
 
 fn echo_all(held: &mut [TcpHold], round: &str) {
-    for (k, conn) in held.iter_mut().enumerate() {
-        conn.echo(&format!("{round} {k}"), T)
-            .unwrap_or_else(|e| panic!("{round}: held connection {k} to {} broke: {e:#}", conn.name()));
-    }
+    mim_lb_tests::echo_all(held, round, T);
 }
 
 /// What a reload could change, without the counters and check ages that move on their own.
