@@ -261,8 +261,9 @@ async fn a_hung_check_does_not_delay_other_targets() {
     let (mut checker, mut rx) = checker();
     checker.set_targets(vec![(slow, Verdict::Up), (quick.clone(), Verdict::Up)]);
 
-    // Wait for the slow check to be hanging...
-    let deadline = Instant::now() + PATIENCE;
+    // Wait for the slow check to be hanging (its first check runs anywhere within its first
+    // interval)...
+    let deadline = Instant::now() + Duration::from_secs(6) + PATIENCE;
     while hang.requests().is_empty() {
         assert!(Instant::now() < deadline, "the slow check never started");
         tokio::time::sleep(Duration::from_millis(5)).await;
