@@ -302,3 +302,21 @@ fn check_of_the_shipped_example_matches_the_golden_output() {
     let out = check(&read("dist/mim-lb.toml"));
     assert_eq!(out, read("tests/golden/check-dist.txt"), "`mim-lb check` output on dist/mim-lb.toml changed");
 }
+
+/// `mim-lb simulate --json` is pinned the same way as status: the golden documents (one
+/// forwarded flow with every field set, one passed with every optional field null) read into
+/// `Simulation` and come out unchanged, and OPERATIONS.md's simulate section names every field.
+#[test]
+fn simulate_json_round_trips_the_golden_file_and_its_fields_are_documented() {
+    let golden: Value = serde_json::from_str(&read("tests/golden/simulate.json")).expect("tests/golden/simulate.json is JSON");
+    let sims: Vec<mim_lb::status::Simulation> = serde_json::from_value(golden.clone())
+        .unwrap_or_else(|e| panic!("tests/golden/simulate.json no longer reads as simulations: {e}"));
+    let written = serde_json::to_value(&sims).unwrap();
+    assert_eq!(written, golden, "a field of tests/golden/simulate.json was renamed, removed, added or changed on the way through");
+    let ops = read("OPERATIONS.md");
+    let section = &ops[ops.find("## `mim-lb simulate`").expect("OPERATIONS.md has a simulate section")..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    for field in golden[0].as_object().unwrap().keys() {
+        assert!(section.contains(&format!("\"{field}\"")) || section.contains(&format!("`{field}`")), "OPERATIONS.md's simulate section does not mention `{field}`");
+    }
+}
