@@ -568,3 +568,41 @@ mac = "02:00:00:00:06:12"
         assert_eq!(mim_lb::director::record_slot(w, key), entry.slot, "{service}: the sweep looks for a record on another slot than the program used");
     }
 }
+
+/// Issue 12: a reload changing `table_size` or `scheduler` keeps established flows, TCP and
+/// UDP alike (UDP flows are recorded and looked up on every datagram; unrecorded TCP flows
+/// follow the old table).
+#[test]
+fn a_scheduler_or_size_change_keeps_tcp_and_udp_flows() {
+    let both = |extra: &str| {
+        let tcp = three_masters().replace("port = 7000\n", &format!("port = 7000\n{extra}"));
+        let udp = tcp.replace("name = \"web\"", "name = \"dns\"").replace("port = 7000\n", "port = 5353\nprotocol = \"udp\"\nhealth = { port = 7000 }\n");
+        format!("{tcp}\n{}", &udp[udp.find("[[service]]").unwrap()..])
+    };
+    let dns = ServiceKey { vip: VIP.into(), port: 5353, protocol: Protocol::Udp };
+    let datagram = |prog: &ProgramUnderTest, sport: u16| -> [u8; 6] {
+        let out = prog.run(&Frame::udp(CLIENT, sport, VIP, 5353).bytes()).unwrap();
+        assert_eq!(out.verdict, reason::XDP_TX);
+        out.bytes[0..6].try_into().unwrap()
+    };
+    let mut prog = ProgramUnderTest::new(&both("")).unwrap();
+    settle(&mut prog);
+    let tcp: Vec<(u16, [u8; 6])> = (56000..56300).map(|p| (p, send(&prog, p, TCP_SYN))).collect();
+    let udp: Vec<(u16, [u8; 6])> = (57000..57300).map(|p| (p, datagram(&prog, p))).collect();
+    // The second change comes before the sweep cleared any slot of the first: it is allowed.
+    for (step, extra) in [("scheduler", "scheduler = \"maglev-source\"\n"), ("table_size", "scheduler = \"maglev-source\"\ntable_size = 251\n")] {
+        prog.apply(&both(extra)).unwrap();
+        assert!(prog.director.written()[&web()].resized() && prog.director.written()[&dns].resized(), "{step}: no resize");
+        for &(p, mac) in &tcp {
+            assert_eq!(send(&prog, p, TCP_ACK), mac, "{step}: TCP flow from port {p} moved");
+        }
+        for &(p, mac) in &udp {
+            assert_eq!(datagram(&prog, p), mac, "{step}: UDP flow from port {p} moved");
+        }
+    }
+    // And the change did move slots: new connections from one client now all reach one master.
+    let masters: std::collections::BTreeSet<[u8; 6]> = (58000..58050).map(|p| send(&prog, p, TCP_SYN)).collect();
+    assert_eq!(masters.len(), 1, "maglev-source sends one client's new connections to one master");
+    let moved = tcp.iter().filter(|(_, mac)| !masters.contains(mac)).count();
+    assert!(moved > 50, "the change moved too few flows' slots to prove anything");
+}
