@@ -36,6 +36,6 @@ pub mod testrun;
 pub use capture::{Capture, FrameInfo, mac_to_string};
 pub use client::{TcpHold, count_names, echo_all, percent_spread, tcp_ask, tcp_ask_from, tcp_ask_from_then_reset, tcp_ask_many, udp_ask};
 pub use lab::{Lab, LabSpec};
-pub use netns::{cleanup_stale_labs, in_netns, run_in};
+pub use netns::{RUN_TIMEOUT, cleanup_stale_labs, in_netns, output_within, run_in, wait_within};
 pub use process::Proc;
 pub use servers::Served;

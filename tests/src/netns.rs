@@ -171,24 +171,9 @@ pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// [`run_in`] with extra environment variables.
 pub fn run_in_with_env(ns: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
     let mut cmd = Command::new(program);
-    cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null());
     enter_netns_on_spawn(&mut cmd, ns)?;
-    let child = cmd.spawn().with_context(|| format!("starting `{}` in {ns}", command_line(&cmd)))?;
-    let pid = child.id() as libc::pid_t;
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(RUN_TIMEOUT) {
-        Ok(out) => out.with_context(|| format!("waiting for `{}` in {ns}", command_line(&cmd)))?,
-        Err(_) => {
-            // SAFETY: kill(2) on the child's pid, which it keeps until it is reaped by the
-            // thread above (so the pid cannot have been reused).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = rx.recv();
-            bail!("`{}` in {ns} did not finish within {RUN_TIMEOUT:?}: killed", command_line(&cmd));
-        }
-    };
+    let out = output_within(&mut cmd, RUN_TIMEOUT).with_context(|| format!("in {ns}"))?;
     if !out.status.success() {
         bail!(
             "`{}` in {ns} failed ({}): {}",
@@ -198,6 +183,35 @@ pub fn run_in_with_env(ns: &str, program: &str, args: &[&str], env: &[(&str, &st
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `cmd` to completion with its stdout and stderr captured, like `Command::output`, but
+/// for at most `timeout`: a command still running then is killed and the call fails, so no
+/// test can hang on a child.
+pub fn output_within(cmd: &mut Command, timeout: std::time::Duration) -> Result<std::process::Output> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().with_context(|| format!("starting `{}`", command_line(cmd)))?;
+    wait_within(child, timeout).with_context(|| format!("`{}`", command_line(cmd)))
+}
+
+/// Waits for `child` (whose stdout and stderr are piped, if they are to be read) for at most
+/// `timeout`, then kills it and fails.
+pub fn wait_within(child: std::process::Child, timeout: std::time::Duration) -> Result<std::process::Output> {
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            // SAFETY: kill(2) on the child's pid, which it keeps until it is reaped by the
+            // thread above (so the pid cannot have been reused).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = rx.recv();
+            bail!("did not finish within {timeout:?}: killed")
+        }
+    }
 }
 
 /// Feeds `lines` to one `ip [-n ns] -batch -`, which is much faster than one `ip` per line.

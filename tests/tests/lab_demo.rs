@@ -112,7 +112,7 @@ impl Drop for Demo {
 fn leftovers(pid: u32) -> Vec<String> {
     let tag = format!("{pid:x}-");
     let mut found = Vec::new();
-    let netns = Command::new("ip").args(["netns", "list"]).output().expect("running ip netns list");
+    let netns = mim_lb_tests::output_within(Command::new("ip").args(["netns", "list"]), mim_lb_tests::RUN_TIMEOUT).expect("running ip netns list");
     for line in String::from_utf8_lossy(&netns.stdout).lines() {
         if line.starts_with(&format!("mimlb-{tag}")) {
             found.push(format!("namespace {line}"));

@@ -21,7 +21,7 @@ fn lab() -> Lab {
 /// Namespaces of the given lab id (or of a full namespace name) that `ip netns list` shows.
 fn leftover_namespaces(id: &str) -> Vec<String> {
     let (lab_prefix, full_name) = (format!("mimlb-{id}-"), id.to_owned());
-    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let out = mim_lb_tests::output_within(Command::new("ip").args(["netns", "list"]), mim_lb_tests::RUN_TIMEOUT).expect("ip netns list");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -276,7 +276,7 @@ fn stale_lab_namespaces_are_removed() {
     let dead = child.id();
     child.wait().unwrap();
     let stale = format!("mimlb-{dead:x}-stale{:x}-br", std::process::id());
-    let ok = Command::new("ip").args(["netns", "add", &stale]).status().unwrap();
+    let ok = mim_lb_tests::output_within(Command::new("ip").args(["netns", "add", &stale]), mim_lb_tests::RUN_TIMEOUT).unwrap().status;
     assert!(ok.success());
     let removed = cleanup_stale_labs().unwrap();
     assert!(removed >= 1);

@@ -177,12 +177,9 @@ fn the_control_socket_refuses_other_users() {
     let mode = std::fs::metadata(gw.socket()).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap();
     assert_eq!(mode, 0o600);
     let bin = mim_lb_tests::gateway::mim_lb_binary();
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&bin)
-        .args(["status", "--socket", gw.socket().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&bin).args(["status", "--socket", gw.socket().to_str().unwrap()]);
+    let out = mim_lb_tests::output_within(&mut cmd, mim_lb_tests::RUN_TIMEOUT).unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("permission denied") && stderr.contains("run this as root"), "{stderr}");

@@ -68,7 +68,7 @@ fn run_dut(ns: &str, args: &[&str], state: &TempDir) -> Output {
         .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::null());
     enter_netns_on_spawn(&mut cmd, ns).unwrap();
-    cmd.output().expect("starting mim-lb-dut")
+    mim_lb_tests::output_within(&mut cmd, mim_lb_tests::RUN_TIMEOUT).expect("running mim-lb-dut")
 }
 
 /// [`run_dut`] that must succeed; returns stdout.
@@ -603,7 +603,7 @@ fn refuses_the_wrong_host_bad_vips_and_non_root() {
             Ok(())
         });
     }
-    let out = cmd.output().unwrap();
+    let out = mim_lb_tests::output_within(&mut cmd, mim_lb_tests::RUN_TIMEOUT).unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must run as root"), "{err}");

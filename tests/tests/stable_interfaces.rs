@@ -280,7 +280,7 @@ fn check(config: &str) -> String {
         .spawn()
         .expect("starting mim-lb check");
     child.stdin.take().unwrap().write_all(config.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = mim_lb_tests::wait_within(child, mim_lb_tests::RUN_TIMEOUT).unwrap();
     assert!(out.status.success(), "mim-lb check failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
