@@ -170,8 +170,11 @@ fn keep_pinned_keeps_forwarding_until_detach() {
     assert!(!gw.pin_dir().exists());
     let xdp = lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "eth0"]).unwrap();
     assert!(!xdp.contains("xdp"), "still attached: {xdp}");
-    // Without the program, the gateway's own kernel answers the VIP (and refuses the port).
-    assert!(in_netns(lab.client_ns(), || mim_lb_tests::tcp_ask(vip, T)).unwrap().is_err());
+    // Without the program, the gateway's own kernel answers the VIP (and refuses the port): a
+    // refusal, not a timeout.
+    let err = in_netns(lab.client_ns(), || mim_lb_tests::tcp_ask(vip, T)).unwrap().expect_err("the VIP answered after detach");
+    let kind = err.root_cause().downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+    assert_eq!(kind, Some(std::io::ErrorKind::ConnectionRefused), "{err:#}");
 }
 
 /// A second daemon on the same pins (even with another control socket) refuses to start

@@ -175,8 +175,12 @@ fn a_drained_master_keeps_its_connections_and_a_disabled_one_loses_them() {
 
     gw.ctl(&["disable", "tcp-7000", &addr(&lab, 0).to_string()]).unwrap();
     assert_eq!(gw.backend(addr(&lab, 0)).unwrap().state, "disabled");
+    // Their next packets go to another master, which knows no such connection and answers
+    // with a reset (OPERATIONS.md, "Backend states"): a reset, not a timeout.
     for &k in &on_target {
-        assert!(held[k].echo("after disable", T).is_err(), "a connection stayed on the disabled master");
+        let err = held[k].echo("after disable", T).expect_err("a connection stayed on the disabled master");
+        let kind = err.root_cause().downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+        assert_eq!(kind, Some(std::io::ErrorKind::ConnectionReset), "{err:#}");
     }
     let mut others: Vec<TcpHold> = held.into_iter().filter(|h| h.name() != target).collect();
     echo_all(&mut others, "others after disable");
