@@ -197,26 +197,13 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        let mut dataplane = Dataplane {
+        let dataplane = Dataplane {
             ebpf,
             pin_dir: options.pin_dir.clone(),
             reused_pins,
             attachment: None,
             logger,
         };
-        if reused_pins {
-            let globals = dataplane.maps().globals()?;
-            let readable = MIN_READABLE_ABI_VERSION..=ABI_VERSION;
-            if globals.flags & GLOBALS_F_READY != 0 && !readable.contains(&globals.abi_version) {
-                return Err(DataplaneError::IncompatiblePins {
-                    dir: options.pin_dir.clone().unwrap_or_default(),
-                    detail: format!(
-                        "they were filled by ABI version {}, this build speaks {ABI_VERSION}",
-                        globals.abi_version
-                    ),
-                });
-            }
-        }
         Ok(dataplane)
     }
 
@@ -590,7 +577,8 @@ fn check_pins(dir: &Path, flow_table_size: u32) -> Result<bool, DataplaneError> 
     let incompatible = |detail: String| DataplaneError::IncompatiblePins { dir: dir.to_path_buf(), detail };
     // Maps added since the oldest readable ABI may be missing only from a set that ABI filled:
     // from a newer set, a missing one held live state (an old table during a resize).
-    let filled_by_oldest = pinned_abi_version(dir).is_some_and(|v| v < ABI_VERSION);
+    let abi = pinned_abi_version(dir);
+    let filled_by_oldest = abi.is_some_and(|v| v < ABI_VERSION);
     let missing: Vec<&str> = expected
         .iter()
         .map(|e| e.0)
@@ -619,6 +607,10 @@ fn check_pins(dir: &Path, flow_table_size: u32) -> Result<bool, DataplaneError> 
                 found.1, found.2, found.3
             )));
         }
+    }
+    // Checked before anything is loaded over the pins, so a refusal leaves them untouched.
+    if let Some(v) = abi.filter(|v| !(MIN_READABLE_ABI_VERSION..=ABI_VERSION).contains(v)) {
+        return Err(incompatible(format!("they were filled by ABI version {v}, this build speaks {ABI_VERSION}")));
     }
     Ok(true)
 }
