@@ -80,6 +80,15 @@ impl ServiceSpec {
             masters: (0..lab.master_count()).map(|i| (i, true)).collect(),
         }
     }
+
+    /// The same service with no master's MAC in the config: the daemon resolves them from
+    /// the neighbour table.
+    pub fn macs_from_neighbours(mut self) -> ServiceSpec {
+        for master in &mut self.masters {
+            master.1 = false;
+        }
+        self
+    }
 }
 
 /// A config for the lab's gateway. `extra` goes at the top (e.g. `tcp_idle_timeout_s = 3`).

@@ -406,11 +406,7 @@ fn restarts_keep_long_lived_connections() {
 fn backends_without_a_mac_are_resolved_and_used() {
     let mut lab = Lab::new(LabSpec::default()).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
-    let service = ServiceSpec {
-        health: HEALTH.into(),
-        masters: (0..lab.master_count()).map(|i| (i, false)).collect(),
-        ..ServiceSpec::tcp(&lab, PORT)
-    };
+    let service = ServiceSpec { health: HEALTH.into(), ..ServiceSpec::tcp(&lab, PORT) }.macs_from_neighbours();
     let octets = lab.master_addr4(0).octets();
     let nobody = std::net::Ipv4Addr::new(octets[0], octets[1], octets[2], 200);
     let config = format!("{}[[service.backend]]\naddress = \"{nobody}\"\n", lab_config(&lab, &[service], ""));
@@ -529,11 +525,7 @@ fn a_masters_mac_change_is_followed_without_moving_its_flows() {
     use mim_lb_tests::{Capture, mac_to_string};
     let mut lab = Lab::new(LabSpec::default()).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
-    let service = ServiceSpec {
-        health: HEALTH.into(),
-        masters: (0..lab.master_count()).map(|i| (i, false)).collect(),
-        ..ServiceSpec::tcp(&lab, PORT)
-    };
+    let service = ServiceSpec { health: HEALTH.into(), ..ServiceSpec::tcp(&lab, PORT) }.macs_from_neighbours();
     let config = lab_config(&lab, &[service], "");
     let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
     gw.wait_all_up().unwrap();
