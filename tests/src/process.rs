@@ -223,17 +223,36 @@ impl Proc {
         child.try_wait().with_context(|| format!("waiting for {}", self.inner.label))
     }
 
-    /// Waits up to `timeout` for the process to exit.
+    /// Waits up to `timeout` for the process to exit, and then (up to the same deadline, and
+    /// at least a second) for its last output to be read, so that [`Proc::lines`] after it
+    /// holds everything the process printed: an exit is seen before the reader threads reach
+    /// the end of the pipes, and a test reading the log at once missed its last lines.
     pub fn wait_exit(&self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_exit_status()? {
+                self.wait_output_read(deadline.max(Instant::now() + Duration::from_secs(1)));
                 return Ok(status);
             }
             if Instant::now() >= deadline {
                 return Err(anyhow!("{} still running after {timeout:?}", self.inner.label));
             }
             thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Proc {
+    /// Waits until both output streams are at their end or `deadline` passed. A child of the
+    /// process that keeps the pipes open past its exit only costs the wait.
+    fn wait_output_read(&self, deadline: Instant) {
+        let mut out = self.inner.out.lock().unwrap();
+        while out.open_streams > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            out = self.inner.changed.wait_timeout(out, deadline - now).unwrap().0;
         }
     }
 }

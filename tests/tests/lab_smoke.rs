@@ -250,6 +250,14 @@ fn spawned_process_runs_in_its_namespace() {
     let err = short.wait_for_line("ready", Duration::from_secs(20)).unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(5), "{err:#}");
     assert_eq!(short.wait_exit(T).unwrap().code(), Some(3));
+    // After wait_exit, lines() holds everything printed, even output that reaches the pipe
+    // after the exit (here from a child the shell left behind): a refused start's last line
+    // used to be missed this way.
+    let late = lab
+        .spawn_in(&gw, Command::new("sh").args(["-c", "(sleep 0.3; echo late >&2) & echo early; exit 4"]))
+        .unwrap();
+    assert_eq!(late.wait_exit(T).unwrap().code(), Some(4));
+    assert_eq!(late.lines(), ["early", "late"]);
 
     let out = lab.run_in(lab.master_ns(0), "ip", &["-o", "addr", "show", "dev", "lo"]).unwrap();
     assert!(out.contains(&format!("{}/32", lab.vip4())), "{out}");
