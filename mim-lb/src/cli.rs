@@ -88,6 +88,16 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Ready(args) => {
+            let response = client::request_within(&args.socket.socket, &Request::Ready, args.timeout)?;
+            if !response.ok {
+                bail!("not ready: {}", response.error.unwrap_or_else(|| "no reason given".into()));
+            }
+            if !args.quiet {
+                println!("{}", response.message.unwrap_or_else(|| "ready".into()));
+            }
+            Ok(())
+        }
         Command::Detach(args) => detach::run(&args),
         Command::PrepareBackend(args) => prepare_backend::run(&args),
         Command::ExampleConfig => {
@@ -161,6 +171,10 @@ pub enum Command {
     /// packet (nothing is recorded or counted).
     #[command(after_help = "Examples:\n  mim-lb simulate --flow 192.0.2.7:40000-10.0.0.100:7000/tcp\n  mim-lb simulate --flow '[2001:db8::7]:40000-[2001:db8::100]:7000/udp'")]
     Simulate(SimulateArgs),
+    /// Exit 0 if this director is ready to carry the VIP (program attached, tables written,
+    /// the peers' flow state pulled), 1 otherwise: keepalived's `track_script`.
+    #[command(after_help = "Examples:\n  mim-lb ready && echo ready\n  mim-lb ready --quiet --timeout 1s   (keepalived track_script)")]
+    Ready(ReadyArgs),
     /// Take a stopped daemon's program off the interface and remove its pinned maps (what
     /// `run --keep-pinned`, and so the systemd unit, leaves forwarding on stop).
     #[command(after_help = "Example:\n  systemctl stop mim-lb && mim-lb detach --config /etc/mim-lb/mim-lb.toml")]
@@ -227,6 +241,19 @@ pub struct Target {
     pub service: String,
     /// The backend's address.
     pub backend: IpAddr,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReadyArgs {
+    /// Print nothing when ready (the reason still goes to stderr when not).
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// How long to wait for the daemon's answer; a daemon that does not answer in time is
+    /// not ready.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
     #[command(flatten)]
     pub socket: SocketArg,
 }

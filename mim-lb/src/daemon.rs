@@ -489,6 +489,10 @@ impl Daemon {
                     Response::error(format!("reload rejected, nothing changed: {why}"))
                 }
             },
+            Request::Ready => match self.not_ready() {
+                None => Response::message(format!("ready: serving {} services on {}", director.desired().len(), self.config.interface)),
+                Some(why) => Response::error(why),
+            },
             Request::Simulate { flow } => {
                 if self.simulator.is_none() {
                     match director.dataplane().simulator() {
@@ -503,6 +507,12 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// What keeps this director from carrying the VIP, if anything. The event loop runs only
+    /// once the program is attached and the tables are written.
+    fn not_ready(&self) -> Option<String> {
+        None
     }
 
     fn admin(&mut self, director: &mut Director, service: &str, backend: IpAddr, admin: Admin) -> Response {

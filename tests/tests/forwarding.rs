@@ -132,7 +132,12 @@ fn clean_stop_detaches_and_removes_the_pins() {
     assert!(gw.pin_dir().join("FLOWS").exists());
     let xdp = lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "eth0"]).unwrap();
     assert!(xdp.contains("xdpgeneric"), "not attached: {xdp}");
+    // keepalived's track_script: ready while serving, not once stopped.
+    assert!(gw.ctl(&["ready"]).unwrap().starts_with("ready: serving 1 services"));
+    assert_eq!(gw.ctl(&["ready", "--quiet", "--timeout", "500ms"]).unwrap(), "");
     gw.stop().unwrap();
+    let err = format!("{:#}", gw.ctl(&["ready", "--quiet"]).unwrap_err());
+    assert!(err.contains("no mim-lb daemon is running"), "{err}");
     assert!(!gw.pin_dir().exists(), "pins left behind");
     let xdp = lab.run_in(lab.gateway_ns(), "ip", &["-d", "link", "show", "eth0"]).unwrap();
     assert!(!xdp.contains("xdp"), "still attached: {xdp}");

@@ -27,6 +27,12 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Sends one request and waits for its response.
 pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
+    request_within(socket, req, TIMEOUT)
+}
+
+/// [`request`] with its own limit on each read and write (a readiness probe must answer
+/// within its caller's interval, and a daemon that is busy starting is not ready).
+pub fn request_within(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, ClientError> {
     let io = |source: std::io::Error| ClientError::Io { path: socket.to_owned(), source };
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -35,8 +41,8 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
         std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(socket.to_owned()),
         _ => io(e),
     })?;
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_string(req).map_err(|e| ClientError::Protocol {
         path: socket.to_owned(),
         detail: e.to_string(),

@@ -23,6 +23,9 @@ pub enum Request {
     Reload,
     /// Where a flow would go now, by running the live program on a synthetic packet.
     Simulate { flow: String },
+    /// Whether this director may take the VIP: program attached, tables written, the peers'
+    /// flow state pulled. `ok` true when ready, else `error` says what it waits for.
+    Ready,
 }
 
 /// The answer. `ok` false comes with `error`; otherwise the field that fits the request.
@@ -68,6 +71,7 @@ mod tests {
         let back: Request = serde_json::from_str(r#"{"command":"simulate","flow":"10.0.0.1:4000-10.0.0.100:7000/tcp"}"#).unwrap();
         assert_eq!(back, Request::Simulate { flow: "10.0.0.1:4000-10.0.0.100:7000/tcp".into() });
         assert!(serde_json::from_str::<Request>(r#"{"command":"format-disk"}"#).is_err());
+        assert_eq!(serde_json::to_string(&Request::Ready).unwrap(), r#"{"command":"ready"}"#);
     }
 
     #[test]
