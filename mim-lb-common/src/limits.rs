@@ -47,3 +47,7 @@ pub const fn slot_index(service_id: u32, slot: u32) -> u32 {
 /// `SLOT_SEEN` holds `CLOCK_MONOTONIC >> SEEN_SHIFT`: units of 2^30 ns (about 1.07 s), so
 /// a u32 lasts over a century and a slot is written at most once per unit.
 pub const SEEN_SHIFT: u32 = 30;
+
+/// Bytes of the `FLOW_EVENTS` ring buffer (a power of two): about 58,000 events, a quarter of
+/// a second of new flows at 200,000 per second before the daemon reads them.
+pub const FLOW_EVENTS_BYTES: u32 = 1 << 22;

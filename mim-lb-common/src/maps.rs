@@ -12,8 +12,13 @@ pub mod names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const SLOT_SEEN: &str = "SLOT_SEEN";
     pub const MAGLEV_OLD: &str = "MAGLEV_OLD";
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    pub const SYNC_STATS: &str = "SYNC_STATS";
+    /// Maps that hold no state a restart must keep (a channel and its counters): a pinned
+    /// set of any readable ABI may lack them, and they are then created beside the others.
+    pub const STATELESS: [&str; 2] = [FLOW_EVENTS, SYNC_STATS];
     /// Every map the control plane owns and pins.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         GLOBALS,
         SERVICES,
         MAGLEV,
@@ -24,6 +29,8 @@ pub mod names {
         BACKEND_STATS,
         SLOT_SEEN,
         MAGLEV_OLD,
+        FLOW_EVENTS,
+        SYNC_STATS,
     ];
 }
 
@@ -37,6 +44,9 @@ pub const PROTO_UDP: u8 = 17;
 
 /// `Globals::flags`: the control plane has filled the maps; until then every packet passes.
 pub const GLOBALS_F_READY: u32 = 1;
+/// `Globals::flags`: peers are configured: every change to the connection table made by the
+/// data path is also sent to `FLOW_EVENTS`, for the daemon to pass on to the other directors.
+pub const GLOBALS_F_SYNC: u32 = 2;
 
 /// `Globals::abi_version`: the meaning of the pinned maps' contents. A daemon reuses maps
 /// pinned by an earlier run only if they carry its own version (sizes are checked too), so an
@@ -222,6 +232,31 @@ pub struct FlowEntry {
     pub last_seen_ns: u64,
 }
 
+/// `FlowEvent::kind`: the data path recorded (or re-recorded) the flow.
+pub const FLOW_EVENT_RECORDED: u32 = 1;
+/// `FlowEvent::kind`: the data path deleted the flow's record (a new connection reused its
+/// addresses and ports where no record is needed).
+pub const FLOW_EVENT_FORGOTTEN: u32 = 2;
+
+/// One change to the connection table, as the data path sends it to the daemon through the
+/// `FLOW_EVENTS` ring buffer when `GLOBALS_F_SYNC` is set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub key: FlowKey,
+    /// The record written (`FLOW_EVENT_RECORDED`); zero for `FLOW_EVENT_FORGOTTEN`.
+    pub flow: FlowEntry,
+    /// `FLOW_EVENT_*`.
+    pub kind: u32,
+    pub _pad0: u32,
+}
+
+/// `SYNC_STATS` (per CPU) indices: events sent, and events lost because the ring was full
+/// (the daemon's periodic refresh repairs those).
+pub const SYNC_STAT_SENT: u32 = 0;
+pub const SYNC_STAT_LOST: u32 = 1;
+pub const SYNC_STAT_SLOTS: u32 = 2;
+
 /// A packet and byte counter (`REASON_STATS`, per CPU, indexed by reason code).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -250,6 +285,7 @@ mod pod {
     unsafe impl aya::Pod for BackendEntry {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for TrafficStats {}
 }
@@ -261,6 +297,7 @@ const _: () = {
     assert!(core::mem::size_of::<BackendEntry>() == 48);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowEntry>() == 24);
+    assert!(core::mem::size_of::<FlowEvent>() == 72);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
     // Every backend id fits in a Maglev entry's owner and previous-owner fields.

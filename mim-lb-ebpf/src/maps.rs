@@ -2,14 +2,15 @@
 //! prints their keys and values with field names. The control plane pins them by these names.
 
 use aya_ebpf::{
-    btf_maps::{Array, LruHashMap, PerCpuArray},
+    btf_maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use mim_lb_common::{
-    BackendEntry, Counter, FlowEntry, FlowKey, Globals, ServiceEntry, TrafficStats,
+    BackendEntry, Counter, FlowEntry, FlowEvent, FlowKey, Globals, SYNC_STAT_SLOTS, ServiceEntry,
+    TrafficStats,
     limits::{
-        DEFAULT_FLOW_TABLE_SIZE, MAGLEV_MAP_ENTRIES, MAX_BACKENDS, MAX_SERVICES, REASON_SLOTS,
-        SERVICE_SLOTS, SLOT_MAP_ENTRIES,
+        DEFAULT_FLOW_TABLE_SIZE, FLOW_EVENTS_BYTES, MAGLEV_MAP_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
+        REASON_SLOTS, SERVICE_SLOTS, SLOT_MAP_ENTRIES,
     },
 };
 
@@ -55,3 +56,12 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats, { MAX_SERVICES as usize }> =
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats, { MAX_BACKENDS as usize }> =
     PerCpuArray::new();
+
+/// Changes to `FLOWS` made by the data path, for the daemon to share with the other
+/// directors (only while `GLOBALS_F_SYNC` is set).
+#[btf_map]
+pub static FLOW_EVENTS: RingBuf<FlowEvent, { FLOW_EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Events sent to and lost from `FLOW_EVENTS` (`SYNC_STAT_*`).
+#[btf_map]
+pub static SYNC_STATS: PerCpuArray<u64, { SYNC_STAT_SLOTS as usize }> = PerCpuArray::new();

@@ -4,13 +4,14 @@
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use aya_log_ebpf::warn;
 use mim_lb_common::{
-    BACKEND_F_IN_USE, BACKEND_F_KEEPS_FLOWS, BackendEntry, FlowEntry, FlowKey, Globals,
+    BACKEND_F_IN_USE, BACKEND_F_KEEPS_FLOWS, BackendEntry, FLOW_EVENT_FORGOTTEN, FLOW_EVENT_RECORDED,
+    FlowEntry, FlowEvent, FlowKey, GLOBALS_F_SYNC, Globals, SYNC_STAT_LOST, SYNC_STAT_SENT,
     MAGLEV_BACKEND_MASK, MAGLEV_SLOT_CHANGED, PROTO_TCP, SERVICE_F_OLD_SOURCE_HASH,
     SERVICE_F_RESIZED, SERVICE_F_SOURCE_HASH, ServiceEntry, hash, limits, maglev_prev, reason,
 };
 
 use crate::{
-    maps::{BACKENDS, FLOWS, MAGLEV, MAGLEV_OLD, SERVICES, SLOT_SEEN},
+    maps::{BACKENDS, FLOW_EVENTS, FLOWS, GLOBALS, MAGLEV, MAGLEV_OLD, SERVICES, SLOT_SEEN, SYNC_STATS},
     parse::Packet,
 };
 
@@ -230,6 +231,25 @@ fn record(ctx: &XdpContext, key: &FlowKey, service: &ServiceEntry, owner: u32, s
     // the packet still goes to the slot's master.
     if let Err(err) = FLOWS.insert(key, &flow, 0) {
         warn!(ctx, "connection table insert failed: {}", err);
+        return;
+    }
+    tell_peers(key, &flow, FLOW_EVENT_RECORDED);
+}
+
+/// Sends a change of the connection table to the daemon, which passes it on to the other
+/// directors; only while peers are configured. A full ring loses the event (counted): the
+/// daemon's periodic refresh of live records repairs it.
+#[inline(always)]
+fn tell_peers(key: &FlowKey, flow: &FlowEntry, kind: u32) {
+    let syncing = GLOBALS.get(0).is_some_and(|g| g.flags & GLOBALS_F_SYNC != 0);
+    if !syncing {
+        return;
+    }
+    let event = FlowEvent { key: *key, flow: *flow, kind, _pad0: 0 };
+    let stat = if FLOW_EVENTS.output(&event, 0).is_ok() { SYNC_STAT_SENT } else { SYNC_STAT_LOST };
+    if let Some(count) = SYNC_STATS.get_ptr_mut(stat) {
+        // SAFETY: a u64 of this CPU's copy of a per-CPU array, valid for this program run.
+        unsafe { *count += 1 };
     }
 }
 
@@ -241,8 +261,8 @@ fn forget(key: &FlowKey) {
     if crate::simulating() {
         return;
     }
-    if FLOWS.get_ptr(key).is_some() {
-        let _ = FLOWS.remove(key);
+    if FLOWS.get_ptr(key).is_some() && FLOWS.remove(key).is_ok() {
+        tell_peers(key, &FlowEntry::default(), FLOW_EVENT_FORGOTTEN);
     }
 }
 

@@ -21,3 +21,4 @@ pub mod prepare_backend;
 pub mod rlimit;
 pub mod simulate;
 pub mod status;
+pub mod sync;

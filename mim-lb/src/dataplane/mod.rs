@@ -534,7 +534,7 @@ const MIN_READABLE_ABI_VERSION: u32 = 1;
 const MAPS_ADDED_SINCE_OLDEST: [&str; 2] = [names::SLOT_SEEN, names::MAGLEV_OLD];
 
 /// What this build expects of each pinned map: (name, type, key size, value size, entries).
-fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize, u32); 10] {
+fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize, u32); 12] {
     use core::mem::size_of;
     [
         (names::GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
@@ -547,6 +547,8 @@ fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize,
         (names::BACKEND_STATS, MapType::PerCpuArray, 4, size_of::<TrafficStats>(), limits::MAX_BACKENDS),
         (names::SLOT_SEEN, MapType::Array, 4, 4, limits::SLOT_MAP_ENTRIES),
         (names::MAGLEV_OLD, MapType::Array, 4, 4, limits::SLOT_MAP_ENTRIES),
+        (names::FLOW_EVENTS, MapType::RingBuf, 0, 0, limits::FLOW_EVENTS_BYTES),
+        (names::SYNC_STATS, MapType::PerCpuArray, 4, 8, mim_lb_common::SYNC_STAT_SLOTS),
     ]
 }
 
@@ -583,7 +585,8 @@ fn check_pins(dir: &Path, flow_table_size: u32) -> Result<bool, DataplaneError> 
         .iter()
         .map(|e| e.0)
         .filter(|n| {
-            let may_be_missing = filled_by_oldest && MAPS_ADDED_SINCE_OLDEST.contains(n);
+            let may_be_missing =
+                (filled_by_oldest && MAPS_ADDED_SINCE_OLDEST.contains(n)) || names::STATELESS.contains(n);
             !present.contains(n) && !may_be_missing
         })
         .collect();

@@ -1,0 +1,558 @@
+//! The flow-sync protocol between directors, without sockets or maps: what to send, what to
+//! send again, what a received datagram means. The daemon feeds it datagrams, events and
+//! the clock, sends what it returns, and applies what it reports to its own tables.
+//!
+//! Every datagram that carries state (records, forgets, seen slots, marks, the end of a pull)
+//! is acknowledged by the peer and sent again until it is, a bounded number of times; a peer
+//! that stayed silent or lost datagrams for good gets the whole state again when it is heard
+//! from, as a director that starts asks for it (a pull). Memory is bounded by a window of
+//! datagrams in flight per peer, plus the snapshot of a pull answer being sent.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use mim_lb_common::FlowKey;
+
+use super::wire::{self, Body, Key, Message, WireError, WireMark, WireRecord};
+use crate::config::ServiceKey;
+
+/// How often a hello goes to every peer.
+pub const HELLO_EVERY: Duration = Duration::from_millis(250);
+/// A peer not heard from for this long is down: nothing more is sent to it but hellos (and a
+/// pull, while one is wanted).
+pub const DEAD_AFTER: Duration = Duration::from_secs(2);
+/// A datagram not acknowledged within this is sent again.
+pub const RESEND_AFTER: Duration = Duration::from_millis(200);
+/// Sends of one datagram before it counts as lost (the peer then gets the whole state again).
+pub const MAX_TRIES: u32 = 8;
+/// Datagrams in flight to one peer; more wait in its backlog.
+pub const WINDOW: usize = 512;
+/// Datagrams waiting in a peer's backlog beyond a pull answer's snapshot before the oldest
+/// are dropped (the peer then gets the whole state again).
+pub const MAX_BACKLOG: usize = 65_536;
+/// How long a starting director asks a peer that answers for its state before it gives up.
+pub const PULL_LIMIT: Duration = Duration::from_secs(60);
+/// Width of the replay window: a datagram more than this many behind the newest is refused.
+const REPLAY_WINDOW: u64 = 1024;
+
+/// What a received datagram (or the passing of time) asks of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    Records(Vec<WireRecord>),
+    Forget(Vec<FlowKey>),
+    Seen { service: ServiceKey, table_size: u32, slots: Vec<(u32, u32)> },
+    Marks { from: SocketAddr, service: ServiceKey, table_size: u32, marks: Vec<WireMark> },
+    /// Send this peer the whole state ([`Engine::answer_pull`]): it asked (it starts), or it
+    /// missed datagrams for good.
+    SendAll(SocketAddr),
+    /// A peer's pull answer is complete.
+    Pulled(SocketAddr),
+}
+
+/// Where this director's own pull from a peer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullState {
+    /// Not wanted (the daemon did not start with one).
+    None,
+    Asking { since: Instant },
+    Done,
+    /// Not heard from within the pull timeout (down), or no complete answer within
+    /// [`PULL_LIMIT`].
+    GaveUp,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub sent: u64,
+    pub received: u64,
+    pub resent: u64,
+    /// Datagrams given up on after [`MAX_TRIES`] (or dropped from a full backlog).
+    pub lost: u64,
+    pub unknown_peer: u64,
+    pub bad_auth: u64,
+    pub malformed: u64,
+    pub replayed: u64,
+}
+
+struct Unacked {
+    bytes: Vec<u8>,
+    sent_at: Instant,
+    tries: u32,
+    /// When the oldest change it carries happened, to measure the lag.
+    oldest: Option<Instant>,
+    in_pull_answer: bool,
+}
+
+struct Waiting {
+    body: Body,
+    oldest: Option<Instant>,
+    in_pull_answer: bool,
+}
+
+/// One peer, by address.
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// Its incarnation, once heard (0: never).
+    incarnation: u64,
+    newest_seq: u64,
+    seen_bits: u128,
+    seen_more: std::collections::BTreeSet<u64>,
+    pub last_heard: Option<Instant>,
+    pub ready: bool,
+    pub digests: HashMap<ServiceKey, [u8; 8]>,
+    unacked: BTreeMap<u64, Unacked>,
+    backlog: VecDeque<Waiting>,
+    /// A pull answer being sent: its totals, sent with its end once all of it is acknowledged.
+    answering: Option<(u64, u64)>,
+    /// [`Inbound::SendAll`] was reported and not answered yet.
+    answer_wanted: bool,
+    pub pull: PullState,
+    /// Lost datagrams since the last full state: send everything when it is heard from again.
+    needs_all: bool,
+    was_dead: bool,
+    pub lag_last: Option<Duration>,
+    pub lag_max: Option<Duration>,
+    pub counters: Counters,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            incarnation: 0,
+            newest_seq: 0,
+            seen_bits: 0,
+            seen_more: Default::default(),
+            last_heard: None,
+            ready: false,
+            digests: HashMap::new(),
+            unacked: BTreeMap::new(),
+            backlog: VecDeque::new(),
+            answering: None,
+            answer_wanted: false,
+            pull: PullState::None,
+            needs_all: false,
+            was_dead: true,
+            lag_last: None,
+            lag_max: None,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn alive(&self, now: Instant) -> bool {
+        self.last_heard.is_some_and(|t| now.saturating_duration_since(t) < DEAD_AFTER)
+    }
+
+    /// Datagrams sent and not yet acknowledged, plus those waiting for room.
+    pub fn in_flight(&self) -> usize {
+        self.unacked.len() + self.backlog.len()
+    }
+
+    /// Whether `seq` of the current incarnation is new; remembers it.
+    fn fresh(&mut self, seq: u64) -> bool {
+        if seq > self.newest_seq {
+            let shift = seq - self.newest_seq;
+            self.seen_bits = if shift >= 128 { 0 } else { self.seen_bits << shift };
+            self.seen_bits |= 1;
+            self.newest_seq = seq;
+            self.seen_more.retain(|s| s + REPLAY_WINDOW > seq);
+            return true;
+        }
+        let behind = self.newest_seq - seq;
+        if behind >= REPLAY_WINDOW {
+            return false;
+        }
+        if behind < 128 {
+            let bit = 1u128 << behind;
+            let new = self.seen_bits & bit == 0;
+            self.seen_bits |= bit;
+            new
+        } else {
+            self.seen_more.insert(seq)
+        }
+    }
+}
+
+/// The protocol state of this director.
+pub struct Engine {
+    key: Key,
+    incarnation: u64,
+    next_seq: u64,
+    peers: Vec<Peer>,
+    out: Vec<(SocketAddr, Vec<u8>)>,
+    pending_records: Vec<WireRecord>,
+    pending_oldest: Option<Instant>,
+    pending_forgets: Vec<FlowKey>,
+    last_hello: Option<Instant>,
+    pull_timeout: Duration,
+    started: Instant,
+    /// Datagrams from addresses that are not peers, and ones that fail before a peer is known.
+    pub counters: Counters,
+}
+
+impl Engine {
+    /// `incarnation` must grow from one start of the daemon to the next (the wall clock in
+    /// ns does); `pull` asks every peer for its state first.
+    pub fn new(key: Key, peers: &[SocketAddr], incarnation: u64, pull: bool, pull_timeout: Duration, now: Instant) -> Engine {
+        let mut peers: Vec<Peer> = peers.iter().map(|a| Peer::new(*a)).collect();
+        if pull {
+            peers.iter_mut().for_each(|p| p.pull = PullState::Asking { since: now });
+        }
+        Engine {
+            key,
+            incarnation,
+            next_seq: 1,
+            peers,
+            out: Vec::new(),
+            pending_records: Vec::new(),
+            pending_oldest: None,
+            pending_forgets: Vec::new(),
+            last_hello: None,
+            pull_timeout,
+            started: now,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn peers(&self) -> &[Peer] {
+        &self.peers
+    }
+
+    /// Whether this director's pull is over (every peer answered, or was given up on).
+    pub fn pulled(&self) -> bool {
+        self.peers.iter().all(|p| !matches!(p.pull, PullState::Asking { .. }))
+    }
+
+    /// The peers still being pulled from, for the readiness message.
+    pub fn pulling_from(&self) -> Vec<SocketAddr> {
+        self.peers.iter().filter(|p| matches!(p.pull, PullState::Asking { .. })).map(|p| p.addr).collect()
+    }
+
+    /// Datagrams to send now; the daemon sends them in order.
+    pub fn take_out(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// A flow recorded (or refreshed) here; sent with the next [`Engine::flush`] or when a
+    /// datagram's worth is queued. `happened` is when the data path recorded it.
+    pub fn queue_record(&mut self, record: WireRecord, happened: Option<Instant>, now: Instant) {
+        self.pending_oldest = match (self.pending_oldest, happened) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.pending_records.push(record);
+        if self.pending_records.len() >= wire::RECORDS_PER_DATAGRAM {
+            self.flush_records(now);
+        }
+    }
+
+    /// A record deleted here.
+    pub fn queue_forget(&mut self, key: FlowKey, now: Instant) {
+        self.pending_forgets.push(key);
+        if self.pending_forgets.len() >= wire::FORGETS_PER_DATAGRAM {
+            self.flush_forgets(now);
+        }
+    }
+
+    /// Sends what is queued.
+    pub fn flush(&mut self, now: Instant) {
+        self.flush_records(now);
+        self.flush_forgets(now);
+    }
+
+    fn flush_records(&mut self, now: Instant) {
+        if self.pending_records.is_empty() {
+            return;
+        }
+        let records = std::mem::take(&mut self.pending_records);
+        let oldest = self.pending_oldest.take();
+        self.broadcast(Body::Records(records), oldest, now);
+    }
+
+    fn flush_forgets(&mut self, now: Instant) {
+        if !self.pending_forgets.is_empty() {
+            let keys = std::mem::take(&mut self.pending_forgets);
+            self.broadcast(Body::Forget(keys), None, now);
+        }
+    }
+
+    /// Slots where unrecorded flows went to their previous master, to every live peer.
+    pub fn send_seen(&mut self, service: ServiceKey, table_size: u32, slots: Vec<(u32, u32)>, now: Instant) {
+        for chunk in slots.chunks(wire::SEEN_PER_DATAGRAM) {
+            self.broadcast(Body::Seen { service, table_size, slots: chunk.to_vec() }, None, now);
+        }
+    }
+
+    /// The whole state for `to`, after [`Inbound::SendAll`]: records, then each service's
+    /// marked slots, then (once all of it is acknowledged) the end of the answer.
+    pub fn answer_pull(&mut self, to: SocketAddr, records: Vec<WireRecord>, marks: Vec<(ServiceKey, u32, Vec<WireMark>)>, now: Instant) {
+        let Some(i) = self.peers.iter().position(|p| p.addr == to) else { return };
+        let totals = (records.len() as u64, marks.iter().map(|m| m.2.len() as u64).sum());
+        let peer = &mut self.peers[i];
+        peer.needs_all = false;
+        peer.answer_wanted = false;
+        for chunk in records.chunks(wire::RECORDS_PER_DATAGRAM) {
+            peer.backlog.push_back(Waiting { body: Body::Records(chunk.to_vec()), oldest: None, in_pull_answer: true });
+        }
+        for (service, table_size, marks) in marks {
+            for chunk in marks.chunks(wire::MARKS_PER_DATAGRAM) {
+                peer.backlog.push_back(Waiting {
+                    body: Body::Marks { service, table_size, marks: chunk.to_vec() },
+                    oldest: None,
+                    in_pull_answer: true,
+                });
+            }
+        }
+        peer.answering = Some(totals);
+        self.pump(i, now);
+    }
+
+    fn broadcast(&mut self, body: Body, oldest: Option<Instant>, now: Instant) {
+        for i in 0..self.peers.len() {
+            if !self.peers[i].alive(now) {
+                // It gets everything when it is back.
+                self.peers[i].needs_all = true;
+                continue;
+            }
+            let peer = &mut self.peers[i];
+            peer.backlog.push_back(Waiting { body: body.clone(), oldest, in_pull_answer: false });
+            if peer.backlog.len() > MAX_BACKLOG {
+                peer.backlog.pop_front();
+                peer.counters.lost += 1;
+                peer.needs_all = true;
+            }
+            self.pump(i, now);
+        }
+    }
+
+    /// Moves datagrams from a peer's backlog onto the wire while its window has room, and
+    /// ends a pull answer once all of it is acknowledged.
+    fn pump(&mut self, i: usize, now: Instant) {
+        while self.peers[i].unacked.len() < WINDOW {
+            let Some(w) = self.peers[i].backlog.pop_front() else { break };
+            let seq = self.seq();
+            let bytes = wire::encode(&self.key, &Message { sender: self.incarnation, seq, body: w.body });
+            let peer = &mut self.peers[i];
+            self.out.push((peer.addr, bytes.clone()));
+            peer.counters.sent += 1;
+            peer.unacked.insert(seq, Unacked { bytes, sent_at: now, tries: 1, oldest: w.oldest, in_pull_answer: w.in_pull_answer });
+        }
+        let peer = &self.peers[i];
+        let answer_sent = peer.answering.is_some()
+            && !peer.backlog.iter().any(|w| w.in_pull_answer)
+            && !peer.unacked.values().any(|u| u.in_pull_answer);
+        if answer_sent {
+            let (records, marked_slots) = self.peers[i].answering.take().expect("checked");
+            self.peers[i].backlog.push_front(Waiting { body: Body::PullEnd { records, marked_slots }, oldest: None, in_pull_answer: false });
+            self.pump(i, now);
+        }
+    }
+
+    fn seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    fn send_now(&mut self, to: SocketAddr, body: Body) {
+        let seq = self.seq();
+        let bytes = wire::encode(&self.key, &Message { sender: self.incarnation, seq, body });
+        self.out.push((to, bytes));
+    }
+
+    /// Hellos, pulls, resends, and peers found down or back. Call every few tens of ms.
+    pub fn tick(&mut self, ready: bool, digests: &[(ServiceKey, [u8; 8])], now: Instant) -> Vec<Inbound> {
+        let mut inbound = Vec::new();
+        self.flush(now);
+        let hello_due = self.last_hello.is_none_or(|t| now.saturating_duration_since(t) >= HELLO_EVERY);
+        if hello_due {
+            self.last_hello = Some(now);
+            let chunks: Vec<Vec<(ServiceKey, [u8; 8])>> = if digests.is_empty() {
+                vec![Vec::new()]
+            } else {
+                digests.chunks(wire::DIGESTS_PER_DATAGRAM).map(|c| c.to_vec()).collect()
+            };
+            for i in 0..self.peers.len() {
+                let addr = self.peers[i].addr;
+                for c in &chunks {
+                    self.send_now(addr, Body::Hello { ready, digests: c.clone() });
+                }
+                if matches!(self.peers[i].pull, PullState::Asking { .. }) {
+                    self.send_now(addr, Body::Pull);
+                }
+            }
+        }
+        for i in 0..self.peers.len() {
+            let alive = self.peers[i].alive(now);
+            let peer = &mut self.peers[i];
+            if let PullState::Asking { since } = peer.pull {
+                let waited = now.saturating_duration_since(since);
+                if (peer.last_heard.is_none() && waited >= self.pull_timeout) || waited >= PULL_LIMIT {
+                    peer.pull = PullState::GaveUp;
+                }
+            }
+            if !alive {
+                if !peer.was_dead {
+                    peer.was_dead = true;
+                    peer.counters.lost += (peer.unacked.len() + peer.backlog.len()) as u64;
+                    peer.unacked.clear();
+                    peer.backlog.clear();
+                    peer.answering = None;
+                    peer.needs_all = true;
+                }
+                continue;
+            }
+            let mut resend = Vec::new();
+            let mut gave_up = Vec::new();
+            for (seq, u) in peer.unacked.iter_mut() {
+                if now.saturating_duration_since(u.sent_at) < RESEND_AFTER {
+                    continue;
+                }
+                if u.tries >= MAX_TRIES {
+                    gave_up.push(*seq);
+                    continue;
+                }
+                u.tries += 1;
+                u.sent_at = now;
+                resend.push(u.bytes.clone());
+            }
+            for seq in gave_up {
+                peer.unacked.remove(&seq);
+                peer.counters.lost += 1;
+                peer.needs_all = true;
+            }
+            peer.counters.resent += resend.len() as u64;
+            let addr = peer.addr;
+            self.out.extend(resend.into_iter().map(|b| (addr, b)));
+            let peer = &mut self.peers[i];
+            if peer.needs_all && peer.answering.is_none() && !peer.answer_wanted {
+                peer.needs_all = false;
+                peer.answer_wanted = true;
+                inbound.push(Inbound::SendAll(addr));
+            }
+            self.pump(i, now);
+        }
+        inbound
+    }
+
+    /// A datagram from `from`.
+    pub fn receive(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) -> Vec<Inbound> {
+        let Some(i) = self.peers.iter().position(|p| p.addr == from) else {
+            self.counters.unknown_peer += 1;
+            return Vec::new();
+        };
+        let message = match wire::decode(&self.key, datagram) {
+            Ok(m) => m,
+            Err(WireError::BadTag) => {
+                self.peers[i].counters.bad_auth += 1;
+                return Vec::new();
+            }
+            Err(_) => {
+                self.peers[i].counters.malformed += 1;
+                return Vec::new();
+            }
+        };
+        let peer = &mut self.peers[i];
+        if message.sender < peer.incarnation {
+            peer.counters.replayed += 1;
+            return Vec::new();
+        }
+        let mut inbound = Vec::new();
+        if message.sender > peer.incarnation {
+            // A new start of the peer: it pulls what it needs; what was in flight to the old
+            // one is moot.
+            let restarted = peer.incarnation != 0;
+            peer.incarnation = message.sender;
+            peer.newest_seq = 0;
+            peer.seen_bits = 0;
+            peer.seen_more.clear();
+            peer.digests.clear();
+            if restarted {
+                peer.unacked.clear();
+                peer.backlog.clear();
+                peer.answering = None;
+                peer.answer_wanted = false;
+                peer.needs_all = false;
+            }
+        }
+        if !peer.fresh(message.seq) {
+            // A copy resent because our ack was lost: acknowledge again, apply nothing.
+            if message.body.reliable() {
+                self.send_now(from, Body::Ack { seq: message.seq });
+            } else {
+                self.peers[i].counters.replayed += 1;
+            }
+            return inbound;
+        }
+        peer.counters.received += 1;
+        peer.last_heard = Some(now);
+        if peer.was_dead {
+            peer.was_dead = false;
+        }
+        if message.body.reliable() {
+            self.send_now(from, Body::Ack { seq: message.seq });
+        }
+        let peer = &mut self.peers[i];
+        match message.body {
+            Body::Hello { ready, digests } => {
+                peer.ready = ready;
+                peer.digests.extend(digests);
+            }
+            Body::Records(r) => inbound.push(Inbound::Records(r)),
+            Body::Forget(k) => inbound.push(Inbound::Forget(k)),
+            Body::Seen { service, table_size, slots } => inbound.push(Inbound::Seen { service, table_size, slots }),
+            Body::Marks { service, table_size, marks } => inbound.push(Inbound::Marks { from, service, table_size, marks }),
+            Body::Pull => {
+                if peer.answering.is_none() && !peer.answer_wanted {
+                    peer.needs_all = false;
+                    peer.answer_wanted = true;
+                    inbound.push(Inbound::SendAll(from));
+                }
+            }
+            Body::PullEnd { .. } => {
+                if matches!(peer.pull, PullState::Asking { .. } | PullState::GaveUp) {
+                    peer.pull = PullState::Done;
+                }
+                inbound.push(Inbound::Pulled(from));
+            }
+            Body::Ack { seq } => {
+                if let Some(u) = peer.unacked.remove(&seq)
+                    && let Some(oldest) = u.oldest
+                {
+                    let lag = now.saturating_duration_since(oldest);
+                    peer.lag_last = Some(lag);
+                    peer.lag_max = Some(peer.lag_max.map_or(lag, |m| m.max(lag)));
+                }
+                self.pump(i, now);
+            }
+        }
+        inbound
+    }
+
+    /// How long since the engine started.
+    pub fn uptime(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+
+    /// Totals over every peer and the engine's own counters.
+    pub fn totals(&self) -> Counters {
+        let mut t = self.counters;
+        for p in &self.peers {
+            let c = p.counters;
+            t.sent += c.sent;
+            t.received += c.received;
+            t.resent += c.resent;
+            t.lost += c.lost;
+            t.bad_auth += c.bad_auth;
+            t.malformed += c.malformed;
+            t.replayed += c.replayed;
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests;
