@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    sync::runner::SyncRunner,
     cli::{RunArgs, XdpModeArg},
     lock::InstanceLock,
     config::{CheckKind, Config, ServiceKey, XdpMode},
@@ -98,6 +99,10 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
+    let sync_socket = match &config.sync {
+        Some(sync) => Some(crate::sync::runner::bind(sync).await?),
+        None => None,
+    };
     let gateway_mac = neighbor::interface_mac(&config.interface)
         .await
         .with_context(|| format!("reading the MAC address of {}", config.interface))?;
@@ -122,7 +127,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
     };
 
     let mut attached = None;
-    let listeners = Listeners { control: listener, metrics: metrics_listener, signals };
+    let listeners = Listeners { control: listener, metrics: metrics_listener, sync: sync_socket, signals };
     let result = start_and_serve(&config_path, overrides, config.clone(), &mut director, listeners, &mut attached).await;
     let stop = attached.take();
     let dataplane = director.dataplane_mut();
@@ -170,6 +175,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
 struct Listeners {
     control: tokio::net::UnixListener,
     metrics: Option<tokio::net::TcpListener>,
+    sync: Option<tokio::net::UdpSocket>,
     signals: Signals,
 }
 
@@ -241,6 +247,18 @@ async fn start_and_serve(
         return Err(e);
     }
     let how = attached.expect("attached above");
+    // Peers are told of flows from the moment the tables are live; the pull of their state
+    // runs in the event loop, and `mim-lb ready` waits for it.
+    let sync = match (listeners.sync, &config.sync) {
+        (Some(socket), Some(sync)) => match SyncRunner::start(socket, sync, &config.pin_dir, director) {
+            Ok(runner) => Some(runner),
+            Err(e) => {
+                neighbors.shutdown().await;
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
 
     let logger = director.dataplane_mut().take_logger();
     let log_task = logger.map(|logger| tokio::spawn(forward_program_log(logger)));
@@ -262,6 +280,7 @@ async fn start_and_serve(
         started: Instant::now(),
         mode: how.mode(),
         simulator: None,
+        sync,
     };
     daemon.refresh_watchers(director);
     info!(
@@ -307,6 +326,8 @@ struct Daemon {
     mode: AttachMode,
     /// Loaded on the first `simulate` request.
     simulator: Option<Simulator>,
+    /// Flow sync with peer directors, when `[sync]` is configured.
+    sync: Option<SyncRunner>,
 }
 
 impl Daemon {
@@ -330,6 +351,11 @@ impl Daemon {
         // operator's `ip link set address`, a bond failing over) is picked up within a second.
         let mut link_check = tokio::time::interval(Duration::from_secs(1));
         link_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sync_tick = tokio::time::interval(crate::sync::runner::TICK);
+        sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen_tick = tokio::time::interval(crate::sync::runner::SEEN_EVERY);
+        seen_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let syncing = self.sync.is_some();
         loop {
             // A reload may change the idle timeouts, and with them how often to sweep.
             if self.sweep_period() != period {
@@ -353,7 +379,29 @@ impl Daemon {
                     let response = self.on_request(director, request);
                     let _ = reply.send(response);
                 }
-                _ = sweep.tick(), if reading.is_none() && director.sweep_pending() => {
+                _ = async { self.sync.as_ref().expect("guarded").readable().await }, if syncing => {
+                    if let Some(sync) = self.sync.as_mut() {
+                        sync.on_readable(director);
+                    }
+                }
+                _ = async { self.sync.as_ref().expect("guarded").events_ready().await }, if syncing => {
+                    if let Some(sync) = self.sync.as_mut() {
+                        sync.on_events(director);
+                    }
+                }
+                _ = sync_tick.tick(), if syncing => {
+                    if let Some(sync) = self.sync.as_mut() {
+                        let ready = sync.not_ready().is_none();
+                        sync.on_tick(director, ready);
+                    }
+                }
+                _ = seen_tick.tick(), if syncing => {
+                    if let Some(sync) = self.sync.as_mut() {
+                        sync.on_seen_tick(director);
+                    }
+                }
+                // With peers, the table is also read to refresh their copies of live records.
+                _ = sweep.tick(), if reading.is_none() && (director.sweep_pending() || syncing) => {
                     let path = self.config.pin_dir.join(mim_lb_common::maps::names::FLOWS);
                     let started = monotonic_ns();
                     reading = Some((started, tokio::task::spawn_blocking(move || read_pinned_flows(&path))));
@@ -361,7 +409,12 @@ impl Daemon {
                 joined = async { (&mut reading.as_mut().expect("guarded").1).await }, if reading.is_some() => {
                     let (started, _) = reading.take().expect("guarded");
                     match joined {
-                        Ok(Ok(flows)) => self.sweep(director, &flows, started),
+                        Ok(Ok(flows)) => {
+                            if let Some(sync) = self.sync.as_mut() {
+                                sync.refresh(director, &flows, started);
+                            }
+                            self.sweep(director, &flows, started);
+                        }
                         Ok(Err(e)) => error!("flow sweep: reading the connection table: {e}"),
                         Err(e) => error!("flow sweep: the reader failed: {e}"),
                     }
@@ -512,7 +565,7 @@ impl Daemon {
     /// What keeps this director from carrying the VIP, if anything. The event loop runs only
     /// once the program is attached and the tables are written.
     fn not_ready(&self) -> Option<String> {
-        None
+        self.sync.as_ref().and_then(|s| s.not_ready())
     }
 
     fn admin(&mut self, director: &mut Director, service: &str, backend: IpAddr, admin: Admin) -> Response {
@@ -541,6 +594,7 @@ impl Daemon {
             ("flow_table_size", old.flow_table_size != config.flow_table_size),
             ("control_socket", old.control_socket != config.control_socket),
             ("metrics_listen", old.metrics_listen != config.metrics_listen),
+            ("sync", old.sync != config.sync),
         ];
         let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
         if !changed.is_empty() {
@@ -578,7 +632,7 @@ impl Daemon {
                 )
             })
             .collect();
-        status::collect(
+        let mut status = status::collect(
             director,
             &DaemonFacts {
                 interface: &self.config.interface,
@@ -587,7 +641,11 @@ impl Daemon {
                 uptime: self.started.elapsed(),
                 checks: &checks,
             },
-        )
+        )?;
+        if let (Some(sync), Some(config)) = (&self.sync, &self.config.sync) {
+            status.sync = Some(sync.status(director, config.listen));
+        }
+        Ok(status)
     }
 }
 

@@ -26,6 +26,49 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// Every packet the program saw, by the reason for its verdict.
     pub reasons: Vec<ReasonCount>,
+    /// Flow sync with peer directors (absent without `[sync]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
+}
+
+/// This director's flow sync.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub listen: String,
+    /// Whether this director may carry the VIP (what `mim-lb ready` answers).
+    pub ready: bool,
+    pub peers: Vec<PeerStatus>,
+    /// Datagrams from addresses that are not peers.
+    pub unknown_peer: u64,
+    /// Data-path events lost because the ring was full (repaired by the next refresh).
+    pub events_lost: u64,
+}
+
+/// One peer director, as this one sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub address: String,
+    /// `up` (heard within 2 s), `down`, or `never heard`.
+    pub state: String,
+    pub last_heard_s: Option<f64>,
+    /// The peer says it is ready.
+    pub ready: bool,
+    /// Every service's table digest equals this director's (None: not heard yet).
+    pub tables_agree: Option<bool>,
+    /// This director's pull of the peer's state: `done`, `pulling`, `gave up`, or `none`.
+    pub pull: String,
+    /// State datagrams sent and not yet acknowledged, or waiting to be sent.
+    pub in_flight: usize,
+    /// From a flow's record in the data path here to its acknowledgement by the peer.
+    pub lag_ms_last: Option<f64>,
+    pub lag_ms_max: Option<f64>,
+    pub sent: u64,
+    pub received: u64,
+    pub resent: u64,
+    pub lost: u64,
+    pub bad_auth: u64,
+    pub malformed: u64,
+    pub replayed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,6 +243,7 @@ pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate
         uptime_s: facts.uptime.as_secs_f64(),
         services,
         reasons,
+        sync: None,
     })
 }
 
@@ -291,7 +335,37 @@ pub fn render(status: &Status) -> String {
         "Verdicts (packets): {}",
         if counted.is_empty() { "none yet".to_owned() } else { counted.join(", ") }
     );
+    if let Some(sync) = &status.sync {
+        render_sync(&mut out, sync);
+    }
     out
+}
+
+fn render_sync(out: &mut String, sync: &SyncStatus) {
+    let _ = writeln!(out, "Flow sync on {}: {}", sync.listen, if sync.ready { "ready" } else { "NOT READY (pulling peers' state)" });
+    for p in &sync.peers {
+        let agree = match p.tables_agree {
+            Some(true) => "tables agree",
+            Some(false) => "TABLES DIFFER",
+            None => "tables unknown",
+        };
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
+        let _ = writeln!(
+            out,
+            "  peer {:<28} {:<10} {}, pull {}, in flight {}, lag {} (max {}), sent {} resent {} lost {}, refused {}",
+            p.address,
+            p.state,
+            agree,
+            p.pull,
+            p.in_flight,
+            ms(p.lag_ms_last),
+            ms(p.lag_ms_max),
+            p.sent,
+            p.resent,
+            p.lost,
+            p.bad_auth + p.malformed + p.replayed
+        );
+    }
 }
 
 fn human_bytes(bytes: u64) -> String {
@@ -355,6 +429,7 @@ pub(crate) fn sample() -> Status {
             }],
         }],
         reasons: vec![ReasonCount { code: 0, name: "forwarded".into(), packets: 10, bytes: 2048 }],
+        sync: None,
     }
 }
 

@@ -107,3 +107,61 @@ fn a_restarted_director_shows_the_same_digest() {
     prog.restart(&full, mim_lb_tests::testrun::GATEWAY_MAC).unwrap();
     assert_eq!(digest(&prog), before);
 }
+
+/// The destination MAC `prog` gives a TCP packet of flow `n` with `flags`.
+fn mac_of(prog: &ProgramUnderTest, n: u16, flags: u8) -> [u8; 6] {
+    let src = Ipv4Addr::new(10, 9, (n >> 8) as u8, n as u8);
+    let out = prog.run(&Frame::tcp(src, 40000 + n, VIP, 7000, flags).bytes()).unwrap();
+    assert_eq!(out.verdict, reason::XDP_TX);
+    out.bytes[0..6].try_into().unwrap()
+}
+
+/// A flow recorded on one director while the other has not seen a master change yet (its
+/// health checks lag) reaches the same master on both once the record is shared: the import
+/// marks the slot where the receiving director had it clean. Without the import, the second
+/// director sends the flow to the master its own table names, and the connection breaks on
+/// a failover.
+#[test]
+fn a_shared_record_sends_an_established_flow_where_the_peer_sent_it() {
+    use mim_lb::director::sweep::monotonic_ns;
+    use mim_lb_tests::packet::TCP_ACK;
+    let mut a = director(&config(&[0, 1, 2, 3]));
+    let mut b = director(&config(&[0, 1, 2, 3]));
+    for i in 0..4 {
+        set(&mut a, i, true);
+        set(&mut b, i, true);
+    }
+    // Only A has seen master 0 fail so far. New connections on its former slots are recorded.
+    set(&mut a, 0, false);
+    // B sees no SYN (A carries the traffic): its choice is read off its table.
+    let b_choice = |b: &ProgramUnderTest, n: u16| {
+        let src = IpAddr::V4(Ipv4Addr::new(10, 9, (n >> 8) as u8, n as u8));
+        b.master_mac(&web(), b.table_master(&web(), src, 40000 + n, 7000).unwrap())
+    };
+    let moved: Vec<(u16, [u8; 6])> =
+        (0..600).map(|n| (n, mac_of(&a, n, TCP_SYN))).filter(|&(n, mac)| b_choice(&b, n) != mac).collect();
+    assert!(moved.len() > 50, "only {} connections moved off master 0", moved.len());
+    for &(n, mac) in &moved {
+        assert_ne!(mac_of(&b, n, TCP_ACK), mac, "before sharing, B sends flow {n} by its own table");
+    }
+
+    let unrecorded_before: Vec<[u8; 6]> = (600..1200).map(|n| mac_of(&b, n, TCP_ACK)).collect();
+    let flows = a.director.dataplane().maps_ro().flows().unwrap();
+    let now = monotonic_ns();
+    let records = a.director.export_records(&flows, now);
+    assert!(records.len() >= moved.len(), "A records (at least) the connections on changed slots");
+    let report = b.director.import_records(&records, now).unwrap();
+    assert_eq!(report.written, records.len());
+    assert!(report.slots_marked > 0, "{report:?}");
+    for &(n, mac) in &moved {
+        assert_eq!(mac_of(&b, n, TCP_ACK), mac, "flow {n} after sharing");
+        assert_eq!(mac_of(&a, n, TCP_ACK), mac);
+    }
+    // Flows nobody recorded go where they went before the import (a slot the import marks
+    // keeps sending them to its master, as the clean slot did).
+    let unrecorded_after: Vec<[u8; 6]> = (600..1200).map(|n| mac_of(&b, n, TCP_ACK)).collect();
+    assert_eq!(unrecorded_after, unrecorded_before);
+    // A record B holds newer than the one shared is kept.
+    let again = b.director.import_records(&records, now - 1_000_000_000).unwrap();
+    assert_eq!(again.kept_local, records.len());
+}

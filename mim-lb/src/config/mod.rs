@@ -46,6 +46,34 @@ pub struct Config {
     /// At least one, at most `limits::MAX_SERVICES`, no two with the same name or the same
     /// (vip, port, protocol).
     pub services: Vec<Service>,
+    /// Flow sharing with other directors of the same group; `None` for a lone director.
+    pub sync: Option<Sync>,
+}
+
+/// The `[sync]` section: where this director listens for its peers, who they are, and the
+/// group's shared key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sync {
+    pub listen: SocketAddr,
+    /// Every other director of the group (not this one).
+    pub peers: Vec<SocketAddr>,
+    pub key_file: PathBuf,
+    /// The key's bytes (at least 32), read from `key_file` when the file is loaded.
+    pub key: Vec<u8>,
+    /// How long a starting director waits for a peer that does not answer before it counts
+    /// it as down and becomes ready without its state.
+    pub pull_timeout: Duration,
+}
+
+impl fmt::Debug for Sync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sync")
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("key_file", &self.key_file)
+            .field("pull_timeout", &self.pull_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How the XDP program is attached.

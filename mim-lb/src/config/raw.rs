@@ -20,6 +20,17 @@ pub(crate) struct RawConfig {
     pub metrics_listen: Option<String>,
     #[serde(default, rename = "service")]
     pub services: Vec<RawService>,
+    pub sync: Option<RawSync>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSync {
+    pub listen: String,
+    #[serde(default)]
+    pub peers: Vec<String>,
+    pub key_file: String,
+    pub pull_timeout_s: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -18,7 +18,7 @@ use super::{
     endpoint,
     error::Problems,
     parse_mac,
-    raw::{RawBackend, RawConfig, RawHealth, RawService},
+    raw::{RawBackend, RawConfig, RawHealth, RawService, RawSync},
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mim-lb";
@@ -102,6 +102,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .map(|(i, s)| service(i, s, &mut p))
         .unzip();
     check_service_duplicates(&services, &endpoints, &mut p);
+    let sync = raw.sync.as_ref().map(|s| sync(s, &mut p));
 
     p.into_result(Config {
         interface: raw.interface,
@@ -113,7 +114,85 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         control_socket,
         metrics_listen,
         services,
+        sync,
     })
+}
+
+const DEFAULT_PULL_TIMEOUT_S: i64 = 3;
+const PULL_TIMEOUT_MAX_S: i64 = 600;
+/// Peers a director syncs with: the group's other directors.
+const MAX_PEERS: usize = 32;
+
+fn socket_addr(key: &str, text: &str, p: &mut Problems) -> Option<SocketAddr> {
+    match text.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 && !addr.ip().is_unspecified() => Some(addr),
+        _ => {
+            p.add(key, format!("{text:?} is not an address and port like 10.0.0.2:7946 or [fd00::2]:7946"));
+            None
+        }
+    }
+}
+
+fn sync(raw: &RawSync, p: &mut Problems) -> super::Sync {
+    let placeholder: SocketAddr = (Ipv4Addr::UNSPECIFIED, 0).into();
+    let listen = socket_addr("sync.listen", &raw.listen, p).unwrap_or(placeholder);
+    let peers: Vec<SocketAddr> = raw.peers.iter().filter_map(|t| socket_addr("sync.peers", t, p)).collect();
+    if raw.peers.is_empty() {
+        p.add("sync.peers", "no peer is listed; list the other directors' sync addresses, or remove [sync]");
+    }
+    if raw.peers.len() > MAX_PEERS {
+        p.add("sync.peers", format!("{} peers are listed; at most {MAX_PEERS} are supported", raw.peers.len()));
+    }
+    if peers.contains(&listen) {
+        p.add("sync.peers", format!("{listen} is this director's own sync.listen; list only the other directors"));
+    }
+    if peers.iter().any(|a| a.is_ipv4() != listen.is_ipv4()) {
+        p.add("sync.peers", "peers and sync.listen must be of the same address family");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for a in &peers {
+        if !seen.insert(a) {
+            p.add("sync.peers", format!("{a} is listed twice"));
+        }
+    }
+    let key_file = PathBuf::from(&raw.key_file);
+    let key = sync_key(&key_file, p);
+    let secs: u64 = in_range("sync.pull_timeout_s", raw.pull_timeout_s.unwrap_or(DEFAULT_PULL_TIMEOUT_S), 0, PULL_TIMEOUT_MAX_S, p);
+    super::Sync { listen, peers, key_file, key, pull_timeout: Duration::from_secs(secs) }
+}
+
+/// The shared key: the file's contents without surrounding whitespace, at least 32 bytes,
+/// and readable by its owner only (it authenticates every flow a peer may inject).
+fn sync_key(path: &Path, p: &mut Problems) -> Vec<u8> {
+    use std::os::unix::fs::PermissionsExt;
+    const KEY: &str = "sync.key_file";
+    if !path.is_absolute() {
+        p.add(KEY, format!("{} is not an absolute path", path.display()));
+        return Vec::new();
+    }
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            p.add(KEY, format!("cannot read {}: {e}", path.display()));
+            return Vec::new();
+        }
+    };
+    if meta.permissions().mode() & 0o077 != 0 {
+        p.add(KEY, format!("{} can be read by others (mode {:o}); `chmod 600` it", path.display(), meta.permissions().mode() & 0o777));
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            p.add(KEY, format!("cannot read {}: {e}", path.display()));
+            return Vec::new();
+        }
+    };
+    let key = bytes.trim_ascii().to_vec();
+    let min = crate::sync::wire::MIN_KEY_BYTES;
+    if key.len() < min {
+        p.add(KEY, format!("{} holds {} bytes; the key must have at least {min} (e.g. `openssl rand -hex 32 > {}`)", path.display(), key.len(), path.display()));
+    }
+    key
 }
 
 fn idle_timeout(key: &str, value: Option<i64>, default: i64, p: &mut Problems) -> Duration {

@@ -171,6 +171,16 @@ impl<'a> MapsRo<'a> {
         })
     }
 
+    /// `SYNC_STATS` summed over CPUs, by `SYNC_STAT_*` index.
+    pub fn sync_stats(&self) -> Result<Vec<u64>, DataplaneError> {
+        let map = self.ebpf.map(names::SYNC_STATS).ok_or(DataplaneError::MissingMap(names::SYNC_STATS))?;
+        let stats: aya::maps::PerCpuArray<&MapData, u64> =
+            aya::maps::PerCpuArray::try_from(map).map_err(map_err(names::SYNC_STATS))?;
+        (0..mim_lb_common::SYNC_STAT_SLOTS)
+            .map(|i| stats.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err(names::SYNC_STATS)))
+            .collect()
+    }
+
     pub fn backend(&self, id: u32) -> Result<BackendEntry, DataplaneError> {
         self.array::<BackendEntry>(names::BACKENDS)?.get(&id, 0).map_err(map_err(names::BACKENDS))
     }
@@ -324,6 +334,26 @@ impl<'a> Maps<'a> {
 
     pub fn set_backend(&mut self, id: u32, value: &BackendEntry) -> Result<(), DataplaneError> {
         self.array::<BackendEntry>(names::BACKENDS)?.set(id, value, 0).map_err(map_err(names::BACKENDS))
+    }
+
+    /// Writes records into the connection table (flows a peer director recorded).
+    pub fn set_flows(&mut self, records: &[(FlowKey, FlowEntry)]) -> Result<usize, DataplaneError> {
+        let map = self.ebpf.map_mut(names::FLOWS).ok_or(DataplaneError::MissingMap(names::FLOWS))?;
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowEntry> =
+            HashMap::try_from(map).map_err(map_err(names::FLOWS))?;
+        for (key, flow) in records {
+            flows.insert(key, flow, 0).map_err(map_err(names::FLOWS))?;
+        }
+        Ok(records.len())
+    }
+
+    /// Writes (slot, stamp) pairs into a service's `SLOT_SEEN`.
+    pub fn set_slot_seen(&mut self, service_id: u32, stamps: &[(u32, u32)]) -> Result<(), DataplaneError> {
+        let mut map = self.array::<u32>(names::SLOT_SEEN)?;
+        for (slot, stamp) in stamps {
+            map.set(limits::slot_index(service_id, *slot), *stamp, 0).map_err(map_err(names::SLOT_SEEN))?;
+        }
+        Ok(())
     }
 
     /// Removes recorded flows; keys already gone are skipped.

@@ -27,7 +27,8 @@ mod ids;
 pub mod marks;
 mod plan;
 mod recover;
-mod sweep;
+pub mod shared;
+pub mod sweep;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -204,6 +205,8 @@ pub struct Director {
     /// checks every record.
     records_unchecked: bool,
     ready: bool,
+    /// Peers are configured: the data path reports its changes to `FLOWS` (`GLOBALS_F_SYNC`).
+    sync_events: bool,
 }
 
 impl Director {
@@ -224,6 +227,7 @@ impl Director {
             untidy: BTreeSet::new(),
             records_unchecked: false,
             ready: false,
+            sync_events: false,
         }
     }
 
@@ -257,6 +261,24 @@ impl Director {
         if current.gateway_mac != self.gateway_mac || current.abi_version != ABI_VERSION {
             let updated = mim_lb_common::Globals { gateway_mac: self.gateway_mac, abi_version: ABI_VERSION, ..current };
             self.dataplane.maps().set_globals(&updated)?;
+        }
+        Ok(())
+    }
+
+    fn sync_flag(&self) -> u32 {
+        if self.sync_events { mim_lb_common::GLOBALS_F_SYNC } else { 0 }
+    }
+
+    /// Turns the data path's reports of connection-table changes (for peer directors) on or
+    /// off; a flag word of `GLOBALS`, written at once when the maps are ready.
+    pub fn set_sync_events(&mut self, on: bool) -> Result<(), DirectorError> {
+        self.sync_events = on;
+        let current = self.dataplane.maps().globals()?;
+        if current.flags & GLOBALS_F_READY != 0 {
+            let flags = (current.flags & !mim_lb_common::GLOBALS_F_SYNC) | self.sync_flag();
+            if flags != current.flags {
+                self.dataplane.maps().set_globals(&mim_lb_common::Globals { flags, ..current })?;
+            }
         }
         Ok(())
     }
@@ -676,7 +698,7 @@ impl Director {
         let current = self.dataplane.maps().globals()?;
         let staged = mim_lb_common::Globals {
             gateway_mac: self.gateway_mac,
-            flags: if self.ready { GLOBALS_F_READY } else { 0 },
+            flags: if self.ready { GLOBALS_F_READY | self.sync_flag() } else { 0 },
             active_services: self.index_active,
             service_seeds: seeds,
             abi_version: ABI_VERSION,
@@ -685,8 +707,9 @@ impl Director {
         // The seed of the half being switched to is written before the switch itself, and the
         // switch is a write that changes no other word.
         self.dataplane.maps().set_globals(&staged)?;
+        let flags = GLOBALS_F_READY | self.sync_flag();
         self.dataplane.maps().set_globals(&mim_lb_common::Globals {
-            flags: GLOBALS_F_READY,
+            flags,
             active_services: half,
             ..staged
         })?;

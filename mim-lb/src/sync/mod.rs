@@ -4,4 +4,5 @@
 //! what arrives through the director (`director::shared`).
 
 pub mod engine;
+pub mod runner;
 pub mod wire;

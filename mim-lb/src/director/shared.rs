@@ -1,0 +1,237 @@
+//! State shared with peer directors: what this director's tables say, by address (ids are
+//! each director's own), and what a peer's say, applied here.
+//!
+//! Identical tables already agree on every flow of a clean slot. What they cannot reproduce:
+//! - recorded flows (marked slots, UDP): imported into `FLOWS`, unless the local record is
+//!   newer. A TCP record that names another master than the local slot's, on a clean slot
+//!   (the peer saw a change this director has not, or saw it earlier), marks the slot, with
+//!   its own master as the previous one, so that its records are looked up here too and
+//!   everything else goes where it went;
+//! - when unrecorded flows last went to a marked slot's previous master (`SLOT_SEEN`): a
+//!   director that carries no traffic would otherwise clear marks its peer still needs;
+//! - which slots are marked, and with which previous master: sent in a pull answer, for a
+//!   director that starts without that history.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use mim_lb_common::{FlowEntry, FlowKey, PROTO_TCP, PROTO_UDP, limits::SEEN_SHIFT, maglev_entry, maglev_prev};
+
+use super::{Director, DirectorError, marks, sweep::record_slot};
+use crate::{
+    config::{Protocol, ServiceKey},
+    dataplane::service_index::words_addr,
+    sync::wire::{WireMark, WireRecord},
+};
+
+/// What an import did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ImportReport {
+    pub written: usize,
+    /// The local record was as new or newer.
+    pub kept_local: usize,
+    /// No such service or backend here (configurations differ).
+    pub unknown: usize,
+    pub slots_marked: usize,
+}
+
+/// The service a recorded flow belongs to: its destination is the VIP and port.
+pub fn service_of(key: &FlowKey) -> Option<ServiceKey> {
+    let protocol = match key.proto {
+        PROTO_TCP => Protocol::Tcp,
+        PROTO_UDP => Protocol::Udp,
+        _ => return None,
+    };
+    Some(ServiceKey { vip: words_addr(&key.dst, key.family), port: u16::from_be(key.dport), protocol })
+}
+
+fn age_ms(now_ns: u64, then_ns: u64) -> u32 {
+    (now_ns.saturating_sub(then_ns) / 1_000_000).min(u32::MAX as u64) as u32
+}
+
+impl Director {
+    /// The first 8 bytes of each service's table digest, for hellos.
+    pub fn digests(&self) -> Vec<(ServiceKey, [u8; 8])> {
+        self.written
+            .iter()
+            .map(|(k, w)| {
+                let mut d = [0u8; 8];
+                for (i, pair) in w.digest.as_bytes().chunks(2).take(8).enumerate() {
+                    d[i] = std::str::from_utf8(pair).ok().and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+                }
+                (*k, d)
+            })
+            .collect()
+    }
+
+    /// `flows` as peers read them: by backend address, with their age at `now_ns`. Records of
+    /// services or backends this director no longer has are left out.
+    pub fn export_records(&self, flows: &[(FlowKey, FlowEntry)], now_ns: u64) -> Vec<WireRecord> {
+        let by_id: HashMap<(u32, u32), IpAddr> = self
+            .desired
+            .values()
+            .flat_map(|s| s.backends.iter().map(move |(a, b)| ((s.id, b.id), *a)))
+            .collect();
+        flows
+            .iter()
+            .filter_map(|(key, flow)| {
+                let backend = *by_id.get(&(flow.service_id, flow.backend_id))?;
+                Some(WireRecord { key: *key, backend, age_ms: age_ms(now_ns, flow.last_seen_ns) })
+            })
+            .collect()
+    }
+
+    /// Every marked slot of every service, by address.
+    pub fn export_marks(&self) -> Vec<(ServiceKey, u32, Vec<WireMark>)> {
+        self.written
+            .iter()
+            .filter(|(_, w)| w.marked > 0)
+            .filter_map(|(key, w)| {
+                let s = self.desired.get(key)?;
+                let addr: HashMap<u32, IpAddr> = s.backends.iter().map(|(a, b)| (b.id, *a)).collect();
+                let marks = w
+                    .table()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| marks::is_marked(**e))
+                    .map(|(slot, e)| WireMark {
+                        slot: slot as u32,
+                        owner: addr.get(&marks::owner(*e)).copied(),
+                        prev: addr.get(&maglev_prev(*e)).copied(),
+                    })
+                    .collect();
+                Some((*key, w.table_size, marks))
+            })
+            .collect()
+    }
+
+    /// The marked slots of services with any, and their `SLOT_SEEN` stamps (0: never).
+    pub fn seen_stamps(&self) -> Result<Vec<(ServiceKey, u32, Vec<(u32, u32)>)>, DirectorError> {
+        let mut out = Vec::new();
+        for (key, w) in self.written.iter().filter(|(_, w)| w.marked > 0) {
+            let seen = self.dataplane.maps_ro().slot_seen(w.id, w.table_size)?;
+            let stamps = w
+                .table()
+                .iter()
+                .enumerate()
+                .filter(|(slot, e)| marks::is_marked(**e) && seen.get(*slot).is_some_and(|s| *s != 0))
+                .map(|(slot, _)| (slot as u32, seen[slot]))
+                .collect();
+            out.push((*key, w.table_size, stamps));
+        }
+        Ok(out)
+    }
+
+    /// Records a peer made (or refreshed), seen `age_ms` before `now_ns`.
+    pub fn import_records(&mut self, records: &[WireRecord], now_ns: u64) -> Result<ImportReport, DirectorError> {
+        let mut report = ImportReport::default();
+        let mut writes = Vec::new();
+        let mut to_mark: HashMap<ServiceKey, Vec<u32>> = HashMap::new();
+        for r in records {
+            let Some(service) = service_of(&r.key) else {
+                report.unknown += 1;
+                continue;
+            };
+            let (Some(s), Some(w)) = (self.desired.get(&service), self.written.get(&service)) else {
+                report.unknown += 1;
+                continue;
+            };
+            let Some(b) = s.backends.get(&r.backend) else {
+                report.unknown += 1;
+                continue;
+            };
+            let last_seen_ns = now_ns.saturating_sub(r.age_ms as u64 * 1_000_000);
+            if let Some(local) = self.dataplane.maps_ro().flow(&r.key)?
+                && local.last_seen_ns >= last_seen_ns
+            {
+                report.kept_local += 1;
+                continue;
+            }
+            let slot = record_slot(w, &r.key);
+            writes.push((r.key, FlowEntry { backend_id: b.id, service_id: w.id, slot, _pad0: 0, last_seen_ns }));
+            let entry = w.table().get(slot as usize).copied().unwrap_or(0);
+            if r.key.proto == PROTO_TCP && !marks::is_marked(entry) && marks::owner(entry) != b.id {
+                to_mark.entry(service).or_default().push(slot);
+            }
+        }
+        report.written = self.dataplane.maps().set_flows(&writes)?;
+        for (service, slots) in to_mark {
+            let w = &self.written[&service];
+            let entries: Vec<(u32, u32)> = slots
+                .into_iter()
+                .map(|slot| {
+                    let owner = marks::owner(w.table()[slot as usize]);
+                    (slot, maglev_entry(owner, owner, true))
+                })
+                .collect();
+            report.slots_marked += self.mark_slots(service, entries, now_ns)?;
+        }
+        Ok(report)
+    }
+
+    /// Records a peer deleted.
+    pub fn import_forgets(&mut self, keys: &[FlowKey]) -> Result<usize, DirectorError> {
+        Ok(self.dataplane.maps().delete_flows(keys.iter())?)
+    }
+
+    /// Unrecorded flows a peer sent to the previous master of marked slots, `age_ms` ago:
+    /// stamped here too, so that this director keeps the marks as long as the peer does.
+    pub fn import_seen(&mut self, service: &ServiceKey, table_size: u32, slots: &[(u32, u32)], now_ns: u64) -> Result<usize, DirectorError> {
+        let Some(w) = self.written.get(service).filter(|w| w.table_size == table_size) else { return Ok(0) };
+        let (id, size) = (w.id, w.table_size);
+        let local = self.dataplane.maps_ro().slot_seen(id, size)?;
+        let stamps: Vec<(u32, u32)> = slots
+            .iter()
+            .filter(|(slot, _)| *slot < size)
+            .map(|&(slot, age)| (slot, (now_ns.saturating_sub(age as u64 * 1_000_000) >> SEEN_SHIFT) as u32))
+            .filter(|&(slot, stamp)| stamp > local[slot as usize])
+            .collect();
+        self.dataplane.maps().set_slot_seen(id, &stamps)?;
+        Ok(stamps.len())
+    }
+
+    /// A peer's marked slots (from its pull answer): a slot with the same master here takes
+    /// the peer's mark and previous master, which is where the slot's unrecorded flows went
+    /// on the peer. Slots whose master differs, or whose previous master this director does
+    /// not know, are left as they are.
+    pub fn import_marks(&mut self, service: &ServiceKey, table_size: u32, peer_marks: &[WireMark], now_ns: u64) -> Result<usize, DirectorError> {
+        let (Some(s), Some(w)) = (self.desired.get(service), self.written.get(service)) else { return Ok(0) };
+        if w.table_size != table_size {
+            return Ok(0);
+        }
+        let entries: Vec<(u32, u32)> = peer_marks
+            .iter()
+            .filter_map(|m| {
+                let entry = *w.table().get(m.slot as usize)?;
+                let owner = marks::owner(entry);
+                let owner_here = m.owner.and_then(|a| s.backends.get(&a)).map_or(0, |b| b.id);
+                let prev = s.backends.get(&m.prev?)?.id;
+                let wanted = maglev_entry(owner, prev, true);
+                (owner_here == owner && entry != wanted).then_some((m.slot, wanted))
+            })
+            .collect();
+        self.mark_slots(*service, entries, now_ns)
+    }
+
+    /// Writes marked entries into a service's live region and keeps the record (times, count)
+    /// in step. A slot marked here is kept for a whole idle timeout at least, as any mark.
+    fn mark_slots(&mut self, service: ServiceKey, entries: Vec<(u32, u32)>, now_ns: u64) -> Result<usize, DirectorError> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let w = self.written.get(&service).expect("callers checked");
+        let (id, active) = (w.id, w.active);
+        self.dataplane.maps().set_maglev_entries(id, active, entries.iter().copied())?;
+        self.untidy.insert(service);
+        let w = self.written.get_mut(&service).expect("callers checked");
+        for (slot, entry) in &entries {
+            let i = *slot as usize;
+            let was_marked = marks::is_marked(w.regions[active as usize][i]);
+            w.regions[active as usize][i] = *entry;
+            if !was_marked {
+                w.marked += 1;
+                w.times.marked_ns[i] = now_ns;
+            }
+        }
+        Ok(entries.len())
+    }
+}

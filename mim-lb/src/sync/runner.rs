@@ -1,0 +1,328 @@
+//! The daemon's side of the flow sync: the UDP socket, the data path's event ring, the
+//! timers, and applying what peers send through the director. Everything runs on the event
+//! loop, so imports and commits never interleave.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Map, MapData, RingBuf};
+use log::{debug, info, warn};
+use mim_lb_common::{FLOW_EVENT_FORGOTTEN, FLOW_EVENT_RECORDED, FlowEvent, maps::names};
+use tokio::{io::unix::AsyncFd, net::UdpSocket};
+
+use super::{
+    engine::{Engine, Inbound, PullState},
+    wire::{Key, WireRecord},
+};
+use crate::{
+    config::{ServiceKey, Sync as SyncConfig},
+    director::{Director, marks::seen_ns, sweep::monotonic_ns},
+};
+
+/// How often the engine's timers run (hellos, resends).
+pub const TICK: Duration = Duration::from_millis(50);
+/// How often marked slots' `SLOT_SEEN` stamps go to peers.
+pub const SEEN_EVERY: Duration = Duration::from_secs(1);
+
+/// Binds the sync socket (before anything touches the kernel, so a taken address fails the
+/// start).
+pub async fn bind(config: &SyncConfig) -> anyhow::Result<UdpSocket> {
+    use anyhow::Context as _;
+    UdpSocket::bind(config.listen).await.with_context(|| format!("binding the sync socket (sync.listen) {}", config.listen))
+}
+
+pub struct SyncRunner {
+    socket: UdpSocket,
+    engine: Engine,
+    events: AsyncFd<RingBuf<MapData>>,
+    /// The stamps last sent, per service, so that only changes go out.
+    seen_sent: HashMap<ServiceKey, Vec<(u32, u32)>>,
+    /// When the last refresh of live records began (`CLOCK_MONOTONIC` ns).
+    refreshed_ns: u64,
+    pull_logged: bool,
+    buf: Vec<u8>,
+}
+
+impl SyncRunner {
+    /// Starts syncing over `socket`: opens the data path's event ring under `pin_dir` and has
+    /// the program report its changes; the pull from every peer begins.
+    pub fn start(socket: UdpSocket, config: &SyncConfig, pin_dir: &Path, director: &mut Director) -> anyhow::Result<SyncRunner> {
+        use anyhow::Context as _;
+        let data = MapData::from_pin(pin_dir.join(names::FLOW_EVENTS)).context("opening the pinned FLOW_EVENTS ring")?;
+        let ring = RingBuf::try_from(Map::RingBuf(data)).context("opening the pinned FLOW_EVENTS ring")?;
+        // SAFETY: the ring owns its map fd and keeps it open, unchanged, for as long as the
+        // AsyncFd owns the ring.
+        let events = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("polling the FLOW_EVENTS ring: {e}"))?;
+        director.set_sync_events(true).context("turning on the data path's flow events")?;
+        let key = Key::new(&config.key).context("sync key")?;
+        // Grows from one start to the next: the wall clock in ns.
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let now = Instant::now();
+        let engine = Engine::new(key, &config.peers, incarnation, true, config.pull_timeout, now);
+        info!(
+            "flow sync on {} with {} peers: {}; pulling their state before ready (up to {:?} for a silent peer)",
+            config.listen,
+            config.peers.len(),
+            config.peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
+            config.pull_timeout
+        );
+        Ok(SyncRunner {
+            socket,
+            engine,
+            events,
+            seen_sent: HashMap::new(),
+            refreshed_ns: monotonic_ns(),
+            pull_logged: false,
+            buf: vec![0; 2048],
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Why this director is not ready yet, if its pull is not over.
+    pub fn not_ready(&self) -> Option<String> {
+        let waiting = self.engine.pulling_from();
+        (!waiting.is_empty()).then(|| {
+            format!(
+                "pulling flow state from peers: waiting for {}",
+                waiting.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// Waits for a datagram.
+    pub async fn readable(&self) -> std::io::Result<()> {
+        self.socket.readable().await
+    }
+
+    /// Waits until the event ring has events. Readiness is cleared here, before
+    /// [`SyncRunner::on_events`] drains the ring, so an event written meanwhile wakes it again.
+    pub async fn events_ready(&self) {
+        match self.events.readable().await {
+            Ok(mut guard) => guard.clear_ready(),
+            // Not pollable: fall back to draining on a timer.
+            Err(_) => tokio::time::sleep(TICK).await,
+        }
+    }
+
+    /// Reads every waiting datagram and applies it.
+    pub fn on_readable(&mut self, director: &mut Director) {
+        // Bounded: a flood cannot keep the event loop here.
+        for _ in 0..256 {
+            match self.socket.try_recv_from(&mut self.buf) {
+                Ok((n, from)) => {
+                    let datagram = self.buf[..n].to_vec();
+                    let inbound = self.engine.receive(from, &datagram, Instant::now());
+                    self.apply(director, inbound);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    debug!("sync socket: {e}");
+                    break;
+                }
+            }
+        }
+        self.send();
+    }
+
+    /// Takes the data path's events off the ring and queues them for the peers.
+    pub fn on_events(&mut self, director: &mut Director) {
+        let now_ns = monotonic_ns();
+        let now = Instant::now();
+        let mut recorded = Vec::new();
+        let mut forgotten = Vec::new();
+        let ring = self.events.get_mut();
+        // Bounded per call; the rest waits for the next wakeup.
+        for _ in 0..65_536 {
+            let Some(item) = ring.next() else { break };
+            if item.len() < size_of::<FlowEvent>() {
+                continue;
+            }
+            // SAFETY: the ring holds `FlowEvent`s written by the data path (repr(C), any bit
+            // pattern valid); read unaligned from the item's bytes.
+            let event: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            match event.kind {
+                FLOW_EVENT_RECORDED => recorded.push((event.key, event.flow)),
+                FLOW_EVENT_FORGOTTEN => forgotten.push(event.key),
+                _ => {}
+            }
+        }
+        for (record, (_, flow)) in director.export_records(&recorded, now_ns).into_iter().zip(recorded.iter()) {
+            let happened = now.checked_sub(Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns)));
+            self.engine.queue_record(record, happened, now);
+        }
+        for key in forgotten {
+            self.engine.queue_forget(key, now);
+        }
+        self.engine.flush(now);
+        self.send();
+    }
+
+    /// The engine's timers; the pull's end is logged once.
+    pub fn on_tick(&mut self, director: &mut Director, ready: bool) {
+        let inbound = self.engine.tick(ready, &director.digests(), Instant::now());
+        self.apply(director, inbound);
+        if !self.pull_logged && self.engine.pulled() {
+            self.pull_logged = true;
+            for p in self.engine.peers() {
+                match p.pull {
+                    PullState::Done => info!("flow sync: pulled the state of {}", p.addr),
+                    PullState::GaveUp => warn!("flow sync: {} did not answer; ready without its state", p.addr),
+                    _ => {}
+                }
+            }
+        }
+        self.send();
+    }
+
+    /// Sends peers the `SLOT_SEEN` stamps that changed since the last time.
+    pub fn on_seen_tick(&mut self, director: &Director) {
+        let Ok(stamps) = director.seen_stamps() else { return };
+        let now_ns = monotonic_ns();
+        let now = Instant::now();
+        for (service, table_size, slots) in stamps {
+            let before = self.seen_sent.get(&service);
+            let changed: Vec<(u32, u32)> = slots
+                .iter()
+                .filter(|s| before.is_none_or(|b| !b.contains(s)))
+                .map(|&(slot, stamp)| (slot, (now_ns.saturating_sub(seen_ns(stamp)) / 1_000_000) as u32))
+                .collect();
+            if !changed.is_empty() {
+                self.engine.send_seen(service, table_size, changed, now);
+            }
+            self.seen_sent.insert(service, slots);
+        }
+        self.send();
+    }
+
+    /// Sends peers every record seen since the last refresh: what keeps their copies alive
+    /// (and repairs events the ring lost).
+    pub fn refresh(&mut self, director: &Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_ns: u64) {
+        let since = self.refreshed_ns.saturating_sub(2_000_000_000);
+        let fresh: Vec<_> = flows.iter().filter(|(_, f)| f.last_seen_ns >= since).copied().collect();
+        self.refreshed_ns = read_ns;
+        let now = Instant::now();
+        for record in director.export_records(&fresh, read_ns) {
+            self.engine.queue_record(record, None, now);
+        }
+        self.engine.flush(now);
+        self.send();
+    }
+
+    /// What `mim-lb status` shows of the sync.
+    pub fn status(&self, director: &Director, listen: SocketAddr) -> crate::status::SyncStatus {
+        let now = Instant::now();
+        let ours: HashMap<ServiceKey, [u8; 8]> = director.digests().into_iter().collect();
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+        let peers = self
+            .engine
+            .peers()
+            .iter()
+            .map(|p| {
+                let c = p.counters;
+                crate::status::PeerStatus {
+                    address: p.addr.to_string(),
+                    state: match (p.last_heard, p.alive(now)) {
+                        (None, _) => "never heard".into(),
+                        (Some(_), true) => "up".into(),
+                        (Some(_), false) => "down".into(),
+                    },
+                    last_heard_s: p.last_heard.map(|t| now.saturating_duration_since(t).as_secs_f64()),
+                    ready: p.ready,
+                    tables_agree: (!p.digests.is_empty()).then(|| ours.iter().all(|(k, d)| p.digests.get(k) == Some(d))),
+                    pull: match p.pull {
+                        PullState::None => "none",
+                        PullState::Asking { .. } => "pulling",
+                        PullState::Done => "done",
+                        PullState::GaveUp => "gave up",
+                    }
+                    .into(),
+                    in_flight: p.in_flight(),
+                    lag_ms_last: ms(p.lag_last),
+                    lag_ms_max: ms(p.lag_max),
+                    sent: c.sent,
+                    received: c.received,
+                    resent: c.resent,
+                    lost: c.lost,
+                    bad_auth: c.bad_auth,
+                    malformed: c.malformed,
+                    replayed: c.replayed,
+                }
+            })
+            .collect();
+        crate::status::SyncStatus {
+            listen: listen.to_string(),
+            ready: self.not_ready().is_none(),
+            peers,
+            unknown_peer: self.engine.counters.unknown_peer,
+            events_lost: director.dataplane().maps_ro().sync_stats().map_or(0, |s| s[mim_lb_common::SYNC_STAT_LOST as usize]),
+        }
+    }
+
+    fn apply(&mut self, director: &mut Director, inbound: Vec<Inbound>) {
+        let now_ns = monotonic_ns();
+        for i in inbound {
+            let result = match i {
+                Inbound::Records(records) => director.import_records(&records, now_ns).map(|r| {
+                    if r.slots_marked > 0 || r.unknown > 0 {
+                        debug!("flow sync: {r:?}");
+                    }
+                }),
+                Inbound::Forget(keys) => director.import_forgets(&keys).map(|_| ()),
+                Inbound::Seen { service, table_size, slots } => director.import_seen(&service, table_size, &slots, now_ns).map(|_| ()),
+                Inbound::Marks { service, table_size, marks, .. } => director.import_marks(&service, table_size, &marks, now_ns).map(|_| ()),
+                Inbound::SendAll(peer) => {
+                    self.send_all(director, peer);
+                    Ok(())
+                }
+                Inbound::Pulled(peer) => {
+                    debug!("flow sync: {peer} finished sending its state");
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                warn!("flow sync: applying what a peer sent: {e}");
+            }
+        }
+    }
+
+    /// The whole state for a peer that starts (or lost datagrams for good).
+    fn send_all(&mut self, director: &Director, peer: SocketAddr) {
+        let read_ns = monotonic_ns();
+        let flows = match director.dataplane().maps_ro().flows() {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("flow sync: reading the connection table for {peer}: {e}");
+                Vec::new()
+            }
+        };
+        let records: Vec<WireRecord> = director.export_records(&flows, read_ns);
+        let marks = director.export_marks();
+        info!(
+            "flow sync: sending {} records and {} marked slots to {peer}",
+            records.len(),
+            marks.iter().map(|m| m.2.len()).sum::<usize>()
+        );
+        self.engine.answer_pull(peer, records, marks, Instant::now());
+    }
+
+    fn send(&mut self) {
+        for (to, bytes) in self.engine.take_out() {
+            // A full socket buffer drops the datagram; state datagrams are sent again.
+            if let Err(e) = self.socket.try_send_to(&bytes, to)
+                && e.kind() != std::io::ErrorKind::WouldBlock
+            {
+                debug!("flow sync: sending to {to}: {e}");
+            }
+        }
+    }
+}
