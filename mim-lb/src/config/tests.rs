@@ -991,3 +991,82 @@ fn a_udp_service_needs_a_check_that_can_see_it() {
 fn an_out_of_range_interval_does_not_invent_a_timeout_problem() {
     rejects(&with_health("interval_ms = 5\ntimeout_ms = 10"), "service[0].health.interval_ms: 5 is out of range 10..=3600000");
 }
+
+/// A key file in a directory of its own, with `mode`.
+fn key_file(content: &[u8], mode: u32) -> (tempdir::Dir, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir::Dir::new();
+    let path = dir.0.join("sync.key");
+    std::fs::write(&path, content).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    let shown = path.display().to_string();
+    (dir, shown)
+}
+
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> Dir {
+            let path = std::env::temp_dir().join(format!("mimlb-cfg-{}-{}", std::process::id(), fastrand::u64(..)));
+            std::fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[test]
+fn sync_section_is_read_with_its_key() {
+    let (_dir, path) = key_file(b"0123456789abcdef0123456789abcdef0123456789abcdef\n", 0o600);
+    let c = Config::parse(&format!(
+        "{MINIMAL}\n[sync]\nlisten = \"10.0.0.2:7946\"\npeers = [\"10.0.0.3:7946\", \"10.0.0.4:7946\"]\nkey_file = \"{path}\"\npull_timeout_s = 5\n"
+    ))
+    .unwrap();
+    let s = c.sync.unwrap();
+    assert_eq!(s.listen, "10.0.0.2:7946".parse().unwrap());
+    assert_eq!(s.peers.len(), 2);
+    assert_eq!(s.key, b"0123456789abcdef0123456789abcdef0123456789abcdef", "surrounding whitespace is not key");
+    assert_eq!(s.pull_timeout, Duration::from_secs(5));
+    assert!(!format!("{s:?}").contains("0123456789"), "the key never reaches a log");
+    assert!(Config::parse(MINIMAL).unwrap().sync.is_none());
+}
+
+#[test]
+fn sync_mistakes_name_their_key() {
+    let (_dir, short) = key_file(b"too short", 0o600);
+    let (_dir2, open) = key_file(&[b'k'; 40], 0o644);
+    let sync = |body: &str| format!("{MINIMAL}\n[sync]\n{body}\n");
+    rejects(
+        &sync(&format!("listen = \"10.0.0.2:7946\"\npeers = [\"10.0.0.3:7946\"]\nkey_file = \"{short}\"")),
+        &format!("sync.key_file: {short} holds 9 bytes; the key must have at least 32 (e.g. `openssl rand -hex 32 > {short}`)"),
+    );
+    rejects(
+        &sync(&format!("listen = \"10.0.0.2:7946\"\npeers = [\"10.0.0.3:7946\"]\nkey_file = \"{open}\"")),
+        &format!("sync.key_file: {open} can be read by others (mode 644); `chmod 600` it"),
+    );
+    let (_dir3, good) = key_file(&[b'k'; 40], 0o600);
+    rejects(
+        &sync(&format!("listen = \"10.0.0.2:7946\"\npeers = [\"10.0.0.2:7946\"]\nkey_file = \"{good}\"")),
+        "sync.peers: 10.0.0.2:7946 is this director's own sync.listen; list only the other directors",
+    );
+    rejects(
+        &sync(&format!("listen = \"10.0.0.2\"\npeers = [\"10.0.0.3:7946\"]\nkey_file = \"{good}\"")),
+        "sync.listen: \"10.0.0.2\" is not an address and port like 10.0.0.2:7946 or [fd00::2]:7946",
+    );
+    rejects(
+        &sync(&format!("listen = \"10.0.0.2:7946\"\npeers = []\nkey_file = \"{good}\"")),
+        "sync.peers: no peer is listed; list the other directors' sync addresses, or remove [sync]",
+    );
+    rejects(
+        &sync(&format!("listen = \"10.0.0.2:7946\"\npeers = [\"10.0.0.3:7946\"]\nkey_file = \"{good}\"\npull_timeout_s = 601")),
+        "sync.pull_timeout_s: 601 is out of range 0..=600",
+    );
+    rejects(
+        &sync("listen = \"10.0.0.2:7946\"\npeers = [\"10.0.0.3:7946\"]\nkey_file = \"/nonexistent/mim-lb.key\""),
+        "sync.key_file: cannot read /nonexistent/mim-lb.key: No such file or directory (os error 2)",
+    );
+}
