@@ -35,7 +35,7 @@ pub mod testrun;
 
 pub use capture::{Capture, FrameInfo, mac_to_string};
 pub use client::{TcpHold, count_names, echo_all, percent_spread, tcp_ask, tcp_ask_from, tcp_ask_from_then_reset, tcp_ask_many, udp_ask};
-pub use lab::{Lab, LabSpec};
+pub use lab::{Lab, LabSpec, LinkSide};
 pub use netns::{RUN_TIMEOUT, cleanup_stale_labs, in_netns, output_within, run_in, wait_within};
 pub use process::Proc;
 pub use servers::Served;
