@@ -24,6 +24,7 @@ pub mod client;
 pub mod demo;
 pub mod fault;
 pub mod gateway;
+pub mod keepalived;
 pub mod lab;
 pub mod master_service;
 pub mod netns;
