@@ -21,6 +21,7 @@
 
 pub mod capture;
 pub mod client;
+pub mod continuity;
 pub mod demo;
 pub mod fault;
 pub mod gateway;
