@@ -121,10 +121,16 @@ impl Keepalived {
     /// Writes director `i`'s config (tracking the daemon on `socket`) and starts keepalived in
     /// the director's namespace, in the foreground, logging to its output.
     pub fn start(lab: &mut Lab, i: usize, socket: &Path, spec: &VrrpSpec) -> Result<Keepalived> {
+        let config = config_for(lab, i, socket, spec);
+        Keepalived::start_with_config(lab, i, &config)
+    }
+
+    /// Starts keepalived on director `i` with `config` as it is (e.g. the shipped example).
+    pub fn start_with_config(lab: &mut Lab, i: usize, config: &str) -> Result<Keepalived> {
         let dir = unique_dir();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut ka = Keepalived { director: i, ns: lab.director_ns(i).to_owned(), dir, proc: None };
-        std::fs::write(ka.config_path(), config_for(lab, i, socket, spec)).context("writing keepalived.conf")?;
+        std::fs::write(ka.config_path(), config).context("writing keepalived.conf")?;
         ka.restart(lab)?;
         Ok(ka)
     }
@@ -237,7 +243,6 @@ pub fn director_configs(lab: &Lab, services: &[ServiceSpec], extra: &str, own: i
 pub struct Directors {
     gateways: Vec<Gateway>,
     keepalived: Vec<Keepalived>,
-    spec: VrrpSpec,
 }
 
 impl Directors {
@@ -246,6 +251,17 @@ impl Directors {
     /// [`director_configs`]), waits until each sees every backend up, then starts keepalived on
     /// each and waits until director 0 alone holds the VIP.
     pub fn start(lab: &mut Lab, mode: Mode, configs: &[String], spec: VrrpSpec) -> Result<Directors> {
+        let mut directors = Directors::start_daemons(lab, mode, configs)?;
+        let texts: Vec<String> =
+            (0..lab.director_count()).map(|i| config_for(lab, i, directors.gateways[i].socket(), &spec)).collect();
+        directors.start_keepalived(lab, &texts)?;
+        // The first script run, then three adverts' worth of silence: a few seconds at most.
+        directors.wait_master(lab, 0, Duration::from_secs(15))?;
+        Ok(directors)
+    }
+
+    /// The first half of [`Directors::start`]: the daemons only, each with every backend up.
+    pub fn start_daemons(lab: &mut Lab, mode: Mode, configs: &[String]) -> Result<Directors> {
         if configs.len() != lab.director_count() {
             bail!("{} configs for {} directors", configs.len(), lab.director_count());
         }
@@ -257,15 +273,20 @@ impl Directors {
         for gw in &gateways {
             gw.wait_all_up().with_context(|| format!("director {}", gw.director()))?;
         }
-        let mut directors = Directors { gateways, keepalived: Vec::new(), spec };
-        for i in 0..lab.director_count() {
-            let ka = Keepalived::start(lab, i, directors.gateways[i].socket(), &directors.spec)
-                .with_context(|| format!("starting keepalived on director {i}"))?;
-            directors.keepalived.push(ka);
+        Ok(Directors { gateways, keepalived: Vec::new() })
+    }
+
+    /// The second half: keepalived on director `i` with `texts[i]` as its config, on each.
+    /// Returns once each has started, not once one is master.
+    pub fn start_keepalived(&mut self, lab: &mut Lab, texts: &[String]) -> Result<()> {
+        if texts.len() != self.gateways.len() || !self.keepalived.is_empty() {
+            bail!("keepalived needs one config per director, started once");
         }
-        // The first script run, then three adverts' worth of silence: a few seconds at most.
-        directors.wait_master(lab, 0, Duration::from_secs(15))?;
-        Ok(directors)
+        for (i, text) in texts.iter().enumerate() {
+            let ka = Keepalived::start_with_config(lab, i, text).with_context(|| format!("starting keepalived on director {i}"))?;
+            self.keepalived.push(ka);
+        }
+        Ok(())
     }
 
     /// Waits until no director's table has a changed slot. Backends come up one after
@@ -284,6 +305,11 @@ impl Directors {
 
     pub fn gateway(&self, i: usize) -> &Gateway {
         &self.gateways[i]
+    }
+
+    /// Director `i`'s daemon, to stop or restart it alone.
+    pub fn gateway_mut(&mut self, i: usize) -> &mut Gateway {
+        &mut self.gateways[i]
     }
 
     pub fn keepalived(&self, i: usize) -> &Keepalived {

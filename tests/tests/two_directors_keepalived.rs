@@ -5,6 +5,8 @@
 //! back (it has the higher priority, preempts, and its `mim-lb ready` track script passes),
 //! again without breaking a connection.
 //!
+//! `dist/keepalived.conf`, the shipped example, does the same on the lab's directors.
+//!
 //! Without flow sync between the directors this holds because both tables are the same
 //! function of the same config and the same masters' health (the `table_digest` both show), so
 //! the surviving director sends every established flow where the dead one did.
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 use mim_lb_tests::{
     Lab, LabSpec,
     continuity::{Traffic, TrafficReport, TrafficSpec},
-    gateway::{Mode, ServiceSpec},
+    gateway::{Mode, ServiceSpec, mim_lb_binary},
     keepalived::{Directors, VrrpSpec, director_configs},
 };
 
@@ -134,4 +136,54 @@ fn the_dead_director_returns_and_takes_the_vip_back_without_breaking_a_connectio
         report.longest_held_gap_after(revived)
     );
     assert!(forwarded(&directors, 0) > back, "director 0 forwarded nothing after taking the VIP back");
+}
+
+/// `dist/keepalived.conf` made concrete for director `i` of `lab`: what its comments tell an
+/// operator to change (the binary's and the socket's paths, the VIP, and on the second
+/// director its name and priority), and nothing else.
+fn shipped_keepalived_conf(lab: &Lab, directors: &Directors, i: usize) -> String {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/keepalived.conf")).unwrap();
+    let mut conf = text
+        .replace("/usr/local/bin/mim-lb", mim_lb_binary().to_str().unwrap())
+        .replace("/run/mim-lb/control.sock", directors.gateway(i).socket().to_str().unwrap())
+        .replace("10.0.0.100/32", &format!("{}/32", lab.vip4()));
+    if i == 1 {
+        for (a, b) in [("router_id mim-lb-a", "router_id mim-lb-b"), ("priority 150", "priority 100")] {
+            assert!(conf.contains(a), "the example has no `{a}` to change");
+            conf = conf.replace(a, b);
+        }
+    }
+    conf
+}
+
+/// The shipped example works as its comments say: director A (priority 150) takes the VIP; when
+/// its daemon stops, its `mim-lb ready` track script fails and B takes the VIP; when the daemon
+/// is back, A takes it back (preempt). Connections go through whoever holds it.
+#[test]
+fn the_shipped_keepalived_example_moves_the_vip_with_the_daemon() {
+    let mut lab = Lab::new(LabSpec { directors: 2, ipv6: false, ..LabSpec::default() }).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let configs = director_configs(&lab, &[ServiceSpec::tcp(&lab, PORT)], "", |_| String::new());
+    let mut directors = Directors::start_daemons(&mut lab, Mode::Generic, &configs).unwrap();
+    let texts: Vec<String> = (0..2).map(|i| shipped_keepalived_conf(&lab, &directors, i)).collect();
+    directors.start_keepalived(&mut lab, &texts).unwrap();
+    // advert_int 0.5: a master down interval of about 1.6 s after the first script run.
+    directors.wait_master(&lab, 0, Duration::from_secs(15)).unwrap();
+    lab.ask(vip(&lab), 10, Duration::from_secs(3));
+
+    let stopped = Instant::now();
+    directors.gateway_mut(0).stop().unwrap();
+    directors.wait_master(&lab, 1, Duration::from_secs(15)).unwrap();
+    eprintln!("the example: director B holds the VIP {:?} after A's daemon stopped", stopped.elapsed());
+    let before = forwarded(&directors, 1);
+    lab.ask(vip(&lab), 10, Duration::from_secs(3));
+    assert!(forwarded(&directors, 1) > before, "director B holds the VIP but forwarded nothing");
+
+    directors.restart_daemon(&mut lab, 0, &[]).unwrap();
+    let ready = Instant::now();
+    directors.wait_master(&lab, 0, Duration::from_secs(15)).unwrap();
+    eprintln!("the example: director A holds the VIP again {:?} after its daemon was serving", ready.elapsed());
+    let before = forwarded(&directors, 0);
+    lab.ask(vip(&lab), 10, Duration::from_secs(3));
+    assert!(forwarded(&directors, 0) > before, "director A holds the VIP again but forwarded nothing");
 }
