@@ -162,9 +162,11 @@ fn owner_pid(suffix: &str) -> Option<u32> {
     u32::from_str_radix(hex, 16).ok().filter(|pid| *pid > 0)
 }
 
-/// A running `mim-lb run` on the lab's gateway.
+/// A running `mim-lb run` on the lab's gateway (or on one of its directors).
 pub struct Gateway {
     proc: Option<Proc>,
+    /// The lab director it runs on (0: the gateway).
+    director: usize,
     ns: String,
     dir: PathBuf,
     pin_dir: PathBuf,
@@ -192,17 +194,28 @@ impl Gateway {
 
     /// [`Gateway::start`] with more arguments for `mim-lb run` (e.g. `--keep-pinned`).
     pub fn start_with_args(lab: &mut Lab, config: &str, mode: Mode, args: &[&str]) -> Result<Gateway> {
-        Gateway::start_with(lab, config, mode, args, None, &[])
+        Gateway::start_with(lab, 0, config, mode, args, None, &[])
+    }
+
+    /// [`Gateway::start_with_args`] on director `director` of a lab with several
+    /// ([`crate::LabSpec::directors`]); each gets its own pin dir, control socket and config
+    /// file. Director 0 is the gateway [`Gateway::start`] uses.
+    pub fn start_on(lab: &mut Lab, director: usize, config: &str, mode: Mode, args: &[&str]) -> Result<Gateway> {
+        if director >= lab.director_count() {
+            bail!("the lab has {} directors, there is no director {director}", lab.director_count());
+        }
+        Gateway::start_with(lab, director, config, mode, args, None, &[])
     }
 
     /// [`Gateway::start`] with the daemon's open file limit set to `soft` and `hard`
     /// (RLIMIT_NOFILE), as a service manager would; restarts keep it.
     pub fn start_with_nofile(lab: &mut Lab, config: &str, mode: Mode, soft: u64, hard: u64) -> Result<Gateway> {
-        Gateway::start_with(lab, config, mode, &[], Some((soft, hard)), &[])
+        Gateway::start_with(lab, 0, config, mode, &[], Some((soft, hard)), &[])
     }
 
     fn start_with(
         lab: &mut Lab,
+        director: usize,
         config: &str,
         mode: Mode,
         args: &[&str],
@@ -214,7 +227,8 @@ impl Gateway {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut gw = Gateway {
             proc: None,
-            ns: lab.gateway_ns().to_owned(),
+            director,
+            ns: lab.director_ns(director).to_owned(),
             pin_dir: PathBuf::from(format!("{PIN_PREFIX}{suffix}")),
             socket: dir.join("control.sock"),
             dir,
@@ -248,7 +262,7 @@ impl Gateway {
     pub fn set_mode(&mut self, lab: &Lab, mode: Mode) -> Result<()> {
         self.mode = mode;
         if mode != Mode::Generic && self._peer_pass.is_none() {
-            self._peer_pass = Some(attach_peer_pass(lab)?);
+            self._peer_pass = Some(attach_peer_pass(lab, self.director)?);
         }
         Ok(())
     }
@@ -269,7 +283,7 @@ impl Gateway {
     /// [`Gateway::start`] with the daemon started under `wrapper` (a command that execs the
     /// rest of its arguments, e.g. `setpriv --bounding-set ...`); restarts keep it.
     pub fn start_wrapped(lab: &mut Lab, config: &str, mode: Mode, wrapper: &[&str]) -> Result<Gateway> {
-        Gateway::start_with(lab, config, mode, &[], None, wrapper)
+        Gateway::start_with(lab, 0, config, mode, &[], None, wrapper)
     }
 
     fn spawn(&mut self, lab: &mut Lab, extra_args: &[&str]) -> Result<Proc> {
@@ -324,6 +338,21 @@ impl Gateway {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The lab director this daemon runs on (0 for [`Gateway::start`]).
+    pub fn director(&self) -> usize {
+        self.director
+    }
+
+    /// The namespace it runs in.
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
+    /// Whether the daemon process is running (started and not yet exited).
+    pub fn running(&self) -> bool {
+        self.proc.as_ref().is_some_and(|p| matches!(p.try_exit_status(), Ok(None)))
     }
 
     /// The daemon process.
@@ -426,10 +455,10 @@ impl Drop for Gateway {
 }
 
 /// Loads the object (unpinned) in this process and attaches its XDP_PASS program to the
-/// gateway's bridge port, inside the bridge namespace. Native XDP_TX on a veth drops frames
-/// unless the peer has an XDP program.
-fn attach_peer_pass(lab: &Lab) -> Result<Dataplane> {
-    let peer = lab.gateway_peer_ifname().to_owned();
+/// bridge port of director `director` (0: the gateway), inside the bridge namespace. Native
+/// XDP_TX on a veth drops frames unless the peer has an XDP program.
+fn attach_peer_pass(lab: &Lab, director: usize) -> Result<Dataplane> {
+    let peer = lab.director_peer_ifname(director).to_owned();
     in_netns(lab.bridge_ns(), move || -> Result<Dataplane> {
         let mut dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size: 1024 })?;
         dataplane

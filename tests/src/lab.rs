@@ -25,6 +25,8 @@ pub const MAX_MASTERS: usize = 64;
 pub const MAX_VIPS: usize = 16;
 /// Most slave hosts a lab can have: their addresses are .201 to .216.
 pub const MAX_SLAVES: usize = 16;
+/// Most directors (gateways) a lab can have: their addresses are .2 to .10.
+pub const MAX_DIRECTORS: usize = 9;
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -41,17 +43,27 @@ pub struct LabSpec {
     /// Number of slave hosts, 0 to [`MAX_SLAVES`]: plain hosts on the segment that clients
     /// reach directly, after a master named one of them (see [`crate::master_service`]).
     pub slaves: usize,
+    /// Number of directors (gateways), 1 to [`MAX_DIRECTORS`]. Director 0 is the gateway of
+    /// the one-director lab; the others are `.3`, `.4`, ... With two or more, no gateway has
+    /// the VIPs: whoever moves them (keepalived, see [`crate::keepalived`]) puts them on the
+    /// active director's `eth0`, and there are only IPv4 ones to move.
+    pub directors: usize,
 }
 
 impl Default for LabSpec {
     fn default() -> Self {
-        LabSpec { masters: 3, ipv6: true, vips: 1, prepare_masters: true, slaves: 0 }
+        LabSpec { masters: 3, ipv6: true, vips: 1, prepare_masters: true, slaves: 0, directors: 1 }
     }
 }
 
 impl LabSpec {
     pub fn masters(masters: usize) -> LabSpec {
         LabSpec { masters, ..LabSpec::default() }
+    }
+
+    /// The default lab with `directors` directors.
+    pub fn directors(directors: usize) -> LabSpec {
+        LabSpec { directors, ..LabSpec::default() }
     }
 }
 
@@ -72,6 +84,8 @@ struct Host {
 /// Layout, all on one L2 segment (`10.x.y.0/24`, `fd00:6d6c:x:y::/64`):
 /// - client `.1`; gateway `.2`, which also holds the VIPs on its `eth0` and so answers ARP/ND
 ///   for them, like an LVS director (it does not forward);
+/// - with [`LabSpec::directors`] above 1, more directors `.3`, `.4`, ..., and then no director
+///   holds a VIP until something (keepalived) puts it on one;
 /// - masters `.11`, `.12`, ... with the VIPs on `lo`, `arp_ignore=1`, `arp_announce=2`, so they
 ///   accept VIP traffic but never claim the VIP on the wire (plain hosts without
 ///   [`LabSpec::prepare_masters`]);
@@ -82,7 +96,8 @@ pub struct Lab {
     id: String,
     bridge_ns: String,
     client: Host,
-    gateway: Host,
+    /// Director 0 is "the gateway" of the one-director lab.
+    directors: Vec<Host>,
     masters: Vec<Host>,
     slaves: Vec<Host>,
     vips4: Vec<Ipv4Addr>,
@@ -122,6 +137,9 @@ impl Lab {
         if spec.slaves > MAX_SLAVES {
             bail!("a lab can have at most {MAX_SLAVES} slaves, not {}", spec.slaves);
         }
+        if !(1..=MAX_DIRECTORS).contains(&spec.directors) {
+            bail!("a lab needs 1 to {MAX_DIRECTORS} directors, not {}", spec.directors);
+        }
         let id = new_lab_id();
         let ns = |role: &str| format!("{NS_PREFIX}{id}-{role}");
         // Labs live on separate bridges, so equal subnets would still work; distinct ones keep
@@ -144,10 +162,17 @@ impl Lab {
         let slaves = (0..spec.slaves)
             .map(|i| host(&format!("s{}", i + 1), format!("p-s{}", i + 1), 201 + i as u8))
             .collect();
+        // Director 0 keeps the one-director lab's names; director i is `gw<i+1>`.
+        let directors = (0..spec.directors)
+            .map(|i| {
+                let role = if i == 0 { "gw".to_owned() } else { format!("gw{}", i + 1) };
+                host(&role, format!("p-{role}"), 2 + i as u8)
+            })
+            .collect();
         let mut lab = Lab {
             bridge_ns: ns("br"),
             client: host("client", "p-client".into(), 1),
-            gateway: host("gw", "p-gw".into(), 2),
+            directors,
             masters,
             slaves,
             vips4: (0..spec.vips).map(|k| net4(100 + k as u8)).collect(),
@@ -174,7 +199,19 @@ impl Lab {
     }
 
     fn hosts(&self) -> impl Iterator<Item = &Host> {
-        [&self.client, &self.gateway].into_iter().chain(self.masters.iter()).chain(self.slaves.iter())
+        std::iter::once(&self.client)
+            .chain(self.directors.iter())
+            .chain(self.masters.iter())
+            .chain(self.slaves.iter())
+    }
+
+    /// Director 0: the gateway of a one-director lab.
+    fn gateway(&self) -> &Host {
+        &self.directors[0]
+    }
+
+    fn is_director(&self, host: &Host) -> bool {
+        self.directors.iter().any(|d| d.ns == host.ns)
     }
 
     fn is_master(&self, host: &Host) -> bool {
@@ -224,7 +261,9 @@ impl Lab {
             ],
         )?;
         set_sysctls(&self.client.ns, &host_sysctls)?;
-        set_sysctls(&self.gateway.ns, &host_sysctls)?;
+        for d in &self.directors {
+            set_sysctls(&d.ns, &host_sysctls)?;
+        }
         for m in &self.masters {
             set_sysctls(&m.ns, &host_sysctls)?;
             if prepare_masters {
@@ -261,8 +300,10 @@ impl Lab {
             if let Some(a6) = h.addr6 {
                 lines.push(format!("addr add {a6}/64 dev {HOST_IFNAME} nodad"));
             }
-            let vip_dev = if h.ns == self.gateway.ns {
-                Some(HOST_IFNAME)
+            let vip_dev = if self.is_director(h) {
+                // With several directors the VIP is the active one's, put there by whoever
+                // elects it; a static copy on each would have them all answer ARP for it.
+                (self.directors.len() == 1).then_some(HOST_IFNAME)
             } else if prepare_masters && self.is_master(h) {
                 Some("lo")
             } else {
@@ -307,7 +348,7 @@ impl Lab {
         &self.client.ns
     }
     pub fn gateway_ns(&self) -> &str {
-        &self.gateway.ns
+        &self.gateway().ns
     }
     /// Namespace of master `i` (0-based).
     pub fn master_ns(&self, i: usize) -> &str {
@@ -333,7 +374,7 @@ impl Lab {
     /// gateway's veth sends XDP_TX frames here, which works only if this end has an XDP
     /// program of its own (an XDP_PASS one will do); the caller attaches it.
     pub fn gateway_peer_ifname(&self) -> &str {
-        &self.gateway.port
+        &self.gateway().port
     }
     /// The bridge-side end of master `i`'s veth, inside [`Lab::bridge_ns`].
     pub fn master_peer_ifname(&self, i: usize) -> &str {
@@ -371,10 +412,10 @@ impl Lab {
         self.client.addr6
     }
     pub fn gateway_addr4(&self) -> Ipv4Addr {
-        self.gateway.addr4
+        self.gateway().addr4
     }
     pub fn gateway_addr6(&self) -> Option<Ipv6Addr> {
-        self.gateway.addr6
+        self.gateway().addr6
     }
     pub fn master_addr4(&self, i: usize) -> Ipv4Addr {
         self.masters[i].addr4
@@ -390,10 +431,75 @@ impl Lab {
         self.client.mac
     }
     pub fn gateway_mac(&self) -> [u8; 6] {
-        self.gateway.mac
+        self.gateway().mac
     }
     pub fn master_mac(&self, i: usize) -> [u8; 6] {
         self.masters[i].mac
+    }
+
+    /// Number of directors ([`LabSpec::directors`]).
+    pub fn director_count(&self) -> usize {
+        self.directors.len()
+    }
+    /// Namespace of director `i` (0-based); director 0's is [`Lab::gateway_ns`].
+    pub fn director_ns(&self, i: usize) -> &str {
+        &self.directors[i].ns
+    }
+    pub fn director_addr4(&self, i: usize) -> Ipv4Addr {
+        self.directors[i].addr4
+    }
+    pub fn director_addr6(&self, i: usize) -> Option<Ipv6Addr> {
+        self.directors[i].addr6
+    }
+    pub fn director_mac(&self, i: usize) -> [u8; 6] {
+        self.directors[i].mac
+    }
+    /// The bridge-side end of director `i`'s veth, inside [`Lab::bridge_ns`].
+    pub fn director_peer_ifname(&self, i: usize) -> &str {
+        &self.directors[i].port
+    }
+    /// The director that has `ns` as its namespace.
+    pub fn director_index(&self, ns: &str) -> Option<usize> {
+        self.directors.iter().position(|d| d.ns == ns)
+    }
+
+    /// Takes director `i` off the segment (`up` false) or puts it back, by the link state of
+    /// its veth on `side`. On the bridge side the director's `eth0` only loses its carrier, as
+    /// when a cable is pulled or the switch port dies: its addresses (IPv6 ones too) and XDP
+    /// program stay. On the director's side it is an administrative down, which also drops
+    /// its IPv6 addresses.
+    pub fn set_director_link(&self, i: usize, side: LinkSide, up: bool) -> Result<()> {
+        let state = if up { "up" } else { "down" };
+        let (ns, ifname) = match side {
+            LinkSide::Bridge => (self.bridge_ns.as_str(), self.directors[i].port.as_str()),
+            LinkSide::Director => (self.directors[i].ns.as_str(), HOST_IFNAME),
+        };
+        ip_batch(Some(ns), &[format!("link set {ifname} {state}")], false)
+            .with_context(|| format!("setting director {i}'s link {state} on the {side:?} side"))
+    }
+
+    /// Cuts director `i` off the segment on the bridge side: nothing it sends arrives, nothing
+    /// reaches it, and it sees its carrier go.
+    pub fn cut_director(&self, i: usize) -> Result<()> {
+        self.set_director_link(i, LinkSide::Bridge, false)
+    }
+
+    /// Undoes [`Lab::cut_director`].
+    pub fn reconnect_director(&self, i: usize) -> Result<()> {
+        self.set_director_link(i, LinkSide::Bridge, true)
+    }
+
+    /// Whether director `i`'s `eth0` has its carrier (`LOWER_UP`): up on its side, and its
+    /// bridge port up too, so frames pass both ways.
+    pub fn director_connected(&self, i: usize) -> Result<bool> {
+        let out = self.run_in(&self.directors[i].ns, "ip", &["-o", "link", "show", "dev", HOST_IFNAME])?;
+        Ok(link_flags(&out).iter().any(|f| *f == "LOWER_UP"))
+    }
+
+    /// The IPv4 addresses on director `i`'s `eth0` (its own and any VIP it holds).
+    pub fn director_addrs4(&self, i: usize) -> Result<Vec<Ipv4Addr>> {
+        let out = self.run_in(&self.directors[i].ns, "ip", &["-4", "-o", "addr", "show", "dev", HOST_IFNAME])?;
+        Ok(parse_ip_addr_o(&out))
     }
 
     /// The name master `i`'s services answer with: `master-1` for `i == 0`.
@@ -536,6 +642,34 @@ impl Lab {
     }
 }
 
+/// Which end of a director's veth [`Lab::set_director_link`] acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkSide {
+    /// The port on the bridge: the director sees only its carrier go.
+    Bridge,
+    /// The director's own `eth0`, set down as an operator would.
+    Director,
+}
+
+/// The flags in `ip -o link show` output: `2: eth0@if5: <BROADCAST,MULTICAST,UP,LOWER_UP> ...`.
+fn link_flags(out: &str) -> Vec<&str> {
+    out.split_once('<')
+        .and_then(|(_, rest)| rest.split_once('>'))
+        .map(|(flags, _)| flags.split(',').collect())
+        .unwrap_or_default()
+}
+
+/// The IPv4 addresses in `ip -4 -o addr show` output (`2: eth0    inet 10.1.2.3/24 ...`).
+fn parse_ip_addr_o(out: &str) -> Vec<Ipv4Addr> {
+    out.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         // Stop all servers at once, then join, so that teardown takes one tick and not one
@@ -557,5 +691,27 @@ impl Drop for Lab {
         if let Err(e) = delete_namespaces(&self.namespaces) {
             eprintln!("mim-lb-tests: tearing down lab {}: {e:#}", self.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_addr_lines_give_the_ipv4_addresses() {
+        let out = "2: eth0    inet 10.70.3.2/24 scope global eth0\\       valid_lft forever preferred_lft forever\n\
+                   2: eth0    inet 10.70.3.100/32 scope global eth0\\       valid_lft forever preferred_lft forever\n";
+        assert_eq!(parse_ip_addr_o(out), [Ipv4Addr::new(10, 70, 3, 2), Ipv4Addr::new(10, 70, 3, 100)]);
+        assert!(parse_ip_addr_o("").is_empty());
+    }
+
+    #[test]
+    fn link_flags_are_read_between_the_angle_brackets() {
+        let up = "2: eth0@if7: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP";
+        assert_eq!(link_flags(up), ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"]);
+        let cut = "2: eth0@if7: <NO-CARRIER,BROADCAST,MULTICAST,UP> mtu 1500 state LOWERLAYERDOWN";
+        assert!(!link_flags(cut).contains(&"LOWER_UP"));
+        assert!(link_flags("").is_empty());
     }
 }

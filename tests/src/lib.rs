@@ -21,9 +21,11 @@
 
 pub mod capture;
 pub mod client;
+pub mod continuity;
 pub mod demo;
 pub mod fault;
 pub mod gateway;
+pub mod keepalived;
 pub mod lab;
 pub mod master_service;
 pub mod netns;
@@ -35,7 +37,7 @@ pub mod testrun;
 
 pub use capture::{Capture, FrameInfo, mac_to_string};
 pub use client::{TcpHold, count_names, echo_all, percent_spread, tcp_ask, tcp_ask_from, tcp_ask_from_then_reset, tcp_ask_many, udp_ask};
-pub use lab::{Lab, LabSpec};
+pub use lab::{Lab, LabSpec, LinkSide};
 pub use netns::{RUN_TIMEOUT, cleanup_stale_labs, in_netns, output_within, run_in, wait_within};
 pub use process::Proc;
 pub use servers::Served;

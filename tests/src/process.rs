@@ -212,7 +212,9 @@ impl Proc {
         Ok(())
     }
 
-    fn signal_group(&self, signal: i32) {
+    /// Sends `signal` to the process's whole process group: a daemon and the children it forked
+    /// (keepalived's VRRP child), all at once, as a crash of the machine would.
+    pub fn signal_group(&self, signal: i32) {
         // SAFETY: kill(2) of the process group this process leads.
         unsafe { libc::kill(-(self.inner.pid as libc::pid_t), signal) };
     }

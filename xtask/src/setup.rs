@@ -44,6 +44,8 @@ const PACKAGES: &[Package] = &[
     tool("iputils-ping", "ping"),
     tool("tcpdump", "tcpdump"),
     tool("procps", "sysctl"),
+    // VRRP between the two directors of the namespace tests that move the VIP.
+    tool("keepalived", "keepalived"),
     llvm("llvm-22-dev"),
     llvm("libpolly-22-dev"),
     llvm("libzstd-dev"),

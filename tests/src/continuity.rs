@@ -1,0 +1,380 @@
+//! Traffic that must live through a failover: long-lived connections to every master that
+//! exchange a line every few tens of milliseconds, and streams of new connections (one request
+//! each), all from the lab's client on threads of their own. Every event is timed, so that a
+//! test can say what happened after the moment it broke something: how long until new
+//! connections worked again, whether any failed after that, whether a long-lived one broke or
+//! stalled.
+//!
+//! ```no_run
+//! # use std::time::{Duration, Instant};
+//! # use mim_lb_tests::{Lab, LabSpec, continuity::{Traffic, TrafficSpec}};
+//! # let lab = Lab::new(LabSpec::default())?;
+//! let traffic = Traffic::start(&lab, TrafficSpec::new((lab.vip4(), 7000).into()))?;
+//! let broken = Instant::now();
+//! // ... kill something ...
+//! let report = traffic.finish_after(Duration::from_secs(3));
+//! report.assert_survived("after the kill", broken);
+//! # anyhow::Ok(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::client::{TcpHold, tcp_ask};
+use crate::netns::{in_netns, spawn_in_netns};
+use crate::Lab;
+
+/// What traffic to run.
+#[derive(Debug, Clone)]
+pub struct TrafficSpec {
+    /// Where every connection goes (a VIP and port).
+    pub target: SocketAddr,
+    /// Long-lived connections per master: connections are opened until every master has this
+    /// many (the director's table decides which master each reaches).
+    pub held_per_master: usize,
+    /// Between two lines on one long-lived connection.
+    pub echo_every: Duration,
+    /// Longest a line may wait for its echo before the connection counts as stalled, and so
+    /// broken. Long enough for TCP to retransmit through a failover (200 ms, 400 ms, ...),
+    /// short enough that a connection that stopped for good fails the test.
+    pub stall_limit: Duration,
+    /// Streams of new connections; each makes one connection at a time. Two halve the delay
+    /// between the moment new connections work again and the first attempt that shows it.
+    pub streams: usize,
+    /// Pause between two connections of one stream.
+    pub new_every: Duration,
+    /// Time limit of one new connection (connect, read the answer). Below TCP's first SYN
+    /// retransmission (1 s), so that an attempt whose SYN was lost fails rather than lingers.
+    pub new_timeout: Duration,
+}
+
+impl TrafficSpec {
+    /// Three long-lived connections per master, a line every 50 ms, stalled after 5 s; two
+    /// streams of new connections, one every 20 ms each, each given 900 ms.
+    pub fn new(target: SocketAddr) -> TrafficSpec {
+        TrafficSpec {
+            target,
+            held_per_master: 3,
+            echo_every: Duration::from_millis(50),
+            stall_limit: Duration::from_secs(5),
+            streams: 2,
+            new_every: Duration::from_millis(20),
+            new_timeout: Duration::from_millis(900),
+        }
+    }
+}
+
+/// What one long-lived connection did.
+#[derive(Debug, Clone)]
+pub struct HeldLog {
+    /// The master it reached.
+    pub master: String,
+    /// Lines echoed.
+    pub echoes: u64,
+    /// The longest time between two echoes (or from the start to the first).
+    pub longest_gap: Duration,
+    /// When that gap ended.
+    pub longest_gap_end: Option<Instant>,
+    /// Every wait for an echo longer than two `echo_every`: when it ended, and how long.
+    pub stalls: Vec<(Instant, Duration)>,
+    /// Why it broke (reset, closed, stalled past the limit, wrong echo), if it did.
+    pub error: Option<String>,
+    pub broke_at: Option<Instant>,
+}
+
+/// One new connection.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub stream: usize,
+    pub started: Instant,
+    pub ended: Instant,
+    /// The master's name, or the error.
+    pub outcome: std::result::Result<String, String>,
+}
+
+/// Long-lived connections and streams of new ones, running until [`Traffic::finish`].
+pub struct Traffic {
+    started: Instant,
+    stop: Arc<AtomicBool>,
+    held: Vec<JoinHandle<HeldLog>>,
+    streams: Vec<JoinHandle<Vec<Attempt>>>,
+}
+
+/// Opens long-lived connections from the client to `target` until every one of the lab's
+/// masters has `per_master` of them; extra ones to a master that has enough are closed. Gives
+/// up after 20 connections per wanted one.
+pub fn hold_on_every_master(lab: &Lab, target: SocketAddr, per_master: usize, timeout: Duration) -> Result<Vec<TcpHold>> {
+    let masters = lab.master_count();
+    let wanted = masters * per_master;
+    let names: Vec<String> = (0..masters).map(|i| lab.master_name(i)).collect();
+    in_netns(lab.client_ns(), || -> Result<Vec<TcpHold>> {
+        let mut per: BTreeMap<String, usize> = BTreeMap::new();
+        let mut kept = Vec::new();
+        for _ in 0..wanted * 20 {
+            if kept.len() == wanted {
+                return Ok(kept);
+            }
+            let conn = TcpHold::connect(target, timeout)?;
+            let n = per.entry(conn.name().to_owned()).or_default();
+            if *n < per_master && names.iter().any(|m| m == conn.name()) {
+                *n += 1;
+                kept.push(conn);
+            }
+        }
+        if kept.len() == wanted {
+            return Ok(kept);
+        }
+        bail!("after {} connections to {target}, the masters had {per:?} (wanted {per_master} each)", wanted * 20)
+    })?
+}
+
+impl Traffic {
+    /// Opens the long-lived connections (see [`hold_on_every_master`]), then starts a thread
+    /// per connection and per stream of new connections.
+    pub fn start(lab: &Lab, spec: TrafficSpec) -> Result<Traffic> {
+        let held = hold_on_every_master(lab, spec.target, spec.held_per_master, Duration::from_secs(3))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let mut traffic = Traffic { started, stop: Arc::clone(&stop), held: Vec::new(), streams: Vec::new() };
+        for (k, conn) in held.into_iter().enumerate() {
+            let (stop, spec) = (Arc::clone(&stop), spec.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("held-{k}"))
+                .spawn(move || chat(conn, k, &spec, &stop, started))
+                .context("starting a held connection's thread")?;
+            traffic.held.push(handle);
+        }
+        for s in 0..spec.streams {
+            let (stop, spec) = (Arc::clone(&stop), spec.clone());
+            // Connections are made in the client's namespace, so the thread lives there.
+            let handle = spawn_in_netns(lab.client_ns(), &format!("new-conns-{s}"), move || connect_stream(s, &spec, &stop))?;
+            traffic.streams.push(handle);
+        }
+        Ok(traffic)
+    }
+
+    /// When the traffic started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Lets the traffic run on for `more`, then stops it and returns what happened.
+    pub fn finish_after(self, more: Duration) -> TrafficReport {
+        std::thread::sleep(more);
+        self.finish()
+    }
+
+    /// Stops every thread (each within one step: an echo or a connection, so within
+    /// `stall_limit`) and returns what happened.
+    pub fn finish(mut self) -> TrafficReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let held = self.held.drain(..).map(|h| h.join().expect("a held connection's thread panicked")).collect();
+        let mut attempts: Vec<Attempt> =
+            self.streams.drain(..).flat_map(|h| h.join().expect("a connection stream's thread panicked")).collect();
+        attempts.sort_by_key(|a| a.started);
+        TrafficReport { started: self.started, held, attempts }
+    }
+}
+
+impl Drop for Traffic {
+    /// A test that fails before [`Traffic::finish`] still stops the threads, which end within
+    /// one step.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.held.drain(..) {
+            let _ = h.join();
+        }
+        for h in self.streams.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// One long-lived connection: a line every `echo_every` until `stop` or the first failure.
+fn chat(mut conn: TcpHold, k: usize, spec: &TrafficSpec, stop: &AtomicBool, started: Instant) -> HeldLog {
+    let mut log = HeldLog {
+        master: conn.name().to_owned(),
+        echoes: 0,
+        longest_gap: Duration::ZERO,
+        longest_gap_end: None,
+        stalls: Vec::new(),
+        error: None,
+        broke_at: None,
+    };
+    let mut last = started;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let result = conn.echo(&format!("conn {k} line {}", log.echoes), spec.stall_limit);
+        let now = Instant::now();
+        if let Err(e) = result {
+            log.error = Some(format!("{e:#} (after {:?} without an echo)", now - last));
+            log.broke_at = Some(now);
+            break;
+        }
+        log.echoes += 1;
+        if now - last > spec.echo_every * 2 {
+            log.stalls.push((now, now - last));
+        }
+        if now - last > log.longest_gap {
+            log.longest_gap = now - last;
+            log.longest_gap_end = Some(now);
+        }
+        last = now;
+        next += spec.echo_every;
+        // Behind schedule after a stall: start again from now rather than burst.
+        next = next.max(now);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    log
+}
+
+/// One stream of new connections, one at a time, until `stop`.
+fn connect_stream(stream: usize, spec: &TrafficSpec, stop: &AtomicBool) -> Vec<Attempt> {
+    let mut attempts = Vec::new();
+    // Offset the streams so that they probe at different moments.
+    std::thread::sleep(spec.new_every * stream as u32 / spec.streams.max(1) as u32);
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let outcome = tcp_ask(spec.target, spec.new_timeout).map_err(|e| format!("{e:#}"));
+        attempts.push(Attempt { stream, started, ended: Instant::now(), outcome });
+        std::thread::sleep(spec.new_every);
+    }
+    attempts
+}
+
+/// What the traffic saw, for asserting and printing.
+#[derive(Debug)]
+pub struct TrafficReport {
+    pub started: Instant,
+    pub held: Vec<HeldLog>,
+    /// Every new connection, in the order they were started.
+    pub attempts: Vec<Attempt>,
+}
+
+impl TrafficReport {
+    /// The first new connection started at or after `t` that succeeded: its index in
+    /// [`TrafficReport::attempts`] and the time from `t` to its answer.
+    pub fn first_success_after(&self, t: Instant) -> Option<(usize, Duration)> {
+        self.attempts
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.started >= t && a.outcome.is_ok())
+            .map(|(k, a)| (k, a.ended - t))
+    }
+
+    /// New connections that failed although they started after the first one that succeeded
+    /// after `t` had its answer: once new connections work again, they must keep working.
+    pub fn failures_after_recovery(&self, t: Instant) -> Vec<&Attempt> {
+        let Some((first, _)) = self.first_success_after(t) else { return Vec::new() };
+        let recovered = self.attempts[first].ended;
+        self.attempts.iter().filter(|a| a.started >= recovered && a.outcome.is_err()).collect()
+    }
+
+    /// New connections that started at or after `t`: (succeeded, failed).
+    pub fn counts_after(&self, t: Instant) -> (usize, usize) {
+        let after: Vec<&Attempt> = self.attempts.iter().filter(|a| a.started >= t).collect();
+        let ok = after.iter().filter(|a| a.outcome.is_ok()).count();
+        (ok, after.len() - ok)
+    }
+
+    /// Long-lived connections that broke or stalled.
+    pub fn broken_held(&self) -> Vec<&HeldLog> {
+        self.held.iter().filter(|h| h.error.is_some()).collect()
+    }
+
+    /// The longest wait between two echoes on any long-lived connection.
+    pub fn longest_held_gap(&self) -> Duration {
+        self.held.iter().map(|h| h.longest_gap).max().unwrap_or_default()
+    }
+
+    /// The longest wait for an echo that ended at or after `t` on any long-lived connection
+    /// (zero if none was longer than two `echo_every`).
+    pub fn longest_held_gap_after(&self, t: Instant) -> Duration {
+        self.held.iter().flat_map(|h| &h.stalls).filter(|(end, _)| *end >= t).map(|(_, d)| *d).max().unwrap_or_default()
+    }
+
+    /// The connections per master among the long-lived ones.
+    pub fn held_per_master(&self) -> BTreeMap<String, usize> {
+        crate::count_names(&self.held.iter().map(|h| h.master.clone()).collect::<Vec<_>>())
+    }
+
+    /// One paragraph for the test's output: what happened after `t`.
+    pub fn summary(&self, what: &str, t: Instant) -> String {
+        let (ok, failed) = self.counts_after(t);
+        let first = self.first_success_after(t).map_or("none".to_owned(), |(_, d)| format!("{d:?}"));
+        let gaps: Vec<String> = self
+            .held
+            .iter()
+            .map(|h| {
+                let after = h.stalls.iter().filter(|(end, _)| *end >= t).map(|(_, d)| *d).max().unwrap_or_default();
+                format!("{}:{}ms", h.master, after.as_millis())
+            })
+            .collect();
+        format!(
+            "{what}: first new connection answered {first} after it; {ok} new connections succeeded and {failed} failed \
+             after it, {} of them after the first success; {} long-lived connections ({:?}), {} broken, longest \
+             silence since {:?} (per connection: {})",
+            self.failures_after_recovery(t).len(),
+            self.held.len(),
+            self.held_per_master(),
+            self.broken_held().len(),
+            self.longest_held_gap_after(t),
+            gaps.join(" ")
+        )
+    }
+
+    /// Panics, with the details, unless the traffic lived through what happened at `t`: every
+    /// long-lived connection kept exchanging lines (none broke, none went silent for
+    /// `stall_limit`), a new connection succeeded after `t`, and none failed after the first
+    /// that did. Returns the time from `t` to that first success.
+    pub fn assert_survived(&self, what: &str, t: Instant) -> Duration {
+        let summary = self.summary(what, t);
+        eprintln!("{summary}");
+        let broken: Vec<String> = self
+            .broken_held()
+            .iter()
+            .map(|h| format!("to {}: {} ({:?} after the start)", h.master, h.error.as_deref().unwrap_or(""), h.broke_at.map(|b| b - self.started)))
+            .collect();
+        assert!(broken.is_empty(), "{what}: long-lived connections broke:\n{}\n{summary}", broken.join("\n"));
+        let Some((_, first)) = self.first_success_after(t) else {
+            panic!("{what}: no new connection succeeded after it\n{summary}\n{}", self.attempt_lines(t, 10));
+        };
+        let late = self.failures_after_recovery(t);
+        assert!(
+            late.is_empty(),
+            "{what}: {} new connections failed after they had worked again, e.g. {:?} after it: {}\n{summary}",
+            late.len(),
+            late[0].started - t,
+            late[0].outcome.as_ref().unwrap_err()
+        );
+        first
+    }
+
+    /// The first `n` attempts started at or after `t`, one a line, for failure messages.
+    pub fn attempt_lines(&self, t: Instant, n: usize) -> String {
+        self.attempts
+            .iter()
+            .filter(|a| a.started >= t)
+            .take(n)
+            .map(|a| {
+                format!(
+                    "  +{:?} (stream {}, took {:?}): {}",
+                    a.started - t,
+                    a.stream,
+                    a.ended - a.started,
+                    match &a.outcome {
+                        Ok(name) => name.clone(),
+                        Err(e) => e.clone(),
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}

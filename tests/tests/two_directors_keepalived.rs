@@ -1,0 +1,189 @@
+//! Two directors, each running the real daemon with the same services, and keepalived (real
+//! VRRP) moving the VIP between them: when the active director dies, the other takes the VIP
+//! and carries on, and no client connection breaks, neither the long-lived ones nor the new
+//! ones once the VIP has moved. When the dead director returns, keepalived gives it the VIP
+//! back (it has the higher priority, preempts, and its `mim-lb ready` track script passes),
+//! again without breaking a connection.
+//!
+//! `dist/keepalived.conf`, the shipped example, does the same on the lab's directors.
+//!
+//! Without flow sync between the directors this holds because both tables are the same
+//! function of the same config and the same masters' health (the `table_digest` both show), so
+//! the surviving director sends every established flow where the dead one did.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mim_lb_tests::{
+    Lab, LabSpec,
+    continuity::{Traffic, TrafficReport, TrafficSpec},
+    gateway::{Mode, ServiceSpec, mim_lb_binary},
+    keepalived::{Directors, VrrpSpec, director_configs},
+};
+
+const PORT: u16 = 7000;
+/// VRRP with 200 ms adverts gives the VIP up for lost after about 0.65 s; this is that, the
+/// gratuitous ARPs and a loaded machine's delays, with room to spare.
+const FAILOVER_LIMIT: Duration = Duration::from_secs(10);
+/// The returning director's track script runs once a second; then a master down interval.
+const FAILBACK_LIMIT: Duration = Duration::from_secs(15);
+/// How long the traffic runs before and after each event.
+const SETTLE: Duration = Duration::from_secs(2);
+/// How long a director whose daemon is not running is watched not taking the VIP: two runs of
+/// its track script (one a second) and more than a master down interval.
+const NOT_READY_WATCH: Duration = Duration::from_millis(2500);
+
+fn vip(lab: &Lab) -> SocketAddr {
+    SocketAddr::new(lab.vip4().into(), PORT)
+}
+
+/// Three masters serving on [`PORT`], two directors with the same service, keepalived on both,
+/// director 0 holding the VIP. IPv4 only: keepalived moves the IPv4 VIP.
+fn two_directors() -> (Lab, Directors) {
+    let mut lab = Lab::new(LabSpec { directors: 2, ipv6: false, ..LabSpec::default() }).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    // A short idle timeout, so that the marks the start leaves clear within seconds.
+    let configs = director_configs(&lab, &[ServiceSpec::tcp(&lab, PORT)], "tcp_idle_timeout_s = 1", |_| String::new());
+    let directors = Directors::start(&mut lab, Mode::Generic, &configs, VrrpSpec::default()).unwrap();
+    // The premise of a hitless failover without flow sync: both tables decide alike, and
+    // neither has a changed slot, whose unrecorded flows would go to a previous master.
+    directors.wait_settled(Duration::from_secs(20)).unwrap();
+    let digest = |i: usize| directors.gateway(i).status().unwrap().services[0].table_digest.clone();
+    assert_eq!(digest(0), digest(1), "the two directors' tables differ");
+    (lab, directors)
+}
+
+/// Packets director `i` forwarded for the service so far.
+fn forwarded(directors: &Directors, i: usize) -> u64 {
+    directors.gateway(i).status().unwrap().services.iter().map(|s| s.packets).sum()
+}
+
+/// The traffic ran cleanly before anything was broken: no connection failed before `t`.
+fn assert_clean_before(report: &TrafficReport, t: Instant) {
+    let failed: Vec<_> = report.attempts.iter().filter(|a| a.started < t && a.outcome.is_err()).collect();
+    assert!(failed.is_empty(), "{} new connections failed before anything was broken: {:?}", failed.len(), failed[0].outcome);
+    assert!(report.attempts.iter().any(|a| a.ended < t && a.outcome.is_ok()), "no connection worked before anything was broken");
+}
+
+/// Director `i` alone holds the VIP for the whole of `watch`.
+fn assert_holder_stays(lab: &Lab, directors: &Directors, i: usize, watch: Duration) {
+    let end = Instant::now() + watch;
+    while Instant::now() < end {
+        let holder = directors.holder(lab).unwrap();
+        assert_eq!(holder, Some(i), "the VIP moved while director {i} should have kept it");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills director 0 (the active one) under traffic and waits until director 1 alone holds
+/// the VIP: returns the moment of the kill (when director 0 was off the segment, its processes
+/// killed a few milliseconds before).
+fn kill_active(lab: &Lab, directors: &mut Directors) -> Instant {
+    assert_eq!(directors.holder(lab).unwrap(), Some(0));
+    let killed = directors.kill(lab, 0).unwrap();
+    directors.wait_master(lab, 1, FAILOVER_LIMIT).unwrap();
+    eprintln!("director 1 holds the VIP alone {:?} after the kill", killed.elapsed());
+    killed
+}
+
+#[test]
+fn killing_the_active_director_breaks_no_connection() {
+    let (lab, mut directors) = two_directors();
+    let traffic = Traffic::start(&lab, TrafficSpec::new(vip(&lab))).unwrap();
+    std::thread::sleep(SETTLE);
+    let before = forwarded(&directors, 1);
+
+    let killed = kill_active(&lab, &mut directors);
+    let report = traffic.finish_after(SETTLE);
+
+    assert_clean_before(&report, killed);
+    let first = report.assert_survived("killing the active director", killed);
+    eprintln!("kill -9 of the active director to the first new connection answered: {first:?}");
+    assert!(forwarded(&directors, 1) > before, "director 1 forwarded nothing: the traffic did not go through it");
+}
+
+#[test]
+fn the_dead_director_returns_and_takes_the_vip_back_without_breaking_a_connection() {
+    let (mut lab, mut directors) = two_directors();
+    let traffic = Traffic::start(&lab, TrafficSpec::new(vip(&lab))).unwrap();
+    std::thread::sleep(SETTLE);
+
+    let killed = kill_active(&lab, &mut directors);
+    std::thread::sleep(SETTLE);
+
+    // Back on the segment with keepalived, but no daemon yet: its track script fails, and it
+    // must not take the VIP, however high its priority.
+    let revived = Instant::now();
+    directors.reconnect(&lab, 0).unwrap();
+    directors.restart_keepalived(&mut lab, 0).unwrap();
+    assert_holder_stays(&lab, &directors, 1, NOT_READY_WATCH);
+    directors.restart_daemon(&mut lab, 0, &[]).unwrap();
+    let ready = Instant::now();
+    directors.wait_master(&lab, 0, FAILBACK_LIMIT).unwrap();
+    eprintln!("director 0 holds the VIP alone again {:?} after its daemon was serving", ready.elapsed());
+    // It took the VIP back because its track script passed, which needs its daemon serving.
+    assert!(directors.gateway(0).ctl(&["ready", "--quiet"]).is_ok());
+    let back = forwarded(&directors, 0);
+    let report = traffic.finish_after(SETTLE);
+
+    assert_clean_before(&report, killed);
+    report.assert_survived("killing the active director", killed);
+    let first = report.assert_survived("the failback", revived);
+    let (_, failed) = report.counts_after(revived);
+    eprintln!(
+        "failback: first new connection answered {first:?} after the return began; {failed} failed during it; \
+         longest silence of a long-lived connection since {:?}",
+        report.longest_held_gap_after(revived)
+    );
+    assert!(forwarded(&directors, 0) > back, "director 0 forwarded nothing after taking the VIP back");
+}
+
+/// `dist/keepalived.conf` made concrete for director `i` of `lab`: what its comments tell an
+/// operator to change (the binary's and the socket's paths, the VIP, and on the second
+/// director its name and priority), and nothing else.
+fn shipped_keepalived_conf(lab: &Lab, directors: &Directors, i: usize) -> String {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/keepalived.conf")).unwrap();
+    let mut conf = text
+        .replace("/usr/local/bin/mim-lb", mim_lb_binary().to_str().unwrap())
+        .replace("/run/mim-lb/control.sock", directors.gateway(i).socket().to_str().unwrap())
+        .replace("10.0.0.100/32", &format!("{}/32", lab.vip4()));
+    if i == 1 {
+        for (a, b) in [("router_id mim-lb-a", "router_id mim-lb-b"), ("priority 150", "priority 100")] {
+            assert!(conf.contains(a), "the example has no `{a}` to change");
+            conf = conf.replace(a, b);
+        }
+    }
+    conf
+}
+
+/// The shipped example works as its comments say: director A (priority 150) takes the VIP; when
+/// its daemon stops, its `mim-lb ready` track script fails and B takes the VIP; when the daemon
+/// is back, A takes it back (preempt). Connections go through whoever holds it.
+#[test]
+fn the_shipped_keepalived_example_moves_the_vip_with_the_daemon() {
+    let mut lab = Lab::new(LabSpec { directors: 2, ipv6: false, ..LabSpec::default() }).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let configs = director_configs(&lab, &[ServiceSpec::tcp(&lab, PORT)], "", |_| String::new());
+    let mut directors = Directors::start_daemons(&mut lab, Mode::Generic, &configs).unwrap();
+    let texts: Vec<String> = (0..2).map(|i| shipped_keepalived_conf(&lab, &directors, i)).collect();
+    directors.start_keepalived(&mut lab, &texts).unwrap();
+    // advert_int 0.5: a master down interval of about 1.6 s after the first script run.
+    directors.wait_master(&lab, 0, Duration::from_secs(15)).unwrap();
+    lab.ask(vip(&lab), 10, Duration::from_secs(3));
+
+    let stopped = Instant::now();
+    directors.gateway_mut(0).stop().unwrap();
+    directors.wait_master(&lab, 1, Duration::from_secs(15)).unwrap();
+    eprintln!("the example: director B holds the VIP {:?} after A's daemon stopped", stopped.elapsed());
+    let before = forwarded(&directors, 1);
+    lab.ask(vip(&lab), 10, Duration::from_secs(3));
+    assert!(forwarded(&directors, 1) > before, "director B holds the VIP but forwarded nothing");
+
+    directors.restart_daemon(&mut lab, 0, &[]).unwrap();
+    let ready = Instant::now();
+    directors.wait_master(&lab, 0, Duration::from_secs(15)).unwrap();
+    eprintln!("the example: director A holds the VIP again {:?} after its daemon was serving", ready.elapsed());
+    let before = forwarded(&directors, 0);
+    lab.ask(vip(&lab), 10, Duration::from_secs(3));
+    assert!(forwarded(&directors, 0) > before, "director A holds the VIP again but forwarded nothing");
+}
