@@ -187,3 +187,82 @@ fn the_shipped_keepalived_example_moves_the_vip_with_the_daemon() {
     lab.ask(vip(&lab), 10, Duration::from_secs(3));
     assert!(forwarded(&directors, 0) > before, "director A holds the VIP again but forwarded nothing");
 }
+
+/// The group's shared sync key, in a file of its own removed on drop.
+struct SyncKey(std::path::PathBuf);
+
+impl SyncKey {
+    fn new(lab: &Lab) -> SyncKey {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("mimlb-sync-{}.key", lab.id()));
+        std::fs::write(&path, format!("a test key for lab {} of at least 32 bytes\n", lab.id())).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        SyncKey(path)
+    }
+}
+
+impl Drop for SyncKey {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// With flow sync: a master is drained on both directors, connections opened since on its
+/// former slots are recorded by the active director only (the backup sees none of their
+/// packets), and the active director is killed right after. The backup has their records
+/// from its peer, so those connections carry on through it, as do all the others. Without
+/// the sync, the backup sends them to the slot's previous master, which resets them.
+#[test]
+#[ignore = "known defect (issue 8, open): slots marked while masters first come up after a start \
+            remember a previous master that depends on the order each director saw them come up, \
+            so a connection the active director sent to a clean slot's master can go to another \
+            master through the backup; run with --ignored"]
+fn with_flow_sync_connections_opened_after_a_drain_survive_the_active_directors_death() {
+    use mim_lb_tests::echo_all;
+    let mut lab = Lab::new(LabSpec { directors: 2, ipv6: false, ..LabSpec::default() }).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let key = SyncKey::new(&lab);
+    let sync = |i: usize| {
+        format!(
+            "[sync]\nlisten = \"{}:7946\"\npeers = [\"{}:7946\"]\nkey_file = \"{}\"\n",
+            lab.director_addr4(i),
+            lab.director_addr4(1 - i),
+            key.0.display()
+        )
+    };
+    let configs = director_configs(&lab, &[ServiceSpec::tcp(&lab, PORT)], "tcp_idle_timeout_s = 60", sync);
+    let mut directors = Directors::start(&mut lab, Mode::Generic, &configs, VrrpSpec::default()).unwrap();
+    directors.wait_master(&lab, 0, FAILOVER_LIMIT).unwrap();
+    for i in 0..2 {
+        let g = directors.gateway(i);
+        g.wait_until("its peer up and its tables agreeing", Duration::from_secs(20), |s| {
+            s.sync.as_ref().is_some_and(|y| y.ready && y.peers[0].state == "up" && y.peers[0].tables_agree == Some(true))
+        })
+        .unwrap();
+    }
+    let traffic = Traffic::start(&lab, TrafficSpec::new(vip(&lab))).unwrap();
+    std::thread::sleep(SETTLE);
+
+    let service = format!("{}:{PORT}", lab.vip4());
+    let drained = lab.master_addr4(0).to_string();
+    for i in 0..2 {
+        directors.gateway(i).ctl(&["drain", &service, &drained]).unwrap();
+    }
+    let mut opened: Vec<mim_lb_tests::TcpHold> = mim_lb_tests::in_netns(lab.client_ns(), || {
+        (0..60).map(|_| mim_lb_tests::TcpHold::connect(vip(&lab), Duration::from_secs(5)).unwrap()).collect()
+    })
+    .unwrap();
+    echo_all(&mut opened, "after the drain", Duration::from_secs(5));
+    // The records reach the backup within milliseconds; the status says how long it took.
+    let a = directors.gateway(0).status().unwrap();
+    let lag = a.sync.as_ref().unwrap().peers[0].lag_ms_last;
+    eprintln!("flow sync lag (record on the active director to the backup's ack): {lag:?} ms");
+    assert!(lag.is_some(), "no record was acknowledged by the backup: {:?}", a.sync);
+
+    let killed = kill_active(&lab, &mut directors);
+    echo_all(&mut opened, "after the kill", Duration::from_secs(5));
+    let report = traffic.finish_after(SETTLE);
+    report.assert_survived("killing the active director right after a drain", killed);
+    drop(directors);
+    drop(key);
+}
