@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    health::bringup::Bringup,
     sync::runner::SyncRunner,
     cli::{RunArgs, XdpModeArg},
     lock::InstanceLock,
@@ -281,6 +282,7 @@ async fn start_and_serve(
         mode: how.mode(),
         simulator: None,
         sync,
+        bringup: (!director.dataplane().reused_pins()).then(|| first_round(director)),
     };
     daemon.refresh_watchers(director);
     info!(
@@ -328,6 +330,19 @@ struct Daemon {
     simulator: Option<Simulator>,
     /// Flow sync with peer directors, when `[sync]` is configured.
     sync: Option<SyncRunner>,
+    /// After a fresh start, until every master has had its first checks: their verdicts,
+    /// held to be applied as one change (`health::bringup`).
+    bringup: Option<Bringup>,
+}
+
+/// The first round of checks of a fresh start: every checked master, with its `rise`.
+fn first_round(director: &Director) -> Bringup {
+    let targets = director
+        .health_targets()
+        .into_iter()
+        .filter(|(_, _, check, _)| check.kind != CheckKind::None)
+        .map(|(service, address, check, _)| ((service, address), check.rise, check.interval * check.rise + check.timeout));
+    Bringup::new(targets, Instant::now())
 }
 
 impl Daemon {
@@ -388,6 +403,9 @@ impl Daemon {
                     if let Some(sync) = self.sync.as_mut() {
                         sync.on_events(director);
                     }
+                }
+                _ = tokio::time::sleep_until(self.bringup.as_ref().map_or_else(tokio::time::Instant::now, |b| b.deadline.into())), if self.bringup.is_some() => {
+                    self.finish_bringup(director, true);
                 }
                 _ = sync_tick.tick(), if syncing => {
                     if let Some(sync) = self.sync.as_mut() {
@@ -474,15 +492,44 @@ impl Daemon {
             return;
         }
         self.checks.insert((report.service, report.address), (report.outcome.clone(), Instant::now()));
+        let reason = format!("{} check: {}", report.check, report.outcome.detail);
+        if let Some(bringup) = self.bringup.as_mut() {
+            if report.transition {
+                info!("{report} (applied with the first round of checks)");
+            }
+            let verdict = report.transition.then(|| (report.verdict == Verdict::Up, reason));
+            bringup.report((report.service, report.address), verdict);
+            self.finish_bringup(director, false);
+            return;
+        }
         if !report.transition {
             return;
         }
         info!("{report}");
-        let reason = format!("{} check: {}", report.check, report.outcome.detail);
         match director.set_health(&report.service, report.address, report.verdict == Verdict::Up, &reason) {
             Ok(Some(change)) => info!("{change}"),
             Ok(None) => {}
             Err(e) => error!("applying the health verdict for {} of {}: {e}", report.address, report.service),
+        }
+    }
+
+    /// Applies the first round's verdicts in one change once it is complete (or `force`d by
+    /// its deadline).
+    fn finish_bringup(&mut self, director: &mut Director, force: bool) {
+        let done = self.bringup.as_ref().is_some_and(|b| force || b.complete(Instant::now()));
+        if !done {
+            return;
+        }
+        let bringup = self.bringup.take().expect("checked");
+        let waiting = bringup.waiting();
+        match director.set_health_many(&bringup.into_verdicts()) {
+            Ok(changes) => changes.iter().for_each(|c| info!("{c}")),
+            Err(e) => error!("applying the first health verdicts: {e}"),
+        }
+        if waiting > 0 {
+            warn!("first round of health checks: {waiting} masters had no verdict by the deadline; they stay down until their checks pass");
+        } else {
+            info!("first round of health checks complete: {} masters up", director.desired().values().flat_map(|s| s.backends.values()).filter(|b| b.health_up).count());
         }
     }
 
@@ -565,6 +612,9 @@ impl Daemon {
     /// What keeps this director from carrying the VIP, if anything. The event loop runs only
     /// once the program is attached and the tables are written.
     fn not_ready(&self) -> Option<String> {
+        if let Some(b) = &self.bringup {
+            return Some(format!("waiting for the first health checks of {} masters", b.waiting()));
+        }
         self.sync.as_ref().and_then(|s| s.not_ready())
     }
 

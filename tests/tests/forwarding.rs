@@ -387,3 +387,32 @@ fn a_restart_on_another_interface_remakes_the_pinned_attachment() {
     assert!(!on_other(&lab), "the other interface kept its attachment");
     assert_runs_in(&lab, &gw, "generic");
 }
+
+/// A fresh start holds its masters' first verdicts until each has had `rise` checks and
+/// applies them together: the first table has every live master at once and no slot marked
+/// as changed, whatever order the checks happened to pass in (two directors started side by
+/// side must not remember different previous masters). `mim-lb ready` says not ready until
+/// then.
+#[test]
+fn the_first_health_verdicts_of_a_fresh_start_land_together() {
+    let mut lab = Lab::new(LabSpec::masters(3)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let mut service = ServiceSpec::tcp(&lab, PORT);
+    service.health = "interval_ms = 1000\ntimeout_ms = 500\nrise = 3\nfall = 2".into();
+    let config = lab_config(&lab, &[service], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    let err = format!("{:#}", gw.ctl(&["ready", "--quiet"]).unwrap_err());
+    assert!(err.contains("not ready: waiting for the first health checks of 3 masters"), "{err}");
+    let status = gw.status().unwrap();
+    assert!(status.services[0].backends.iter().all(|b| b.state == "down"), "a master came up alone: {status:?}");
+    // Meanwhile VIP traffic is dropped as no_backend.
+    let vip = SocketAddr::new(lab.vip4().into(), PORT);
+    let early = in_netns(lab.client_ns(), || mim_lb_tests::tcp_ask(vip, Duration::from_millis(300))).unwrap();
+    assert!(early.is_err(), "a connection was answered before the first round: {early:?}");
+    let dropped = gw.status().unwrap().reasons.iter().find(|r| r.name == "no_backend").unwrap().packets;
+    assert!(dropped > 0, "the early SYN was not counted as no_backend");
+    gw.proc().wait_for_line("first round of health checks complete: 3 masters up", T).unwrap();
+    let status = gw.wait_all_up().unwrap();
+    assert_eq!(status.services[0].changed_slots, 0, "the bring-up marked slots");
+    assert!(gw.ctl(&["ready"]).is_ok());
+}

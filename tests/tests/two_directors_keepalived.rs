@@ -213,10 +213,6 @@ impl Drop for SyncKey {
 /// from its peer, so those connections carry on through it, as do all the others. Without
 /// the sync, the backup sends them to the slot's previous master, which resets them.
 #[test]
-#[ignore = "known defect (issue 8, open): slots marked while masters first come up after a start \
-            remember a previous master that depends on the order each director saw them come up, \
-            so a connection the active director sent to a clean slot's master can go to another \
-            master through the backup; run with --ignored"]
 fn with_flow_sync_connections_opened_after_a_drain_survive_the_active_directors_death() {
     use mim_lb_tests::echo_all;
     let mut lab = Lab::new(LabSpec { directors: 2, ipv6: false, ..LabSpec::default() }).unwrap();

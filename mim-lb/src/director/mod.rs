@@ -397,6 +397,26 @@ impl Director {
         Ok(self.commit(next)?.changes.into_iter().next())
     }
 
+    /// Several health verdicts as one change (the first round after a fresh start). Masters
+    /// unknown by now (removed by a reload meanwhile) are skipped.
+    pub fn set_health_many(&mut self, verdicts: &[(ServiceKey, IpAddr, bool, String)]) -> Result<Vec<Change>, DirectorError> {
+        let mut next = self.desired.clone();
+        let mut any = false;
+        for (service, backend, up, reason) in verdicts {
+            if let Some(b) = next.get_mut(service).and_then(|s| s.backends.get_mut(backend))
+                && b.health_up != *up
+            {
+                b.health_up = *up;
+                b.health_reason = reason.clone();
+                any = true;
+            }
+        }
+        if !any {
+            return Ok(Vec::new());
+        }
+        Ok(self.commit(next)?.changes)
+    }
+
     /// Applies an operator's drain / enable / disable.
     pub fn set_admin(
         &mut self,

@@ -3,6 +3,7 @@
 //!
 //! This module only reports; deciding what a verdict does to the data path is the daemon's job.
 
+pub mod bringup;
 mod command;
 mod http;
 mod probe;
