@@ -431,7 +431,10 @@ impl Daemon {
                             if let Some(sync) = self.sync.as_mut() {
                                 sync.refresh(director, &flows, started);
                             }
-                            self.sweep(director, &flows, started);
+                            let cleared = self.sweep(director, &flows, started);
+                            if let Some(sync) = self.sync.as_mut() && !cleared.is_empty() {
+                                sync.send_cleared(director, &cleared);
+                            }
                         }
                         Ok(Err(e)) => error!("flow sweep: reading the connection table: {e}"),
                         Err(e) => error!("flow sweep: the reader failed: {e}"),
@@ -550,7 +553,14 @@ impl Daemon {
         }
     }
 
-    fn sweep(&mut self, director: &mut Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_at_ns: u64) {
+    /// Sweeps a read of the connection table; returns the marks it cleared, for peers.
+    #[allow(clippy::type_complexity)]
+    fn sweep(
+        &mut self,
+        director: &mut Director,
+        flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)],
+        read_at_ns: u64,
+    ) -> Vec<(ServiceKey, u32, Vec<(u32, u32)>)> {
         match director.sweep_with(flows, read_at_ns, self.config.tcp_idle_timeout, self.config.udp_idle_timeout) {
             Ok(r) => {
                 for (service, backend) in &r.backends_retired {
@@ -565,8 +575,12 @@ impl Daemon {
                         r.flows_deleted
                     );
                 }
+                r.cleared
             }
-            Err(e) => error!("flow sweep: {e}"),
+            Err(e) => {
+                error!("flow sweep: {e}");
+                Vec::new()
+            }
         }
     }
 

@@ -165,3 +165,52 @@ fn a_shared_record_sends_an_established_flow_where_the_peer_sent_it() {
     let again = b.director.import_records(&records, now - 1_000_000_000).unwrap();
     assert_eq!(again.kept_local, records.len());
 }
+
+/// The director's count of marked slots of the service.
+fn marked(prog: &ProgramUnderTest) -> usize {
+    prog.director.written()[&web()].marked()
+}
+
+/// When one director's sweep clears marks, a peer holding the same marks clears them too, so
+/// that the two keep sending the slots' unrecorded flows to the same master; marks that differ
+/// (another previous master) are left alone.
+#[test]
+fn marks_a_peer_cleared_are_cleared_where_they_are_alike() {
+    use mim_lb::director::sweep::monotonic_ns;
+    let mut a = director(&config(&[0, 1, 2, 3]));
+    let mut b = director(&config(&[0, 1, 2, 3]));
+    let mut c = director(&config(&[0, 1, 2, 3]));
+    for i in 0..4 {
+        set(&mut a, i, true);
+        set(&mut b, i, true);
+    }
+    // C saw its masters come up in another order: other previous masters on some slots.
+    for i in [3, 2, 1, 0] {
+        set(&mut c, i, true);
+    }
+    for p in [&mut a, &mut b, &mut c] {
+        set(p, 1, false);
+    }
+    assert!(marked(&a) > 0);
+    assert_eq!(a.director.written()[&web()].table(), b.director.written()[&web()].table());
+
+    let later = monotonic_ns() + 10_000_000_000;
+    let idle = std::time::Duration::from_secs(1);
+    let report = a.director.sweep_with(&[], later, idle, idle).unwrap();
+    assert_eq!(marked(&a), 0, "{report:?}");
+    let before_c = marked(&c);
+    for (service, size, entries) in &report.cleared {
+        let wire = a.director.wire_marks(service, entries);
+        b.director.import_cleared(service, *size, &wire).unwrap();
+        c.director.import_cleared(service, *size, &wire).unwrap();
+    }
+    assert_eq!(marked(&b), 0, "B held the same marks");
+    assert_eq!(a.director.written()[&web()].table(), b.director.written()[&web()].table());
+    // C's marks remember another previous master (the first to come up there): left alone.
+    assert_eq!(marked(&c), before_c, "C cleared marks it does not hold alike");
+
+    // A director that pulled from a peer with the same table takes the peer's marks as they are.
+    let none = std::collections::HashSet::new();
+    c.director.settle_marks_after_pull(&web(), &none).unwrap();
+    assert_eq!(marked(&c), 0);
+}

@@ -212,6 +212,73 @@ impl Director {
         self.mark_slots(*service, entries, now_ns)
     }
 
+    /// Entries as peers read them (by address).
+    pub fn wire_marks(&self, service: &ServiceKey, entries: &[(u32, u32)]) -> Vec<WireMark> {
+        let Some(s) = self.desired.get(service) else { return Vec::new() };
+        let addr: HashMap<u32, IpAddr> = s.backends.iter().map(|(a, b)| (b.id, *a)).collect();
+        entries
+            .iter()
+            .map(|&(slot, e)| WireMark { slot, owner: addr.get(&marks::owner(e)).copied(), prev: addr.get(&maglev_prev(e)).copied() })
+            .collect()
+    }
+
+    /// Marks a peer's sweep cleared: where this director's slot is marked alike (same master,
+    /// same previous master), no flow needs it here either (records and seen stamps are
+    /// shared), and keeping it would send the slot's unrecorded flows elsewhere than the peer
+    /// now does.
+    pub fn import_cleared(&mut self, service: &ServiceKey, table_size: u32, cleared: &[WireMark]) -> Result<usize, DirectorError> {
+        let (Some(s), Some(w)) = (self.desired.get(service), self.written.get(service)) else { return Ok(0) };
+        if w.table_size != table_size {
+            return Ok(0);
+        }
+        let id = |a: Option<IpAddr>| a.and_then(|a| s.backends.get(&a)).map_or(0, |b| b.id);
+        let clear: Vec<(u32, u32)> = cleared
+            .iter()
+            .filter_map(|m| {
+                let entry = *w.table().get(m.slot as usize)?;
+                let alike = marks::is_marked(entry) && marks::owner(entry) == id(m.owner) && maglev_prev(entry) == id(m.prev);
+                alike.then_some((m.slot, marks::owner(entry)))
+            })
+            .collect();
+        self.unmark_slots(*service, clear)
+    }
+
+    /// After this director's own pull from a peer whose table for `service` has the same
+    /// digest: the peer carried the traffic meanwhile, so its marks are the truth; a slot
+    /// marked here that the peer did not report is cleared.
+    pub fn settle_marks_after_pull(&mut self, service: &ServiceKey, reported: &std::collections::HashSet<u32>) -> Result<usize, DirectorError> {
+        let Some(w) = self.written.get(service) else { return Ok(0) };
+        let clear: Vec<(u32, u32)> = w
+            .table()
+            .iter()
+            .enumerate()
+            .filter(|(slot, e)| marks::is_marked(**e) && !reported.contains(&(*slot as u32)))
+            .map(|(slot, e)| (slot as u32, marks::owner(*e)))
+            .collect();
+        self.unmark_slots(*service, clear)
+    }
+
+    /// Writes clean entries (`(slot, owner)`) into a service's live region.
+    fn unmark_slots(&mut self, service: ServiceKey, clear: Vec<(u32, u32)>) -> Result<usize, DirectorError> {
+        if clear.is_empty() {
+            return Ok(0);
+        }
+        let w = self.written.get(&service).expect("callers checked");
+        let (id, active) = (w.id, w.active);
+        self.dataplane.maps().set_maglev_entries(id, active, clear.iter().copied())?;
+        self.untidy.insert(service);
+        let w = self.written.get_mut(&service).expect("callers checked");
+        for (slot, owner) in &clear {
+            let i = *slot as usize;
+            if marks::is_marked(w.regions[active as usize][i]) {
+                w.marked -= 1;
+            }
+            w.regions[active as usize][i] = *owner;
+            w.times.marked_ns[i] = 0;
+        }
+        Ok(clear.len())
+    }
+
     /// Writes marked entries into a service's live region and keeps the record (times, count)
     /// in step. A slot marked here is kept for a whole idle timeout at least, as any mark.
     fn mark_slots(&mut self, service: ServiceKey, entries: Vec<(u32, u32)>, now_ns: u64) -> Result<usize, DirectorError> {

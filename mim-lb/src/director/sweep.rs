@@ -49,6 +49,8 @@ pub struct SweepReport {
     pub flows_seen: usize,
     pub live_flows: usize,
     pub marks_cleared: usize,
+    /// The marks cleared, as they were: (service, table size, [(slot, entry)]), for peers.
+    pub cleared: Vec<(ServiceKey, u32, Vec<(u32, u32)>)>,
     /// Removed backends whose last flow ended: (service, address).
     pub backends_retired: Vec<(ServiceKey, std::net::IpAddr)>,
     pub flows_deleted: usize,
@@ -128,7 +130,8 @@ impl Director {
         }
         let live = self.live_flows(flows, read_ns, tcp_idle, udp_idle);
         report.live_flows = live.live;
-        report.marks_cleared = self.clear_marks(&live.needed, read_ns, tcp_idle)?;
+        report.cleared = self.clear_marks(&live.needed, read_ns, tcp_idle)?;
+        report.marks_cleared = report.cleared.iter().map(|c| c.2.len()).sum();
         report.flows_deleted += self.clean_records(&live, read_ns)?;
         self.end_resizes()?;
         let (retired, deleted) = self.retire(&live, read_ns)?;
@@ -178,8 +181,14 @@ impl Director {
     /// Clears the marks [`marks::may_clear`] allows. Clearing a mark in the live region is a
     /// single-word write: the data path sees either the marked or the clean entry, and both
     /// send every live flow of the slot to the same master.
-    fn clear_marks(&mut self, needed: &HashMap<ServiceKey, BTreeSet<u32>>, read_ns: u64, tcp_idle: Duration) -> Result<usize, DirectorError> {
-        let mut cleared = 0;
+    #[allow(clippy::type_complexity)]
+    fn clear_marks(
+        &mut self,
+        needed: &HashMap<ServiceKey, BTreeSet<u32>>,
+        read_ns: u64,
+        tcp_idle: Duration,
+    ) -> Result<Vec<(ServiceKey, u32, Vec<(u32, u32)>)>, DirectorError> {
+        let mut cleared = Vec::new();
         let keys: Vec<ServiceKey> = self.written.iter().filter(|(_, w)| w.marked > 0).map(|(k, _)| *k).collect();
         for key in keys {
             let w = &self.written[&key];
@@ -210,7 +219,7 @@ impl Director {
                 self.untidy.insert(key);
                 return Err(e.into());
             }
-            cleared += clear.len();
+            cleared.push((key, size, clear.iter().map(|&(slot, _)| (slot, self.written[&key].table()[slot as usize])).collect()));
             self.untidy.insert(key);
             let w = self.written.get_mut(&key).expect("listed above");
             for (slot, value) in clear {

@@ -45,11 +45,12 @@ pub enum Inbound {
     Forget(Vec<FlowKey>),
     Seen { service: ServiceKey, table_size: u32, slots: Vec<(u32, u32)> },
     Marks { from: SocketAddr, service: ServiceKey, table_size: u32, marks: Vec<WireMark> },
+    Cleared { service: ServiceKey, table_size: u32, marks: Vec<WireMark> },
     /// Send this peer the whole state ([`Engine::answer_pull`]): it asked (it starts), or it
     /// missed datagrams for good.
     SendAll(SocketAddr),
-    /// A peer's pull answer is complete.
-    Pulled(SocketAddr),
+    /// A peer's answer is complete; `own_pull` when this director asked for it (it starts).
+    Pulled { from: SocketAddr, own_pull: bool },
 }
 
 /// Where this director's own pull from a peer stands.
@@ -286,6 +287,13 @@ impl Engine {
         }
     }
 
+    /// Marks this director's sweep cleared, to every live peer.
+    pub fn send_cleared(&mut self, service: ServiceKey, table_size: u32, marks: Vec<WireMark>, now: Instant) {
+        for chunk in marks.chunks(wire::MARKS_PER_DATAGRAM) {
+            self.broadcast(Body::Cleared { service, table_size, marks: chunk.to_vec() }, None, now);
+        }
+    }
+
     /// The whole state for `to`, after [`Inbound::SendAll`]: records, then each service's
     /// marked slots, then (once all of it is acknowledged) the end of the answer.
     pub fn answer_pull(&mut self, to: SocketAddr, records: Vec<WireRecord>, marks: Vec<(ServiceKey, u32, Vec<WireMark>)>, now: Instant) {
@@ -505,6 +513,7 @@ impl Engine {
             Body::Forget(k) => inbound.push(Inbound::Forget(k)),
             Body::Seen { service, table_size, slots } => inbound.push(Inbound::Seen { service, table_size, slots }),
             Body::Marks { service, table_size, marks } => inbound.push(Inbound::Marks { from, service, table_size, marks }),
+            Body::Cleared { service, table_size, marks } => inbound.push(Inbound::Cleared { service, table_size, marks }),
             Body::Pull => {
                 if peer.answering.is_none() && !peer.answer_wanted {
                     peer.needs_all = false;
@@ -513,10 +522,11 @@ impl Engine {
                 }
             }
             Body::PullEnd { .. } => {
-                if matches!(peer.pull, PullState::Asking { .. } | PullState::GaveUp) {
+                let own_pull = matches!(peer.pull, PullState::Asking { .. } | PullState::GaveUp);
+                if own_pull {
                     peer.pull = PullState::Done;
                 }
-                inbound.push(Inbound::Pulled(from));
+                inbound.push(Inbound::Pulled { from, own_pull });
             }
             Body::Ack { seq } => {
                 if let Some(u) = peer.unacked.remove(&seq)

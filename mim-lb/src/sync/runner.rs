@@ -45,6 +45,8 @@ pub struct SyncRunner {
     refreshed_ns: u64,
     pull_logged: bool,
     buf: Vec<u8>,
+    /// The slots each peer reported marked in the answer it is sending, by service.
+    pulled_marks: HashMap<SocketAddr, HashMap<ServiceKey, std::collections::HashSet<u32>>>,
 }
 
 impl SyncRunner {
@@ -81,6 +83,7 @@ impl SyncRunner {
             refreshed_ns: monotonic_ns(),
             pull_logged: false,
             buf: vec![0; 2048],
+            pulled_marks: HashMap::new(),
         })
     }
 
@@ -279,20 +282,57 @@ impl SyncRunner {
                 }),
                 Inbound::Forget(keys) => director.import_forgets(&keys).map(|_| ()),
                 Inbound::Seen { service, table_size, slots } => director.import_seen(&service, table_size, &slots, now_ns).map(|_| ()),
-                Inbound::Marks { service, table_size, marks, .. } => director.import_marks(&service, table_size, &marks, now_ns).map(|_| ()),
+                Inbound::Marks { from, service, table_size, marks } => {
+                    self.pulled_marks.entry(from).or_default().entry(service).or_default().extend(marks.iter().map(|m| m.slot));
+                    director.import_marks(&service, table_size, &marks, now_ns).map(|_| ())
+                }
                 Inbound::SendAll(peer) => {
                     self.send_all(director, peer);
                     Ok(())
                 }
-                Inbound::Pulled(peer) => {
-                    debug!("flow sync: {peer} finished sending its state");
-                    Ok(())
+                Inbound::Cleared { service, table_size, marks } => director.import_cleared(&service, table_size, &marks).map(|_| ()),
+                Inbound::Pulled { from, own_pull } => {
+                    debug!("flow sync: {from} finished sending its state");
+                    let reported = self.pulled_marks.remove(&from).unwrap_or_default();
+                    if own_pull { self.settle_after_pull(director, from, reported) } else { Ok(()) }
                 }
             };
             if let Err(e) = result {
                 warn!("flow sync: applying what a peer sent: {e}");
             }
         }
+    }
+
+    /// After this director's own pull from `peer`: for each service whose table the peer
+    /// builds alike (same digest), the peer's marks replace this director's own (a restart
+    /// over kept pins may hold marks the peer has cleared since).
+    fn settle_after_pull(
+        &mut self,
+        director: &mut Director,
+        peer: SocketAddr,
+        reported: HashMap<ServiceKey, std::collections::HashSet<u32>>,
+    ) -> Result<(), crate::director::DirectorError> {
+        let Some(p) = self.engine.peers().iter().find(|p| p.addr == peer) else { return Ok(()) };
+        let agreeing: Vec<ServiceKey> =
+            director.digests().into_iter().filter(|(k, d)| p.digests.get(k) == Some(d)).map(|(k, _)| k).collect();
+        for service in agreeing {
+            let none = std::collections::HashSet::new();
+            let cleared = director.settle_marks_after_pull(&service, reported.get(&service).unwrap_or(&none))?;
+            if cleared > 0 {
+                info!("flow sync: {cleared} slots of {service} were marked here but not on {peer}: cleared");
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells peers which marks this director's sweep cleared.
+    pub fn send_cleared(&mut self, director: &Director, cleared: &[(ServiceKey, u32, Vec<(u32, u32)>)]) {
+        let now = Instant::now();
+        for (service, table_size, entries) in cleared {
+            let marks = director.wire_marks(service, entries);
+            self.engine.send_cleared(*service, *table_size, marks, now);
+        }
+        self.send();
     }
 
     /// The whole state for a peer that starts (or lost datagrams for good).

@@ -37,6 +37,7 @@ const KIND_MARKS: u8 = 5;
 const KIND_PULL: u8 = 6;
 const KIND_PULL_END: u8 = 7;
 const KIND_ACK: u8 = 8;
+const KIND_CLEARED: u8 = 9;
 
 /// Shortest key accepted: 256 bits, what HMAC-SHA256 can use.
 pub const MIN_KEY_BYTES: usize = 32;
@@ -71,6 +72,8 @@ pub enum Body {
     Seen { service: ServiceKey, table_size: u32, slots: Vec<(u32, u32)> },
     /// The marked slots of `service` (part of a pull answer).
     Marks { service: ServiceKey, table_size: u32, marks: Vec<WireMark> },
+    /// Marks the sender's sweep cleared (as they were): no flow needs them any more.
+    Cleared { service: ServiceKey, table_size: u32, marks: Vec<WireMark> },
     /// "Send me everything": a director that starts.
     Pull,
     /// The end of a pull answer: every datagram of it before this one has been acknowledged.
@@ -82,7 +85,10 @@ pub enum Body {
 impl Body {
     /// Whether the datagram is kept until acknowledged (and sent again until then).
     pub fn reliable(&self) -> bool {
-        matches!(self, Body::Records(_) | Body::Forget(_) | Body::Seen { .. } | Body::Marks { .. } | Body::PullEnd { .. })
+        matches!(
+            self,
+            Body::Records(_) | Body::Forget(_) | Body::Seen { .. } | Body::Marks { .. } | Body::Cleared { .. } | Body::PullEnd { .. }
+        )
     }
 }
 
@@ -188,6 +194,7 @@ fn kind(body: &Body) -> u8 {
         Body::Forget(_) => KIND_FORGET,
         Body::Seen { .. } => KIND_SEEN,
         Body::Marks { .. } => KIND_MARKS,
+        Body::Cleared { .. } => KIND_CLEARED,
         Body::Pull => KIND_PULL,
         Body::PullEnd { .. } => KIND_PULL_END,
         Body::Ack { .. } => KIND_ACK,
@@ -225,7 +232,7 @@ fn put_body(out: &mut Vec<u8>, body: &Body) {
                 out.extend_from_slice(&age.to_be_bytes());
             }
         }
-        Body::Marks { service, table_size, marks } => {
+        Body::Marks { service, table_size, marks } | Body::Cleared { service, table_size, marks } => {
             put_service(out, service);
             out.extend_from_slice(&table_size.to_be_bytes());
             put_len(out, marks.len());
@@ -283,7 +290,7 @@ fn read_body(kind: u8, r: &mut Reader<'_>) -> Result<Body, WireError> {
             }
             Body::Seen { service, table_size, slots }
         }
-        KIND_MARKS => {
+        KIND_MARKS | KIND_CLEARED => {
             let service = r.service()?;
             let table_size = r.u32("marks")?;
             let n = r.u16("marks")? as usize;
@@ -291,7 +298,7 @@ fn read_body(kind: u8, r: &mut Reader<'_>) -> Result<Body, WireError> {
             for _ in 0..n {
                 marks.push(WireMark { slot: r.u32("mark")?, owner: r.addr()?, prev: r.addr()? });
             }
-            Body::Marks { service, table_size, marks }
+            if kind == KIND_MARKS { Body::Marks { service, table_size, marks } } else { Body::Cleared { service, table_size, marks } }
         }
         KIND_PULL => Body::Pull,
         KIND_PULL_END => Body::PullEnd { records: r.u64("pull end")?, marked_slots: r.u64("pull end")? },
@@ -469,6 +476,11 @@ mod tests {
                 marks: (0..MARKS_PER_DATAGRAM as u32)
                     .map(|s| WireMark { slot: s, owner: Some(v6), prev: (s % 2 == 0).then_some(v6) })
                     .collect(),
+            },
+            Body::Cleared {
+                service: web(),
+                table_size: 65537,
+                marks: vec![WireMark { slot: 9, owner: Some("10.0.0.12".parse().unwrap()), prev: Some("10.0.0.11".parse().unwrap()) }],
             },
             Body::Pull,
             Body::PullEnd { records: 12345, marked_slots: 99 },

@@ -114,7 +114,7 @@ fn a_starting_director_pulls_the_whole_state_before_it_is_done() {
     assert_eq!(p.b.peers()[0].pull, PullState::Done);
     assert_eq!(p.records_at_b(), state, "every record once, in order");
     assert!(p.got_b.iter().any(|i| matches!(i, Inbound::Marks { marks, .. } if marks[0].slot == 5)));
-    assert!(p.got_b.contains(&Inbound::Pulled(addr(A))));
+    assert!(p.got_b.contains(&Inbound::Pulled { from: addr(A), own_pull: true }));
     assert_eq!(p.a.peers()[0].in_flight(), 0);
     assert!(p.b.peers()[0].ready, "hellos carry readiness");
     assert_eq!(p.b.peers()[0].digests.get(&web()), Some(&[1; 8]));
