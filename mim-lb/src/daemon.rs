@@ -418,8 +418,15 @@ impl Daemon {
                         sync.on_seen_tick(director);
                     }
                 }
-                // With peers, the table is also read to refresh their copies of live records.
-                _ = sweep.tick(), if reading.is_none() && (director.sweep_pending() || syncing) => {
+                // With peers, the table is also read to refresh their copies of live records,
+                // and at once when a peer wants the whole state.
+                _ = async {
+                    if self.sync.as_ref().is_some_and(|s| s.wants_a_read()) {
+                        tokio::time::sleep(Duration::ZERO).await
+                    } else {
+                        sweep.tick().await;
+                    }
+                }, if reading.is_none() && (director.sweep_pending() || syncing) => {
                     let path = self.config.pin_dir.join(mim_lb_common::maps::names::FLOWS);
                     let started = monotonic_ns();
                     reading = Some((started, tokio::task::spawn_blocking(move || read_pinned_flows(&path))));
@@ -429,7 +436,7 @@ impl Daemon {
                     match joined {
                         Ok(Ok(flows)) => {
                             if let Some(sync) = self.sync.as_mut() {
-                                sync.refresh(director, &flows, started);
+                                sync.on_table_read(director, &flows, started);
                             }
                             let cleared = self.sweep(director, &flows, started);
                             if let Some(sync) = self.sync.as_mut() && !cleared.is_empty() {

@@ -47,6 +47,8 @@ pub struct SyncRunner {
     buf: Vec<u8>,
     /// The slots each peer reported marked in the answer it is sending, by service.
     pulled_marks: HashMap<SocketAddr, HashMap<ServiceKey, std::collections::HashSet<u32>>>,
+    /// Peers to send the whole state with the next read of the connection table.
+    answer_wanted: Vec<SocketAddr>,
 }
 
 impl SyncRunner {
@@ -84,6 +86,7 @@ impl SyncRunner {
             pull_logged: false,
             buf: vec![0; 2048],
             pulled_marks: HashMap::new(),
+            answer_wanted: Vec::new(),
         })
     }
 
@@ -209,7 +212,7 @@ impl SyncRunner {
 
     /// Sends peers every record seen since the last refresh: what keeps their copies alive
     /// (and repairs events the ring lost).
-    pub fn refresh(&mut self, director: &Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_ns: u64) {
+    fn refresh(&mut self, director: &Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_ns: u64) {
         let since = self.refreshed_ns.saturating_sub(2_000_000_000);
         let fresh: Vec<_> = flows.iter().filter(|(_, f)| f.last_seen_ns >= since).copied().collect();
         self.refreshed_ns = read_ns;
@@ -287,7 +290,11 @@ impl SyncRunner {
                     director.import_marks(&service, table_size, &marks, now_ns).map(|_| ())
                 }
                 Inbound::SendAll(peer) => {
-                    self.send_all(director, peer);
+                    // Answered with the next read of the connection table, which the daemon
+                    // starts at once (on a thread of its own: a large table takes a while).
+                    if !self.answer_wanted.contains(&peer) {
+                        self.answer_wanted.push(peer);
+                    }
                     Ok(())
                 }
                 Inbound::Cleared { service, table_size, marks } => director.import_cleared(&service, table_size, &marks).map(|_| ()),
@@ -335,24 +342,29 @@ impl SyncRunner {
         self.send();
     }
 
-    /// The whole state for a peer that starts (or lost datagrams for good).
-    fn send_all(&mut self, director: &Director, peer: SocketAddr) {
-        let read_ns = monotonic_ns();
-        let flows = match director.dataplane().maps_ro().flows() {
-            Ok(f) => f,
-            Err(e) => {
-                warn!("flow sync: reading the connection table for {peer}: {e}");
-                Vec::new()
+    /// Peers waiting for the whole state: the daemon reads the connection table now.
+    pub fn wants_a_read(&self) -> bool {
+        !self.answer_wanted.is_empty()
+    }
+
+    /// A read of the connection table that began at `read_ns`: the whole state for every
+    /// peer that asked for it (it starts, or lost datagrams for good), then the refresh of
+    /// live records for the others.
+    pub fn on_table_read(&mut self, director: &Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_ns: u64) {
+        let peers = std::mem::take(&mut self.answer_wanted);
+        if !peers.is_empty() {
+            let records: Vec<WireRecord> = director.export_records(flows, read_ns);
+            let marks = director.export_marks();
+            for peer in peers {
+                info!(
+                    "flow sync: sending {} records and {} marked slots to {peer}",
+                    records.len(),
+                    marks.iter().map(|m| m.2.len()).sum::<usize>()
+                );
+                self.engine.answer_pull(peer, records.clone(), marks.clone(), Instant::now());
             }
-        };
-        let records: Vec<WireRecord> = director.export_records(&flows, read_ns);
-        let marks = director.export_marks();
-        info!(
-            "flow sync: sending {} records and {} marked slots to {peer}",
-            records.len(),
-            marks.iter().map(|m| m.2.len()).sum::<usize>()
-        );
-        self.engine.answer_pull(peer, records, marks, Instant::now());
+        }
+        self.refresh(director, flows, read_ns);
     }
 
     fn send(&mut self) {
