@@ -207,17 +207,17 @@ impl Drop for SyncKey {
     }
 }
 
-/// With flow sync: a master is drained on both directors, connections opened since on its
-/// former slots are recorded by the active director only (the backup sees none of their
-/// packets), and the active director is killed right after. The backup has their records
-/// from its peer, so those connections carry on through it, as do all the others. Without
-/// the sync, the backup sends them to the slot's previous master, which resets them.
-#[test]
-fn with_flow_sync_connections_opened_after_a_drain_survive_the_active_directors_death() {
-    use mim_lb_tests::echo_all;
+/// A lab of two directors and the group's sync key.
+fn lab_with_key() -> (Lab, SyncKey) {
     let mut lab = Lab::new(LabSpec { directors: 2, ipv6: false, ..LabSpec::default() }).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
     let key = SyncKey::new(&lab);
+    (lab, key)
+}
+
+/// Both directors with `[sync]` naming each other, keepalived on both, director 0 holding the
+/// VIP, and each seeing its peer up with the same tables.
+fn synced_pair(lab: &mut Lab, key: &SyncKey) -> Directors {
     let sync = |i: usize| {
         format!(
             "[sync]\nlisten = \"{}:7946\"\npeers = [\"{}:7946\"]\nkey_file = \"{}\"\n",
@@ -226,28 +226,57 @@ fn with_flow_sync_connections_opened_after_a_drain_survive_the_active_directors_
             key.0.display()
         )
     };
-    let configs = director_configs(&lab, &[ServiceSpec::tcp(&lab, PORT)], "tcp_idle_timeout_s = 60", sync);
-    let mut directors = Directors::start(&mut lab, Mode::Generic, &configs, VrrpSpec::default()).unwrap();
-    directors.wait_master(&lab, 0, FAILOVER_LIMIT).unwrap();
+    let configs = director_configs(lab, &[ServiceSpec::tcp(lab, PORT)], "tcp_idle_timeout_s = 60", sync);
+    let directors = Directors::start(lab, Mode::Generic, &configs, VrrpSpec::default()).unwrap();
+    directors.wait_master(lab, 0, FAILOVER_LIMIT).unwrap();
     for i in 0..2 {
-        let g = directors.gateway(i);
-        g.wait_until("its peer up and its tables agreeing", Duration::from_secs(20), |s| {
+        wait_peer_agrees(&directors, i);
+    }
+    directors
+}
+
+/// Waits until director `i` is ready and sees its peer up with the same tables.
+fn wait_peer_agrees(directors: &Directors, i: usize) {
+    directors
+        .gateway(i)
+        .wait_until("its peer up and its tables agreeing", Duration::from_secs(20), |s| {
             s.sync.as_ref().is_some_and(|y| y.ready && y.peers[0].state == "up" && y.peers[0].tables_agree == Some(true))
         })
         .unwrap();
+}
+
+/// Opens `n` connections to the VIP from the client, each answered by its master.
+fn open_held(lab: &Lab, n: usize) -> Vec<mim_lb_tests::TcpHold> {
+    mim_lb_tests::in_netns(lab.client_ns(), || {
+        (0..n).map(|_| mim_lb_tests::TcpHold::connect(vip(lab), Duration::from_secs(5)).unwrap()).collect()
+    })
+    .unwrap()
+}
+
+/// Drains master 0 on both directors (as an operator does on every director of a group).
+fn drain_master_0(lab: &Lab, directors: &Directors, on: &[usize]) {
+    let service = format!("{}:{PORT}", lab.vip4());
+    let drained = lab.master_addr4(0).to_string();
+    for &i in on {
+        directors.gateway(i).ctl(&["drain", &service, &drained]).unwrap();
     }
+}
+
+/// With flow sync: a master is drained on both directors, connections opened since on its
+/// former slots are recorded by the active director only (the backup sees none of their
+/// packets), and the active director is killed right after. The backup has their records
+/// from its peer, so those connections carry on through it, as do all the others. Without
+/// the sync, the backup sends them to the slot's previous master, which resets them.
+#[test]
+fn with_flow_sync_connections_opened_after_a_drain_survive_the_active_directors_death() {
+    use mim_lb_tests::echo_all;
+    let (mut lab, key) = lab_with_key();
+    let mut directors = synced_pair(&mut lab, &key);
     let traffic = Traffic::start(&lab, TrafficSpec::new(vip(&lab))).unwrap();
     std::thread::sleep(SETTLE);
 
-    let service = format!("{}:{PORT}", lab.vip4());
-    let drained = lab.master_addr4(0).to_string();
-    for i in 0..2 {
-        directors.gateway(i).ctl(&["drain", &service, &drained]).unwrap();
-    }
-    let mut opened: Vec<mim_lb_tests::TcpHold> = mim_lb_tests::in_netns(lab.client_ns(), || {
-        (0..60).map(|_| mim_lb_tests::TcpHold::connect(vip(&lab), Duration::from_secs(5)).unwrap()).collect()
-    })
-    .unwrap();
+    drain_master_0(&lab, &directors, &[0, 1]);
+    let mut opened = open_held(&lab, 60);
     echo_all(&mut opened, "after the drain", Duration::from_secs(5));
     // The records reach the backup within milliseconds; the status says how long it took.
     let a = directors
@@ -263,6 +292,43 @@ fn with_flow_sync_connections_opened_after_a_drain_survive_the_active_directors_
     echo_all(&mut opened, "after the kill", Duration::from_secs(5));
     let report = traffic.finish_after(SETTLE);
     report.assert_survived("killing the active director right after a drain", killed);
+    drop(directors);
+    drop(key);
+}
+
+/// With flow sync, the failback: the active director dies, connections are opened through the
+/// backup on slots a drain changed (recorded there only), and the dead director returns over
+/// its kept pins. It pulls the backup's state before `mim-lb ready` lets keepalived give it the
+/// VIP back, so those connections carry on through it. Without the pull it would send them by
+/// its own table, to the slot's previous master, which resets them.
+#[test]
+fn with_flow_sync_connections_made_while_a_director_was_dead_survive_its_return() {
+    use mim_lb_tests::echo_all;
+    let (mut lab, key) = lab_with_key();
+    let mut directors = synced_pair(&mut lab, &key);
+    let traffic = Traffic::start(&lab, TrafficSpec::new(vip(&lab))).unwrap();
+    drain_master_0(&lab, &directors, &[0, 1]);
+    std::thread::sleep(SETTLE);
+    let killed = kill_active(&lab, &mut directors);
+
+    let mut opened = open_held(&lab, 60);
+    echo_all(&mut opened, "through the backup", Duration::from_secs(5));
+    std::thread::sleep(SETTLE);
+
+    let revived = Instant::now();
+    directors.reconnect(&lab, 0).unwrap();
+    directors.restart_daemon(&mut lab, 0, &[]).unwrap();
+    directors.restart_keepalived(&mut lab, 0).unwrap();
+    directors.wait_master(&lab, 0, FAILBACK_LIMIT).unwrap();
+    let status = directors.gateway(0).status().unwrap();
+    let sync = status.sync.as_ref().unwrap();
+    assert_eq!(sync.peers[0].pull, "done", "{sync:?}");
+    eprintln!("director 0 holds the VIP again {:?} after its return", revived.elapsed());
+
+    echo_all(&mut opened, "after the failback", Duration::from_secs(5));
+    let report = traffic.finish_after(SETTLE);
+    report.assert_survived("killing the active director", killed);
+    report.assert_survived("the failback", revived);
     drop(directors);
     drop(key);
 }

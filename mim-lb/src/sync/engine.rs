@@ -28,8 +28,9 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(2);
 pub const RESEND_AFTER: Duration = Duration::from_millis(200);
 /// Sends of one datagram before it counts as lost (the peer then gets the whole state again).
 pub const MAX_TRIES: u32 = 8;
-/// Datagrams in flight to one peer; more wait in its backlog.
-pub const WINDOW: usize = 512;
+/// Datagrams in flight to one peer; more wait in its backlog. Small enough (about 90 KB) that
+/// a burst fits the peer's socket buffer.
+pub const WINDOW: usize = 64;
 /// Datagrams waiting in a peer's backlog beyond a pull answer's snapshot before the oldest
 /// are dropped (the peer then gets the whole state again).
 pub const MAX_BACKLOG: usize = 65_536;
@@ -289,8 +290,8 @@ impl Engine {
 
     /// Marks this director's sweep cleared, to every live peer.
     pub fn send_cleared(&mut self, service: ServiceKey, table_size: u32, marks: Vec<WireMark>, now: Instant) {
-        for chunk in marks.chunks(wire::MARKS_PER_DATAGRAM) {
-            self.broadcast(Body::Cleared { service, table_size, marks: chunk.to_vec() }, None, now);
+        for chunk in wire::mark_chunks(&marks) {
+            self.broadcast(Body::Cleared { service, table_size, marks: chunk }, None, now);
         }
     }
 
@@ -306,9 +307,9 @@ impl Engine {
             peer.backlog.push_back(Waiting { body: Body::Records(chunk.to_vec()), oldest: None, in_pull_answer: true });
         }
         for (service, table_size, marks) in marks {
-            for chunk in marks.chunks(wire::MARKS_PER_DATAGRAM) {
+            for chunk in wire::mark_chunks(&marks) {
                 peer.backlog.push_back(Waiting {
-                    body: Body::Marks { service, table_size, marks: chunk.to_vec() },
+                    body: Body::Marks { service, table_size, marks: chunk },
                     oldest: None,
                     in_pull_answer: true,
                 });
@@ -428,9 +429,17 @@ impl Engine {
                 resend.push(u.bytes.clone());
             }
             for seq in gave_up {
-                peer.unacked.remove(&seq);
+                // Gone already when an earlier one restarted a pull answer it belonged to.
+                let Some(u) = peer.unacked.remove(&seq) else { continue };
                 peer.counters.lost += 1;
                 peer.needs_all = true;
+                if u.in_pull_answer && peer.answering.is_some() {
+                    // The answer has a hole: it must never end as if complete (the peer would
+                    // take its missing marks for cleared). It is given again from the start.
+                    peer.answering = None;
+                    peer.backlog.retain(|w| !w.in_pull_answer);
+                    peer.unacked.retain(|_, u| !u.in_pull_answer);
+                }
             }
             peer.counters.resent += resend.len() as u64;
             let addr = peer.addr;

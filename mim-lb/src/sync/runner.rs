@@ -32,7 +32,33 @@ pub const SEEN_EVERY: Duration = Duration::from_secs(1);
 /// start).
 pub async fn bind(config: &SyncConfig) -> anyhow::Result<UdpSocket> {
     use anyhow::Context as _;
-    UdpSocket::bind(config.listen).await.with_context(|| format!("binding the sync socket (sync.listen) {}", config.listen))
+    let socket =
+        UdpSocket::bind(config.listen).await.with_context(|| format!("binding the sync socket (sync.listen) {}", config.listen))?;
+    enlarge_buffers(&socket);
+    Ok(socket)
+}
+
+/// Socket buffers for bursts: a pull answer or a burst of new flows arrives faster than one
+/// event loop turn reads it, and every datagram a full buffer drops costs a resend.
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
+
+fn enlarge_buffers(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    for (forced, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        let size = SOCKET_BUFFER;
+        let set = |opt| {
+            // SAFETY: setsockopt on our own socket with a c_int option value that outlives the call.
+            unsafe {
+                libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&size as *const libc::c_int).cast(), size_of::<libc::c_int>() as libc::socklen_t)
+            }
+        };
+        // The forced form passes net.core.[rw]mem_max (root, CAP_NET_ADMIN); else the
+        // plain one, capped by it.
+        if set(forced) != 0 && set(plain) != 0 {
+            debug!("sync socket: buffer option {plain}: {}", std::io::Error::last_os_error());
+        }
+    }
 }
 
 pub struct SyncRunner {

@@ -178,13 +178,42 @@ const SERVICE_BYTES: usize = 1 + 1 + 2 + 16;
 const ADDR_BYTES: usize = 17;
 const FLOW_KEY_BYTES: usize = 1 + 1 + 2 + 2 + 16 + 16;
 const RECORD_BYTES: usize = FLOW_KEY_BYTES + ADDR_BYTES + 4;
-const MARK_BYTES: usize = 4 + 2 * ADDR_BYTES;
+/// A mark names its masters by index into the datagram's table of addresses.
+const MARK_BYTES: usize = 4 + 1 + 1;
+/// Addresses one datagram of marks may name (a service's marks name few: the masters).
+pub const MARK_ADDRS_MAX: usize = 16;
+const NO_ADDR: u8 = 0xff;
 
 /// How many items of each kind fit one datagram.
 pub const RECORDS_PER_DATAGRAM: usize = (MAX_BODY - 2) / RECORD_BYTES;
 pub const FORGETS_PER_DATAGRAM: usize = (MAX_BODY - 2) / FLOW_KEY_BYTES;
 pub const SEEN_PER_DATAGRAM: usize = (MAX_BODY - SERVICE_BYTES - 4 - 2) / 8;
-pub const MARKS_PER_DATAGRAM: usize = (MAX_BODY - SERVICE_BYTES - 4 - 2) / MARK_BYTES;
+pub const MARKS_PER_DATAGRAM: usize = (MAX_BODY - SERVICE_BYTES - 4 - 1 - MARK_ADDRS_MAX * ADDR_BYTES - 2) / MARK_BYTES;
+
+/// `marks` cut into datagrams' worth: at most [`MARKS_PER_DATAGRAM`] each, naming at most
+/// [`MARK_ADDRS_MAX`] addresses.
+pub fn mark_chunks(marks: &[WireMark]) -> Vec<Vec<WireMark>> {
+    let mut chunks = Vec::new();
+    let mut chunk: Vec<WireMark> = Vec::new();
+    let mut addrs: Vec<IpAddr> = Vec::new();
+    for m in marks {
+        let new: Vec<IpAddr> = [m.owner, m.prev].into_iter().flatten().filter(|a| !addrs.contains(a)).collect();
+        let mut new = new;
+        new.dedup();
+        if chunk.len() == MARKS_PER_DATAGRAM || addrs.len() + new.len() > MARK_ADDRS_MAX {
+            chunks.push(std::mem::take(&mut chunk));
+            addrs.clear();
+            new = [m.owner, m.prev].into_iter().flatten().collect();
+            new.dedup();
+        }
+        addrs.extend(new);
+        chunk.push(*m);
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
 pub const DIGESTS_PER_DATAGRAM: usize = (MAX_BODY - 1 - 2) / (SERVICE_BYTES + 8);
 
 fn kind(body: &Body) -> u8 {
@@ -235,11 +264,21 @@ fn put_body(out: &mut Vec<u8>, body: &Body) {
         Body::Marks { service, table_size, marks } | Body::Cleared { service, table_size, marks } => {
             put_service(out, service);
             out.extend_from_slice(&table_size.to_be_bytes());
+            let mut addrs: Vec<IpAddr> = Vec::new();
+            for a in marks.iter().flat_map(|m| [m.owner, m.prev]).flatten() {
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+            assert!(addrs.len() <= MARK_ADDRS_MAX, "marks are cut by mark_chunks");
+            out.push(addrs.len() as u8);
+            addrs.iter().for_each(|a| put_addr(out, Some(*a)));
+            let index = |a: Option<IpAddr>| a.and_then(|a| addrs.iter().position(|x| *x == a)).map_or(NO_ADDR, |i| i as u8);
             put_len(out, marks.len());
             for m in marks {
                 out.extend_from_slice(&m.slot.to_be_bytes());
-                put_addr(out, m.owner);
-                put_addr(out, m.prev);
+                out.push(index(m.owner));
+                out.push(index(m.prev));
             }
         }
         Body::Pull => {}
@@ -293,10 +332,27 @@ fn read_body(kind: u8, r: &mut Reader<'_>) -> Result<Body, WireError> {
         KIND_MARKS | KIND_CLEARED => {
             let service = r.service()?;
             let table_size = r.u32("marks")?;
+            let naddr = r.u8("marks")? as usize;
+            if naddr > MARK_ADDRS_MAX {
+                return Err(WireError::Malformed("marks (addresses)"));
+            }
+            let mut addrs = Vec::with_capacity(naddr);
+            for _ in 0..naddr {
+                addrs.push(r.addr()?.ok_or(WireError::Malformed("marks (address)"))?);
+            }
+            let lookup = |i: u8| -> Result<Option<IpAddr>, WireError> {
+                if i == NO_ADDR {
+                    return Ok(None);
+                }
+                addrs.get(i as usize).copied().map(Some).ok_or(WireError::Malformed("mark (address index)"))
+            };
             let n = r.u16("marks")? as usize;
             let mut marks = Vec::with_capacity(n.min(MARKS_PER_DATAGRAM));
             for _ in 0..n {
-                marks.push(WireMark { slot: r.u32("mark")?, owner: r.addr()?, prev: r.addr()? });
+                let slot = r.u32("mark")?;
+                let owner = lookup(r.u8("mark")?)?;
+                let prev = lookup(r.u8("mark")?)?;
+                marks.push(WireMark { slot, owner, prev });
             }
             if kind == KIND_MARKS { Body::Marks { service, table_size, marks } } else { Body::Cleared { service, table_size, marks } }
         }
@@ -496,6 +552,25 @@ mod tests {
             assert!(bytes.len() <= MAX_DATAGRAM, "{:?} takes {} bytes", m.body, bytes.len());
             assert_eq!(decode(&key(), &bytes).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn marks_are_cut_to_fit_whatever_addresses_they_name() {
+        let a = |n: u8| Some(IpAddr::from([10, 0, 0, n]));
+        // Many masters: each datagram names at most MARK_ADDRS_MAX of them.
+        let marks: Vec<WireMark> = (0..2000u32).map(|s| WireMark { slot: s, owner: a((s % 40) as u8), prev: a(200) }).collect();
+        let chunks = mark_chunks(&marks);
+        assert_eq!(chunks.concat(), marks);
+        for c in &chunks {
+            let m = Message { sender: 1, seq: 1, body: Body::Marks { service: web(), table_size: 65537, marks: c.clone() } };
+            let bytes = encode(&key(), &m);
+            assert!(bytes.len() <= MAX_DATAGRAM);
+            assert_eq!(decode(&key(), &bytes).unwrap(), m);
+        }
+        // The common case (a drain: few masters) packs a datagram full.
+        let few: Vec<WireMark> = (0..1000u32).map(|s| WireMark { slot: s, owner: a((s % 3) as u8), prev: a(9) }).collect();
+        assert_eq!(mark_chunks(&few)[0].len(), MARKS_PER_DATAGRAM);
+        assert!(MARKS_PER_DATAGRAM > 150);
     }
 
     #[test]

@@ -40,6 +40,8 @@ struct Pair {
     now: Instant,
     /// One datagram in `drop_every` is dropped, at random (0: none; 1: all).
     drop_every: usize,
+    /// Drops apply only to datagrams from A to B.
+    drop_to_b_only: bool,
     rng: fastrand::Rng,
     got_a: Vec<Inbound>,
     got_b: Vec<Inbound>,
@@ -53,6 +55,7 @@ impl Pair {
             b: Engine::new(key(), &[addr(A)], 200, b_pulls, Duration::from_secs(3), now),
             now,
             drop_every: 0,
+            drop_to_b_only: false,
             rng: fastrand::Rng::with_seed(7),
             got_a: Vec::new(),
             got_b: Vec::new(),
@@ -69,13 +72,13 @@ impl Pair {
             for _ in 0..4 {
                 for (to, bytes) in self.a.take_out() {
                     assert_eq!(to, addr(B));
-                    if self.carry() {
+                    if self.carry(true) {
                         self.got_b.extend(self.b.receive(addr(A), &bytes, self.now));
                     }
                 }
                 for (to, bytes) in self.b.take_out() {
                     assert_eq!(to, addr(A));
-                    if self.carry() {
+                    if self.carry(false) {
                         inbound_a.extend(self.a.receive(addr(B), &bytes, self.now));
                     }
                 }
@@ -94,8 +97,9 @@ impl Pair {
         }
     }
 
-    fn carry(&mut self) -> bool {
-        self.drop_every == 0 || (self.drop_every > 1 && self.rng.usize(..self.drop_every) != 0)
+    fn carry(&mut self, to_b: bool) -> bool {
+        (self.drop_to_b_only && !to_b)
+            || self.drop_every == 0 || (self.drop_every > 1 && self.rng.usize(..self.drop_every) != 0)
     }
 
     fn records_at_b(&self) -> Vec<WireRecord> {
@@ -216,4 +220,29 @@ fn the_replay_window_accepts_reordering_and_refuses_repeats() {
     assert!(peer.fresh(1800), "within the window, out of order");
     assert!(!peer.fresh(1800));
     assert!(!peer.fresh(2000 - REPLAY_WINDOW), "too old");
+}
+
+#[test]
+fn a_pull_answer_with_a_datagram_lost_for_good_is_given_again_never_ended() {
+    let state: Vec<WireRecord> = (0..200).map(record).collect();
+    let mut p = Pair::new(true);
+    // B's pull reaches A, whose answer then meets a blackout long enough that every send of
+    // its datagrams is lost (8 tries, 200 ms apart), though not long enough for A to count B
+    // as down.
+    p.run(1, Duration::from_millis(50), &state);
+    p.drop_every = 1;
+    p.drop_to_b_only = true;
+    // Over by the time the answer's datagrams are given up (8 sends, 200 ms apart), not yet
+    // when its end would be.
+    p.run(48, Duration::from_millis(50), &state);
+    assert!(p.a.peers()[0].counters.lost > 0);
+    p.drop_every = 0;
+    p.run(40, Duration::from_millis(50), &state);
+    // Whenever B hears that the answer is complete, it has all of it.
+    let end = p.got_b.iter().position(|i| matches!(i, Inbound::Pulled { .. })).expect("the answer ended");
+    let mut got: Vec<WireRecord> =
+        p.got_b[..end].iter().filter_map(|i| if let Inbound::Records(r) = i { Some(r.clone()) } else { None }).flatten().collect();
+    got.sort_by_key(|r| r.age_ms);
+    got.dedup();
+    assert_eq!(got, state, "the answer ended with holes");
 }
