@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -101,12 +101,34 @@ pub struct Attempt {
     pub outcome: std::result::Result<String, String>,
 }
 
+/// Running totals, readable while the traffic runs (a live view), unlike the timed details
+/// that [`Traffic::finish`] returns.
+#[derive(Debug, Default)]
+struct Counters {
+    new_ok: AtomicU64,
+    new_failed: AtomicU64,
+    echoes: AtomicU64,
+    broken: AtomicU64,
+}
+
+/// [`Traffic::progress`]: totals so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub new_ok: u64,
+    pub new_failed: u64,
+    /// Lines echoed on the long-lived connections.
+    pub echoes: u64,
+    /// Long-lived connections that broke or stalled.
+    pub broken: u64,
+}
+
 /// Long-lived connections and a steady stream of new ones, running until [`Traffic::finish`].
 pub struct Traffic {
     started: Instant,
     stop: Arc<AtomicBool>,
     held: Vec<JoinHandle<HeldLog>>,
     new_conns: Option<JoinHandle<Vec<Attempt>>>,
+    counters: Arc<Counters>,
 }
 
 /// Opens long-lived connections from the client to `target` until every one of the lab's
@@ -144,18 +166,20 @@ impl Traffic {
         let held = hold_on_every_master(lab, spec.target, spec.held_per_master, Duration::from_secs(3))?;
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
-        let mut traffic = Traffic { started, stop: Arc::clone(&stop), held: Vec::new(), new_conns: None };
+        let counters: Arc<Counters> = Arc::default();
+        let mut traffic =
+            Traffic { started, stop: Arc::clone(&stop), held: Vec::new(), new_conns: None, counters: Arc::clone(&counters) };
         for (k, conn) in held.into_iter().enumerate() {
-            let (stop, spec) = (Arc::clone(&stop), spec.clone());
+            let (stop, spec, counters) = (Arc::clone(&stop), spec.clone(), Arc::clone(&counters));
             let handle = std::thread::Builder::new()
                 .name(format!("held-{k}"))
-                .spawn(move || chat(conn, k, &spec, &stop, started))
+                .spawn(move || chat(conn, k, &spec, &stop, started, &counters))
                 .context("starting a held connection's thread")?;
             traffic.held.push(handle);
         }
         // Connections are made in the client's namespace, so the thread lives there (and the
         // threads it starts too: a thread inherits its creator's namespace).
-        let handle = spawn_in_netns(lab.client_ns(), "new-conns", move || new_connections(&spec, &stop))?;
+        let handle = spawn_in_netns(lab.client_ns(), "new-conns", move || new_connections(&spec, &stop, &counters))?;
         traffic.new_conns = Some(handle);
         Ok(traffic)
     }
@@ -163,6 +187,17 @@ impl Traffic {
     /// When the traffic started.
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Totals so far, while it runs.
+    pub fn progress(&self) -> Progress {
+        let c = &self.counters;
+        Progress {
+            new_ok: c.new_ok.load(Ordering::Relaxed),
+            new_failed: c.new_failed.load(Ordering::Relaxed),
+            echoes: c.echoes.load(Ordering::Relaxed),
+            broken: c.broken.load(Ordering::Relaxed),
+        }
     }
 
     /// Lets the traffic run on for `more`, then stops it and returns what happened.
@@ -196,7 +231,7 @@ impl Drop for Traffic {
 }
 
 /// One long-lived connection: a line every `echo_every` until `stop` or the first failure.
-fn chat(mut conn: TcpHold, k: usize, spec: &TrafficSpec, stop: &AtomicBool, started: Instant) -> HeldLog {
+fn chat(mut conn: TcpHold, k: usize, spec: &TrafficSpec, stop: &AtomicBool, started: Instant, counters: &Counters) -> HeldLog {
     let mut log = HeldLog {
         master: conn.name().to_owned(),
         echoes: 0,
@@ -214,9 +249,11 @@ fn chat(mut conn: TcpHold, k: usize, spec: &TrafficSpec, stop: &AtomicBool, star
         if let Err(e) = result {
             log.error = Some(format!("{e:#} (after {:?} without an echo)", now - last));
             log.broke_at = Some(now);
+            counters.broken.fetch_add(1, Ordering::Relaxed);
             break;
         }
         log.echoes += 1;
+        counters.echoes.fetch_add(1, Ordering::Relaxed);
         if now - last > spec.echo_every * 2 {
             log.stalls.push((now, now - last));
         }
@@ -235,7 +272,7 @@ fn chat(mut conn: TcpHold, k: usize, spec: &TrafficSpec, stop: &AtomicBool, star
 
 /// A new connection every `new_every`, each on a thread of its own (at most `max_in_flight`
 /// at once), until `stop`; then waits for those in flight (each ends within `new_timeout`).
-fn new_connections(spec: &TrafficSpec, stop: &AtomicBool) -> Vec<Attempt> {
+fn new_connections(spec: &TrafficSpec, stop: &AtomicBool, counters: &Arc<Counters>) -> Vec<Attempt> {
     let done: Arc<std::sync::Mutex<Vec<Attempt>>> = Arc::default();
     let mut in_flight: Vec<JoinHandle<()>> = Vec::new();
     let mut number = 0;
@@ -243,10 +280,12 @@ fn new_connections(spec: &TrafficSpec, stop: &AtomicBool) -> Vec<Attempt> {
     while !stop.load(Ordering::Relaxed) {
         in_flight.retain(|h| !h.is_finished());
         if in_flight.len() < spec.max_in_flight {
-            let (done, target, timeout) = (Arc::clone(&done), spec.target, spec.new_timeout);
+            let (done, target, timeout, counters) = (Arc::clone(&done), spec.target, spec.new_timeout, Arc::clone(counters));
             let spawned = std::thread::Builder::new().name(format!("new-conn-{number}")).spawn(move || {
                 let started = Instant::now();
                 let outcome = tcp_ask(target, timeout).map_err(|e| format!("{e:#}"));
+                let counter = if outcome.is_ok() { &counters.new_ok } else { &counters.new_failed };
+                counter.fetch_add(1, Ordering::Relaxed);
                 done.lock().unwrap().push(Attempt { number, started, ended: Instant::now(), outcome });
             });
             if let Ok(handle) = spawned {
