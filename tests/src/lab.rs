@@ -493,7 +493,7 @@ impl Lab {
     /// bridge port up too, so frames pass both ways.
     pub fn director_connected(&self, i: usize) -> Result<bool> {
         let out = self.run_in(&self.directors[i].ns, "ip", &["-o", "link", "show", "dev", HOST_IFNAME])?;
-        Ok(link_flags(&out).iter().any(|f| *f == "LOWER_UP"))
+        Ok(link_flags(&out).contains(&"LOWER_UP"))
     }
 
     /// The IPv4 addresses on director `i`'s `eth0` (its own and any VIP it holds).
