@@ -38,6 +38,10 @@ pub struct TrafficSpec {
     /// Long-lived connections per master: connections are opened until every master has this
     /// many (the director's table decides which master each reaches).
     pub held_per_master: usize,
+    /// The masters (lab indexes) that must each get `held_per_master`; `None` for all. Others
+    /// get none (connections that reach them are closed), e.g. a drained master that takes no
+    /// new connection.
+    pub held_on: Option<Vec<usize>>,
     /// Between two lines on one long-lived connection.
     pub echo_every: Duration,
     /// Longest a line may wait for its echo before the connection counts as stalled, and so
@@ -63,6 +67,7 @@ impl TrafficSpec {
         TrafficSpec {
             target,
             held_per_master: 3,
+            held_on: None,
             echo_every: Duration::from_millis(50),
             stall_limit: Duration::from_secs(5),
             new_every: Duration::from_millis(20),
@@ -135,9 +140,14 @@ pub struct Traffic {
 /// masters has `per_master` of them; extra ones to a master that has enough are closed. Gives
 /// up after 20 connections per wanted one.
 pub fn hold_on_every_master(lab: &Lab, target: SocketAddr, per_master: usize, timeout: Duration) -> Result<Vec<TcpHold>> {
-    let masters = lab.master_count();
-    let wanted = masters * per_master;
-    let names: Vec<String> = (0..masters).map(|i| lab.master_name(i)).collect();
+    let all: Vec<usize> = (0..lab.master_count()).collect();
+    hold_on_masters(lab, target, &all, per_master, timeout)
+}
+
+/// [`hold_on_every_master`] for the masters `masters` (lab indexes) only.
+pub fn hold_on_masters(lab: &Lab, target: SocketAddr, masters: &[usize], per_master: usize, timeout: Duration) -> Result<Vec<TcpHold>> {
+    let wanted = masters.len() * per_master;
+    let names: Vec<String> = masters.iter().map(|&i| lab.master_name(i)).collect();
     in_netns(lab.client_ns(), || -> Result<Vec<TcpHold>> {
         let mut per: BTreeMap<String, usize> = BTreeMap::new();
         let mut kept = Vec::new();
@@ -163,7 +173,10 @@ impl Traffic {
     /// Opens the long-lived connections (see [`hold_on_every_master`]), then starts a thread
     /// per connection and one that starts the new connections.
     pub fn start(lab: &Lab, spec: TrafficSpec) -> Result<Traffic> {
-        let held = hold_on_every_master(lab, spec.target, spec.held_per_master, Duration::from_secs(3))?;
+        let held = match &spec.held_on {
+            Some(masters) => hold_on_masters(lab, spec.target, masters, spec.held_per_master, Duration::from_secs(3))?,
+            None => hold_on_every_master(lab, spec.target, spec.held_per_master, Duration::from_secs(3))?,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let counters: Arc<Counters> = Arc::default();

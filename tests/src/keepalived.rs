@@ -296,15 +296,22 @@ impl Directors {
     /// Marks clear one `tcp_idle_timeout_s` after the change (give the directors a short one).
     /// Until flow sync, a failover keeps connections only between settled tables.
     pub fn wait_settled(&self, timeout: Duration) -> Result<()> {
-        for gw in &self.gateways {
-            gw.wait_until("a settled table (no changed slot)", timeout, |s| s.services.iter().all(|s| s.changed_slots == 0))
-                .with_context(|| format!("director {}", gw.director()))?;
-        }
-        Ok(())
+        self.wait_all("a settled table (no changed slot)", timeout, |s| s.services.iter().all(|s| s.changed_slots == 0))
     }
 
     pub fn gateway(&self, i: usize) -> &Gateway {
         &self.gateways[i]
+    }
+
+    /// Polls the status of every director whose daemon runs until `done` holds for each (e.g.
+    /// a master marked down by both before a kill), for at most `timeout` in all.
+    pub fn wait_all(&self, what: &str, timeout: Duration, done: impl Fn(&mim_lb::status::Status) -> bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for gw in self.gateways.iter().filter(|gw| gw.running()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            gw.wait_until(what, left, &done).with_context(|| format!("director {}", gw.director()))?;
+        }
+        Ok(())
     }
 
     /// Director `i`'s daemon, to stop or restart it alone.
@@ -343,6 +350,9 @@ impl Directors {
     /// does the VIP on its `eth0`, unreachable, as on a machine that lost power. Returns the
     /// moment it was off the segment: whatever started after it cannot have gone through it.
     pub fn kill(&mut self, lab: &Lab, i: usize) -> Result<Instant> {
+        if !self.gateways[i].running() {
+            bail!("director {i}'s daemon is not running: nothing to kill");
+        }
         // Signals first, all of them, and only then the waits: keepalived must not see the
         // daemon gone (its track_script) and give the VIP up the clean way.
         if let Some(ka) = self.keepalived[i].proc() {
