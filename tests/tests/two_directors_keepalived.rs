@@ -146,6 +146,7 @@ fn the_dead_director_returns_and_takes_the_vip_back_without_breaking_a_connectio
 /// - one from before the change to the drained master: the backup director sees none of its
 ///   packets, so it clears the slot's mark one idle timeout after the change (1 s here, 900 s
 ///   by default) and then sends them to the slot's new master.
+///
 /// When `[sync]` lands: give `director_configs` each director's `[sync]` (its `own` closure)
 /// and remove the `ignore`.
 #[test]
