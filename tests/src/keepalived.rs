@@ -10,7 +10,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -111,10 +110,10 @@ pub struct Keepalived {
     proc: Option<Proc>,
 }
 
+/// `mimlb-<pid hex>-<n>` like the daemons' directories, so that `cargo xtask test` removes it
+/// after a killed run (see [`crate::gateway::cleanup_stale_pins`]).
 fn unique_dir() -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    // `mimlb-<pid hex>-...` so that `cargo xtask test` removes it after a killed run.
-    std::env::temp_dir().join(format!("mimlb-{:x}-ka{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+    std::env::temp_dir().join(format!("mimlb-{}", crate::gateway::unique_suffix()))
 }
 
 impl Keepalived {

@@ -18,7 +18,7 @@ use mim_lb_tests::{
     Lab, LabSpec,
     continuity::{Traffic, TrafficReport, TrafficSpec},
     gateway::{Mode, ServiceSpec, mim_lb_binary},
-    keepalived::{Directors, VrrpSpec, director_configs},
+    keepalived::{Directors, VrrpSpec, director_configs, vip_holders},
 };
 
 const PORT: u16 = 7000;
@@ -136,6 +136,53 @@ fn the_dead_director_returns_and_takes_the_vip_back_without_breaking_a_connectio
         report.longest_held_gap_after(revived)
     );
     assert!(forwarded(&directors, 0) > back, "director 0 forwarded nothing after taking the VIP back");
+}
+
+/// The directors lose each other (a partition: each still reaches the client and the
+/// masters): each believes itself master and holds the VIP, and the client follows the last
+/// gratuitous ARP. Both tables decide alike, so whichever director a packet reaches sends it to
+/// the same master: no connection breaks, none fails. When the partition heals, director A
+/// (the higher priority) alone holds the VIP again, still without a failure.
+#[test]
+fn a_partition_between_the_directors_breaks_no_connection() {
+    let (lab, directors) = two_directors();
+    let traffic = Traffic::start(&lab, TrafficSpec::new(vip(&lab))).unwrap();
+    std::thread::sleep(SETTLE);
+
+    let cut = Instant::now();
+    let b_before = forwarded(&directors, 1);
+    lab.set_directors_partitioned(true).unwrap();
+    wait_holders(&lab, &[0, 1], FAILOVER_LIMIT);
+    eprintln!("both directors hold the VIP {:?} after the partition", cut.elapsed());
+    std::thread::sleep(SETTLE);
+    // The split is real: B's gratuitous ARPs moved the client to it.
+    assert!(forwarded(&directors, 1) > b_before, "director B forwarded nothing while it claimed the VIP");
+
+    let healed = Instant::now();
+    lab.set_directors_partitioned(false).unwrap();
+    directors.wait_master(&lab, 0, FAILOVER_LIMIT).unwrap();
+    eprintln!("director 0 alone holds the VIP {:?} after the partition healed", healed.elapsed());
+    let report = traffic.finish_after(SETTLE);
+
+    assert_clean_before(&report, cut);
+    for (what, t) in [("the partition", cut), ("the healing", healed)] {
+        report.assert_survived(what, t);
+        let (_, failed) = report.counts_after(t);
+        assert_eq!(failed, 0, "{what}: new connections failed although a director held the VIP all along");
+    }
+}
+
+/// Waits until exactly `holders` hold the VIP.
+fn wait_holders(lab: &Lab, holders: &[usize], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = vip_holders(lab).unwrap();
+        if now == holders {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the VIP is held by {now:?}, not {holders:?}, after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A master changes (drained on both directors), connections are opened after the change, and
