@@ -23,8 +23,9 @@ use crate::Lab;
 #[derive(Debug, Clone)]
 pub struct VrrpSpec {
     /// Between adverts. A backup takes over after about three missed ones (VRRPv3's master
-    /// down interval), so this sets how long the VIP is nowhere after the master dies. 200 ms
-    /// rides out a loaded two-core machine's scheduling delays without false failovers.
+    /// down interval), so this sets how long the VIP is nowhere after the master dies: about
+    /// 0.65 s with 200 ms, which leaves a loaded machine some scheduling delay before a backup
+    /// takes over by mistake.
     pub advert_int: Duration,
     pub virtual_router_id: u8,
     /// Make `mim-lb ready` a `track_script`: a director whose daemon is not ready (or not
@@ -137,6 +138,9 @@ impl Keepalived {
     /// Starts keepalived again with the same config (after [`Keepalived::kill`]), and waits
     /// until its VRRP process has read the config.
     pub fn restart(&mut self, lab: &mut Lab) -> Result<()> {
+        if self.proc.as_ref().is_some_and(|p| matches!(p.try_exit_status(), Ok(None))) {
+            bail!("keepalived on director {} is running already", self.director);
+        }
         let mut cmd = Command::new("keepalived");
         // -n: foreground; -l: log to stdout; -D: detailed; -P: VRRP only (no IPVS checker).
         cmd.args(["-n", "-l", "-D", "-P", "-f"])

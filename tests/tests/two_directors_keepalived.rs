@@ -3,7 +3,8 @@
 //! and carries on, and no client connection breaks, neither the long-lived ones nor the new
 //! ones once the VIP has moved. When the dead director returns, keepalived gives it the VIP
 //! back (it has the higher priority, preempts, and its `mim-lb ready` track script passes),
-//! again without breaking a connection.
+//! again without breaking a connection. A partition between the directors (each believes
+//! itself master) breaks none either.
 //!
 //! `dist/keepalived.conf`, the shipped example, does the same on the lab's directors.
 //!
