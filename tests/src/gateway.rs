@@ -134,9 +134,12 @@ pub fn cleanup_stale_pins() -> Result<usize> {
                 continue;
             };
             if !Path::new(&format!("/proc/{owner}")).exists() {
-                std::fs::remove_dir_all(entry.path())
-                    .with_context(|| format!("removing {}", entry.path().display()))?;
-                removed += 1;
+                match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => removed += 1,
+                    // Another run removing the same leftovers got there first.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).with_context(|| format!("removing {}", entry.path().display())),
+                }
             }
         }
     }
