@@ -1,6 +1,6 @@
 //! Traffic that must live through a failover: long-lived connections to every master that
-//! exchange a line every few tens of milliseconds, and streams of new connections (one request
-//! each), all from the lab's client on threads of their own. Every event is timed, so that a
+//! exchange a line every few tens of milliseconds, and a steady stream of new connections
+//! (one request each), all from the lab's client on threads of their own. Every event is timed, so that a
 //! test can say what happened after the moment it broke something: how long until new
 //! connections worked again, whether any failed after that, whether a long-lived one broke or
 //! stalled.
@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -38,34 +38,41 @@ pub struct TrafficSpec {
     /// Long-lived connections per master: connections are opened until every master has this
     /// many (the director's table decides which master each reaches).
     pub held_per_master: usize,
+    /// The masters (lab indexes) that must each get `held_per_master`; `None` for all. Others
+    /// get none (connections that reach them are closed), e.g. a drained master that takes no
+    /// new connection.
+    pub held_on: Option<Vec<usize>>,
     /// Between two lines on one long-lived connection.
     pub echo_every: Duration,
     /// Longest a line may wait for its echo before the connection counts as stalled, and so
     /// broken. Long enough for TCP to retransmit through a failover (200 ms, 400 ms, ...),
     /// short enough that a connection that stopped for good fails the test.
     pub stall_limit: Duration,
-    /// Streams of new connections; each makes one connection at a time. Two halve the delay
-    /// between the moment new connections work again and the first attempt that shows it.
-    pub streams: usize,
-    /// Pause between two connections of one stream.
+    /// A new connection starts this often, whether the ones before it have ended or not, so
+    /// that the first to work after an outage shows when new connections work again to within
+    /// this much (and not to within `new_timeout`).
     pub new_every: Duration,
     /// Time limit of one new connection (connect, read the answer). Below TCP's first SYN
-    /// retransmission (1 s), so that an attempt whose SYN was lost fails rather than lingers.
+    /// retransmission (1 s): each attempt is one SYN, and one whose SYN was lost fails rather
+    /// than succeeds late on a retransmission.
     pub new_timeout: Duration,
+    /// Most new connections in flight at once; none starts while this many are.
+    pub max_in_flight: usize,
 }
 
 impl TrafficSpec {
-    /// Three long-lived connections per master, a line every 50 ms, stalled after 5 s; two
-    /// streams of new connections, one every 20 ms each, each given 900 ms.
+    /// Three long-lived connections per master, a line every 50 ms, stalled after 5 s; a new
+    /// connection every 20 ms, each given 900 ms.
     pub fn new(target: SocketAddr) -> TrafficSpec {
         TrafficSpec {
             target,
             held_per_master: 3,
+            held_on: None,
             echo_every: Duration::from_millis(50),
             stall_limit: Duration::from_secs(5),
-            streams: 2,
             new_every: Duration::from_millis(20),
             new_timeout: Duration::from_millis(900),
+            max_in_flight: 64,
         }
     }
 }
@@ -91,28 +98,56 @@ pub struct HeldLog {
 /// One new connection.
 #[derive(Debug, Clone)]
 pub struct Attempt {
-    pub stream: usize,
+    /// Its number, in the order they started.
+    pub number: usize,
     pub started: Instant,
     pub ended: Instant,
     /// The master's name, or the error.
     pub outcome: std::result::Result<String, String>,
 }
 
-/// Long-lived connections and streams of new ones, running until [`Traffic::finish`].
+/// Running totals, readable while the traffic runs (a live view), unlike the timed details
+/// that [`Traffic::finish`] returns.
+#[derive(Debug, Default)]
+struct Counters {
+    new_ok: AtomicU64,
+    new_failed: AtomicU64,
+    echoes: AtomicU64,
+    broken: AtomicU64,
+}
+
+/// [`Traffic::progress`]: totals so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub new_ok: u64,
+    pub new_failed: u64,
+    /// Lines echoed on the long-lived connections.
+    pub echoes: u64,
+    /// Long-lived connections that broke or stalled.
+    pub broken: u64,
+}
+
+/// Long-lived connections and a steady stream of new ones, running until [`Traffic::finish`].
 pub struct Traffic {
     started: Instant,
     stop: Arc<AtomicBool>,
     held: Vec<JoinHandle<HeldLog>>,
-    streams: Vec<JoinHandle<Vec<Attempt>>>,
+    new_conns: Option<JoinHandle<Vec<Attempt>>>,
+    counters: Arc<Counters>,
 }
 
 /// Opens long-lived connections from the client to `target` until every one of the lab's
 /// masters has `per_master` of them; extra ones to a master that has enough are closed. Gives
 /// up after 20 connections per wanted one.
 pub fn hold_on_every_master(lab: &Lab, target: SocketAddr, per_master: usize, timeout: Duration) -> Result<Vec<TcpHold>> {
-    let masters = lab.master_count();
-    let wanted = masters * per_master;
-    let names: Vec<String> = (0..masters).map(|i| lab.master_name(i)).collect();
+    let all: Vec<usize> = (0..lab.master_count()).collect();
+    hold_on_masters(lab, target, &all, per_master, timeout)
+}
+
+/// [`hold_on_every_master`] for the masters `masters` (lab indexes) only.
+pub fn hold_on_masters(lab: &Lab, target: SocketAddr, masters: &[usize], per_master: usize, timeout: Duration) -> Result<Vec<TcpHold>> {
+    let wanted = masters.len() * per_master;
+    let names: Vec<String> = masters.iter().map(|&i| lab.master_name(i)).collect();
     in_netns(lab.client_ns(), || -> Result<Vec<TcpHold>> {
         let mut per: BTreeMap<String, usize> = BTreeMap::new();
         let mut kept = Vec::new();
@@ -136,32 +171,46 @@ pub fn hold_on_every_master(lab: &Lab, target: SocketAddr, per_master: usize, ti
 
 impl Traffic {
     /// Opens the long-lived connections (see [`hold_on_every_master`]), then starts a thread
-    /// per connection and per stream of new connections.
+    /// per connection and one that starts the new connections.
     pub fn start(lab: &Lab, spec: TrafficSpec) -> Result<Traffic> {
-        let held = hold_on_every_master(lab, spec.target, spec.held_per_master, Duration::from_secs(3))?;
+        let held = match &spec.held_on {
+            Some(masters) => hold_on_masters(lab, spec.target, masters, spec.held_per_master, Duration::from_secs(3))?,
+            None => hold_on_every_master(lab, spec.target, spec.held_per_master, Duration::from_secs(3))?,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
-        let mut traffic = Traffic { started, stop: Arc::clone(&stop), held: Vec::new(), streams: Vec::new() };
+        let counters: Arc<Counters> = Arc::default();
+        let mut traffic =
+            Traffic { started, stop: Arc::clone(&stop), held: Vec::new(), new_conns: None, counters: Arc::clone(&counters) };
         for (k, conn) in held.into_iter().enumerate() {
-            let (stop, spec) = (Arc::clone(&stop), spec.clone());
+            let (stop, spec, counters) = (Arc::clone(&stop), spec.clone(), Arc::clone(&counters));
             let handle = std::thread::Builder::new()
                 .name(format!("held-{k}"))
-                .spawn(move || chat(conn, k, &spec, &stop, started))
+                .spawn(move || chat(conn, k, &spec, &stop, started, &counters))
                 .context("starting a held connection's thread")?;
             traffic.held.push(handle);
         }
-        for s in 0..spec.streams {
-            let (stop, spec) = (Arc::clone(&stop), spec.clone());
-            // Connections are made in the client's namespace, so the thread lives there.
-            let handle = spawn_in_netns(lab.client_ns(), &format!("new-conns-{s}"), move || connect_stream(s, &spec, &stop))?;
-            traffic.streams.push(handle);
-        }
+        // Connections are made in the client's namespace, so the thread lives there (and the
+        // threads it starts too: a thread inherits its creator's namespace).
+        let handle = spawn_in_netns(lab.client_ns(), "new-conns", move || new_connections(&spec, &stop, &counters))?;
+        traffic.new_conns = Some(handle);
         Ok(traffic)
     }
 
     /// When the traffic started.
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Totals so far, while it runs.
+    pub fn progress(&self) -> Progress {
+        let c = &self.counters;
+        Progress {
+            new_ok: c.new_ok.load(Ordering::Relaxed),
+            new_failed: c.new_failed.load(Ordering::Relaxed),
+            echoes: c.echoes.load(Ordering::Relaxed),
+            broken: c.broken.load(Ordering::Relaxed),
+        }
     }
 
     /// Lets the traffic run on for `more`, then stops it and returns what happened.
@@ -175,9 +224,7 @@ impl Traffic {
     pub fn finish(mut self) -> TrafficReport {
         self.stop.store(true, Ordering::Relaxed);
         let held = self.held.drain(..).map(|h| h.join().expect("a held connection's thread panicked")).collect();
-        let mut attempts: Vec<Attempt> =
-            self.streams.drain(..).flat_map(|h| h.join().expect("a connection stream's thread panicked")).collect();
-        attempts.sort_by_key(|a| a.started);
+        let attempts = self.new_conns.take().map(|h| h.join().expect("the new connections' thread panicked")).unwrap_or_default();
         TrafficReport { started: self.started, held, attempts }
     }
 }
@@ -190,14 +237,14 @@ impl Drop for Traffic {
         for h in self.held.drain(..) {
             let _ = h.join();
         }
-        for h in self.streams.drain(..) {
+        if let Some(h) = self.new_conns.take() {
             let _ = h.join();
         }
     }
 }
 
 /// One long-lived connection: a line every `echo_every` until `stop` or the first failure.
-fn chat(mut conn: TcpHold, k: usize, spec: &TrafficSpec, stop: &AtomicBool, started: Instant) -> HeldLog {
+fn chat(mut conn: TcpHold, k: usize, spec: &TrafficSpec, stop: &AtomicBool, started: Instant, counters: &Counters) -> HeldLog {
     let mut log = HeldLog {
         master: conn.name().to_owned(),
         echoes: 0,
@@ -215,9 +262,11 @@ fn chat(mut conn: TcpHold, k: usize, spec: &TrafficSpec, stop: &AtomicBool, star
         if let Err(e) = result {
             log.error = Some(format!("{e:#} (after {:?} without an echo)", now - last));
             log.broke_at = Some(now);
+            counters.broken.fetch_add(1, Ordering::Relaxed);
             break;
         }
         log.echoes += 1;
+        counters.echoes.fetch_add(1, Ordering::Relaxed);
         if now - last > spec.echo_every * 2 {
             log.stalls.push((now, now - last));
         }
@@ -234,17 +283,38 @@ fn chat(mut conn: TcpHold, k: usize, spec: &TrafficSpec, stop: &AtomicBool, star
     log
 }
 
-/// One stream of new connections, one at a time, until `stop`.
-fn connect_stream(stream: usize, spec: &TrafficSpec, stop: &AtomicBool) -> Vec<Attempt> {
-    let mut attempts = Vec::new();
-    // Offset the streams so that they probe at different moments.
-    std::thread::sleep(spec.new_every * stream as u32 / spec.streams.max(1) as u32);
+/// A new connection every `new_every`, each on a thread of its own (at most `max_in_flight`
+/// at once), until `stop`; then waits for those in flight (each ends within `new_timeout`).
+fn new_connections(spec: &TrafficSpec, stop: &AtomicBool, counters: &Arc<Counters>) -> Vec<Attempt> {
+    let done: Arc<std::sync::Mutex<Vec<Attempt>>> = Arc::default();
+    let mut in_flight: Vec<JoinHandle<()>> = Vec::new();
+    let mut number = 0;
+    let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let started = Instant::now();
-        let outcome = tcp_ask(spec.target, spec.new_timeout).map_err(|e| format!("{e:#}"));
-        attempts.push(Attempt { stream, started, ended: Instant::now(), outcome });
-        std::thread::sleep(spec.new_every);
+        in_flight.retain(|h| !h.is_finished());
+        if in_flight.len() < spec.max_in_flight {
+            let (done, target, timeout, counters) = (Arc::clone(&done), spec.target, spec.new_timeout, Arc::clone(counters));
+            let spawned = std::thread::Builder::new().name(format!("new-conn-{number}")).spawn(move || {
+                let started = Instant::now();
+                let outcome = tcp_ask(target, timeout).map_err(|e| format!("{e:#}"));
+                let counter = if outcome.is_ok() { &counters.new_ok } else { &counters.new_failed };
+                counter.fetch_add(1, Ordering::Relaxed);
+                done.lock().unwrap().push(Attempt { number, started, ended: Instant::now(), outcome });
+            });
+            if let Ok(handle) = spawned {
+                in_flight.push(handle);
+                number += 1;
+            }
+        }
+        next += spec.new_every;
+        next = next.max(Instant::now());
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
+    for h in in_flight {
+        let _ = h.join();
+    }
+    let mut attempts = std::mem::take(&mut *done.lock().unwrap());
+    attempts.sort_by_key(|a| a.started);
     attempts
 }
 
@@ -258,13 +328,14 @@ pub struct TrafficReport {
 }
 
 impl TrafficReport {
-    /// The first new connection started at or after `t` that succeeded: its index in
-    /// [`TrafficReport::attempts`] and the time from `t` to its answer.
+    /// The new connection started at or after `t` that succeeded first (had its answer
+    /// first): its index in [`TrafficReport::attempts`] and the time from `t` to its answer.
     pub fn first_success_after(&self, t: Instant) -> Option<(usize, Duration)> {
         self.attempts
             .iter()
             .enumerate()
-            .find(|(_, a)| a.started >= t && a.outcome.is_ok())
+            .filter(|(_, a)| a.started >= t && a.outcome.is_ok())
+            .min_by_key(|(_, a)| a.ended)
             .map(|(k, a)| (k, a.ended - t))
     }
 
@@ -364,9 +435,9 @@ impl TrafficReport {
             .take(n)
             .map(|a| {
                 format!(
-                    "  +{:?} (stream {}, took {:?}): {}",
+                    "  +{:?} (connection {}, took {:?}): {}",
                     a.started - t,
-                    a.stream,
+                    a.number,
                     a.ended - a.started,
                     match &a.outcome {
                         Ok(name) => name.clone(),

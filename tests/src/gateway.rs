@@ -134,9 +134,12 @@ pub fn cleanup_stale_pins() -> Result<usize> {
                 continue;
             };
             if !Path::new(&format!("/proc/{owner}")).exists() {
-                std::fs::remove_dir_all(entry.path())
-                    .with_context(|| format!("removing {}", entry.path().display()))?;
-                removed += 1;
+                match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => removed += 1,
+                    // Another run removing the same leftovers got there first.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).with_context(|| format!("removing {}", entry.path().display())),
+                }
             }
         }
     }
@@ -180,7 +183,9 @@ pub struct Gateway {
     _peer_pass: Option<Dataplane>,
 }
 
-fn unique_suffix() -> String {
+/// `<pid hex>-<n>`, unique in this process: the suffix of every directory a test makes, so that
+/// [`cleanup_stale_pins`] can tell whose it is.
+pub(crate) fn unique_suffix() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("{:x}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }

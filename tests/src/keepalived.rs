@@ -10,7 +10,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -24,8 +23,9 @@ use crate::Lab;
 #[derive(Debug, Clone)]
 pub struct VrrpSpec {
     /// Between adverts. A backup takes over after about three missed ones (VRRPv3's master
-    /// down interval), so this sets how long the VIP is nowhere after the master dies. 200 ms
-    /// rides out a loaded two-core machine's scheduling delays without false failovers.
+    /// down interval), so this sets how long the VIP is nowhere after the master dies: about
+    /// 0.65 s with 200 ms, which leaves a loaded machine some scheduling delay before a backup
+    /// takes over by mistake.
     pub advert_int: Duration,
     pub virtual_router_id: u8,
     /// Make `mim-lb ready` a `track_script`: a director whose daemon is not ready (or not
@@ -111,10 +111,10 @@ pub struct Keepalived {
     proc: Option<Proc>,
 }
 
+/// `mimlb-<pid hex>-<n>` like the daemons' directories, so that `cargo xtask test` removes it
+/// after a killed run (see [`crate::gateway::cleanup_stale_pins`]).
 fn unique_dir() -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    // `mimlb-<pid hex>-...` so that `cargo xtask test` removes it after a killed run.
-    std::env::temp_dir().join(format!("mimlb-{:x}-ka{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+    std::env::temp_dir().join(format!("mimlb-{}", crate::gateway::unique_suffix()))
 }
 
 impl Keepalived {
@@ -138,6 +138,9 @@ impl Keepalived {
     /// Starts keepalived again with the same config (after [`Keepalived::kill`]), and waits
     /// until its VRRP process has read the config.
     pub fn restart(&mut self, lab: &mut Lab) -> Result<()> {
+        if self.proc.as_ref().is_some_and(|p| matches!(p.try_exit_status(), Ok(None))) {
+            bail!("keepalived on director {} is running already", self.director);
+        }
         let mut cmd = Command::new("keepalived");
         // -n: foreground; -l: log to stdout; -D: detailed; -P: VRRP only (no IPVS checker).
         cmd.args(["-n", "-l", "-D", "-P", "-f"])
@@ -296,15 +299,22 @@ impl Directors {
     /// Marks clear one `tcp_idle_timeout_s` after the change (give the directors a short one).
     /// Until flow sync, a failover keeps connections only between settled tables.
     pub fn wait_settled(&self, timeout: Duration) -> Result<()> {
-        for gw in &self.gateways {
-            gw.wait_until("a settled table (no changed slot)", timeout, |s| s.services.iter().all(|s| s.changed_slots == 0))
-                .with_context(|| format!("director {}", gw.director()))?;
-        }
-        Ok(())
+        self.wait_all("a settled table (no changed slot)", timeout, |s| s.services.iter().all(|s| s.changed_slots == 0))
     }
 
     pub fn gateway(&self, i: usize) -> &Gateway {
         &self.gateways[i]
+    }
+
+    /// Polls the status of every director whose daemon runs until `done` holds for each (e.g.
+    /// a master marked down by both before a kill), for at most `timeout` in all.
+    pub fn wait_all(&self, what: &str, timeout: Duration, done: impl Fn(&mim_lb::status::Status) -> bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for gw in self.gateways.iter().filter(|gw| gw.running()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            gw.wait_until(what, left, &done).with_context(|| format!("director {}", gw.director()))?;
+        }
+        Ok(())
     }
 
     /// Director `i`'s daemon, to stop or restart it alone.
@@ -343,6 +353,9 @@ impl Directors {
     /// does the VIP on its `eth0`, unreachable, as on a machine that lost power. Returns the
     /// moment it was off the segment: whatever started after it cannot have gone through it.
     pub fn kill(&mut self, lab: &Lab, i: usize) -> Result<Instant> {
+        if !self.gateways[i].running() {
+            bail!("director {i}'s daemon is not running: nothing to kill");
+        }
         // Signals first, all of them, and only then the waits: keepalived must not see the
         // daemon gone (its track_script) and give the VIP up the clean way.
         if let Some(ka) = self.keepalived[i].proc() {

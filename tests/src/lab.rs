@@ -489,11 +489,24 @@ impl Lab {
         self.set_director_link(i, LinkSide::Bridge, true)
     }
 
+    /// Cuts the directors off from each other (`partitioned` true) while each still reaches
+    /// the client and the masters, or heals that: the bridge's port isolation, which keeps
+    /// isolated ports from exchanging frames with each other. With keepalived, both directors
+    /// then stop hearing each other's adverts and each believes itself master.
+    pub fn set_directors_partitioned(&self, partitioned: bool) -> Result<()> {
+        let state = if partitioned { "on" } else { "off" };
+        let lines: Vec<String> =
+            self.directors.iter().map(|d| format!("link set dev {} isolated {state}", d.port)).collect();
+        let mut cmd = Command::new("bridge");
+        cmd.args(["-n", &self.bridge_ns, "-batch", "-"]);
+        run_bridge_batch(&mut cmd, &lines).with_context(|| format!("setting the directors' isolation {state}"))
+    }
+
     /// Whether director `i`'s `eth0` has its carrier (`LOWER_UP`): up on its side, and its
     /// bridge port up too, so frames pass both ways.
     pub fn director_connected(&self, i: usize) -> Result<bool> {
         let out = self.run_in(&self.directors[i].ns, "ip", &["-o", "link", "show", "dev", HOST_IFNAME])?;
-        Ok(link_flags(&out).iter().any(|f| *f == "LOWER_UP"))
+        Ok(link_flags(&out).contains(&"LOWER_UP"))
     }
 
     /// The IPv4 addresses on director `i`'s `eth0` (its own and any VIP it holds).
@@ -640,6 +653,24 @@ impl Lab {
             .unwrap()
             .unwrap()
     }
+}
+
+/// Feeds `lines` to `bridge -batch -` (as [`ip_batch`] does for `ip`), within [`crate::RUN_TIMEOUT`].
+fn run_bridge_batch(cmd: &mut Command, lines: &[String]) -> Result<()> {
+    use std::io::Write as _;
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("starting `bridge` (iproute2)")?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all((lines.join("\n") + "\n").as_bytes())
+        .context("writing to `bridge -batch`")?;
+    let out = crate::wait_within(child, crate::RUN_TIMEOUT)?;
+    if !out.status.success() {
+        bail!("`bridge -batch` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// Which end of a director's veth [`Lab::set_director_link`] acts on.

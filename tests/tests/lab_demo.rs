@@ -1,6 +1,7 @@
 //! `cargo xtask lab`, the demo, run as CI runs it: the real `mim-lb-lab` binary, plain output.
 //! It must tell its story to the end (every master served, clients recovered after the kill),
-//! and leave nothing behind, also when Ctrl-C stops it halfway.
+//! and leave nothing behind, also when Ctrl-C stops it halfway; with `--directors 2` as well
+//! (two directors with keepalived; the active one dies, and no connection may break).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -188,7 +189,17 @@ fn is_traffic_row(line: &str) -> bool {
 
 #[test]
 fn ctrl_c_in_the_middle_removes_the_lab() {
-    let mut demo = Demo::start(&[]);
+    ctrl_c_in_the_middle_removes_the_lab_of(&[]);
+}
+
+/// The same with two directors, where keepalived and a second daemon must go too.
+#[test]
+fn ctrl_c_in_the_middle_of_the_two_director_demo_removes_the_lab() {
+    ctrl_c_in_the_middle_removes_the_lab_of(&["--directors", "2"]);
+}
+
+fn ctrl_c_in_the_middle_removes_the_lab_of(args: &[&str]) {
+    let mut demo = Demo::start(args);
     let pid = demo.pid();
     demo.wait_for_line("line showing traffic", Duration::from_secs(60), is_traffic_row);
     // While it runs, the lab is there: the check below would see leftovers if it stayed.
@@ -201,6 +212,40 @@ fn ctrl_c_in_the_middle_removes_the_lab() {
     assert_eq!(status.code(), Some(130), "exit status {status}; output:\n{output}");
     assert!(output.contains("Interrupted: removing the lab"), "{output}");
     assert!(!output.contains("summary-json"), "an interrupted demo has no summary:\n{output}");
+    let left = leftovers(pid);
+    assert!(left.is_empty(), "the demo left behind:\n{}", left.join("\n"));
+}
+
+/// `cargo xtask lab --directors 2`: two directors with keepalived; the active one dies under
+/// traffic and comes back. No long-lived connection may break, new connections work again once
+/// the VIP has moved and keep working, and the dead director takes the VIP back.
+#[test]
+fn the_two_director_demo_breaks_no_connection_and_leaves_nothing_behind() {
+    let mut demo = Demo::start(&["--directors", "2"]);
+    let pid = demo.pid();
+    let json_line = demo.wait_for_line("summary-json line", RUN_LIMIT, |l| l.starts_with("summary-json: "));
+    let status = demo.wait_exit(CLEANUP_LIMIT);
+    let output = demo.output();
+    assert!(status.success(), "the demo exited with {status}; output:\n{output}");
+
+    let summary: Value = serde_json::from_str(json_line.trim_start_matches("summary-json: ")).unwrap();
+    assert_eq!(summary["problems"], Value::Array(vec![]), "{output}");
+    assert_eq!(summary["directors"], 2);
+    // Three long-lived connections per master, none broken.
+    assert_eq!(summary["held"], 9, "{summary}");
+    assert_eq!(summary["held_broken"], 0, "{summary}");
+    // The VIP moved and came back; new connections worked again and kept working.
+    assert!(summary["vip_moved_after_ms"].as_u64().is_some(), "{summary}");
+    assert!(summary["first_new_after_kill_ms"].as_u64().is_some(), "{summary}");
+    assert_eq!(summary["failed_after_recovery"], 0, "{summary}");
+    assert!(summary["vip_back_after_ms"].as_u64().is_some(), "{summary}");
+    assert!(summary["new_ok"].as_u64().unwrap() > 0, "{summary}");
+
+    // The human side shows the same story.
+    assert!(output.contains("kill -9 of director A's mim-lb and keepalived"), "{output}");
+    assert!(output.contains(">> director B holds the VIP"), "{output}");
+    assert!(output.contains(">> director A holds the VIP again"), "{output}");
+    assert!(output.contains("Removing the lab"), "{output}");
     let left = leftovers(pid);
     assert!(left.is_empty(), "the demo left behind:\n{}", left.join("\n"));
 }

@@ -329,3 +329,63 @@ fn masters_hand_out_slaves_in_turn_and_the_client_reaches_them_directly() {
     let err = in_netns(lab.client_ns(), || ask_for_slave(master, T).unwrap_err()).unwrap();
     assert_eq!(err.kind(), "refused", "{err}");
 }
+
+/// Whether `ns` reaches `to` with one ping (within a second).
+fn pings(lab: &Lab, ns: &str, to: std::net::Ipv4Addr) -> bool {
+    lab.run_in(ns, "ping", &["-c", "1", "-W", "1", &to.to_string()]).is_ok()
+}
+
+/// Whether `ns` reaches `to` within 5 s: after a cut, the neighbour entry may have failed, and
+/// ARP tries again only once a second.
+fn pings_soon(lab: &Lab, ns: &str, to: std::net::Ipv4Addr) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if pings(lab, ns, to) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Two directors: their own addresses and MACs, no VIP on either (keepalived's to move), the
+/// client reaches both; a cut director is unreachable until it is reconnected; partitioned
+/// directors reach the client but not each other.
+#[test]
+fn two_directors_share_the_segment_and_can_be_cut_off_and_partitioned() {
+    let lab = Lab::new(LabSpec { directors: 2, ..LabSpec::default() }).unwrap();
+    assert_eq!(lab.director_count(), 2);
+    assert_eq!(lab.director_ns(0), lab.gateway_ns());
+    assert_ne!(lab.director_ns(0), lab.director_ns(1));
+    assert_eq!(lab.director_addr4(0).octets()[3], 2);
+    assert_eq!(lab.director_addr4(1).octets()[3], 3);
+    assert_ne!(lab.director_mac(0), lab.director_mac(1));
+    for i in 0..2 {
+        assert_eq!(lab.director_addrs4(i).unwrap(), [lab.director_addr4(i)], "director {i}: only its own address");
+        assert!(lab.director_connected(i).unwrap());
+        assert!(pings(&lab, lab.client_ns(), lab.director_addr4(i)), "the client does not reach director {i}");
+    }
+    // Nobody holds the VIP yet: the client's ARP for it goes unanswered.
+    assert!(!pings(&lab, lab.client_ns(), lab.vip4()));
+
+    lab.cut_director(1).unwrap();
+    assert!(!lab.director_connected(1).unwrap());
+    assert!(!pings(&lab, lab.client_ns(), lab.director_addr4(1)), "a cut director still answers");
+    lab.reconnect_director(1).unwrap();
+    assert!(lab.director_connected(1).unwrap());
+    assert!(pings_soon(&lab, lab.client_ns(), lab.director_addr4(1)), "a reconnected director does not answer");
+
+    lab.set_directors_partitioned(true).unwrap();
+    assert!(!pings(&lab, lab.director_ns(0), lab.director_addr4(1)), "partitioned directors still reach each other");
+    assert!(pings(&lab, lab.director_ns(0), lab.client_addr4()) && pings(&lab, lab.director_ns(1), lab.client_addr4()));
+    lab.set_directors_partitioned(false).unwrap();
+    assert!(pings_soon(&lab, lab.director_ns(0), lab.director_addr4(1)), "healed directors do not reach each other");
+}
+
+/// The one-director lab is as it always was: the gateway holds the VIPs, both families.
+#[test]
+fn one_director_holds_the_vips() {
+    let lab = lab();
+    assert_eq!(lab.director_count(), 1);
+    assert!(lab.director_addrs4(0).unwrap().contains(&lab.vip4()));
+    assert!(pings(&lab, lab.client_ns(), lab.vip4()));
+}

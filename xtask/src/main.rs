@@ -63,8 +63,9 @@ enum Cmd {
         args: Vec<OsString>,
     },
     /// The demo: a lab of network namespaces with a client, a gateway running mim-lb and
-    /// masters; traffic through the VIP while a master fails and returns (`mim-lb-lab ARGS...`;
-    /// `cargo xtask lab --help` for its options)
+    /// masters; traffic through the VIP while a master fails and returns, or with
+    /// `--directors 2` while the active one of two directors (keepalived) dies and returns
+    /// (`mim-lb-lab ARGS...`; `cargo xtask lab --help` for its options)
     // Its --help is the demo's own, which lists the options.
     #[command(disable_help_flag = true)]
     Lab {

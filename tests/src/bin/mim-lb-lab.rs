@@ -21,7 +21,7 @@ use mim_lb_tests::lab::{MAX_MASTERS, MAX_SLAVES};
     bin_name = "cargo xtask lab",
     about = "The mim-lb demo: a client, a gateway running mim-lb, masters and slaves in network \
              namespaces; traffic through the VIP while one master's service dies and comes back",
-    after_help = "Examples:\n  cargo xtask lab\n  cargo xtask lab --keep\n  cargo xtask lab --masters 5 --requests-per-second 200\n  cargo xtask lab --non-interactive   (CI: plain lines, short phases)"
+    after_help = "Examples:\n  cargo xtask lab\n  cargo xtask lab --keep\n  cargo xtask lab --masters 5 --requests-per-second 200\n  cargo xtask lab --directors 2   (two directors with keepalived; the active one dies)\n  cargo xtask lab --non-interactive   (CI: plain lines, short phases)"
 )]
 struct Args {
     /// Leave the lab running after the summary (until Ctrl-C), with the commands to look around.
@@ -48,6 +48,10 @@ struct Args {
     /// How mim-lb attaches its XDP program to the gateway's interface.
     #[arg(long, value_enum, default_value_t = XdpMode::Native)]
     xdp_mode: XdpMode,
+    /// Directors in front of the masters. With 2, each runs mim-lb and keepalived, and the
+    /// story kills the active director (not a master's service) and brings it back.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    directors: u8,
     /// Plain lines instead of a live table, short phases, and a last line `summary-json: {...}`
     /// for scripts (the default when stdout is not a terminal).
     #[arg(long)]
@@ -79,6 +83,7 @@ fn options(args: &Args) -> Result<Options> {
             XdpMode::Generic => Mode::Generic,
         },
         check_interval: Duration::from_millis(args.check_interval_ms.into()),
+        directors: args.directors.into(),
     })
 }
 
@@ -93,11 +98,15 @@ fn main() -> ExitCode {
             );
         }
         signals::install().context("installing the Ctrl-C handler")?;
-        demo::run(&opts)
+        if opts.directors > 1 {
+            demo::pair::run(&opts).map(|summary| summary.problems())
+        } else {
+            demo::run(&opts).map(|summary| summary.problems())
+        }
     });
     match result {
         // Ctrl-C ends a kept lab normally; its story was told.
-        Ok(summary) if summary.problems().is_empty() => ExitCode::SUCCESS,
+        Ok(problems) if problems.is_empty() => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         // A Ctrl-C also reaches the CLI processes the demo runs, so whatever error it caused
         // counts as the interruption it is.

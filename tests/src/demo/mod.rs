@@ -1,9 +1,11 @@
 //! `cargo xtask lab`: the demo an operator runs first. It builds a lab (a client, a gateway
 //! running mim-lb, masters running a model of the master service, and the slaves they hand
 //! out), sends a steady stream of requests through the VIP, kills one master's service, brings
-//! it back, and shows all along what the clients saw and what mim-lb said.
+//! it back, and shows all along what the clients saw and what mim-lb said. With two directors
+//! ([`pair`]) it kills the active director instead, and keepalived moves the VIP.
 
 mod keep;
+pub mod pair;
 mod show;
 pub mod signals;
 pub mod summary;

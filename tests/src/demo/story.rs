@@ -46,6 +46,8 @@ pub struct Options {
     pub keep: bool,
     pub mode: Mode,
     pub check_interval: Duration,
+    /// 1: the one-gateway story; 2: two directors and keepalived ([`super::pair`]).
+    pub directors: usize,
 }
 
 /// Runs the demo and returns its summary. With [`Options::keep`], returns only after Ctrl-C,
