@@ -199,10 +199,28 @@ fn marks_a_peer_cleared_are_cleared_where_they_are_alike() {
     let report = a.director.sweep_with(&[], later, idle, idle).unwrap();
     assert_eq!(marked(&a), 0, "{report:?}");
     let before_c = marked(&c);
-    for (service, size, entries) in &report.cleared {
-        let wire = a.director.wire_marks(service, entries);
-        b.director.import_cleared(service, *size, &wire).unwrap();
-        c.director.import_cleared(service, *size, &wire).unwrap();
+    let wire: Vec<_> = report.cleared.iter().map(|(service, size, entries)| (*service, *size, a.director.wire_marks(service, entries))).collect();
+    // Before its own first sweep, a director clears nothing on a peer's word.
+    for (service, size, marks) in &wire {
+        assert_eq!(b.director.import_cleared(service, *size, marks, later).unwrap(), 0);
+    }
+    // Nor while its own flows use the marks: B sends unrecorded flows to the previous master.
+    b.director.sweep_with(&[], monotonic_ns(), idle, idle).unwrap();
+    let seen_now = (monotonic_ns() >> mim_lb_common::limits::SEEN_SHIFT) as u32;
+    let w = &b.director.written()[&web()];
+    let id = w.id;
+    let stamps: Vec<(u32, u32)> = (0..w.table_size).filter(|s| mim_lb::director::marks::is_marked(w.table()[*s as usize])).map(|s| (s, seen_now)).collect();
+    let stamped = stamps.len();
+    b.director.dataplane_mut().maps().set_slot_seen(id, &stamps).unwrap();
+    for (service, size, marks) in &wire {
+        assert_eq!(b.director.import_cleared(service, *size, marks, monotonic_ns()).unwrap(), 0, "B cleared marks its own flows use");
+    }
+    assert_eq!(marked(&b), stamped);
+    // Once its own facts allow it too, it follows.
+    c.director.sweep_with(&[], monotonic_ns(), idle, idle).unwrap();
+    for (service, size, marks) in &wire {
+        b.director.import_cleared(service, *size, marks, later + 5_000_000_000).unwrap();
+        c.director.import_cleared(service, *size, marks, later + 5_000_000_000).unwrap();
     }
     assert_eq!(marked(&b), 0, "B held the same marks");
     assert_eq!(a.director.written()[&web()].table(), b.director.written()[&web()].table());

@@ -195,12 +195,14 @@ fn wait_holders(lab: &Lab, holders: &[usize], timeout: Duration) {
 ///   packets, so it clears the slot's mark one idle timeout after the change (1 s here, 900 s
 ///   by default) and then sends them to the slot's new master.
 ///
-/// When `[sync]` lands: give `director_configs` each director's `[sync]` (its `own` closure)
-/// and remove the `ignore`.
+/// With `[sync]`, both survive: records are shared, and so are the stamps that keep a mark.
 #[test]
-#[ignore = "needs flow sync between the directors (the [sync] section, not merged yet)"]
 fn connections_opened_after_a_master_change_survive_the_active_directors_death() {
-    let (lab, mut directors) = two_directors();
+    let (mut lab, key) = lab_with_key();
+    // Longer than the idle timeout passes between the drain and the kill: the backup, which
+    // sees no packet, keeps the drain's marks only because the active director tells it that
+    // flows still use them.
+    let mut directors = synced_pair(&mut lab, &key, 3);
     let before = Traffic::start(&lab, TrafficSpec::new(vip(&lab))).unwrap();
     let drained = lab.master_addr4(0).to_string();
     for i in 0..2 {
@@ -211,7 +213,7 @@ fn connections_opened_after_a_master_change_survive_the_active_directors_death()
     // enough of them that some land there (a third of the slots moved).
     let spec = TrafficSpec { held_on: Some(vec![1, 2]), held_per_master: 8, ..TrafficSpec::new(vip(&lab)) };
     let after = Traffic::start(&lab, spec).unwrap();
-    std::thread::sleep(SETTLE);
+    std::thread::sleep(Duration::from_secs(8));
 
     let killed = kill_active(&lab, &mut directors);
     std::thread::sleep(SETTLE);
@@ -219,6 +221,8 @@ fn connections_opened_after_a_master_change_survive_the_active_directors_death()
     let before = before.finish();
     before.assert_survived("connections from before the drain, through the kill", killed);
     after.assert_survived("connections opened after the drain, through the kill", killed);
+    drop(directors);
+    drop(key);
 }
 
 /// `dist/keepalived.conf` made concrete for director `i` of `lab`: what its comments tell an
@@ -300,7 +304,7 @@ fn lab_with_key() -> (Lab, SyncKey) {
 
 /// Both directors with `[sync]` naming each other, keepalived on both, director 0 holding the
 /// VIP, and each seeing its peer up with the same tables.
-fn synced_pair(lab: &mut Lab, key: &SyncKey) -> Directors {
+fn synced_pair(lab: &mut Lab, key: &SyncKey, tcp_idle_s: u64) -> Directors {
     let sync = |i: usize| {
         format!(
             "[sync]\nlisten = \"{}:7946\"\npeers = [\"{}:7946\"]\nkey_file = \"{}\"\n",
@@ -309,7 +313,7 @@ fn synced_pair(lab: &mut Lab, key: &SyncKey) -> Directors {
             key.0.display()
         )
     };
-    let configs = director_configs(lab, &[ServiceSpec::tcp(lab, PORT)], "tcp_idle_timeout_s = 60", sync);
+    let configs = director_configs(lab, &[ServiceSpec::tcp(lab, PORT)], &format!("tcp_idle_timeout_s = {tcp_idle_s}"), sync);
     let directors = Directors::start(lab, Mode::Generic, &configs, VrrpSpec::default()).unwrap();
     directors.wait_master(lab, 0, FAILOVER_LIMIT).unwrap();
     for i in 0..2 {
@@ -354,7 +358,7 @@ fn drain_master_0(lab: &Lab, directors: &Directors, on: &[usize]) {
 fn with_flow_sync_connections_opened_after_a_drain_survive_the_active_directors_death() {
     use mim_lb_tests::echo_all;
     let (mut lab, key) = lab_with_key();
-    let mut directors = synced_pair(&mut lab, &key);
+    let mut directors = synced_pair(&mut lab, &key, 60);
     let traffic = Traffic::start(&lab, TrafficSpec::new(vip(&lab))).unwrap();
     std::thread::sleep(SETTLE);
 
@@ -388,7 +392,7 @@ fn with_flow_sync_connections_opened_after_a_drain_survive_the_active_directors_
 fn with_flow_sync_connections_made_while_a_director_was_dead_survive_its_return() {
     use mim_lb_tests::echo_all;
     let (mut lab, key) = lab_with_key();
-    let mut directors = synced_pair(&mut lab, &key);
+    let mut directors = synced_pair(&mut lab, &key, 60);
     let traffic = Traffic::start(&lab, TrafficSpec::new(vip(&lab))).unwrap();
     drain_master_0(&lab, &directors, &[0, 1]);
     std::thread::sleep(SETTLE);

@@ -207,6 +207,9 @@ pub struct Director {
     ready: bool,
     /// Peers are configured: the data path reports its changes to `FLOWS` (`GLOBALS_F_SYNC`).
     sync_events: bool,
+    /// What the last sweep found: slots live records need marked, by service, and the TCP
+    /// idle timeout it judged by. A peer's cleared marks are checked against it.
+    last_sweep: Option<(std::collections::HashMap<ServiceKey, BTreeSet<u32>>, std::time::Duration)>,
 }
 
 impl Director {
@@ -228,6 +231,7 @@ impl Director {
             records_unchecked: false,
             ready: false,
             sync_events: false,
+            last_sweep: None,
         }
     }
 

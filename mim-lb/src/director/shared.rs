@@ -222,22 +222,28 @@ impl Director {
             .collect()
     }
 
-    /// Marks a peer's sweep cleared: where this director's slot is marked alike (same master,
-    /// same previous master), no flow needs it here either (records and seen stamps are
-    /// shared), and keeping it would send the slot's unrecorded flows elsewhere than the peer
-    /// now does.
-    pub fn import_cleared(&mut self, service: &ServiceKey, table_size: u32, cleared: &[WireMark]) -> Result<usize, DirectorError> {
+    /// Marks a peer's sweep cleared. A slot marked alike here (same master, same previous
+    /// master) is cleared too, so that both send its unrecorded flows to its master, but only
+    /// if what this director itself knows allows it as well ([`marks::may_clear`] with its own
+    /// `SLOT_SEEN` and its last sweep's records): the peer may know less (it carries no
+    /// traffic, or missed stamps in a partition), and a director must never drop a mark its
+    /// own flows still use. Before this director's first sweep, nothing is cleared.
+    pub fn import_cleared(&mut self, service: &ServiceKey, table_size: u32, cleared: &[WireMark], now_ns: u64) -> Result<usize, DirectorError> {
         let (Some(s), Some(w)) = (self.desired.get(service), self.written.get(service)) else { return Ok(0) };
+        let Some((needed, tcp_idle)) = &self.last_sweep else { return Ok(0) };
         if w.table_size != table_size {
             return Ok(0);
         }
         let id = |a: Option<IpAddr>| a.and_then(|a| s.backends.get(&a)).map_or(0, |b| b.id);
+        let seen = self.dataplane.maps_ro().slot_seen(w.id, w.table_size)?;
+        let keep = needed.get(service);
         let clear: Vec<(u32, u32)> = cleared
             .iter()
             .filter_map(|m| {
                 let entry = *w.table().get(m.slot as usize)?;
                 let alike = marks::is_marked(entry) && marks::owner(entry) == id(m.owner) && maglev_prev(entry) == id(m.prev);
-                alike.then_some((m.slot, marks::owner(entry)))
+                let facts = self.slot_facts(w, m.slot, keep, seen[m.slot as usize]);
+                (alike && marks::may_clear(&facts, now_ns, *tcp_idle)).then_some((m.slot, marks::owner(entry)))
             })
             .collect();
         self.unmark_slots(*service, clear)

@@ -131,6 +131,7 @@ impl Director {
         let live = self.live_flows(flows, read_ns, tcp_idle, udp_idle);
         report.live_flows = live.live;
         report.cleared = self.clear_marks(&live.needed, read_ns, tcp_idle)?;
+        self.last_sweep = Some((live.needed.clone(), tcp_idle));
         report.marks_cleared = report.cleared.iter().map(|c| c.2.len()).sum();
         report.flows_deleted += self.clean_records(&live, read_ns)?;
         self.end_resizes()?;
@@ -265,7 +266,7 @@ impl Director {
         Ok(deleted)
     }
 
-    fn slot_facts(&self, w: &WrittenService, slot: u32, keep: Option<&BTreeSet<u32>>, seen: u32) -> marks::SlotFacts {
+    pub(super) fn slot_facts(&self, w: &WrittenService, slot: u32, keep: Option<&BTreeSet<u32>>, seen: u32) -> marks::SlotFacts {
         let i = slot as usize;
         marks::SlotFacts {
             entry: w.table()[i],

@@ -323,7 +323,7 @@ impl SyncRunner {
                     }
                     Ok(())
                 }
-                Inbound::Cleared { service, table_size, marks } => director.import_cleared(&service, table_size, &marks).map(|_| ()),
+                Inbound::Cleared { service, table_size, marks } => director.import_cleared(&service, table_size, &marks, now_ns).map(|_| ()),
                 Inbound::Pulled { from, own_pull } => {
                     debug!("flow sync: {from} finished sending its state");
                     let reported = self.pulled_marks.remove(&from).unwrap_or_default();
