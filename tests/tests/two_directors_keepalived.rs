@@ -419,3 +419,67 @@ fn with_flow_sync_connections_made_while_a_director_was_dead_survive_its_return(
     drop(directors);
     drop(key);
 }
+
+/// Blocks (or unblocks) unicast between the two directors, both ways, while VRRP's multicast
+/// still passes: a partition of the sync traffic alone, as on a dedicated sync link that
+/// fails, with the directors still agreeing which of them is active.
+fn set_sync_blocked(lab: &Lab, blocked: bool) {
+    let verb = if blocked { "add" } else { "del" };
+    for i in 0..2 {
+        let other = format!("{}/32", lab.director_addr4(1 - i));
+        lab.run_in(lab.director_ns(i), "ip", &["route", verb, "blackhole", &other]).unwrap();
+    }
+}
+
+/// The FLOWS keys director `i` holds.
+fn recorded_keys(directors: &Directors, i: usize) -> std::collections::HashSet<mim_lb_common::FlowKey> {
+    let path = directors.gateway(i).pin_dir().join(mim_lb_common::maps::names::FLOWS);
+    mim_lb::director::sweep::read_pinned_flows(&path).unwrap().into_iter().map(|(k, _)| k).collect()
+}
+
+/// The connection table's key of a client connection to the VIP.
+fn flow_key(lab: &Lab, conn: &mim_lb_tests::TcpHold) -> mim_lb_common::FlowKey {
+    let local = conn.local_addr().unwrap();
+    let (src, family) = mim_lb::dataplane::service_index::addr_words(local.ip());
+    let (dst, _) = mim_lb::dataplane::service_index::addr_words(lab.vip4().into());
+    mim_lb_common::FlowKey { src, dst, sport: local.port().to_be(), dport: PORT.to_be(), proto: mim_lb_common::PROTO_TCP, family, _pad0: [0; 2] }
+}
+
+/// (d) The sync traffic between the directors is cut (VRRP still passes, so director A stays
+/// active), a master is drained on both, connections are opened through A, and then A dies.
+/// What is lost is exactly what OPERATIONS.md ("What can be lost") says: the connections A
+/// recorded during the partition (on slots the drain changed), and nothing else; connections
+/// from before the partition, and those on slots the drain left alone, carry on through B.
+#[test]
+fn a_sync_partition_then_a_failover_loses_exactly_the_flows_recorded_during_it() {
+    use mim_lb_tests::echo_all;
+    let (mut lab, key) = lab_with_key();
+    let mut directors = synced_pair(&mut lab, &key, 60);
+    let traffic = Traffic::start(&lab, TrafficSpec::new(vip(&lab))).unwrap();
+    std::thread::sleep(SETTLE);
+
+    set_sync_blocked(&lab, true);
+    directors
+        .gateway(0)
+        .wait_until("its peer down", Duration::from_secs(10), |s| s.sync.as_ref().is_some_and(|y| y.peers[0].state == "down"))
+        .unwrap();
+    drain_master_0(&lab, &directors, &[0, 1]);
+    let mut opened = open_held(&lab, 60);
+    echo_all(&mut opened, "during the partition", Duration::from_secs(5));
+    let on_a = recorded_keys(&directors, 0);
+    let on_b = recorded_keys(&directors, 1);
+    let recorded: Vec<bool> = opened.iter().map(|c| on_a.contains(&flow_key(&lab, c))).collect();
+    assert!(recorded.iter().any(|r| *r) && recorded.iter().any(|r| !*r), "the drain should leave some connections recorded, some not: {recorded:?}");
+    assert!(opened.iter().all(|c| !on_b.contains(&flow_key(&lab, c))), "a record crossed the partition");
+
+    let killed = kill_active(&lab, &mut directors);
+    let outcome: Vec<bool> = opened.iter_mut().enumerate().map(|(k, c)| c.echo(&format!("after the kill {k}"), Duration::from_secs(3)).is_ok()).collect();
+    let lost: Vec<usize> = (0..opened.len()).filter(|&k| !outcome[k]).collect();
+    let expected: Vec<usize> = (0..opened.len()).filter(|&k| recorded[k]).collect();
+    assert_eq!(lost, expected, "lost connections (by index) are not exactly those recorded during the partition");
+    let report = traffic.finish_after(SETTLE);
+    report.assert_survived("the failover after a sync partition (connections from before it)", killed);
+    set_sync_blocked(&lab, false);
+    drop(directors);
+    drop(key);
+}
