@@ -246,7 +246,7 @@ fn tell_peers(key: &FlowKey, flow: &FlowEntry, kind: u32) {
         return;
     }
     let event = FlowEvent { key: *key, flow: *flow, kind, _pad0: 0 };
-    let stat = if FLOW_EVENTS.output(&event, 0).is_ok() { SYNC_STAT_SENT } else { SYNC_STAT_LOST };
+    let stat = if FLOW_EVENTS.output(event, 0).is_ok() { SYNC_STAT_SENT } else { SYNC_STAT_LOST };
     if let Some(count) = SYNC_STATS.get_ptr_mut(stat) {
         // SAFETY: a u64 of this CPU's copy of a per-CPU array, valid for this program run.
         unsafe { *count += 1 };

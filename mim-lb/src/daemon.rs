@@ -561,13 +561,12 @@ impl Daemon {
     }
 
     /// Sweeps a read of the connection table; returns the marks it cleared, for peers.
-    #[allow(clippy::type_complexity)]
     fn sweep(
         &mut self,
         director: &mut Director,
         flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)],
         read_at_ns: u64,
-    ) -> Vec<(ServiceKey, u32, Vec<(u32, u32)>)> {
+    ) -> Vec<crate::director::ServiceSlots> {
         match director.sweep_with(flows, read_at_ns, self.config.tcp_idle_timeout, self.config.udp_idle_timeout) {
             Ok(r) => {
                 for (service, backend) in &r.backends_retired {

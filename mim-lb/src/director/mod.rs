@@ -28,6 +28,10 @@ pub mod marks;
 mod plan;
 mod recover;
 pub mod shared;
+
+/// Some slots of a service's live table with a word each (its entry, or its `SLOT_SEEN`
+/// stamp): (service, table size, [(slot, word)]).
+pub type ServiceSlots = (crate::config::ServiceKey, u32, Vec<(u32, u32)>);
 pub mod sweep;
 
 use std::{

@@ -16,7 +16,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 use mim_lb_common::{FlowEntry, FlowKey, PROTO_TCP, PROTO_UDP, limits::SEEN_SHIFT, maglev_entry, maglev_prev};
 
-use super::{Director, DirectorError, marks, sweep::record_slot};
+use super::{Director, DirectorError, ServiceSlots, marks, sweep::record_slot};
 use crate::{
     config::{Protocol, ServiceKey},
     dataplane::service_index::words_addr,
@@ -105,7 +105,7 @@ impl Director {
     }
 
     /// The marked slots of services with any, and their `SLOT_SEEN` stamps (0: never).
-    pub fn seen_stamps(&self) -> Result<Vec<(ServiceKey, u32, Vec<(u32, u32)>)>, DirectorError> {
+    pub fn seen_stamps(&self) -> Result<Vec<ServiceSlots>, DirectorError> {
         let mut out = Vec::new();
         for (key, w) in self.written.iter().filter(|(_, w)| w.marked > 0) {
             let seen = self.dataplane.maps_ro().slot_seen(w.id, w.table_size)?;

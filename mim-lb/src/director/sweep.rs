@@ -24,7 +24,7 @@ use std::{
 
 use mim_lb_common::{FlowEntry, FlowKey, PROTO_TCP, SERVICE_F_SOURCE_HASH, hash};
 
-use super::{Director, DirectorError, WrittenService, marks};
+use super::{Director, DirectorError, ServiceSlots, WrittenService, marks};
 use crate::config::ServiceKey;
 
 /// Reads every recorded flow from the pinned connection table at `path`, with a map fd of its
@@ -50,7 +50,7 @@ pub struct SweepReport {
     pub live_flows: usize,
     pub marks_cleared: usize,
     /// The marks cleared, as they were: (service, table size, [(slot, entry)]), for peers.
-    pub cleared: Vec<(ServiceKey, u32, Vec<(u32, u32)>)>,
+    pub cleared: Vec<ServiceSlots>,
     /// Removed backends whose last flow ended: (service, address).
     pub backends_retired: Vec<(ServiceKey, std::net::IpAddr)>,
     pub flows_deleted: usize,
@@ -182,13 +182,12 @@ impl Director {
     /// Clears the marks [`marks::may_clear`] allows. Clearing a mark in the live region is a
     /// single-word write: the data path sees either the marked or the clean entry, and both
     /// send every live flow of the slot to the same master.
-    #[allow(clippy::type_complexity)]
     fn clear_marks(
         &mut self,
         needed: &HashMap<ServiceKey, BTreeSet<u32>>,
         read_ns: u64,
         tcp_idle: Duration,
-    ) -> Result<Vec<(ServiceKey, u32, Vec<(u32, u32)>)>, DirectorError> {
+    ) -> Result<Vec<ServiceSlots>, DirectorError> {
         let mut cleared = Vec::new();
         let keys: Vec<ServiceKey> = self.written.iter().filter(|(_, w)| w.marked > 0).map(|(k, _)| *k).collect();
         for key in keys {

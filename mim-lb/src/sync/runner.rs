@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     config::{ServiceKey, Sync as SyncConfig},
-    director::{Director, marks::seen_ns, sweep::monotonic_ns},
+    director::{Director, ServiceSlots, marks::seen_ns, sweep::monotonic_ns},
 };
 
 /// How often the engine's timers run (hellos, resends).
@@ -359,7 +359,7 @@ impl SyncRunner {
     }
 
     /// Tells peers which marks this director's sweep cleared.
-    pub fn send_cleared(&mut self, director: &Director, cleared: &[(ServiceKey, u32, Vec<(u32, u32)>)]) {
+    pub fn send_cleared(&mut self, director: &Director, cleared: &[ServiceSlots]) {
         let now = Instant::now();
         for (service, table_size, entries) in cleared {
             let marks = director.wire_marks(service, entries);
