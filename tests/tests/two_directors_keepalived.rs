@@ -305,15 +305,23 @@ fn lab_with_key() -> (Lab, SyncKey) {
 /// Both directors with `[sync]` naming each other, keepalived on both, director 0 holding the
 /// VIP, and each seeing its peer up with the same tables.
 fn synced_pair(lab: &mut Lab, key: &SyncKey, tcp_idle_s: u64) -> Directors {
-    let sync = |i: usize| {
-        format!(
-            "[sync]\nlisten = \"{}:7946\"\npeers = [\"{}:7946\"]\nkey_file = \"{}\"\n",
-            lab.director_addr4(i),
-            lab.director_addr4(1 - i),
-            key.0.display()
-        )
-    };
-    let configs = director_configs(lab, &[ServiceSpec::tcp(lab, PORT)], &format!("tcp_idle_timeout_s = {tcp_idle_s}"), sync);
+    let services = [ServiceSpec::tcp(lab, PORT)];
+    synced_pair_with(lab, key, tcp_idle_s, &services)
+}
+
+/// Director `i`'s `[sync]` section: it and its peer, the group's key.
+fn sync_section(lab: &Lab, key: &SyncKey, i: usize) -> String {
+    format!(
+        "[sync]\nlisten = \"{}:7946\"\npeers = [\"{}:7946\"]\nkey_file = \"{}\"\n",
+        lab.director_addr4(i),
+        lab.director_addr4(1 - i),
+        key.0.display()
+    )
+}
+
+/// [`synced_pair`] with these services.
+fn synced_pair_with(lab: &mut Lab, key: &SyncKey, tcp_idle_s: u64, services: &[ServiceSpec]) -> Directors {
+    let configs = director_configs(lab, services, &format!("tcp_idle_timeout_s = {tcp_idle_s}"), |i| sync_section(lab, key, i));
     let directors = Directors::start(lab, Mode::Generic, &configs, VrrpSpec::default()).unwrap();
     directors.wait_master(lab, 0, FAILOVER_LIMIT).unwrap();
     for i in 0..2 {
@@ -480,6 +488,58 @@ fn a_sync_partition_then_a_failover_loses_exactly_the_flows_recorded_during_it()
     let report = traffic.finish_after(SETTLE);
     report.assert_survived("the failover after a sync partition (connections from before it)", killed);
     set_sync_blocked(&lab, false);
+    drop(directors);
+    drop(key);
+}
+
+/// (b) The master group changes in every way at once, on both directors as an operator does it:
+/// master 1 is drained, master 2's service dies, master 4 is added (a reload of a file that
+/// lists it); as soon as both directors see the change alike (the same table digest), the
+/// active director is killed. Every long-lived connection to a live master carries on through
+/// the backup, and so does every connection opened after the change.
+#[test]
+fn a_drain_a_dead_master_and_an_added_one_then_the_active_directors_death_break_nothing() {
+    use mim_lb_tests::echo_all;
+    let mut lab = Lab::new(LabSpec { directors: 2, masters: 4, ipv6: false, ..LabSpec::default() }).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let key = SyncKey::new(&lab);
+    let mut three = ServiceSpec::tcp(&lab, PORT);
+    three.masters.truncate(3);
+    let mut directors = synced_pair_with(&mut lab, &key, 60, &[three]);
+    // Long-lived connections to master 1 (to be drained) and master 3 (left alone); master 2's
+    // die with it.
+    let spec = TrafficSpec { held_on: Some(vec![0, 2]), ..TrafficSpec::new(vip(&lab)) };
+    let traffic = Traffic::start(&lab, spec).unwrap();
+    std::thread::sleep(SETTLE);
+
+    drain_master_0(&lab, &directors, &[0, 1]);
+    lab.stop_servers(1, PORT);
+    let four = director_configs(&lab, &[ServiceSpec::tcp(&lab, PORT)], "tcp_idle_timeout_s = 60", |i| sync_section(&lab, &key, i));
+    for (i, config) in four.iter().enumerate() {
+        directors.gateway(i).write_config(config).unwrap();
+        directors.gateway(i).ctl(&["reload"]).unwrap();
+    }
+    let (dead, added) = (lab.master_addr4(1).into(), lab.master_addr4(3).into());
+    let digests: Vec<String> = (0..2)
+        .map(|i| {
+            let s = directors
+                .gateway(i)
+                .wait_until("master 2 down and master 4 up", Duration::from_secs(15), |s| {
+                    let state = |a: std::net::IpAddr| s.services[0].backends.iter().find(|b| b.address == a).map(|b| b.state.clone());
+                    state(dead).as_deref() == Some("down") && state(added).as_deref() == Some("up")
+                })
+                .unwrap();
+            s.services[0].table_digest.clone()
+        })
+        .collect();
+    assert_eq!(digests[0], digests[1], "the two directors see the change differently");
+    let mut opened = open_held(&lab, 60);
+    echo_all(&mut opened, "after the change", Duration::from_secs(5));
+
+    let killed = kill_active(&lab, &mut directors);
+    echo_all(&mut opened, "after the kill", Duration::from_secs(5));
+    let report = traffic.finish_after(SETTLE);
+    report.assert_survived("the change and the kill of the active director", killed);
     drop(directors);
     drop(key);
 }
