@@ -543,3 +543,47 @@ fn a_drain_a_dead_master_and_an_added_one_then_the_active_directors_death_break_
     drop(directors);
     drop(key);
 }
+
+/// UDP has no handshake: every flow is recorded, and shared. UDP flows begun through the active
+/// director stay on their master through the backup after its death, also those whose slot a
+/// drain gave to another master since (a director without the records would send their next
+/// datagrams there).
+#[test]
+fn with_flow_sync_udp_flows_keep_their_master_through_the_backup() {
+    const UDP_PORT: u16 = 7001;
+    let mut lab = Lab::new(LabSpec { directors: 2, ipv6: false, ..LabSpec::default() }).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    lab.start_udp_servers(UDP_PORT).unwrap();
+    let key = SyncKey::new(&lab);
+    // UDP masters are checked with TCP on the TCP port.
+    let udp = ServiceSpec {
+        name: "udp".into(),
+        port: UDP_PORT,
+        protocol: "udp",
+        health: format!("port = {PORT}\ninterval_ms = 100\ntimeout_ms = 100\nrise = 1"),
+        ..ServiceSpec::tcp(&lab, PORT)
+    };
+    let services = [ServiceSpec::tcp(&lab, PORT), udp];
+    let mut directors = synced_pair_with(&mut lab, &key, 60, &services);
+    let target = SocketAddr::new(lab.vip4().into(), UDP_PORT);
+    let ports: Vec<u16> = (41000..41060).collect();
+    let ask = |lab: &Lab| -> Vec<String> {
+        mim_lb_tests::in_netns(lab.client_ns(), || {
+            ports.iter().map(|p| mim_lb_tests::udp_ask(target, Some(*p), Duration::from_secs(2)).unwrap()).collect()
+        })
+        .unwrap()
+    };
+    let first = ask(&lab);
+    let drained_name = lab.master_name(0);
+    assert!(first.contains(&drained_name), "no flow on the master to be drained: {first:?}");
+    let service = format!("{target}/udp");
+    for i in 0..2 {
+        directors.gateway(i).ctl(&["drain", &service, &lab.master_addr4(0).to_string()]).unwrap();
+    }
+    assert_eq!(ask(&lab), first, "the active director moved UDP flows on a drain");
+
+    kill_active(&lab, &mut directors);
+    assert_eq!(ask(&lab), first, "UDP flows moved with the failover");
+    drop(directors);
+    drop(key);
+}

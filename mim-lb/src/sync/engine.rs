@@ -33,7 +33,7 @@ pub const MAX_TRIES: u32 = 8;
 pub const WINDOW: usize = 64;
 /// Datagrams waiting in a peer's backlog beyond a pull answer's snapshot before the oldest
 /// are dropped (the peer then gets the whole state again).
-pub const MAX_BACKLOG: usize = 65_536;
+pub const MAX_BACKLOG: usize = 8_192;
 /// How long a starting director asks a peer that answers for its state before it gives up.
 pub const PULL_LIMIT: Duration = Duration::from_secs(60);
 /// Width of the replay window: a datagram more than this many behind the newest is refused.
