@@ -246,3 +246,20 @@ fn a_pull_answer_with_a_datagram_lost_for_good_is_given_again_never_ended() {
     got.dedup();
     assert_eq!(got, state, "the answer ended with holes");
 }
+
+#[test]
+fn a_peer_that_falls_too_far_behind_is_sent_the_whole_state_instead() {
+    let mut p = Pair::new(false);
+    p.run(2, Duration::from_millis(50), &[]);
+    // B does not acknowledge fast enough (nothing is carried here), while A records more than a backlog
+    // holds: memory stays bounded, and B is owed everything.
+    let now = p.now;
+    for n in 0..((MAX_BACKLOG + WINDOW + 10) * wire::RECORDS_PER_DATAGRAM) as u32 {
+        p.a.queue_record(record(n % 1000), None, now);
+    }
+    p.a.flush(now);
+    assert!(p.a.peers()[0].in_flight() <= MAX_BACKLOG + WINDOW);
+    assert!(p.a.peers()[0].counters.lost > 0);
+    let inbound = p.a.tick(true, &[], now);
+    assert_eq!(inbound, vec![Inbound::SendAll(addr(B))]);
+}
