@@ -297,7 +297,8 @@ impl Directors {
     /// director sends the unrecorded flows of a marked slot to that previous master: a flow
     /// that began on another director, recorded nowhere here, would go there and be reset.
     /// Marks clear one `tcp_idle_timeout_s` after the change (give the directors a short one).
-    /// Until flow sync, a failover keeps connections only between settled tables.
+    /// Without flow sync, a failover keeps connections only between settled tables; with it,
+    /// see [`Directors::wait_synced`].
     pub fn wait_settled(&self, timeout: Duration) -> Result<()> {
         self.wait_all("a settled table (no changed slot)", timeout, |s| s.services.iter().all(|s| s.changed_slots == 0))
     }
@@ -405,5 +406,46 @@ impl Directors {
     /// Starts director `i`'s keepalived again (same config).
     pub fn restart_keepalived(&mut self, lab: &mut Lab, i: usize) -> Result<()> {
         self.keepalived[i].restart(lab).with_context(|| format!("restarting keepalived on director {i}"))
+    }
+}
+
+/// A pair's shared flow-sync key, in a file of its own (mode 600) removed on drop.
+pub struct SyncKey(pub PathBuf);
+
+impl SyncKey {
+    pub fn new(lab: &Lab) -> Result<SyncKey> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("mimlb-sync-{}.key", lab.id()));
+        std::fs::write(&path, format!("a test key for lab {} of at least 32 bytes\n", lab.id()))
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(SyncKey(path))
+    }
+}
+
+impl Drop for SyncKey {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Director `i`'s `[sync]` section for a pair: it listens on its own address, the other
+/// director is its peer, and both use `key`.
+pub fn sync_section(lab: &Lab, key: &SyncKey, i: usize) -> String {
+    format!(
+        "[sync]\nlisten = \"{}:7946\"\npeers = [\"{}:7946\"]\nkey_file = \"{}\"\n",
+        lab.director_addr4(i),
+        lab.director_addr4(1 - i),
+        key.0.display()
+    )
+}
+
+impl Directors {
+    /// Waits until every running director is ready and sees its peers up, with the same
+    /// tables (flow sync).
+    pub fn wait_synced(&self, timeout: Duration) -> Result<()> {
+        self.wait_all("ready, with every peer up and the same tables", timeout, |s| {
+            s.sync.as_ref().is_some_and(|y| y.ready && y.peers.iter().all(|p| p.state == "up" && p.tables_agree == Some(true)))
+        })
     }
 }

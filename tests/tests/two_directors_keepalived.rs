@@ -19,7 +19,7 @@ use mim_lb_tests::{
     Lab, LabSpec,
     continuity::{Traffic, TrafficReport, TrafficSpec},
     gateway::{Mode, ServiceSpec, mim_lb_binary},
-    keepalived::{Directors, VrrpSpec, director_configs, vip_holders},
+    keepalived::{Directors, SyncKey, VrrpSpec, director_configs, sync_section, vip_holders},
 };
 
 const PORT: u16 = 7000;
@@ -275,30 +275,11 @@ fn the_shipped_keepalived_example_moves_the_vip_with_the_daemon() {
     assert!(forwarded(&directors, 0) > before, "director A holds the VIP again but forwarded nothing");
 }
 
-/// The group's shared sync key, in a file of its own removed on drop.
-struct SyncKey(std::path::PathBuf);
-
-impl SyncKey {
-    fn new(lab: &Lab) -> SyncKey {
-        use std::os::unix::fs::PermissionsExt;
-        let path = std::env::temp_dir().join(format!("mimlb-sync-{}.key", lab.id()));
-        std::fs::write(&path, format!("a test key for lab {} of at least 32 bytes\n", lab.id())).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        SyncKey(path)
-    }
-}
-
-impl Drop for SyncKey {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// A lab of two directors and the group's sync key.
 fn lab_with_key() -> (Lab, SyncKey) {
     let mut lab = Lab::new(LabSpec { directors: 2, ipv6: false, ..LabSpec::default() }).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
-    let key = SyncKey::new(&lab);
+    let key = SyncKey::new(&lab).unwrap();
     (lab, key)
 }
 
@@ -307,16 +288,6 @@ fn lab_with_key() -> (Lab, SyncKey) {
 fn synced_pair(lab: &mut Lab, key: &SyncKey, tcp_idle_s: u64) -> Directors {
     let services = [ServiceSpec::tcp(lab, PORT)];
     synced_pair_with(lab, key, tcp_idle_s, &services)
-}
-
-/// Director `i`'s `[sync]` section: it and its peer, the group's key.
-fn sync_section(lab: &Lab, key: &SyncKey, i: usize) -> String {
-    format!(
-        "[sync]\nlisten = \"{}:7946\"\npeers = [\"{}:7946\"]\nkey_file = \"{}\"\n",
-        lab.director_addr4(i),
-        lab.director_addr4(1 - i),
-        key.0.display()
-    )
 }
 
 /// [`synced_pair`] with these services.
@@ -502,7 +473,7 @@ fn a_drain_a_dead_master_and_an_added_one_then_the_active_directors_death_break_
     use mim_lb_tests::echo_all;
     let mut lab = Lab::new(LabSpec { directors: 2, masters: 4, ipv6: false, ..LabSpec::default() }).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
-    let key = SyncKey::new(&lab);
+    let key = SyncKey::new(&lab).unwrap();
     let mut three = ServiceSpec::tcp(&lab, PORT);
     three.masters.truncate(3);
     let mut directors = synced_pair_with(&mut lab, &key, 60, &[three]);
@@ -554,7 +525,7 @@ fn with_flow_sync_udp_flows_keep_their_master_through_the_backup() {
     let mut lab = Lab::new(LabSpec { directors: 2, ipv6: false, ..LabSpec::default() }).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
     lab.start_udp_servers(UDP_PORT).unwrap();
-    let key = SyncKey::new(&lab);
+    let key = SyncKey::new(&lab).unwrap();
     // UDP masters are checked with TCP on the TCP port.
     let udp = ServiceSpec {
         name: "udp".into(),

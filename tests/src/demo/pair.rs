@@ -19,7 +19,7 @@ use super::story::{Options, PORT};
 use super::summary::JSON_PREFIX;
 use crate::continuity::{Progress, Traffic, TrafficReport, TrafficSpec};
 use crate::gateway::ServiceSpec;
-use crate::keepalived::{Directors, VrrpSpec, director_configs, priority, vip_holders};
+use crate::keepalived::{Directors, SyncKey, VrrpSpec, director_configs, priority, sync_section, vip_holders};
 use crate::{Lab, LabSpec};
 
 const STEPS: usize = 6;
@@ -27,8 +27,8 @@ const STEPS: usize = 6;
 const TICK: Duration = Duration::from_millis(50);
 /// How long keepalived may take to move the VIP before the demo says it did not.
 const MOVE_LIMIT: Duration = Duration::from_secs(15);
-/// Table marks clear one idle timeout after the start; see [`Directors::wait_settled`].
-const IDLE_TIMEOUT_S: u32 = 1;
+/// The flows' idle timeout: long enough that nothing the demo shows depends on it.
+const IDLE_TIMEOUT_S: u32 = 60;
 
 /// The directors' names on screen.
 fn name(i: usize) -> &'static str {
@@ -162,7 +162,11 @@ pub fn run(opts: &Options) -> Result<PairSummary> {
     let mut lab = step(1, "Building the lab", || {
         Lab::new(LabSpec { masters: opts.masters, directors: 2, ipv6: false, ..LabSpec::default() })
     })?;
-    let result = start(&mut lab, opts).and_then(|directors| story(&mut lab, directors, opts));
+    let result = SyncKey::new(&lab).and_then(|key| {
+        let result = start(&mut lab, opts, &key).and_then(|directors| story(&mut lab, directors, opts));
+        drop(key);
+        result
+    });
     let why = if signals::interrupted() { "Interrupted: removing" } else { "Removing" };
     print!("\n{why} the lab (mim-lb, keepalived, their files, {} namespaces) ... ", lab.namespaces().len());
     let _ = std::io::stdout().flush();
@@ -172,7 +176,7 @@ pub fn run(opts: &Options) -> Result<PairSummary> {
     result
 }
 
-fn start(lab: &mut Lab, opts: &Options) -> Result<Directors> {
+fn start(lab: &mut Lab, opts: &Options, key: &SyncKey) -> Result<Directors> {
     for i in 0..2 {
         println!(
             "      director {}  {:<14} {:<24} priority {}; runs mim-lb and keepalived",
@@ -192,21 +196,21 @@ fn start(lab: &mut Lab, opts: &Options) -> Result<Directors> {
         ..ServiceSpec::tcp(lab, PORT)
     };
     let configs =
-        director_configs(lab, &[service], &format!("tcp_idle_timeout_s = {IDLE_TIMEOUT_S}"), |_| String::new());
+        director_configs(lab, &[service], &format!("tcp_idle_timeout_s = {IDLE_TIMEOUT_S}"), |i| sync_section(lab, key, i));
     let directors = step(2, "Starting mim-lb, then keepalived, on both directors", || {
         Directors::start(lab, opts.mode, &configs, VrrpSpec::default())
     })?;
     println!(
-        "      {} XDP on each director's eth0, the same services; VRRPv3 every 200 ms, `mim-lb ready` as track script",
+        "      {} XDP on each director's eth0, the same services, flow sync between them; VRRPv3 every 200 ms, `mim-lb ready` as track script",
         opts.mode.name()
     );
     println!("      director A won the election: the VIP is on its eth0");
-    step(3, "Waiting until neither director's table has a changed slot", || {
-        directors.wait_settled(Duration::from_secs(30))
+    step(3, "Waiting until each director has the other's state and the same tables", || {
+        directors.wait_synced(Duration::from_secs(30))
     })?;
-    println!("      the masters came up one after another, which marks slots; a marked slot sends the flows");
-    println!("      it has no record of to the slot's previous master, and the other director's flows are");
-    println!("      recorded nowhere here. Settled tables are the same on both: any flow goes to the same master");
+    println!("      both build the same Maglev table from the same config and masters (`table digest` in");
+    println!("      `mim-lb status`); what a table cannot tell, the flows recorded where a master changed,");
+    println!("      each tells the other within milliseconds (`[sync]`, OPERATIONS.md \"Two directors\")");
     Ok(directors)
 }
 
