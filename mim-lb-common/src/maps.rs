@@ -217,6 +217,11 @@ pub struct FlowKey {
     pub _pad0: [u8; 2],
 }
 
+/// `FlowEntry::flags`: the record came from a peer director and no packet of the flow has
+/// passed here since (the data path clears it when it refreshes `last_seen_ns`). Such a
+/// record is not sent back to the peers with the periodic refresh.
+pub const FLOW_F_IMPORTED: u32 = 1;
+
 /// Value of the connection table: where a flow was sent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -226,7 +231,8 @@ pub struct FlowEntry {
     /// The Maglev slot the flow hashed to when it was recorded (for operators; the sweep
     /// recomputes it from the live table, which may have been resized since).
     pub slot: u32,
-    pub _pad0: u32,
+    /// `FLOW_F_*`.
+    pub flags: u32,
     /// `CLOCK_MONOTONIC` (read with `bpf_ktime_get_coarse_ns`: the kernel tick's resolution)
     /// when the flow was recorded or last seen on a changed slot.
     pub last_seen_ns: u64,

@@ -175,6 +175,8 @@ fn recorded(service: &ServiceEntry, key: &FlowKey) -> Recorded {
         unsafe {
             if now.wrapping_sub((*flow).last_seen_ns) > LAST_SEEN_REFRESH_NS {
                 (*flow).last_seen_ns = now;
+                // A packet passed here: the record is this director's to refresh to peers.
+                (*flow).flags = 0;
             }
         }
     }
@@ -226,7 +228,7 @@ fn record(ctx: &XdpContext, key: &FlowKey, service: &ServiceEntry, owner: u32, s
     if crate::simulating() {
         return;
     }
-    let flow = FlowEntry { backend_id: owner, service_id: service.service_id, slot, _pad0: 0, last_seen_ns: now_ns() };
+    let flow = FlowEntry { backend_id: owner, service_id: service.service_id, slot, flags: 0, last_seen_ns: now_ns() };
     // An LRU map makes room by evicting, so this fails only when the kernel is out of memory;
     // the packet still goes to the slot's master.
     if let Err(err) = FLOWS.insert(key, &flow, 0) {

@@ -250,8 +250,11 @@ async fn start_and_serve(
     let how = attached.expect("attached above");
     // Peers are told of flows from the moment the tables are live; the pull of their state
     // runs in the event loop, and `mim-lb ready` waits for it.
+    // A fresh start pulls once its first round of health checks is applied (a peer's marks
+    // fit only a table with the masters in it); a start over kept pins, at once.
+    let pull_now = director.dataplane().reused_pins();
     let sync = match (listeners.sync, &config.sync) {
-        (Some(socket), Some(sync)) => match SyncRunner::start(socket, sync, &config.pin_dir, director) {
+        (Some(socket), Some(_)) => match SyncRunner::start(socket, &config, director, pull_now) {
             Ok(runner) => Some(runner),
             Err(e) => {
                 neighbors.shutdown().await;
@@ -443,8 +446,18 @@ impl Daemon {
                                 sync.send_cleared(director, &cleared);
                             }
                         }
-                        Ok(Err(e)) => error!("flow sweep: reading the connection table: {e}"),
-                        Err(e) => error!("flow sweep: the reader failed: {e}"),
+                        Ok(Err(e)) => {
+                            error!("flow sweep: reading the connection table: {e}");
+                            if let Some(sync) = self.sync.as_mut() {
+                                sync.read_failed();
+                            }
+                        }
+                        Err(e) => {
+                            error!("flow sweep: the reader failed: {e}");
+                            if let Some(sync) = self.sync.as_mut() {
+                                sync.read_failed();
+                            }
+                        }
                     }
                 }
             }
@@ -535,6 +548,9 @@ impl Daemon {
         match director.set_health_many(&bringup.into_verdicts()) {
             Ok(changes) => changes.iter().for_each(|c| info!("{c}")),
             Err(e) => error!("applying the first health verdicts: {e}"),
+        }
+        if let Some(sync) = self.sync.as_mut() {
+            sync.start_pull();
         }
         if waiting > 0 {
             warn!("first round of health checks: {waiting} masters had no verdict by the deadline; they stay down until their checks pass");
@@ -675,6 +691,9 @@ impl Daemon {
             info!("reload: {change}");
         }
         self.config = config;
+        if let Some(sync) = self.sync.as_mut() {
+            sync.set_idle(self.config.tcp_idle_timeout, self.config.udp_idle_timeout);
+        }
         self.refresh_watchers(director);
         Ok(format!(
             "applied {}: {} services; changed tables: {}; removed services: {}",

@@ -69,7 +69,7 @@ fn flow(i: u32) -> (FlowKey, FlowEntry) {
         family: 4,
         _pad0: [0; 2],
     };
-    let entry = FlowEntry { backend_id: 1 + i % 3, service_id: 0, slot: i % 65_537, _pad0: 0, last_seen_ns: u64::from(i) * 1_000 };
+    let entry = FlowEntry { backend_id: 1 + i % 3, service_id: 0, slot: i % 65_537, flags: 0, last_seen_ns: u64::from(i) * 1_000 };
     (key, entry)
 }
 

@@ -227,8 +227,15 @@ fn marks_a_peer_cleared_are_cleared_where_they_are_alike() {
     // C's marks remember another previous master (the first to come up there): left alone.
     assert_eq!(marked(&c), before_c, "C cleared marks it does not hold alike");
 
-    // A director that pulled from a peer with the same table takes the peer's marks as they are.
-    let none = std::collections::HashSet::new();
-    c.director.settle_marks_after_pull(&web(), &none).unwrap();
+    // After a peer's whole state with the same table, marks the peer did not report go,
+    // unless this director's own flows use them.
+    let none = std::collections::HashMap::new();
+    let w = &c.director.written()[&web()];
+    let (id, stamped_slot) = (w.id, (0..w.table_size).find(|s| mim_lb::director::marks::is_marked(w.table()[*s as usize])).unwrap());
+    let now = monotonic_ns();
+    c.director.dataplane_mut().maps().set_slot_seen(id, &[(stamped_slot, (now >> mim_lb_common::limits::SEEN_SHIFT) as u32)]).unwrap();
+    c.director.settle_marks_after_pull(&[web()], &none, now, idle).unwrap();
+    assert_eq!(marked(&c), 1, "the one slot an unrecorded flow of C's own just used keeps its mark");
+    c.director.settle_marks_after_pull(&[web()], &none, now + 10_000_000_000, idle).unwrap();
     assert_eq!(marked(&c), 0);
 }

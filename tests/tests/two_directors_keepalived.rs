@@ -558,3 +558,60 @@ fn with_flow_sync_udp_flows_keep_their_master_through_the_backup() {
     drop(directors);
     drop(key);
 }
+
+/// A director that comes back with no state at all (a reboot: no pins, the program gone)
+/// while its peer holds the marks of a change: it applies its first health checks, then takes
+/// the peer's marks (a table with its masters in it is what they fit), and only then says it
+/// is ready. Long-lived connections begun before the change, recorded nowhere, stay on their
+/// masters through the failback to it.
+#[test]
+fn a_director_rebooted_without_its_pins_takes_its_peer_s_marks_before_it_is_ready() {
+    let mut lab = Lab::new(LabSpec { directors: 2, masters: 4, ipv6: false, ..LabSpec::default() }).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let key = SyncKey::new(&lab).unwrap();
+    // Checks as slow as the defaults: the peer's state arrives long before the first round
+    // of checks is over.
+    let slow = ServiceSpec { health: "interval_ms = 1000\ntimeout_ms = 500\nrise = 2\nfall = 2".into(), ..ServiceSpec::tcp(&lab, PORT) };
+    let mut three = slow.clone();
+    three.masters.truncate(3);
+    let mut directors = synced_pair_with(&mut lab, &key, 60, &[three]);
+    let spec = TrafficSpec { held_on: Some(vec![0, 1, 2]), held_per_master: 6, ..TrafficSpec::new(vip(&lab)) };
+    let traffic = Traffic::start(&lab, spec).unwrap();
+    std::thread::sleep(SETTLE);
+
+    // A fourth master, by reload on both: a quarter of the slots move to it, and the
+    // connections there stay on the masters they began on.
+    let four = director_configs(&lab, &[slow], "tcp_idle_timeout_s = 60", |i| sync_section(&lab, &key, i));
+    for (i, config) in four.iter().enumerate() {
+        directors.gateway(i).write_config(config).unwrap();
+        directors.gateway(i).ctl(&["reload"]).unwrap();
+    }
+    let added: std::net::IpAddr = lab.master_addr4(3).into();
+    directors
+        .wait_all("master 4 up", Duration::from_secs(15), |s| s.services[0].backends.iter().any(|b| b.address == added && b.state == "up"))
+        .unwrap();
+    directors.wait_synced(Duration::from_secs(15)).unwrap();
+    let marked = directors.gateway(1).status().unwrap().services[0].changed_slots;
+    assert!(marked > 0, "the added master marked no slot");
+
+    let killed = kill_active(&lab, &mut directors);
+    // The reboot: the program and the pins are gone.
+    let config_path = directors.gateway(0).config_path();
+    directors.gateway(0).ctl(&["detach", "--config", config_path.to_str().unwrap()]).unwrap();
+    std::thread::sleep(SETTLE);
+
+    let revived = Instant::now();
+    directors.reconnect(&lab, 0).unwrap();
+    directors.restart_daemon(&mut lab, 0, &[]).unwrap();
+    directors.restart_keepalived(&mut lab, 0).unwrap();
+    directors.wait_master(&lab, 0, FAILBACK_LIMIT).unwrap();
+    let a = directors.gateway(0).status().unwrap();
+    assert_eq!(a.sync.as_ref().unwrap().peers[0].pull, "done");
+    assert_eq!(a.services[0].changed_slots, marked, "the rebooted director holds other marks than its peer");
+    std::thread::sleep(SETTLE);
+    let report = traffic.finish();
+    report.assert_survived("the death of the active director", killed);
+    report.assert_survived("its return without state", revived);
+    drop(directors);
+    drop(key);
+}

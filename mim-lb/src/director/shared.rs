@@ -147,7 +147,7 @@ impl Director {
                 continue;
             }
             let slot = record_slot(w, &r.key);
-            writes.push((r.key, FlowEntry { backend_id: b.id, service_id: w.id, slot, _pad0: 0, last_seen_ns }));
+            writes.push((r.key, FlowEntry { backend_id: b.id, service_id: w.id, slot, flags: mim_lb_common::FLOW_F_IMPORTED, last_seen_ns }));
             let entry = w.table().get(slot as usize).copied().unwrap_or(0);
             if r.key.proto == PROTO_TCP && !marks::is_marked(entry) && marks::owner(entry) != b.id {
                 to_mark.entry(service).or_default().push(slot);
@@ -249,19 +249,49 @@ impl Director {
         self.unmark_slots(*service, clear)
     }
 
-    /// After this director's own pull from a peer whose table for `service` has the same
-    /// digest: the peer carried the traffic meanwhile, so its marks are the truth; a slot
-    /// marked here that the peer did not report is cleared.
-    pub fn settle_marks_after_pull(&mut self, service: &ServiceKey, reported: &std::collections::HashSet<u32>) -> Result<usize, DirectorError> {
-        let Some(w) = self.written.get(service) else { return Ok(0) };
-        let clear: Vec<(u32, u32)> = w
-            .table()
-            .iter()
-            .enumerate()
-            .filter(|(slot, e)| marks::is_marked(**e) && !reported.contains(&(*slot as u32)))
-            .map(|(slot, e)| (slot as u32, marks::owner(*e)))
-            .collect();
-        self.unmark_slots(*service, clear)
+    /// After a peer's whole state arrived, for services whose table the peer builds alike
+    /// (same digest): a slot marked here that the peer did not report is cleared where this
+    /// director's own facts allow it too: no unrecorded flow went to the slot's previous
+    /// master here within `tcp_idle` (`SLOT_SEEN`), and no live record here needs the mark.
+    /// A director back from a restart or a partition so drops marks its peer cleared while
+    /// it could not hear of it, and never one its own flows use.
+    pub fn settle_marks_after_pull(
+        &mut self,
+        services: &[ServiceKey],
+        reported: &HashMap<ServiceKey, std::collections::HashSet<u32>>,
+        now_ns: u64,
+        tcp_idle: std::time::Duration,
+    ) -> Result<usize, DirectorError> {
+        let candidates: Vec<ServiceKey> = services.iter().filter(|k| self.written.get(k).is_some_and(|w| w.marked > 0)).copied().collect();
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let flows = self.dataplane.maps_ro().flows()?;
+        let live = self.live_flows(&flows, now_ns, tcp_idle, tcp_idle);
+        let none = std::collections::HashSet::new();
+        let mut cleared = 0;
+        for service in candidates {
+            let w = &self.written[&service];
+            let seen = self.dataplane.maps_ro().slot_seen(w.id, w.table_size)?;
+            let needed = live.needed.get(&service);
+            let reported = reported.get(&service).unwrap_or(&none);
+            let idle = tcp_idle.as_nanos() as u64;
+            let clear: Vec<(u32, u32)> = w
+                .table()
+                .iter()
+                .enumerate()
+                .filter(|(slot, e)| {
+                    let slot = *slot as u32;
+                    marks::is_marked(**e)
+                        && !reported.contains(&slot)
+                        && !needed.is_some_and(|n| n.contains(&slot))
+                        && now_ns.saturating_sub(marks::seen_ns(seen[slot as usize])) >= idle
+                })
+                .map(|(slot, e)| (slot as u32, marks::owner(*e)))
+                .collect();
+            cleared += self.unmark_slots(service, clear)?;
+        }
+        Ok(cleared)
     }
 
     /// Writes clean entries (`(slot, owner)`) into a service's live region.

@@ -80,9 +80,9 @@ pub(super) fn is_live(flow: &FlowEntry, grace_from_ns: u64, now_ns: u64, idle: D
 
 /// What the recorded flows say, by service.
 #[derive(Default)]
-struct LiveFlows {
+pub(super) struct LiveFlows {
     /// Slots that must stay marked: a live TCP record names another master that keeps flows.
-    needed: HashMap<ServiceKey, BTreeSet<u32>>,
+    pub(super) needed: HashMap<ServiceKey, BTreeSet<u32>>,
     /// Backends with a live record.
     in_use: HashSet<u32>,
     /// Every record, by backend, to delete those of retired backends.
@@ -141,7 +141,7 @@ impl Director {
         Ok(report)
     }
 
-    fn live_flows(&self, flows: &[(FlowKey, FlowEntry)], read_ns: u64, tcp_idle: Duration, udp_idle: Duration) -> LiveFlows {
+    pub(super) fn live_flows(&self, flows: &[(FlowKey, FlowEntry)], read_ns: u64, tcp_idle: Duration, udp_idle: Duration) -> LiveFlows {
         let by_id: HashMap<u32, ServiceKey> = self.written.iter().map(|(k, w)| (w.id, *k)).collect();
         let keeps: HashSet<u32> = self
             .desired
@@ -344,7 +344,7 @@ mod tests {
     use super::*;
 
     fn flow(last_seen_ns: u64) -> FlowEntry {
-        FlowEntry { backend_id: 1, service_id: 0, slot: 0, _pad0: 0, last_seen_ns }
+        FlowEntry { backend_id: 1, service_id: 0, slot: 0, flags: 0, last_seen_ns }
     }
 
     #[test]

@@ -45,7 +45,11 @@ pub enum Inbound {
     Records(Vec<WireRecord>),
     Forget(Vec<FlowKey>),
     Seen { service: ServiceKey, table_size: u32, slots: Vec<(u32, u32)> },
-    Marks { from: SocketAddr, service: ServiceKey, table_size: u32, marks: Vec<WireMark> },
+    /// Part of a peer's whole state; `own_pull` while this director's own pull from it runs
+    /// (only a starting director takes marks from a peer: a running one has its own history,
+    /// and uses the list only to clear what it holds and the peer does not, if its own facts
+    /// agree).
+    Marks { from: SocketAddr, service: ServiceKey, table_size: u32, marks: Vec<WireMark>, own_pull: bool },
     Cleared { service: ServiceKey, table_size: u32, marks: Vec<WireMark> },
     /// Send this peer the whole state ([`Engine::answer_pull`]): it asked (it starts), or it
     /// missed datagrams for good.
@@ -107,6 +111,8 @@ pub struct Peer {
     pub digests: HashMap<ServiceKey, [u8; 8]>,
     unacked: BTreeMap<u64, Unacked>,
     backlog: VecDeque<Waiting>,
+    /// Items of `backlog` that are changes, not parts of a whole-state answer.
+    backlog_changes: usize,
     /// A pull answer being sent: its totals, sent with its end once all of it is acknowledged.
     answering: Option<(u64, u64)>,
     /// [`Inbound::SendAll`] was reported and not answered yet.
@@ -133,6 +139,7 @@ impl Peer {
             digests: HashMap::new(),
             unacked: BTreeMap::new(),
             backlog: VecDeque::new(),
+            backlog_changes: 0,
             answering: None,
             answer_wanted: false,
             pull: PullState::None,
@@ -160,7 +167,7 @@ impl Peer {
             self.seen_bits = if shift >= 128 { 0 } else { self.seen_bits << shift };
             self.seen_bits |= 1;
             self.newest_seq = seq;
-            self.seen_more.retain(|s| s + REPLAY_WINDOW > seq);
+            self.seen_more.retain(|s| s.saturating_add(REPLAY_WINDOW) > seq);
             return true;
         }
         let behind = self.newest_seq - seq;
@@ -181,6 +188,8 @@ impl Peer {
 /// The protocol state of this director.
 pub struct Engine {
     key: Key,
+    /// This director's sync address: the tag of every datagram for it covers it.
+    me: SocketAddr,
     incarnation: u64,
     next_seq: u64,
     peers: Vec<Peer>,
@@ -198,13 +207,14 @@ pub struct Engine {
 impl Engine {
     /// `incarnation` must grow from one start of the daemon to the next (the wall clock in
     /// ns does); `pull` asks every peer for its state first.
-    pub fn new(key: Key, peers: &[SocketAddr], incarnation: u64, pull: bool, pull_timeout: Duration, now: Instant) -> Engine {
+    pub fn new(key: Key, me: SocketAddr, peers: &[SocketAddr], incarnation: u64, pull: bool, pull_timeout: Duration, now: Instant) -> Engine {
         let mut peers: Vec<Peer> = peers.iter().map(|a| Peer::new(*a)).collect();
         if pull {
             peers.iter_mut().for_each(|p| p.pull = PullState::Asking { since: now });
         }
         Engine {
             key,
+            me,
             incarnation,
             next_seq: 1,
             peers,
@@ -216,6 +226,13 @@ impl Engine {
             pull_timeout,
             started: now,
             counters: Counters::default(),
+        }
+    }
+
+    /// Begins this director's pull from every peer not pulled from yet.
+    pub fn start_pull(&mut self, now: Instant) {
+        for p in self.peers.iter_mut().filter(|p| p.pull == PullState::None) {
+            p.pull = PullState::Asking { since: now };
         }
     }
 
@@ -328,8 +345,14 @@ impl Engine {
             }
             let peer = &mut self.peers[i];
             peer.backlog.push_back(Waiting { body: body.clone(), oldest, in_pull_answer: false });
-            if peer.backlog.len() > MAX_BACKLOG {
-                peer.backlog.pop_front();
+            peer.backlog_changes += 1;
+            if peer.backlog_changes > MAX_BACKLOG {
+                // The oldest change goes, never a part of a whole-state answer (an answer
+                // with a hole must not end as if complete); the peer is owed everything.
+                if let Some(at) = peer.backlog.iter().position(|w| !w.in_pull_answer) {
+                    peer.backlog.remove(at);
+                    peer.backlog_changes -= 1;
+                }
                 peer.counters.lost += 1;
                 peer.needs_all = true;
             }
@@ -342,8 +365,12 @@ impl Engine {
     fn pump(&mut self, i: usize, now: Instant) {
         while self.peers[i].unacked.len() < WINDOW {
             let Some(w) = self.peers[i].backlog.pop_front() else { break };
+            if !w.in_pull_answer {
+                self.peers[i].backlog_changes -= 1;
+            }
             let seq = self.seq();
-            let bytes = wire::encode(&self.key, &Message { sender: self.incarnation, seq, body: w.body });
+            let to = self.peers[i].addr;
+            let bytes = wire::encode(&self.key, to, &Message { sender: self.incarnation, seq, body: w.body });
             let peer = &mut self.peers[i];
             self.out.push((peer.addr, bytes.clone()));
             peer.counters.sent += 1;
@@ -356,6 +383,7 @@ impl Engine {
         if answer_sent {
             let (records, marked_slots) = self.peers[i].answering.take().expect("checked");
             self.peers[i].backlog.push_front(Waiting { body: Body::PullEnd { records, marked_slots }, oldest: None, in_pull_answer: false });
+            self.peers[i].backlog_changes += 1;
             self.pump(i, now);
         }
     }
@@ -368,7 +396,7 @@ impl Engine {
 
     fn send_now(&mut self, to: SocketAddr, body: Body) {
         let seq = self.seq();
-        let bytes = wire::encode(&self.key, &Message { sender: self.incarnation, seq, body });
+        let bytes = wire::encode(&self.key, to, &Message { sender: self.incarnation, seq, body });
         self.out.push((to, bytes));
     }
 
@@ -409,6 +437,7 @@ impl Engine {
                     peer.counters.lost += (peer.unacked.len() + peer.backlog.len()) as u64;
                     peer.unacked.clear();
                     peer.backlog.clear();
+                    peer.backlog_changes = 0;
                     peer.answering = None;
                     peer.needs_all = true;
                 }
@@ -461,7 +490,7 @@ impl Engine {
             self.counters.unknown_peer += 1;
             return Vec::new();
         };
-        let message = match wire::decode(&self.key, datagram) {
+        let message = match wire::decode(&self.key, self.me, datagram) {
             Ok(m) => m,
             Err(WireError::BadTag) => {
                 self.peers[i].counters.bad_auth += 1;
@@ -472,6 +501,11 @@ impl Engine {
                 return Vec::new();
             }
         };
+        if message.sender == self.incarnation {
+            // Our own datagram sent back to us.
+            self.peers[i].counters.replayed += 1;
+            return Vec::new();
+        }
         let peer = &mut self.peers[i];
         if message.sender < peer.incarnation {
             peer.counters.replayed += 1;
@@ -490,6 +524,7 @@ impl Engine {
             if restarted {
                 peer.unacked.clear();
                 peer.backlog.clear();
+                peer.backlog_changes = 0;
                 peer.answering = None;
                 peer.answer_wanted = false;
                 peer.needs_all = false;
@@ -521,7 +556,10 @@ impl Engine {
             Body::Records(r) => inbound.push(Inbound::Records(r)),
             Body::Forget(k) => inbound.push(Inbound::Forget(k)),
             Body::Seen { service, table_size, slots } => inbound.push(Inbound::Seen { service, table_size, slots }),
-            Body::Marks { service, table_size, marks } => inbound.push(Inbound::Marks { from, service, table_size, marks }),
+            Body::Marks { service, table_size, marks } => {
+                let own_pull = matches!(peer.pull, PullState::Asking { .. });
+                inbound.push(Inbound::Marks { from, service, table_size, marks, own_pull })
+            }
             Body::Cleared { service, table_size, marks } => inbound.push(Inbound::Cleared { service, table_size, marks }),
             Body::Pull => {
                 if peer.answering.is_none() && !peer.answer_wanted {

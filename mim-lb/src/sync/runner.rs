@@ -75,13 +75,34 @@ pub struct SyncRunner {
     pulled_marks: HashMap<SocketAddr, HashMap<ServiceKey, std::collections::HashSet<u32>>>,
     /// Peers to send the whole state with the next read of the connection table.
     answer_wanted: Vec<SocketAddr>,
+    /// After a failed read of the connection table, the next is not tried before this.
+    read_again_at: Option<Instant>,
+    /// Keys the data path forgot, with when (`CLOCK_MONOTONIC` ns): a read that began before
+    /// must not bring their old records back to the peers.
+    forgotten: HashMap<mim_lb_common::FlowKey, u64>,
+    /// `SYNC_STAT_LOST` at the last read: more since means events were lost, and every live
+    /// record goes to the peers again.
+    events_lost: u64,
+    /// The idle timeouts: what a live record is, and how long a mark's stamp counts.
+    tcp_idle: Duration,
+    udp_idle: Duration,
 }
 
 impl SyncRunner {
     /// Starts syncing over `socket`: opens the data path's event ring under `pin_dir` and has
-    /// the program report its changes; the pull from every peer begins.
-    pub fn start(socket: UdpSocket, config: &SyncConfig, pin_dir: &Path, director: &mut Director) -> anyhow::Result<SyncRunner> {
+    /// the program report its changes. The pull from every peer begins at once with
+    /// `pull_now`, else with [`SyncRunner::start_pull`] (after a fresh start's first round of
+    /// health checks: the peer's marks fit only a table with its masters in it).
+    pub fn start(
+        socket: UdpSocket,
+        config: &crate::config::Config,
+        director: &mut Director,
+        pull_now: bool,
+    ) -> anyhow::Result<SyncRunner> {
         use anyhow::Context as _;
+        let pin_dir: &Path = &config.pin_dir;
+        let config_all = config;
+        let config: &SyncConfig = config.sync.as_ref().context("[sync] is not configured")?;
         let data = MapData::from_pin(pin_dir.join(names::FLOW_EVENTS)).context("opening the pinned FLOW_EVENTS ring")?;
         let ring = RingBuf::try_from(Map::RingBuf(data)).context("opening the pinned FLOW_EVENTS ring")?;
         // SAFETY: the ring owns its map fd and keeps it open, unchanged, for as long as the
@@ -95,7 +116,7 @@ impl SyncRunner {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         let now = Instant::now();
-        let engine = Engine::new(key, &config.peers, incarnation, true, config.pull_timeout, now);
+        let engine = Engine::new(key, config.listen, &config.peers, incarnation, pull_now, config.pull_timeout, now);
         info!(
             "flow sync on {} with {} peers: {}; pulling their state before ready (up to {:?} for a silent peer)",
             config.listen,
@@ -113,7 +134,23 @@ impl SyncRunner {
             buf: vec![0; 2048],
             pulled_marks: HashMap::new(),
             answer_wanted: Vec::new(),
+            read_again_at: None,
+            forgotten: HashMap::new(),
+            events_lost: 0,
+            tcp_idle: config_all.tcp_idle_timeout,
+            udp_idle: config_all.udp_idle_timeout,
         })
+    }
+
+    /// Begins the pull from every peer (see [`SyncRunner::start`]).
+    pub fn start_pull(&mut self) {
+        self.engine.start_pull(Instant::now());
+    }
+
+    /// The idle timeouts after a reload.
+    pub fn set_idle(&mut self, tcp: Duration, udp: Duration) {
+        self.tcp_idle = tcp;
+        self.udp_idle = udp;
     }
 
     pub fn engine(&self) -> &Engine {
@@ -184,7 +221,10 @@ impl SyncRunner {
             let event: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             match event.kind {
                 FLOW_EVENT_RECORDED => recorded.push((event.key, event.flow)),
-                FLOW_EVENT_FORGOTTEN => forgotten.push(event.key),
+                FLOW_EVENT_FORGOTTEN => {
+                    self.forgotten.insert(event.key, now_ns);
+                    forgotten.push(event.key)
+                }
                 _ => {}
             }
         }
@@ -236,19 +276,6 @@ impl SyncRunner {
         self.send();
     }
 
-    /// Sends peers every record seen since the last refresh: what keeps their copies alive
-    /// (and repairs events the ring lost).
-    fn refresh(&mut self, director: &Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_ns: u64) {
-        let since = self.refreshed_ns.saturating_sub(2_000_000_000);
-        let fresh: Vec<_> = flows.iter().filter(|(_, f)| f.last_seen_ns >= since).copied().collect();
-        self.refreshed_ns = read_ns;
-        let now = Instant::now();
-        for record in director.export_records(&fresh, read_ns) {
-            self.engine.queue_record(record, None, now);
-        }
-        self.engine.flush(now);
-        self.send();
-    }
 
     /// What `mim-lb status` shows of the sync.
     pub fn status(&self, director: &Director, listen: SocketAddr) -> crate::status::SyncStatus {
@@ -311,9 +338,9 @@ impl SyncRunner {
                 }),
                 Inbound::Forget(keys) => director.import_forgets(&keys).map(|_| ()),
                 Inbound::Seen { service, table_size, slots } => director.import_seen(&service, table_size, &slots, now_ns).map(|_| ()),
-                Inbound::Marks { from, service, table_size, marks } => {
+                Inbound::Marks { from, service, table_size, marks, own_pull } => {
                     self.pulled_marks.entry(from).or_default().entry(service).or_default().extend(marks.iter().map(|m| m.slot));
-                    director.import_marks(&service, table_size, &marks, now_ns).map(|_| ())
+                    if own_pull { director.import_marks(&service, table_size, &marks, now_ns).map(|_| ()) } else { Ok(()) }
                 }
                 Inbound::SendAll(peer) => {
                     // Answered with the next read of the connection table, which the daemon
@@ -325,9 +352,9 @@ impl SyncRunner {
                 }
                 Inbound::Cleared { service, table_size, marks } => director.import_cleared(&service, table_size, &marks, now_ns).map(|_| ()),
                 Inbound::Pulled { from, own_pull } => {
-                    debug!("flow sync: {from} finished sending its state");
+                    debug!("flow sync: {from} finished sending its state (own pull: {own_pull})");
                     let reported = self.pulled_marks.remove(&from).unwrap_or_default();
-                    if own_pull { self.settle_after_pull(director, from, reported) } else { Ok(()) }
+                    self.settle_after_pull(director, from, reported)
                 }
             };
             if let Err(e) = result {
@@ -336,9 +363,9 @@ impl SyncRunner {
         }
     }
 
-    /// After this director's own pull from `peer`: for each service whose table the peer
-    /// builds alike (same digest), the peer's marks replace this director's own (a restart
-    /// over kept pins may hold marks the peer has cleared since).
+    /// After a peer's whole state: for each service whose table the peer builds alike (same
+    /// digest), marks held here that the peer did not report are cleared where this
+    /// director's own facts allow it (`Director::settle_marks_after_pull`).
     fn settle_after_pull(
         &mut self,
         director: &mut Director,
@@ -348,12 +375,9 @@ impl SyncRunner {
         let Some(p) = self.engine.peers().iter().find(|p| p.addr == peer) else { return Ok(()) };
         let agreeing: Vec<ServiceKey> =
             director.digests().into_iter().filter(|(k, d)| p.digests.get(k) == Some(d)).map(|(k, _)| k).collect();
-        for service in agreeing {
-            let none = std::collections::HashSet::new();
-            let cleared = director.settle_marks_after_pull(&service, reported.get(&service).unwrap_or(&none))?;
-            if cleared > 0 {
-                info!("flow sync: {cleared} slots of {service} were marked here but not on {peer}: cleared");
-            }
+        let cleared = director.settle_marks_after_pull(&agreeing, &reported, monotonic_ns(), self.tcp_idle)?;
+        if cleared > 0 {
+            info!("flow sync: {cleared} slots were marked here but not on {peer}, and no flow here needs them: cleared");
         }
         Ok(())
     }
@@ -368,29 +392,76 @@ impl SyncRunner {
         self.send();
     }
 
-    /// Peers waiting for the whole state: the daemon reads the connection table now.
+    /// Peers waiting for the whole state: the daemon reads the connection table now (not
+    /// again within a second of a failed read).
     pub fn wants_a_read(&self) -> bool {
-        !self.answer_wanted.is_empty()
+        !self.answer_wanted.is_empty() && self.read_again_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// A read of the connection table failed: the next waits a second.
+    pub fn read_failed(&mut self) {
+        self.read_again_at = Some(Instant::now() + Duration::from_secs(1));
     }
 
     /// A read of the connection table that began at `read_ns`: the whole state for every
     /// peer that asked for it (it starts, or lost datagrams for good), then the refresh of
-    /// live records for the others.
+    /// live records for the others. Records the data path forgot after the read began are
+    /// left out (they would bring back an old connection's record), and so are records no
+    /// longer live.
     pub fn on_table_read(&mut self, director: &Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_ns: u64) {
+        self.read_again_at = None;
+        let (tcp, udp) = (self.tcp_idle.as_nanos() as u64, self.udp_idle.as_nanos() as u64);
+        let forgotten = &self.forgotten;
+        let current: Vec<_> = flows
+            .iter()
+            .filter(|(k, f)| {
+                let idle = if k.proto == mim_lb_common::PROTO_TCP { tcp } else { udp };
+                read_ns.saturating_sub(f.last_seen_ns) < idle && forgotten.get(k).is_none_or(|t| *t < read_ns)
+            })
+            .copied()
+            .collect();
+        self.forgotten.retain(|_, t| *t >= read_ns);
         let peers = std::mem::take(&mut self.answer_wanted);
         if !peers.is_empty() {
-            let records: Vec<WireRecord> = director.export_records(flows, read_ns);
+            let records: Vec<WireRecord> = director.export_records(&current, read_ns);
             let marks = director.export_marks();
             for peer in peers {
                 info!(
-                    "flow sync: sending {} records and {} marked slots to {peer}",
+                    "flow sync: sending {} live records and {} marked slots to {peer}",
                     records.len(),
                     marks.iter().map(|m| m.2.len()).sum::<usize>()
                 );
                 self.engine.answer_pull(peer, records.clone(), marks.clone(), Instant::now());
             }
+            // The stamps of marked slots go to every peer again with the next tick.
+            self.seen_sent.clear();
         }
-        self.refresh(director, flows, read_ns);
+        let lost = director.dataplane().maps_ro().sync_stats().map_or(0, |s| s[mim_lb_common::SYNC_STAT_LOST as usize]);
+        let all = lost > self.events_lost;
+        if all {
+            warn!("flow sync: {} data-path events were lost (the ring was full); sending every live record again", lost - self.events_lost);
+        }
+        self.events_lost = lost;
+        self.refresh(director, &current, read_ns, all);
+    }
+
+    /// Sends peers every record seen here since the last refresh (all of them with `all`):
+    /// what keeps their copies alive, and repairs events the ring lost. Records a peer sent
+    /// that no packet here has touched since are not sent back.
+    fn refresh(&mut self, director: &Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_ns: u64, all: bool) {
+        let since = if all { 0 } else { self.refreshed_ns.saturating_sub(2_000_000_000) };
+        let fresh: Vec<_> = flows
+            .iter()
+            .filter(|(_, f)| f.last_seen_ns >= since && f.flags & mim_lb_common::FLOW_F_IMPORTED == 0)
+            .copied()
+            .collect();
+        self.refreshed_ns = read_ns;
+        let now = Instant::now();
+        for record in director.export_records(&fresh, read_ns) {
+            self.engine.queue_record(record, None, now);
+        }
+        self.engine.flush(now);
+        self.send();
     }
 
     fn send(&mut self) {

@@ -10,9 +10,11 @@
 //! magic "MLBS" | version u8 | kind u8 | reserved u16 | sender u64 | seq u64 | body | tag [32]
 //! ```
 //! `sender` is the sending daemon's incarnation (its start time in ns since the epoch): a
-//! restarted peer is a new one, and datagrams of an older incarnation are refused.
+//! restarted peer is a new one, and datagrams of an older incarnation are refused. The tag
+//! also covers the recipient's address (not sent: each side knows it), so a datagram meant
+//! for one director cannot be replayed to another.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use hmac::{Hmac, Mac};
 use mim_lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP};
@@ -131,9 +133,19 @@ impl std::fmt::Debug for Key {
     }
 }
 
-/// The datagram of `message`, signed. The caller keeps bodies within [`MAX_BODY`] (see the
-/// `*_PER_DATAGRAM` constants).
-pub fn encode(key: &Key, message: &Message) -> Vec<u8> {
+/// The tag's start: the recipient's address.
+fn mac_for(key: &Key, recipient: SocketAddr) -> Hmac<Sha256> {
+    let mut mac = key.0.clone();
+    let mut addr = Vec::with_capacity(ADDR_BYTES + 2);
+    put_addr(&mut addr, Some(recipient.ip()));
+    addr.extend_from_slice(&recipient.port().to_be_bytes());
+    mac.update(&addr);
+    mac
+}
+
+/// The datagram of `message` for `to`, signed. The caller keeps bodies within [`MAX_BODY`]
+/// (see the `*_PER_DATAGRAM` constants).
+pub fn encode(key: &Key, to: SocketAddr, message: &Message) -> Vec<u8> {
     let mut out = Vec::with_capacity(MAX_DATAGRAM);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
@@ -142,15 +154,15 @@ pub fn encode(key: &Key, message: &Message) -> Vec<u8> {
     out.extend_from_slice(&message.sender.to_be_bytes());
     out.extend_from_slice(&message.seq.to_be_bytes());
     put_body(&mut out, &message.body);
-    let mut mac = key.0.clone();
+    let mut mac = mac_for(key, to);
     mac.update(&out);
     out.extend_from_slice(&mac.finalize().into_bytes());
     out
 }
 
-/// The message in `datagram`, if it is well formed and signed with `key`. The tag is checked
-/// (in constant time) before anything else in the body is read.
-pub fn decode(key: &Key, datagram: &[u8]) -> Result<Message, WireError> {
+/// The message in `datagram`, if it is well formed and signed with `key` for `me`. The tag
+/// is checked (in constant time) before anything else in the body is read.
+pub fn decode(key: &Key, me: SocketAddr, datagram: &[u8]) -> Result<Message, WireError> {
     if datagram.len() < HEADER + TAG {
         return Err(WireError::Short);
     }
@@ -161,7 +173,7 @@ pub fn decode(key: &Key, datagram: &[u8]) -> Result<Message, WireError> {
         return Err(WireError::Version(datagram[4]));
     }
     let (signed, tag) = datagram.split_at(datagram.len() - TAG);
-    let mut mac = key.0.clone();
+    let mut mac = mac_for(key, me);
     mac.update(signed);
     mac.verify_slice(tag).map_err(|_| WireError::BadTag)?;
     let mut r = Reader { buf: &signed[HEADER..] };
@@ -499,6 +511,10 @@ mod tests {
         Key::new(&[7u8; 32]).unwrap()
     }
 
+    fn to() -> SocketAddr {
+        "10.0.0.3:7946".parse().unwrap()
+    }
+
     fn web() -> ServiceKey {
         ServiceKey { vip: "10.0.0.100".parse().unwrap(), port: 7000, protocol: Protocol::Tcp }
     }
@@ -548,9 +564,9 @@ mod tests {
     fn every_message_survives_the_round_trip_and_fits_a_datagram() {
         for (i, body) in every_body().into_iter().enumerate() {
             let m = Message { sender: 1_700_000_000_000_000_000, seq: i as u64 + 1, body };
-            let bytes = encode(&key(), &m);
+            let bytes = encode(&key(), to(), &m);
             assert!(bytes.len() <= MAX_DATAGRAM, "{:?} takes {} bytes", m.body, bytes.len());
-            assert_eq!(decode(&key(), &bytes).unwrap(), m);
+            assert_eq!(decode(&key(), to(), &bytes).unwrap(), m);
         }
     }
 
@@ -563,9 +579,9 @@ mod tests {
         assert_eq!(chunks.concat(), marks);
         for c in &chunks {
             let m = Message { sender: 1, seq: 1, body: Body::Marks { service: web(), table_size: 65537, marks: c.clone() } };
-            let bytes = encode(&key(), &m);
+            let bytes = encode(&key(), to(), &m);
             assert!(bytes.len() <= MAX_DATAGRAM);
-            assert_eq!(decode(&key(), &bytes).unwrap(), m);
+            assert_eq!(decode(&key(), to(), &bytes).unwrap(), m);
         }
         // The common case (a drain: few masters) packs a datagram full.
         let few: Vec<WireMark> = (0..1000u32).map(|s| WireMark { slot: s, owner: a((s % 3) as u8), prev: a(9) }).collect();
@@ -576,30 +592,32 @@ mod tests {
     #[test]
     fn a_datagram_signed_with_another_key_or_altered_is_refused() {
         let m = Message { sender: 1, seq: 2, body: Body::Records(vec![WireRecord { key: flow(1), backend: "10.0.0.11".parse().unwrap(), age_ms: 5 }]) };
-        let bytes = encode(&key(), &m);
+        let bytes = encode(&key(), to(), &m);
         let other = Key::new(&[8u8; 32]).unwrap();
-        assert_eq!(decode(&other, &bytes), Err(WireError::BadTag));
+        assert_eq!(decode(&other, to(), &bytes), Err(WireError::BadTag));
         // Every single flipped bit is caught: in the header, the body or the tag.
         for i in 0..bytes.len() {
             let mut altered = bytes.clone();
             altered[i] ^= 0x10;
-            assert!(decode(&key(), &altered).is_err(), "a flip at byte {i} was accepted");
+            assert!(decode(&key(), to(), &altered).is_err(), "a flip at byte {i} was accepted");
         }
-        assert_eq!(decode(&key(), &bytes[..20]), Err(WireError::Short));
+        assert_eq!(decode(&key(), to(), &bytes[..20]), Err(WireError::Short));
+        // Signed for one director: refused by another (a replay across a group of three).
+        assert_eq!(decode(&key(), "10.0.0.4:7946".parse().unwrap(), &bytes), Err(WireError::BadTag));
         assert!(Key::new(&[1u8; 31]).is_none(), "a key shorter than 256 bits");
     }
 
     #[test]
     fn a_signed_but_malformed_body_is_refused_not_misread() {
         // Signed with the right key, but a record with an unknown protocol and then garbage.
-        let mut m = encode(&key(), &Message { sender: 1, seq: 1, body: Body::Forget(vec![flow(1)]) });
+        let mut m = encode(&key(), to(), &Message { sender: 1, seq: 1, body: Body::Forget(vec![flow(1)]) });
         let body_at = HEADER + 2;
         m[body_at + 1] = 99; // proto
         let len = m.len();
         let mut signed = m[..len - TAG].to_vec();
-        let mut mac = key().0.clone();
+        let mut mac = mac_for(&key(), to());
         mac.update(&signed);
         signed.extend_from_slice(&mac.finalize().into_bytes());
-        assert_eq!(decode(&key(), &signed), Err(WireError::Malformed("flow")));
+        assert_eq!(decode(&key(), to(), &signed), Err(WireError::Malformed("flow")));
     }
 }

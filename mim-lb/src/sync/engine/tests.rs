@@ -51,8 +51,8 @@ impl Pair {
     fn new(b_pulls: bool) -> Pair {
         let now = Instant::now();
         Pair {
-            a: Engine::new(key(), &[addr(B)], 100, false, Duration::from_secs(3), now),
-            b: Engine::new(key(), &[addr(A)], 200, b_pulls, Duration::from_secs(3), now),
+            a: Engine::new(key(), addr(A), &[addr(B)], 100, false, Duration::from_secs(3), now),
+            b: Engine::new(key(), addr(B), &[addr(A)], 200, b_pulls, Duration::from_secs(3), now),
             now,
             drop_every: 0,
             drop_to_b_only: false,
@@ -160,7 +160,7 @@ fn new_records_reach_a_live_peer_with_their_lag_measured() {
 #[test]
 fn a_peer_that_never_answers_is_given_up_after_the_pull_timeout() {
     let now = Instant::now();
-    let mut b = Engine::new(key(), &[addr(A)], 200, true, Duration::from_secs(3), now);
+    let mut b = Engine::new(key(), addr(B), &[addr(A)], 200, true, Duration::from_secs(3), now);
     b.tick(false, &[], now);
     assert!(!b.pulled());
     b.tick(false, &[], now + Duration::from_secs(2));
@@ -177,15 +177,15 @@ fn strangers_wrong_keys_replays_and_old_incarnations_are_refused_and_counted() {
     let mut p = Pair::new(false);
     p.run(2, Duration::from_millis(10), &[]);
     let msg = |sender, seq| Message { sender, seq, body: Body::Records(vec![record(1)]) };
-    let good = wire::encode(&key(), &msg(100, 1000));
+    let good = wire::encode(&key(), addr(B), &msg(100, 1000));
     assert_eq!(p.b.receive(addr("10.0.0.9:7946"), &good, p.now), vec![]);
     assert_eq!(p.b.counters.unknown_peer, 1);
-    let forged = wire::encode(&Key::new(&[9u8; 32]).unwrap(), &msg(100, 1001));
+    let forged = wire::encode(&Key::new(&[9u8; 32]).unwrap(), addr(B), &msg(100, 1001));
     assert_eq!(p.b.receive(addr(A), &forged, p.now), vec![]);
     assert_eq!(p.b.peers()[0].counters.bad_auth, 1);
     assert_eq!(p.b.receive(addr(A), &good, p.now), vec![Inbound::Records(vec![record(1)])]);
     assert_eq!(p.b.receive(addr(A), &good, p.now), vec![], "a replay is acknowledged, not applied");
-    let old = wire::encode(&key(), &msg(99, 5000));
+    let old = wire::encode(&key(), addr(B), &msg(99, 5000));
     assert_eq!(p.b.receive(addr(A), &old, p.now), vec![]);
     assert_eq!(p.b.peers()[0].counters.replayed, 1);
     assert_eq!(p.b.receive(addr(A), &[1, 2, 3], p.now), vec![]);
@@ -262,4 +262,29 @@ fn a_peer_that_falls_too_far_behind_is_sent_the_whole_state_instead() {
     assert!(p.a.peers()[0].counters.lost > 0);
     let inbound = p.a.tick(true, &[], now);
     assert_eq!(inbound, vec![Inbound::SendAll(addr(B))]);
+}
+
+#[test]
+fn a_whole_state_a_running_director_did_not_ask_for_gives_it_no_marks_to_take() {
+    let mut p = Pair::new(false);
+    p.run(2, Duration::from_millis(50), &[]);
+    let marks = vec![(web(), 65537, vec![WireMark { slot: 5, owner: Some(record(0).backend), prev: None }])];
+    p.a.answer_pull(addr(B), vec![record(1)], marks, p.now);
+    p.run(3, Duration::from_millis(50), &[]);
+    assert!(p.got_b.iter().any(|i| matches!(i, Inbound::Marks { own_pull: false, .. })), "{:?}", p.got_b);
+    assert!(!p.got_b.iter().any(|i| matches!(i, Inbound::Marks { own_pull: true, .. })));
+    assert!(p.got_b.contains(&Inbound::Pulled { from: addr(A), own_pull: false }));
+}
+
+#[test]
+fn a_director_s_own_datagram_sent_back_to_it_is_refused() {
+    let mut p = Pair::new(false);
+    p.run(2, Duration::from_millis(50), &[]);
+
+    let own = wire::encode(&key(), addr(B), &Message { sender: 200, seq: 99, body: Body::Records(vec![record(1)]) });
+    assert_eq!(p.b.receive(addr(A), &own, p.now), vec![]);
+    assert_eq!(p.b.peers()[0].counters.replayed, 1);
+    // A sequence number at the end of the space neither panics nor blocks what follows.
+    let last = wire::encode(&key(), addr(B), &Message { sender: 100, seq: u64::MAX, body: Body::Forget(vec![record(2).key]) });
+    assert_eq!(p.b.receive(addr(A), &last, p.now), vec![Inbound::Forget(vec![record(2).key])]);
 }

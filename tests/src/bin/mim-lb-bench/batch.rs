@@ -225,7 +225,7 @@ fn flow(i: u32) -> (FlowKey, FlowEntry) {
         family: 4,
         _pad0: [0; 2],
     };
-    (key, FlowEntry { backend_id: 1 + i % 3, service_id: 0, slot: i % 65_537, _pad0: 0, last_seen_ns: 1 })
+    (key, FlowEntry { backend_id: 1 + i % 3, service_id: 0, slot: i % 65_537, flags: 0, last_seen_ns: 1 })
 }
 
 struct Maglev {
