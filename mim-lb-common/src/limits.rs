@@ -48,6 +48,7 @@ pub const fn slot_index(service_id: u32, slot: u32) -> u32 {
 /// a u32 lasts over a century and a slot is written at most once per unit.
 pub const SEEN_SHIFT: u32 = 30;
 
-/// Bytes of the `FLOW_EVENTS` ring buffer (a power of two): about 58,000 events, a quarter of
+/// Bytes of the `FLOW_EVENTS` ring buffer (a power of two): about 52,000 events (72 bytes and an
+/// 8-byte header each), a quarter of
 /// a second of new flows at 200,000 per second before the daemon reads them.
 pub const FLOW_EVENTS_BYTES: u32 = 1 << 22;
