@@ -150,8 +150,10 @@ struct FailoverRound {
     vip_ms: f64,
     /// Kill to the answer of the first new connection started after it.
     first_ms: f64,
-    /// Kill to the end of the last failed new connection (every later one succeeded).
+    /// Kill to the end of the last failed new connection (every later one succeeded), and to
+    /// its start (every one started later succeeded).
     window_ms: f64,
+    last_failed_start_ms: f64,
     failed: usize,
     failed_after_recovery: usize,
     failed_before_kill: usize,
@@ -187,10 +189,12 @@ fn failover_round() -> Result<FailoverRound> {
     };
     let failed: Vec<_> = report.attempts.iter().filter(|a| a.outcome.is_err() && a.ended >= killed).collect();
     let window_end = failed.iter().map(|a| a.ended).max().unwrap_or(killed);
+    let last_failed_start = failed.iter().map(|a| a.started).max().unwrap_or(killed);
     Ok(FailoverRound {
         vip_ms,
         first_ms: ms(first),
         window_ms: since(window_end, killed),
+        last_failed_start_ms: since(last_failed_start, killed),
         failed: failed.len(),
         failed_after_recovery: report.failures_after_recovery(killed).len(),
         failed_before_kill: report.attempts.iter().filter(|a| a.outcome.is_err() && a.ended < killed).count(),
@@ -667,17 +671,19 @@ fn measure_failover(settings: &Settings) -> Result<Section> {
     let gap = col(&|r| r.held_gap_ms);
     s.row(row("kill -> director 1 alone holds the VIP (ip addr, ~20 ms polls)", &vip, " ms", true));
     s.row(row("kill -> first new connection answered", &first, " ms", true));
+    s.row(row("kill -> start of the last new connection that failed", &col(&|r| r.last_failed_start_ms), " ms", true));
     s.row(row("kill -> end of the last failed new connection", &window, " ms", true));
     s.row(row("longest silence of a long-lived connection", &gap, " ms", true));
     s.row(row("failed new connections", &col(&|r| r.failed as f64), "", false));
     s.row(row("long-lived connections broken", &col(&|r| r.held_broken as f64), "", false));
     for (i, r) in rounds.iter().enumerate() {
         s.notes.push(format!(
-            "round {}: VIP moved after {:.0} ms, first new answer {:.0} ms, last failure ended {:.0} ms after the kill ({} failed, {} of them after \
+            "round {}: VIP moved after {:.0} ms, first new answer {:.0} ms, last failure started {:.0} ms and ended {:.0} ms after the kill ({} failed, {} of them after \
              the first success, {} before the kill, of {} new connections); long-lived: {} held, {} broken, longest silence {:.0} ms",
             i + 1,
             r.vip_ms,
             r.first_ms,
+            r.last_failed_start_ms,
             r.window_ms,
             r.failed,
             r.failed_after_recovery,
@@ -691,14 +697,15 @@ fn measure_failover(settings: &Settings) -> Result<Section> {
     let within = rounds.iter().filter(|r| r.window_ms <= mdi + 1000.0).count();
     s.notes.push(format!(
         "{within} of {} rounds had their failure window within the master down interval + 1 s ({:.0} ms). A new connection whose SYN went to the \
-         dead director fails only at its 900 ms limit, so the window can end up to 900 ms after the VIP moved.",
+         dead director fails only at its 900 ms limit, so the window can end up to 900 ms after the VIP moved; the start of the last \
+         failed one shows when new connections began to work.",
         rounds.len(),
         mdi + 1000.0
     ));
     s.json = json!({
         "advert_int_ms": ms(spec.advert_int), "backup_priority": priority(1), "master_down_interval_ms": mdi, "skew_ms": skew,
         "rounds": rounds.iter().map(|r| json!({
-            "vip_moved_ms": r.vip_ms, "first_new_answered_ms": r.first_ms, "failure_window_ms": r.window_ms,
+            "vip_moved_ms": r.vip_ms, "first_new_answered_ms": r.first_ms, "failure_window_ms": r.window_ms, "last_failed_start_ms": r.last_failed_start_ms,
             "failed": r.failed, "failed_after_recovery": r.failed_after_recovery, "failed_before_kill": r.failed_before_kill,
             "new_connections": r.new_connections, "held": r.held, "held_broken": r.held_broken, "held_longest_gap_ms": r.held_gap_ms,
         })).collect::<Vec<_>>(),
@@ -815,14 +822,19 @@ fn lag_section(lag: &Lag, ping: (f64, f64, f64), echo: &[f64]) -> Section {
         median(&lag.status_answer_ms),
         max(&lag.status_answer_ms)
     ));
+    let tick = kernel_tick_ms();
     s.notes.push(format!(
-        "Goal: lag under 10x the round trip: p50 {:.2} ms is {:.0}x the UDP echo's {:.3} ms: {}. The daemon sends a flow's record when it \
-         reads the data path's ring (every few ms) and the peer acknowledges it from its event loop, so the lag is mostly those two loops' \
-         latency, not the wire.",
+        "Goal: lag under 10x the round trip: p50 {:.2} ms is {:.0}x the UDP echo's {:.3} ms: {}.",
         p50,
         p50 / echo_median,
         echo_median,
         if p50 <= 10.0 * echo_median { "ok" } else { "MISSED" }
+    ));
+    s.notes.push(format!(
+        "Resolution: the lag starts at the record's `last_seen_ns`, which the data path takes from the coarse kernel clock (updated once a \
+         tick: {}), so it reads 0 to one tick longer than the real lag; the daemon's clock is CLOCK_MONOTONIC. A status answer occupies \
+         the daemon's event loop (median above), which a record may wait behind; hence polls only every 100 ms.",
+        tick.map_or("the kernel's HZ is unknown here".into(), |t| format!("{t:.0} ms on this kernel"))
     ));
     s.json = json!({
         "rate": lag.rate, "flows_sent": lag.sent,
@@ -832,8 +844,17 @@ fn lag_section(lag: &Lag, ping: (f64, f64, f64), echo: &[f64]) -> Section {
         "udp_echo_rtt_ms": {"p50": percentile(echo, 0.5), "p90": percentile(echo, 0.9), "max": max(echo), "n": echo.len()},
         "ping_rtt_ms": {"min": ping.0, "avg": ping.1, "max": ping.2},
         "status_answer_ms_median": median(&lag.status_answer_ms),
+        "kernel_tick_ms": kernel_tick_ms(),
     });
     s
+}
+
+/// One kernel tick (1000 / CONFIG_HZ ms) from /proc/config.gz, if the kernel has it.
+fn kernel_tick_ms() -> Option<f64> {
+    let out = std::process::Command::new("zcat").arg("/proc/config.gz").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hz: f64 = text.lines().find_map(|l| l.strip_prefix("CONFIG_HZ="))?.trim().parse().ok()?;
+    (hz > 0.0).then(|| 1000.0 / hz)
 }
 
 fn load_section(settings: &Settings, synced: &[Step], plain: &[Step]) -> Section {
