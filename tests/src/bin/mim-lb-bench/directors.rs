@@ -317,6 +317,8 @@ struct Counters {
     resent: u64,
     lost: u64,
     received1: u64,
+    /// State datagrams the backup sent to the active director.
+    sent1: u64,
 }
 
 fn counters(directors: &Directors) -> Result<Counters> {
@@ -331,6 +333,7 @@ fn counters(directors: &Directors) -> Result<Counters> {
         resent: peer(&s0).map_or(0, |p| p.resent),
         lost: peer(&s0).map_or(0, |p| p.lost),
         received1: peer(&s1).map_or(0, |p| p.received),
+        sent1: peer(&s1).map_or(0, |p| p.sent),
     })
 }
 
@@ -375,14 +378,17 @@ struct Step {
     resent: u64,
     lost: u64,
     received1: u64,
+    backup_datagrams: u64,
     frames: SyncFrames,
     in_flight_after: usize,
     /// Whether a periodic refresh may have fallen into the window (it began more than
     /// [`REFRESH_PERIOD`] after the daemons started).
     refresh_possible: bool,
     /// With sync: the next periodic refresh after the window, which sends the step's flows
-    /// again: state datagrams, and the capture's frames and bytes (None if not seen).
-    refresh: Option<(u64, SyncFrames)>,
+    /// again: state datagrams of the active director and of the backup (whose own refresh
+    /// sends the records it was given back), and the capture's frames and bytes (None if not
+    /// seen).
+    refresh: Option<(u64, u64, SyncFrames)>,
 }
 
 /// Runs one load step of `rate` flows a second for `secs` on a pair, measuring from the start
@@ -414,6 +420,7 @@ fn load_step(lab: &Lab, directors: &Directors, ports: &mut Ports, rate: u32, sec
         resent: after.resent - before.resent,
         lost: after.lost - before.lost,
         received1: after.received1 - before.received1,
+        backup_datagrams: after.sent1 - before.sent1,
         frames,
         in_flight_after,
         refresh_possible: synced && end > started + REFRESH_PERIOD,
@@ -429,7 +436,7 @@ fn load_step(lab: &Lab, directors: &Directors, ports: &mut Ports, rate: u32, sec
 /// again: with no load, state datagrams go out only for it (hellos and acks are not counted),
 /// so `sent` grows by half the full datagrams the step's records fill or more. Then waits until
 /// it is acknowledged. Returns the datagrams and frames from `after` to then.
-fn next_refresh(lab: &Lab, directors: &Directors, after: &Counters, recorded: u64, deadline: Instant) -> Result<Option<(u64, SyncFrames)>> {
+fn next_refresh(lab: &Lab, directors: &Directors, after: &Counters, recorded: u64, deadline: Instant) -> Result<Option<(u64, u64, SyncFrames)>> {
     let capture = Capture::start_with_limits(lab.director_ns(0), "eth0", 1_000_000, Duration::from_secs(300))?;
     let threshold = (recorded / mim_lb::sync::wire::RECORDS_PER_DATAGRAM as u64 / 2).max(2);
     loop {
@@ -443,20 +450,29 @@ fn next_refresh(lab: &Lab, directors: &Directors, after: &Counters, recorded: u6
             return Ok(None);
         }
     }
-    // Acknowledged (in flight back to 0), then a little more for the last acks.
+    // Acknowledged (in flight back to 0) and 3 s without a state datagram from either side:
+    // the backup started a second or two after the active director, and so does its refresh,
+    // which sends the records it was given back.
     let settle_deadline = Instant::now() + PHASE_LIMIT;
+    let mut quiet_since = None;
+    let mut last = (0, 0);
     loop {
         interrupt::sleep(Duration::from_millis(250))?;
+        let now = counters(directors)?;
         let s = directors.gateway(0).status()?;
-        if peer(&s).is_some_and(|p| p.in_flight == 0) || Instant::now() > settle_deadline {
+        let idle = peer(&s).is_some_and(|p| p.in_flight == 0);
+        if (now.sent, now.sent1) != last {
+            quiet_since = None;
+        }
+        last = (now.sent, now.sent1);
+        let quiet = *quiet_since.get_or_insert(Instant::now());
+        if (idle && quiet.elapsed() >= Duration::from_secs(3)) || Instant::now() > settle_deadline {
             break;
         }
     }
-    interrupt::sleep(Duration::from_millis(300))?;
-    let s = directors.gateway(0).status()?;
-    let sent = peer(&s).map_or(0, |p| p.sent);
+    let end = counters(directors)?;
     let frames = sync_frames(&capture.stop());
-    Ok(Some((sent - after.sent, frames)))
+    Ok(Some((end.sent - after.sent, end.sent1 - after.sent1, frames)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -865,7 +881,7 @@ fn load_section(settings: &Settings, synced: &[Step], plain: &[Step]) -> Section
             "recorded",
             "state datagrams / 1k flows",
             "sync bytes sent / 1k flows",
-            "+ next refresh: datagrams, bytes / 1k flows",
+            "next refresh / 1k flows: datagrams active + backup; bytes out + in",
             "active CPU ms/s, sync / without",
             "ratio",
             "backup CPU ms/s, sync / without",
@@ -882,15 +898,23 @@ fn load_section(settings: &Settings, synced: &[Step], plain: &[Step]) -> Section
          (records and marks; not hellos, every 250 ms, nor acknowledgements). Sync bytes: every frame from its sync port on its eth0 (a packet \
          capture, which sees the daemon's own traffic, not the frames XDP sends back out), Ethernet header included, hellos and acks included."
             .into(),
-        "Next refresh: every live record is sent again with the next periodic read of the table (every 30 s with the default idle timeouts); \
-         measured after the window until it is acknowledged. CPU: utime + stime of each daemon (all threads, /proc/PID/stat, 10 ms ticks) over \
+        "Next refresh: every record seen since the previous read of the table is sent again with the next periodic read (every 30 s with the \
+         default idle timeouts), by the active director and, a second or two later, by the backup, whose copies count as seen too; measured \
+         after the window until both are acknowledged (state datagrams of each side; bytes sent and received on the active director's sync \
+         port). CPU: utime + stime of each daemon (all threads, /proc/PID/stat, 10 ms ticks) over \
          the window, per second of it."
             .into(),
     ];
     let per_k = |x: f64, flows: u64| if flows > 0 { x * 1000.0 / flows as f64 } else { f64::NAN };
     for (a, b) in synced.iter().zip(plain) {
         let refresh = match &a.refresh {
-            Some((d, f)) => format!("{:.1}, {:.0} B", per_k(*d as f64, a.recorded), per_k(f.out_bytes as f64, a.recorded)),
+            Some((d, d1, f)) => format!(
+                "{:.1} + {:.1}; {:.0} B + {:.0} B",
+                per_k(*d as f64, a.recorded),
+                per_k(*d1 as f64, a.recorded),
+                per_k(f.out_bytes as f64, a.recorded),
+                per_k(f.back_bytes as f64, a.recorded)
+            ),
             None => "not seen".into(),
         };
         let cpu_a = a.cpu0_ms / a.window_s;
@@ -910,7 +934,7 @@ fn load_section(settings: &Settings, synced: &[Step], plain: &[Step]) -> Section
         s.notes.push(format!(
             "{}/s: sent {} flows in {:.2} s ({} sends failed) with sync, {} without; window {:.2} s / {:.2} s; active daemon CPU {:.0} ms with sync, \
              {:.0} ms without ({:.1} ms per 1,000 recorded flows more); backup daemon {:.0} ms / {:.0} ms; state datagrams {} (resent {}, lost {}), \
-             received by the backup {}, in flight after {}; sync frames out {} ({} B), in {} ({} B){}{}",
+             received by the backup {}, in flight after {}, sent by the backup {}; sync frames out {} ({} B), in {} ({} B){}{}",
             a.rate,
             a.sent,
             a.send_s,
@@ -928,12 +952,16 @@ fn load_section(settings: &Settings, synced: &[Step], plain: &[Step]) -> Section
             a.lost,
             a.received1,
             a.in_flight_after,
+            a.backup_datagrams,
             a.frames.out,
             a.frames.out_bytes,
             a.frames.back,
             a.frames.back_bytes,
             match &a.refresh {
-                Some((d, f)) => format!("; next refresh: {d} state datagrams, frames out {} ({} B)", f.out, f.out_bytes),
+                Some((d, d1, f)) => format!(
+                    "; next refresh: {d} state datagrams from the active director, {d1} from the backup; frames out {} ({} B), in {} ({} B)",
+                    f.out, f.out_bytes, f.back, f.back_bytes
+                ),
                 None => "; the next refresh was not seen".into(),
             },
             if a.refresh_possible { "; WARNING: the window ran past the first refresh period, a refresh may be in it" } else { "" },
@@ -957,9 +985,12 @@ fn step_json(a: &Step) -> serde_json::Value {
     json!({
         "sent": a.sent, "send_failed": a.send_failed, "send_s": a.send_s, "window_s": a.window_s, "recorded": a.recorded,
         "active_cpu_ms": a.cpu0_ms, "backup_cpu_ms": a.cpu1_ms,
-        "state_datagrams": a.datagrams, "resent": a.resent, "lost": a.lost, "received_by_backup": a.received1,
+        "state_datagrams": a.datagrams, "backup_state_datagrams": a.backup_datagrams, "resent": a.resent, "lost": a.lost, "received_by_backup": a.received1,
         "sync_frames_out": a.frames.out, "sync_bytes_out": a.frames.out_bytes, "sync_frames_in": a.frames.back, "sync_bytes_in": a.frames.back_bytes,
         "in_flight_after": a.in_flight_after, "refresh_possibly_in_window": a.refresh_possible,
-        "next_refresh": a.refresh.as_ref().map(|(d, f)| json!({"state_datagrams": d, "frames_out": f.out, "bytes_out": f.out_bytes})),
+        "next_refresh": a.refresh.as_ref().map(|(d, d1, f)| json!({
+            "state_datagrams": d, "backup_state_datagrams": d1,
+            "frames_out": f.out, "bytes_out": f.out_bytes, "frames_in": f.back, "bytes_in": f.back_bytes,
+        })),
     })
 }
