@@ -389,6 +389,11 @@ struct Step {
     /// sends the records it was given back), and the capture's frames and bytes (None if not
     /// seen).
     refresh: Option<(u64, u64, SyncFrames)>,
+    /// The same for the refresh after that (None: no such traffic within a refresh period and
+    /// 5 s: the step's flows, silent since, were not sent again).
+    second_refresh: Option<(u64, u64, SyncFrames)>,
+    /// Whether the second refresh was looked for.
+    second_watched: bool,
 }
 
 /// Runs one load step of `rate` flows a second for `secs` on a pair, measuring from the start
@@ -425,25 +430,33 @@ fn load_step(lab: &Lab, directors: &Directors, ports: &mut Ports, rate: u32, sec
         in_flight_after,
         refresh_possible: synced && end > started + REFRESH_PERIOD,
         refresh: None,
+        second_refresh: None,
+        second_watched: false,
     };
     if synced {
         step.refresh = next_refresh(lab, directors, &after, step.recorded, end + REFRESH_PERIOD + Duration::from_secs(5))?;
+        if step.refresh.is_some() {
+            let now = counters(directors)?;
+            step.second_watched = true;
+            step.second_refresh =
+                next_refresh(lab, directors, &now, step.recorded, Instant::now() + REFRESH_PERIOD + Duration::from_secs(5))?;
+        }
     }
     Ok(step)
 }
 
 /// Waits (until `deadline`) for the periodic read of the table that sends the step's flows
 /// again: with no load, state datagrams go out only for it (hellos and acks are not counted),
-/// so `sent` grows by half the full datagrams the step's records fill or more. Then waits until
+/// so the two directors' `sent` grow by half the full datagrams the step's records fill or
+/// more. Then waits until
 /// it is acknowledged. Returns the datagrams and frames from `after` to then.
 fn next_refresh(lab: &Lab, directors: &Directors, after: &Counters, recorded: u64, deadline: Instant) -> Result<Option<(u64, u64, SyncFrames)>> {
     let capture = Capture::start_with_limits(lab.director_ns(0), "eth0", 1_000_000, Duration::from_secs(300))?;
     let threshold = (recorded / mim_lb::sync::wire::RECORDS_PER_DATAGRAM as u64 / 2).max(2);
     loop {
         interrupt::sleep(Duration::from_millis(250))?;
-        let s = directors.gateway(0).status()?;
-        let p = peer(&s).context("no sync peer in the status")?;
-        if p.sent >= after.sent + threshold {
+        let now = counters(directors)?;
+        if (now.sent - after.sent) + (now.sent1 - after.sent1) >= threshold {
             break;
         }
         if Instant::now() > deadline {
@@ -934,7 +947,7 @@ fn load_section(settings: &Settings, synced: &[Step], plain: &[Step]) -> Section
         s.notes.push(format!(
             "{}/s: sent {} flows in {:.2} s ({} sends failed) with sync, {} without; window {:.2} s / {:.2} s; active daemon CPU {:.0} ms with sync, \
              {:.0} ms without ({:.1} ms per 1,000 recorded flows more); backup daemon {:.0} ms / {:.0} ms; state datagrams {} (resent {}, lost {}), \
-             received by the backup {}, in flight after {}, sent by the backup {}; sync frames out {} ({} B), in {} ({} B){}{}",
+             received by the backup {}, in flight after {}, sent by the backup {}; sync frames out {} ({} B), in {} ({} B){}{}{}",
             a.rate,
             a.sent,
             a.send_s,
@@ -964,6 +977,14 @@ fn load_section(settings: &Settings, synced: &[Step], plain: &[Step]) -> Section
                 ),
                 None => "; the next refresh was not seen".into(),
             },
+            match (&a.second_refresh, a.second_watched) {
+                (Some((d, d1, _)), _) => format!("; the refresh after it: {d} state datagrams from the active director, {d1} from the backup"),
+                (None, true) => format!(
+                    "; the refresh after it: no state datagram from either within {} s (the flows, silent since, were not sent again)",
+                    REFRESH_PERIOD.as_secs() + 5
+                ),
+                (None, false) => String::new(),
+            },
             if a.refresh_possible { "; WARNING: the window ran past the first refresh period, a refresh may be in it" } else { "" },
         ));
         if a.recorded < u64::from(a.sent) * 9 / 10 {
@@ -988,6 +1009,8 @@ fn step_json(a: &Step) -> serde_json::Value {
         "state_datagrams": a.datagrams, "backup_state_datagrams": a.backup_datagrams, "resent": a.resent, "lost": a.lost, "received_by_backup": a.received1,
         "sync_frames_out": a.frames.out, "sync_bytes_out": a.frames.out_bytes, "sync_frames_in": a.frames.back, "sync_bytes_in": a.frames.back_bytes,
         "in_flight_after": a.in_flight_after, "refresh_possibly_in_window": a.refresh_possible,
+        "second_refresh_watched": a.second_watched,
+        "second_refresh": a.second_refresh.as_ref().map(|(d, d1, _)| json!({"state_datagrams": d, "backup_state_datagrams": d1})),
         "next_refresh": a.refresh.as_ref().map(|(d, d1, f)| json!({
             "state_datagrams": d, "backup_state_datagrams": d1,
             "frames_out": f.out, "bytes_out": f.out_bytes, "frames_in": f.back, "bytes_in": f.back_bytes,
