@@ -392,8 +392,10 @@ struct Step {
     /// The same for the refresh after that (None: no such traffic within a refresh period and
     /// 5 s: the step's flows, silent since, were not sent again).
     second_refresh: Option<(u64, u64, SyncFrames)>,
-    /// Whether the second refresh was looked for.
+    /// Whether the second refresh was looked for, and if it was not seen, the state datagrams
+    /// of each side during the watch.
     second_watched: bool,
+    second_quiet: (u64, u64),
 }
 
 /// Runs one load step of `rate` flows a second for `secs` on a pair, measuring from the start
@@ -432,6 +434,7 @@ fn load_step(lab: &Lab, directors: &Directors, ports: &mut Ports, rate: u32, sec
         refresh: None,
         second_refresh: None,
         second_watched: false,
+        second_quiet: (0, 0),
     };
     if synced {
         step.refresh = next_refresh(lab, directors, &after, step.recorded, end + REFRESH_PERIOD + Duration::from_secs(5))?;
@@ -440,6 +443,8 @@ fn load_step(lab: &Lab, directors: &Directors, ports: &mut Ports, rate: u32, sec
             step.second_watched = true;
             step.second_refresh =
                 next_refresh(lab, directors, &now, step.recorded, Instant::now() + REFRESH_PERIOD + Duration::from_secs(5))?;
+            let end = counters(directors)?;
+            step.second_quiet = (end.sent - now.sent, end.sent1 - now.sent1);
         }
     }
     Ok(step)
@@ -980,7 +985,10 @@ fn load_section(settings: &Settings, synced: &[Step], plain: &[Step]) -> Section
             match (&a.second_refresh, a.second_watched) {
                 (Some((d, d1, _)), _) => format!("; the refresh after it: {d} state datagrams from the active director, {d1} from the backup"),
                 (None, true) => format!(
-                    "; the refresh after it: no state datagram from either within {} s (the flows, silent since, were not sent again)",
+                    "; the refresh after it: not seen, {} state datagrams from the active director and {} from the backup in the {} s after the \
+                     first (the flows, silent since, were not sent again)",
+                    a.second_quiet.0,
+                    a.second_quiet.1,
                     REFRESH_PERIOD.as_secs() + 5
                 ),
                 (None, false) => String::new(),
@@ -1010,6 +1018,7 @@ fn step_json(a: &Step) -> serde_json::Value {
         "sync_frames_out": a.frames.out, "sync_bytes_out": a.frames.out_bytes, "sync_frames_in": a.frames.back, "sync_bytes_in": a.frames.back_bytes,
         "in_flight_after": a.in_flight_after, "refresh_possibly_in_window": a.refresh_possible,
         "second_refresh_watched": a.second_watched,
+        "second_refresh_quiet_state_datagrams": [a.second_quiet.0, a.second_quiet.1],
         "second_refresh": a.second_refresh.as_ref().map(|(d, d1, _)| json!({"state_datagrams": d, "backup_state_datagrams": d1})),
         "next_refresh": a.refresh.as_ref().map(|(d, d1, f)| json!({
             "state_datagrams": d, "backup_state_datagrams": d1,
