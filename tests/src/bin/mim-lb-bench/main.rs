@@ -7,7 +7,9 @@
 //! - batch: the control plane's batched map reads and writes (a full-size connection table, a
 //!   Maglev region, a failover's writes) against one syscall per element;
 //! - failover: the real daemon in the namespace lab, a master killed under a stream of new
-//!   connections, and restarted.
+//!   connections, and restarted;
+//! - directors: two directors with flow sync and keepalived: the active one killed under
+//!   traffic, the sync's lag, and its traffic and CPU per new flow.
 //!
 //! Benchmarks report; they never fail on a timing. They fail only when a measurement cannot
 //! be trusted (a run took another path than the one it claims to measure) or cannot be made.
@@ -15,6 +17,7 @@
 //! Ctrl-C.
 
 mod batch;
+mod directors;
 mod failover;
 mod interrupt;
 mod per_packet;
@@ -34,13 +37,14 @@ enum Bench {
     Rebuild,
     Batch,
     Failover,
+    Directors,
 }
 
 #[derive(Parser)]
-#[command(about = "mim-lb benchmarks: per-packet cost, table rebuild, batched map access, failover time")]
+#[command(about = "mim-lb benchmarks: per-packet cost, table rebuild, batched map access, failover time, two directors")]
 struct Args {
     /// Which benchmarks to run (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "failover"])]
+    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "failover", "directors"])]
     only: Vec<Bench>,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -124,6 +128,24 @@ struct Args {
     /// Attach in native (driver) mode in the failover lab instead of generic.
     #[arg(long)]
     native: bool,
+
+    /// Director failover rounds (a new two-director lab each, the active director killed).
+    #[arg(long, default_value_t = 3)]
+    director_rounds: usize,
+    /// New UDP flows per second while the flow sync's lag is sampled.
+    #[arg(long, default_value_t = 500)]
+    lag_rate: u32,
+    /// How long the flow sync's lag is sampled (s).
+    #[arg(long, default_value_t = 10)]
+    lag_s: u64,
+    /// New UDP flows per second of each sync traffic and CPU step (comma-separated); each step
+    /// runs with and without sync, on pairs of its own.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000u32, 5000])]
+    flow_rates: Vec<u32>,
+    /// How long each sync traffic and CPU step sends (s); rate x this must stay under 64,000
+    /// (one client source port per flow).
+    #[arg(long, default_value_t = 10)]
+    load_s: u64,
 }
 
 fn main() -> ExitCode {
@@ -148,6 +170,8 @@ fn run(args: &Args) -> Result<()> {
             "failover_rounds": args.failover_rounds, "interval_ms": args.interval_ms,
             "timeout_ms": args.timeout_ms, "fall": args.fall, "rise": args.rise,
             "masters": args.masters, "settle_ms": args.settle_ms, "native": args.native,
+            "director_rounds": args.director_rounds, "lag_rate": args.lag_rate, "lag_s": args.lag_s,
+            "flow_rates": args.flow_rates, "load_s": args.load_s,
         }),
         sections: Vec::new(),
     };
@@ -197,6 +221,17 @@ fn run(args: &Args) -> Result<()> {
             native: args.native,
         };
         report.sections.push(failover::measure(&settings)?);
+    }
+    if wants(Bench::Directors) {
+        eprintln!("mim-lb-bench: two directors ...");
+        let settings = directors::Settings {
+            rounds: args.director_rounds,
+            lag_s: args.lag_s,
+            lag_rate: args.lag_rate,
+            rates: args.flow_rates.clone(),
+            load_s: args.load_s,
+        };
+        report.sections.extend(directors::measure(&settings)?);
     }
     report.machine.finish();
 
