@@ -410,6 +410,13 @@ impl Daemon {
                 _ = tokio::time::sleep_until(self.bringup.as_ref().map_or_else(tokio::time::Instant::now, |b| b.deadline.into())), if self.bringup.is_some() => {
                     self.finish_bringup(director, true);
                 }
+                _ = tokio::time::sleep_until(
+                    self.sync.as_ref().and_then(|s| s.flush_due()).map_or_else(tokio::time::Instant::now, Into::into)
+                ), if self.sync.as_ref().is_some_and(|s| s.flush_due().is_some()) => {
+                    if let Some(sync) = self.sync.as_mut() {
+                        sync.flush();
+                    }
+                }
                 _ = sync_tick.tick(), if syncing => {
                     if let Some(sync) = self.sync.as_mut() {
                         let ready = sync.not_ready().is_none();

@@ -276,6 +276,11 @@ impl Engine {
         }
     }
 
+    /// Whether changes are queued, waiting for [`Engine::flush`].
+    pub fn has_queued(&self) -> bool {
+        !self.pending_records.is_empty() || !self.pending_forgets.is_empty()
+    }
+
     /// Sends what is queued.
     pub fn flush(&mut self, now: Instant) {
         self.flush_records(now);

@@ -27,6 +27,8 @@ use crate::{
 pub const TICK: Duration = Duration::from_millis(50);
 /// How often marked slots' `SLOT_SEEN` stamps go to peers.
 pub const SEEN_EVERY: Duration = Duration::from_secs(1);
+/// How long a change waits for others to share its datagram: what it adds to the lag.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(5);
 
 /// Binds the sync socket (before anything touches the kernel, so a taken address fails the
 /// start).
@@ -75,6 +77,8 @@ pub struct SyncRunner {
     pulled_marks: HashMap<SocketAddr, HashMap<ServiceKey, std::collections::HashSet<u32>>>,
     /// Peers to send the whole state with the next read of the connection table.
     answer_wanted: Vec<SocketAddr>,
+    /// When the queued changes go (see [`FLUSH_DELAY`]).
+    flush_at: Option<Instant>,
     /// After a failed read of the connection table, the next is not tried before this.
     read_again_at: Option<Instant>,
     /// Keys the data path forgot, with when (`CLOCK_MONOTONIC` ns): a read that began before
@@ -134,6 +138,7 @@ impl SyncRunner {
             buf: vec![0; 2048],
             pulled_marks: HashMap::new(),
             answer_wanted: Vec::new(),
+            flush_at: None,
             read_again_at: None,
             forgotten: HashMap::new(),
             events_lost: 0,
@@ -228,19 +233,37 @@ impl SyncRunner {
                 _ => {}
             }
         }
-        for (record, (_, flow)) in director.export_records(&recorded, now_ns).into_iter().zip(recorded.iter()) {
-            let happened = now.checked_sub(Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns)));
+        for record in director.export_records(&recorded, now_ns) {
+            let happened = now.checked_sub(Duration::from_millis(record.age_ms as u64));
             self.engine.queue_record(record, happened, now);
         }
         for key in forgotten {
             self.engine.queue_forget(key, now);
         }
-        self.engine.flush(now);
+        // Full datagrams went already; the rest waits a moment for company, so that a
+        // steady trickle of new flows shares datagrams instead of sending one each.
+        if self.engine.has_queued() && self.flush_at.is_none() {
+            self.flush_at = Some(now + FLUSH_DELAY);
+        }
+        self.send();
+    }
+
+    /// When the changes queued for the peers are due to go, if any are queued.
+    pub fn flush_due(&self) -> Option<Instant> {
+        self.flush_at
+    }
+
+    /// Sends what is queued.
+    pub fn flush(&mut self) {
+        self.flush_at = None;
+        self.engine.flush(Instant::now());
         self.send();
     }
 
     /// The engine's timers; the pull's end is logged once.
     pub fn on_tick(&mut self, director: &mut Director, ready: bool) {
+        // The engine's tick sends what is queued too.
+        self.flush_at = None;
         let inbound = self.engine.tick(ready, &director.digests(), Instant::now());
         self.apply(director, inbound);
         if !self.pull_logged && self.engine.pulled() {
