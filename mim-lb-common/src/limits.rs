@@ -49,6 +49,6 @@ pub const fn slot_index(service_id: u32, slot: u32) -> u32 {
 pub const SEEN_SHIFT: u32 = 30;
 
 /// Bytes of the `FLOW_EVENTS` ring buffer (a power of two): about 52,000 events (72 bytes and an
-/// 8-byte header each), a quarter of
-/// a second of new flows at 200,000 per second before the daemon reads them.
+/// 8-byte header each), a quarter of a second of new flows at 200,000 per second before the
+/// daemon reads them.
 pub const FLOW_EVENTS_BYTES: u32 = 1 << 22;

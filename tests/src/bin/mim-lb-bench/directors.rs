@@ -917,7 +917,8 @@ fn load_section(settings: &Settings, synced: &[Step], plain: &[Step]) -> Section
          capture, which sees the daemon's own traffic, not the frames XDP sends back out), Ethernet header included, hellos and acks included."
             .into(),
         "Next refresh: every record seen since the previous read of the table is sent again with the next periodic read (every 30 s with the \
-         default idle timeouts), by the active director and, a second or two later, by the backup, whose copies count as seen too; measured \
+         default idle timeouts), by the active director (the backup sends none of the records it was given back, unless a packet of the \
+         flow passed through it since); measured \
          after the window until both are acknowledged (state datagrams of each side; bytes sent and received on the active director's sync \
          port). CPU: utime + stime of each daemon (all threads, /proc/PID/stat, 10 ms ticks) over \
          the window, per second of it."
