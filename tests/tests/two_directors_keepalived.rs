@@ -311,6 +311,15 @@ fn wait_peer_agrees(directors: &Directors, i: usize) {
         .unwrap();
 }
 
+/// Kills the active director; `opened` must still echo, and `traffic` must have lived
+/// through it.
+fn kill_and_check(lab: &Lab, directors: &mut Directors, opened: &mut [mim_lb_tests::TcpHold], traffic: Traffic, what: &str) {
+    let killed = kill_active(lab, directors);
+    mim_lb_tests::echo_all(opened, "after the kill", Duration::from_secs(5));
+    let report = traffic.finish_after(SETTLE);
+    report.assert_survived(what, killed);
+}
+
 /// Opens `n` connections to the VIP from the client, each answered by its master.
 fn open_held(lab: &Lab, n: usize) -> Vec<mim_lb_tests::TcpHold> {
     mim_lb_tests::in_netns(lab.client_ns(), || {
@@ -354,10 +363,7 @@ fn with_flow_sync_connections_opened_after_a_drain_survive_the_active_directors_
     let lag = a.sync.as_ref().unwrap().peers[0].lag_ms_last;
     eprintln!("flow sync lag (record on the active director to the backup's ack): {lag:?} ms");
 
-    let killed = kill_active(&lab, &mut directors);
-    echo_all(&mut opened, "after the kill", Duration::from_secs(5));
-    let report = traffic.finish_after(SETTLE);
-    report.assert_survived("killing the active director right after a drain", killed);
+    kill_and_check(&lab, &mut directors, &mut opened, traffic, "killing the active director right after a drain");
     drop(directors);
     drop(key);
 }
@@ -507,10 +513,7 @@ fn a_drain_a_dead_master_and_an_added_one_then_the_active_directors_death_break_
     let mut opened = open_held(&lab, 60);
     echo_all(&mut opened, "after the change", Duration::from_secs(5));
 
-    let killed = kill_active(&lab, &mut directors);
-    echo_all(&mut opened, "after the kill", Duration::from_secs(5));
-    let report = traffic.finish_after(SETTLE);
-    report.assert_survived("the change and the kill of the active director", killed);
+    kill_and_check(&lab, &mut directors, &mut opened, traffic, "the change and the kill of the active director");
     drop(directors);
     drop(key);
 }

@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 
 use super::signals;
 use super::story::{Options, PORT};
-use super::summary::JSON_PREFIX;
 use crate::continuity::{Progress, Traffic, TrafficReport, TrafficSpec};
 use crate::gateway::ServiceSpec;
 use crate::keepalived::{Directors, SyncKey, VrrpSpec, director_configs, priority, sync_section, vip_holders};
@@ -315,21 +314,12 @@ fn story(lab: &mut Lab, mut directors: Directors, opts: &Options) -> Result<Pair
 
     let summary = summarize(lab, &report, killed, moved, back_from, serving, back);
     heading(6, "Summary");
-    for line in summary.render() {
-        println!("{line}");
-    }
-    let problems = summary.problems();
-    if problems.is_empty() {
-        println!("  => as it should be: no long-lived connection broke, and once new connections worked again, all did");
-    } else {
-        println!("  => NOT as it should be:");
-        for p in &problems {
-            println!("     - {p}");
-        }
-    }
-    if !opts.live {
-        println!("{JSON_PREFIX}{}", summary.to_json());
-    }
+    super::summary::print_verdict(
+        &summary.render(),
+        &summary.problems(),
+        "no long-lived connection broke, and once new connections worked again, all did",
+        (!opts.live).then(|| summary.to_json()),
+    );
     if opts.keep {
         keep(lab)?;
     }

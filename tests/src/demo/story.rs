@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use super::keep::keep;
 use super::show::{STATE_CHANGE_LIMIT, Show, TICK, wait_all_up};
 use super::signals;
-use super::summary::{JSON_PREFIX, Summary};
+use super::summary::Summary;
 use super::tally::Tally;
 use super::traffic::Traffic;
 use super::view;
@@ -224,22 +224,13 @@ fn with_gateway(lab: &mut Lab, gateway: &Gateway, opts: &Options) -> Result<Summ
 
     let summary = summarize(&show, &kill, &back, end_at);
     heading(6, "Summary", opts.live);
-    for line in summary.render() {
-        println!("{line}");
-    }
-    let problems = summary.problems();
-    if problems.is_empty() {
-        println!("  => as it should be: every request after the detection succeeded");
-    } else {
-        println!("  => NOT as it should be:");
-        for p in &problems {
-            println!("     - {p}");
-        }
-    }
-    // For scripts and CI; people on a terminal have the lines above.
-    if !opts.live {
-        println!("{JSON_PREFIX}{}", summary.to_json());
-    }
+    // The JSON line is for scripts and CI; people on a terminal have the lines above.
+    super::summary::print_verdict(
+        &summary.render(),
+        &summary.problems(),
+        "every request after the detection succeeded",
+        (!opts.live).then(|| summary.to_json()),
+    );
 
     if opts.keep {
         keep(lab, gateway)?;

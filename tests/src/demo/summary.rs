@@ -212,6 +212,25 @@ impl Summary {
     }
 }
 
+/// Prints a demo's summary lines and its verdict: `as_it_should_be` when there is no problem,
+/// else each problem; then, for scripts and CI (not on a live terminal), its JSON line.
+pub fn print_verdict(lines: &[String], problems: &[String], as_it_should_be: &str, json: Option<Value>) {
+    for line in lines {
+        println!("{line}");
+    }
+    if problems.is_empty() {
+        println!("  => as it should be: {as_it_should_be}");
+    } else {
+        println!("  => NOT as it should be:");
+        for p in problems {
+            println!("     - {p}");
+        }
+    }
+    if let Some(json) = json {
+        println!("{JSON_PREFIX}{json}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
