@@ -277,7 +277,12 @@ fn the_shipped_keepalived_example_moves_the_vip_with_the_daemon() {
 
 /// A lab of two directors and the group's sync key.
 fn lab_with_key() -> (Lab, SyncKey) {
-    let mut lab = Lab::new(LabSpec { directors: 2, ipv6: false, ..LabSpec::default() }).unwrap();
+    lab_with_key_and(3)
+}
+
+/// [`lab_with_key`] with `masters` masters.
+fn lab_with_key_and(masters: usize) -> (Lab, SyncKey) {
+    let mut lab = Lab::new(LabSpec { directors: 2, masters, ipv6: false, ..LabSpec::default() }).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
     let key = SyncKey::new(&lab).unwrap();
     (lab, key)
@@ -477,9 +482,7 @@ fn a_sync_partition_then_a_failover_loses_exactly_the_flows_recorded_during_it()
 #[test]
 fn a_drain_a_dead_master_and_an_added_one_then_the_active_directors_death_break_nothing() {
     use mim_lb_tests::echo_all;
-    let mut lab = Lab::new(LabSpec { directors: 2, masters: 4, ipv6: false, ..LabSpec::default() }).unwrap();
-    lab.start_tcp_servers(PORT).unwrap();
-    let key = SyncKey::new(&lab).unwrap();
+    let (mut lab, key) = lab_with_key_and(4);
     let mut three = ServiceSpec::tcp(&lab, PORT);
     three.masters.truncate(3);
     let mut directors = synced_pair_with(&mut lab, &key, 60, &[three]);
@@ -569,9 +572,7 @@ fn with_flow_sync_udp_flows_keep_their_master_through_the_backup() {
 /// masters through the failback to it.
 #[test]
 fn a_director_rebooted_without_its_pins_takes_its_peer_s_marks_before_it_is_ready() {
-    let mut lab = Lab::new(LabSpec { directors: 2, masters: 4, ipv6: false, ..LabSpec::default() }).unwrap();
-    lab.start_tcp_servers(PORT).unwrap();
-    let key = SyncKey::new(&lab).unwrap();
+    let (mut lab, key) = lab_with_key_and(4);
     // Checks as slow as the defaults: the peer's state arrives long before the first round
     // of checks is over.
     let slow = ServiceSpec { health: "interval_ms = 1000\ntimeout_ms = 500\nrise = 2\nfall = 2".into(), ..ServiceSpec::tcp(&lab, PORT) };

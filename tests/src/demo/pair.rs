@@ -15,13 +15,13 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
 use super::signals;
+use super::story::{STEPS, step};
 use super::story::{Options, PORT};
 use crate::continuity::{Progress, Traffic, TrafficReport, TrafficSpec};
 use crate::gateway::ServiceSpec;
 use crate::keepalived::{Directors, SyncKey, VrrpSpec, director_configs, priority, sync_section, vip_holders};
 use crate::{Lab, LabSpec};
 
-const STEPS: usize = 6;
 /// How often the demo looks at who holds the VIP.
 const TICK: Duration = Duration::from_millis(50);
 /// How long keepalived may take to move the VIP before the demo says it did not.
@@ -128,18 +128,6 @@ impl PairSummary {
     }
 }
 
-fn step<T>(n: usize, title: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let gap = if n > 1 { "\n" } else { "" };
-    print!("{gap}[{n}/{STEPS}] {title} ... ");
-    let _ = std::io::stdout().flush();
-    let started = Instant::now();
-    let value = f();
-    match &value {
-        Ok(_) => println!("done in {:.2} s", started.elapsed().as_secs_f64()),
-        Err(_) => println!("failed"),
-    }
-    value
-}
 
 fn heading(n: usize, title: &str) {
     println!("\n[{n}/{STEPS}] {title}");

@@ -83,10 +83,11 @@ pub fn run(opts: &Options) -> Result<Summary> {
 const BOLD: &str = "\x1b[1m";
 const RESET: &str = "\x1b[0m";
 
-const STEPS: usize = 6;
+/// Steps of either demo (one director, or two).
+pub(super) const STEPS: usize = 6;
 
 /// Prints `[n/6] title ...`, runs `f`, and finishes the line with how long it took.
-fn step<T>(n: usize, title: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(super) fn step<T>(n: usize, title: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let gap = if n > 1 { "\n" } else { "" };
     print!("{gap}[{n}/{STEPS}] {title} ... ");
     let _ = std::io::stdout().flush();
