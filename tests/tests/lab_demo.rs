@@ -138,17 +138,23 @@ fn leftovers(pid: u32) -> Vec<String> {
     found
 }
 
-#[test]
-fn the_demo_tells_its_story_and_leaves_nothing_behind() {
-    let mut demo = Demo::start(&[]);
+/// Runs the demo with `args` to its end: its pid, its summary (which must list no problem)
+/// and its output.
+fn run_to_the_end(args: &[&str]) -> (u32, Value, String) {
+    let mut demo = Demo::start(args);
     let pid = demo.pid();
     let json_line = demo.wait_for_line("summary-json line", RUN_LIMIT, |l| l.starts_with("summary-json: "));
     let status = demo.wait_exit(CLEANUP_LIMIT);
     let output = demo.output();
     assert!(status.success(), "the demo exited with {status}; output:\n{output}");
-
     let summary: Value = serde_json::from_str(json_line.trim_start_matches("summary-json: ")).unwrap();
     assert_eq!(summary["problems"], Value::Array(vec![]), "{output}");
+    (pid, summary, output)
+}
+
+#[test]
+fn the_demo_tells_its_story_and_leaves_nothing_behind() {
+    let (pid, summary, output) = run_to_the_end(&[]);
     // Every master answered while all were up, and the killed one again after its return.
     let masters = summary["masters"].as_array().unwrap();
     assert_eq!(masters.len(), 3);
@@ -221,15 +227,7 @@ fn ctrl_c_in_the_middle_removes_the_lab_of(args: &[&str]) {
 /// the VIP has moved and keep working, and the dead director takes the VIP back.
 #[test]
 fn the_two_director_demo_breaks_no_connection_and_leaves_nothing_behind() {
-    let mut demo = Demo::start(&["--directors", "2"]);
-    let pid = demo.pid();
-    let json_line = demo.wait_for_line("summary-json line", RUN_LIMIT, |l| l.starts_with("summary-json: "));
-    let status = demo.wait_exit(CLEANUP_LIMIT);
-    let output = demo.output();
-    assert!(status.success(), "the demo exited with {status}; output:\n{output}");
-
-    let summary: Value = serde_json::from_str(json_line.trim_start_matches("summary-json: ")).unwrap();
-    assert_eq!(summary["problems"], Value::Array(vec![]), "{output}");
+    let (pid, summary, output) = run_to_the_end(&["--directors", "2"]);
     assert_eq!(summary["directors"], 2);
     // Three long-lived connections per master, none broken.
     assert_eq!(summary["held"], 9, "{summary}");

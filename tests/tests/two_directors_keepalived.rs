@@ -325,6 +325,17 @@ fn kill_and_check(lab: &Lab, directors: &mut Directors, opened: &mut [mim_lb_tes
     report.assert_survived(what, killed);
 }
 
+/// Brings killed director 0 back (link, daemon, keepalived) and waits until it holds the VIP
+/// again; returns when the return began.
+fn fail_back(lab: &mut Lab, directors: &mut Directors) -> Instant {
+    let revived = Instant::now();
+    directors.reconnect(lab, 0).unwrap();
+    directors.restart_daemon(lab, 0, &[]).unwrap();
+    directors.restart_keepalived(lab, 0).unwrap();
+    directors.wait_master(lab, 0, FAILBACK_LIMIT).unwrap();
+    revived
+}
+
 /// Opens `n` connections to the VIP from the client, each answered by its master.
 fn open_held(lab: &Lab, n: usize) -> Vec<mim_lb_tests::TcpHold> {
     mim_lb_tests::in_netns(lab.client_ns(), || {
@@ -392,11 +403,7 @@ fn with_flow_sync_connections_made_while_a_director_was_dead_survive_its_return(
     echo_all(&mut opened, "through the backup", Duration::from_secs(5));
     std::thread::sleep(SETTLE);
 
-    let revived = Instant::now();
-    directors.reconnect(&lab, 0).unwrap();
-    directors.restart_daemon(&mut lab, 0, &[]).unwrap();
-    directors.restart_keepalived(&mut lab, 0).unwrap();
-    directors.wait_master(&lab, 0, FAILBACK_LIMIT).unwrap();
+    let revived = fail_back(&mut lab, &mut directors);
     let status = directors.gateway(0).status().unwrap();
     let sync = status.sync.as_ref().unwrap();
     assert_eq!(sync.peers[0].pull, "done", "{sync:?}");
@@ -604,11 +611,7 @@ fn a_director_rebooted_without_its_pins_takes_its_peer_s_marks_before_it_is_read
     directors.gateway(0).ctl(&["detach", "--config", config_path.to_str().unwrap()]).unwrap();
     std::thread::sleep(SETTLE);
 
-    let revived = Instant::now();
-    directors.reconnect(&lab, 0).unwrap();
-    directors.restart_daemon(&mut lab, 0, &[]).unwrap();
-    directors.restart_keepalived(&mut lab, 0).unwrap();
-    directors.wait_master(&lab, 0, FAILBACK_LIMIT).unwrap();
+    let revived = fail_back(&mut lab, &mut directors);
     let a = directors.gateway(0).status().unwrap();
     assert_eq!(a.sync.as_ref().unwrap().peers[0].pull, "done");
     assert_eq!(a.services[0].changed_slots, marked, "the rebooted director holds other marks than its peer");
