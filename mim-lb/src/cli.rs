@@ -46,11 +46,21 @@ pub fn main() -> anyhow::Result<()> {
         .parse_env("RUST_LOG")
         .format_timestamp_millis()
         .init();
+    let top = cli.socket.as_deref();
+    if let Some(path) = top
+        && !cli.command.talks_to_the_daemon()
+    {
+        bail!(
+            "--socket {} is for the commands that talk to a running daemon (status, drain, enable, disable, reload, \
+             simulate, ready); `run` and `detach` take the socket from the config's control_socket",
+            path.display()
+        );
+    }
     match cli.command {
         Command::Run(args) => daemon::run(args),
         Command::Check(args) => check::run(&args),
         Command::Status(args) => {
-            let response = ask(&args.socket.socket, &Request::Status)?;
+            let response = ask(&args.socket.path(top), &Request::Status)?;
             let status = response.status.context("the daemon sent no status")?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -59,12 +69,12 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Drain(t) => say(&t.socket.socket, &Request::Drain { service: t.service, backend: t.backend }),
-        Command::Enable(t) => say(&t.socket.socket, &Request::Enable { service: t.service, backend: t.backend }),
-        Command::Disable(t) => say(&t.socket.socket, &Request::Disable { service: t.service, backend: t.backend }),
-        Command::Reload(args) => say(&args.socket, &Request::Reload),
+        Command::Drain(t) => say(&t.socket.path(top), &Request::Drain { service: t.service, backend: t.backend }),
+        Command::Enable(t) => say(&t.socket.path(top), &Request::Enable { service: t.service, backend: t.backend }),
+        Command::Disable(t) => say(&t.socket.path(top), &Request::Disable { service: t.service, backend: t.backend }),
+        Command::Reload(args) => say(&args.path(top), &Request::Reload),
         Command::Simulate(args) => {
-            let response = ask(&args.socket.socket, &Request::Simulate { flow: args.flow })?;
+            let response = ask(&args.socket.path(top), &Request::Simulate { flow: args.flow })?;
             let sim = response.simulation.context("the daemon sent no simulation")?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&sim)?);
@@ -89,7 +99,7 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ready(args) => {
-            let response = client::request_within(&args.socket.socket, &Request::Ready, args.timeout)?;
+            let response = client::request_within(&args.socket.path(top), &Request::Ready, args.timeout)?;
             if !response.ok {
                 bail!("not ready: {}", response.error.unwrap_or_else(|| "no reason given".into()));
             }
@@ -136,6 +146,10 @@ pub struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
+    /// The daemon's control socket, for the commands that talk to it; also accepted after
+    /// the command (`mim-lb status --socket PATH`), which wins.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -221,9 +235,38 @@ pub struct DetachArgs {
 /// Where a running daemon listens.
 #[derive(Debug, clap::Args)]
 pub struct SocketArg {
-    /// The daemon's control socket (its config's `control_socket`).
-    #[arg(long, env = "MIM_LB_SOCKET", default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
+    /// The daemon's control socket (its config's `control_socket`) [env: MIM_LB_SOCKET]
+    /// [default: /run/mim-lb/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+impl SocketArg {
+    /// The socket to use: this command's `--socket`, else the one given before the command,
+    /// else `MIM_LB_SOCKET`, else the default.
+    pub fn path(&self, before_the_command: Option<&std::path::Path>) -> PathBuf {
+        self.socket
+            .clone()
+            .or_else(|| before_the_command.map(std::path::Path::to_path_buf))
+            .or_else(|| std::env::var_os("MIM_LB_SOCKET").filter(|v| !v.is_empty()).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    }
+}
+
+impl Command {
+    /// Whether the command talks to a running daemon over its control socket.
+    fn talks_to_the_daemon(&self) -> bool {
+        matches!(
+            self,
+            Command::Status(_)
+                | Command::Drain(_)
+                | Command::Enable(_)
+                | Command::Disable(_)
+                | Command::Reload(_)
+                | Command::Simulate(_)
+                | Command::Ready(_)
+        )
+    }
 }
 
 #[derive(Debug, clap::Args)]

@@ -145,6 +145,14 @@ fn status_reads_like_ipvsadm_and_bpftool_shows_field_names() {
 
     let human = gw.ctl(&["status"]).unwrap();
     assert!(human.contains(&format!("TCP  {vip}")), "{human}");
+    // The socket may also be given before the command, as `cargo xtask lab --keep` prints it
+    // (no MIM_LB_SOCKET here); a command that does not talk to a daemon refuses it.
+    let binary = mim_lb_tests::gateway::mim_lb_binary();
+    let socket = gw.socket().to_str().unwrap();
+    let before = lab.run_in(lab.gateway_ns(), binary.to_str().unwrap(), &["--socket", socket, "status"]).unwrap();
+    assert_eq!(before.lines().nth(1), human.lines().nth(1), "{before}");
+    let err = lab.run_in(lab.gateway_ns(), binary.to_str().unwrap(), &["--socket", socket, "run", "--config", "/nonexistent"]).unwrap_err();
+    assert!(format!("{err:#}").contains("is for the commands that talk to a running daemon"), "{err:#}");
     for i in 0..lab.master_count() {
         assert!(human.contains(&format!("-> {}", lab.master_addr4(i))), "{human}");
     }
