@@ -42,7 +42,25 @@ pub fn mim_lb(ctx: XdpContext) -> u32 {
         return reason::SIMULATED + code;
     }
     stats::count_reason(code, bytes);
-    reason::verdict(code)
+    verdict(code)
+}
+
+/// `reason::verdict` of every code below 32, two bits each (XDP_DROP 1, XDP_PASS 2, XDP_TX 3),
+/// built from it at compile time: a verdict is then a shift and a mask, whatever the number
+/// of reasons (a `match` grows a test with each reason that is not a pass).
+const VERDICTS: u64 = {
+    let mut table = 0u64;
+    let mut code = 0;
+    while code < 32 {
+        table |= (reason::verdict(code) as u64) << (2 * code);
+        code += 1;
+    }
+    table
+};
+
+#[inline(always)]
+fn verdict(code: u32) -> u32 {
+    if code < 32 { ((VERDICTS >> (2 * code)) & 3) as u32 } else { reason::verdict(code) }
 }
 
 /// Passes every packet. Attached to the peer of a veth that runs mim-lb in native mode:
