@@ -653,7 +653,7 @@ fn udp_flows_are_recorded_and_counted_per_backend() {
 /// decision the live program reaches, connection table included, and leave no trace.
 #[test]
 fn simulation_takes_the_live_decision_and_leaves_no_trace() {
-    use mim_lb::simulate::{Flow, established_packet, first_packet};
+    use mim_lb::simulate::{Flow, established_packet, first_packet, icmp_error_packet};
     let gw = mim_lb_tests::testrun::GATEWAY_MAC;
     let tcp4 = key(VIP4, 7000, 6);
     let mut prog = ProgramUnderTest::pinned(CONFIG).unwrap();
@@ -686,11 +686,17 @@ fn simulation_takes_the_live_decision_and_leaves_no_trace() {
     ))
     .unwrap();
     let mut moved_slots = 0;
+    let flows_before = prog.director.dataplane().maps_ro().flows().unwrap();
+    let reasons_before = prog.reasons().unwrap();
     for (i, &sport) in sports.iter().enumerate() {
         let flow: Flow = format!("{CLIENT4}:{sport}-{VIP4}:7000/tcp").parse().unwrap();
         let (code, out) = simulator.run(&established_packet(&flow, gw)).unwrap();
         assert_eq!(code, reason::FORWARDED);
         assert_eq!(out[0..6], first[i][..], "the simulation of an established flow left its master");
+        // An ICMP error about the flow's answers is relayed to the flow's master too.
+        let (code, out) = simulator.run(&icmp_error_packet(&flow, gw)).unwrap();
+        assert_eq!(code, reason::ICMP_ERROR_FORWARDED, "flow from port {sport}");
+        assert_eq!(out[0..6], first[i][..], "the simulated ICMP error about flow from port {sport} went elsewhere");
         let now_in_table = prog.table_master(&tcp4, CLIENT4.into(), sport, 7000).unwrap();
         // A new connection from the same port follows the current table, whatever is recorded.
         let (code, out) = simulator.run(&first_packet(&flow, gw)).unwrap();
@@ -699,6 +705,12 @@ fn simulation_takes_the_live_decision_and_leaves_no_trace() {
         moved_slots += (prog.master_mac(&tcp4, now_in_table)[..] != first[i][..]) as usize;
     }
     assert!(moved_slots > 40, "only {moved_slots} slots moved: the test proves nothing");
+    let mut flows_after = prog.director.dataplane().maps_ro().flows().unwrap();
+    let mut flows_before = flows_before;
+    flows_before.sort_by_key(|(k, _)| (k.src, k.sport));
+    flows_after.sort_by_key(|(k, _)| (k.src, k.sport));
+    assert_eq!(flows_after, flows_before, "the simulation changed the connection table");
+    assert_eq!(prog.reasons().unwrap(), reasons_before, "the simulation counted packets");
 
     // Not a service, and no backend: the reason comes back too.
     let other: Flow = format!("{CLIENT4}:1-{VIP4}:22/tcp").parse().unwrap();
