@@ -39,9 +39,17 @@ pub const INTERNAL: u32 = 11;
 /// know it yet) it would answer established connections with resets; a dropped segment is
 /// retransmitted.
 pub const FOREIGN_MAC: u32 = 12;
+/// Sent to a master with XDP_TX: an ICMP error (ICMPv4 destination unreachable or time
+/// exceeded; ICMPv6 packet too big, destination unreachable or time exceeded) addressed to a
+/// VIP whose quoted packet is a master's answer from a service (source VIP:port, destination a
+/// client), sent to the master the flow client:port -> VIP:port is on now. Nothing recorded.
+pub const ICMP_ERROR_FORWARDED: u32 = 13;
+/// Passed: an ICMP error of a kind that is relayed, whose quote is too short to hold the
+/// quoted packet's ports (less than its IP header plus 4 octets).
+pub const ICMP_QUOTE_SHORT: u32 = 14;
 
 /// Every reason with its stable name, for status output, metrics and tests.
-pub const ALL: [(u32, &str); 13] = [
+pub const ALL: [(u32, &str); 15] = [
     (FORWARDED, "forwarded"),
     (NOT_IP, "not_ip"),
     (NOT_A_SERVICE, "not_a_service"),
@@ -55,6 +63,8 @@ pub const ALL: [(u32, &str); 13] = [
     (BACKEND_MISSING, "backend_missing"),
     (INTERNAL, "internal"),
     (FOREIGN_MAC, "foreign_mac"),
+    (ICMP_ERROR_FORWARDED, "icmp_error_forwarded"),
+    (ICMP_QUOTE_SHORT, "icmp_quote_short"),
 ];
 
 /// The stable name of a reason code.
@@ -83,7 +93,7 @@ pub const XDP_TX: u32 = 3;
 #[inline(always)]
 pub const fn verdict(code: u32) -> u32 {
     match code {
-        FORWARDED => XDP_TX,
+        FORWARDED | ICMP_ERROR_FORWARDED => XDP_TX,
         NO_BACKEND | FRAGMENT | BACKEND_MISSING | INTERNAL | FOREIGN_MAC => XDP_DROP,
         _ => XDP_PASS,
     }

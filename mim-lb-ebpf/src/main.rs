@@ -42,7 +42,25 @@ pub fn mim_lb(ctx: XdpContext) -> u32 {
         return reason::SIMULATED + code;
     }
     stats::count_reason(code, bytes);
-    reason::verdict(code)
+    verdict(code)
+}
+
+/// `reason::verdict` of every code below 32, two bits each (XDP_DROP 1, XDP_PASS 2, XDP_TX 3),
+/// built from it at compile time: a verdict is then a shift and a mask, whatever the number
+/// of reasons (a `match` grows a test with each reason that is not a pass).
+const VERDICTS: u64 = {
+    let mut table = 0u64;
+    let mut code = 0;
+    while code < 32 {
+        table |= (reason::verdict(code) as u64) << (2 * code);
+        code += 1;
+    }
+    table
+};
+
+#[inline(always)]
+fn verdict(code: u32) -> u32 {
+    if code < 32 { ((VERDICTS >> (2 * code)) & 3) as u32 } else { reason::verdict(code) }
 }
 
 /// Passes every packet. Attached to the peer of a veth that runs mim-lb in native mode:
@@ -61,7 +79,10 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
     let packet = parse::parse(ctx)?;
     let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
 
-    if packet.fragment {
+    if packet.kind != parse::WHOLE {
+        if packet.kind == parse::ICMP_ERROR {
+            return icmp_error(ctx, globals, &packet, eth, bytes);
+        }
         // Fragments carry no ports (after the first), so they are matched on the VIP alone.
         return match select::service(globals, &packet, 0) {
             Some(s) if s.flags & SERVICE_F_VIP_MARKER != 0 => {
@@ -89,6 +110,36 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
         stats::count_forward(service.service_id, choice.backend_id, bytes, choice.new_flow);
     }
     Ok(())
+}
+
+/// An ICMP error about a master's answer (`packet` is the quoted flow turned round, as the
+/// flow's own packets arrive): sent to the master that those packets go to now, chosen by the
+/// same rule in a mode that records nothing and refreshes nothing, so an error (which anyone
+/// can forge) never creates or moves a flow. The outcome is a reason code, never `Ok`.
+#[inline(always)]
+fn icmp_error(
+    ctx: &XdpContext,
+    globals: &mim_lb_common::Globals,
+    packet: &parse::Packet,
+    eth: *mut EthHdr,
+    bytes: u64,
+) -> Result<(), u32> {
+    // An error about a packet of no service is the kernel's, as all ICMP was before.
+    let service = select::service(globals, packet, packet.dport).ok_or(reason::NOT_TCP_UDP)?;
+    if service.flags & SERVICE_F_VIP_MARKER != 0 {
+        return Err(reason::NOT_TCP_UDP);
+    }
+    addressed_to_gateway(eth, globals)?;
+    let choice = select::choose_quietly(ctx, service, packet)?;
+    // SAFETY: as in `try_mim_lb`.
+    unsafe {
+        copy_mac((*eth).dst_addr.as_mut_ptr(), choice.backend.mac.as_ptr());
+        copy_mac((*eth).src_addr.as_mut_ptr(), globals.gateway_mac.as_ptr());
+    }
+    if !simulating() {
+        stats::count_forward(service.service_id, choice.backend_id, bytes, false);
+    }
+    Err(reason::ICMP_ERROR_FORWARDED)
 }
 
 /// Only frames sent to the gateway's own MAC are forwarded: a copy of a VIP frame that reached

@@ -55,9 +55,19 @@ pub struct Packet {
     pub dport: u16,
     /// TCP SYN without ACK: the first packet of a connection.
     pub tcp_syn: bool,
-    /// Part of a fragmented datagram (ports not read).
-    pub fragment: bool,
+    /// `WHOLE`, `FRAGMENT` or `ICMP_ERROR`.
+    pub kind: u8,
 }
+
+/// A whole TCP or UDP datagram: the fields are its own.
+pub const WHOLE: u8 = 0;
+/// Part of a fragmented datagram (ports not read).
+pub const FRAGMENT: u8 = 1;
+/// An ICMP error addressed to the source of the packet it quotes, which is a TCP segment or
+/// UDP datagram with its ports: the fields describe the quoted packet's flow in the other
+/// direction (source = the quote's destination, `dport` = the quote's source port), the
+/// direction the flow's own packets take through the gateway; never a SYN.
+pub const ICMP_ERROR: u8 = 2;
 
 /// Walks Ethernet, up to two VLAN tags, IPv4 (with options) or IPv6 (with hop-by-hop,
 /// routing, destination-options and atomic fragment headers), then TCP or UDP.
@@ -114,12 +124,22 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
         dport: 0,
         tcp_syn: false,
         // More-fragments flag or a non-zero offset.
-        fragment: frags & 0x3fff != 0,
+        kind: (frags & 0x3fff != 0) as u8 * FRAGMENT,
     };
-    if packet.fragment {
+    if packet.kind != WHOLE {
         return Ok(packet);
     }
-    parse_l4(ctx, offset + header_len, end, &mut packet)?;
+    if let Err(code) = parse_l4(ctx, offset + header_len, end, &mut packet) {
+        // Only on the way out of a datagram that is not TCP or UDP, and cold: without the
+        // hint LLVM tests for ICMP first in the switch on the protocol, one more test for
+        // every TCP packet.
+        if proto == PROTO_ICMP {
+            core::hint::cold_path();
+            parse_icmp_error(ctx, offset + header_len, end, &mut packet)?;
+            return Ok(packet);
+        }
+        return Err(code);
+    }
     Ok(packet)
 }
 
@@ -159,7 +179,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
         sport: 0,
         dport: 0,
         tcp_syn: false,
-        fragment: false,
+        kind: WHOLE,
     };
     let mut offset = offset + Ipv6Hdr::LEN;
     for _ in 0..IPV6_MAX_EXTENSIONS {
@@ -177,7 +197,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
                 // An atomic fragment (offset 0, no more fragments) is a whole datagram.
                 if off_hi != 0 || off_lo_m & 0xf9 != 0 {
                     packet.proto = nh;
-                    packet.fragment = true;
+                    packet.kind = FRAGMENT;
                     return Ok(packet);
                 }
                 next = nh;
@@ -190,6 +210,10 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
     match next {
         PROTO_TCP | PROTO_UDP => {
             parse_l4(ctx, offset, end, &mut packet)?;
+            Ok(packet)
+        }
+        PROTO_ICMPV6 => {
+            parse_icmp_error(ctx, offset, end, &mut packet)?;
             Ok(packet)
         }
         IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_FRAGMENT | IPV6_ESP | IPV6_AH
@@ -229,4 +253,92 @@ fn parse_l4(ctx: &XdpContext, offset: usize, end: usize, packet: &mut Packet) ->
         }
         _ => Err(reason::NOT_TCP_UDP),
     }
+}
+
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+// ICMP errors that are relayed to a master (RFC 792, RFC 4443).
+const ICMP_DEST_UNREACHABLE: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+/// The ICMP header before the quote: type, code, checksum and four octets (unused, or the
+/// next-hop MTU).
+const ICMP_HEADER_LEN: usize = 8;
+
+/// Like `header_at`, for the quote inside an ICMP error: a header that the datagram (`end`)
+/// does not hold is a short quote (`ICMP_QUOTE_SHORT`); one that the frame does not hold is
+/// still `MALFORMED`.
+#[inline(always)]
+fn quoted_at<T>(ctx: &XdpContext, offset: usize, end: usize) -> Result<*const T, u32> {
+    if offset + core::mem::size_of::<T>() > end {
+        return Err(reason::ICMP_QUOTE_SHORT);
+    }
+    Ok(ptr_at::<T>(ctx, offset)?)
+}
+
+/// An ICMP or ICMPv6 message at `offset` (`packet` is its IP datagram, which ends at `end`).
+/// An error of a relayed kind that quotes a TCP segment or UDP datagram sent from the
+/// datagram's destination turns `packet` into an `ICMP_ERROR` packet of the quoted flow,
+/// turned round; anything else is `NOT_TCP_UDP`, as all ICMP was before. The quote is read
+/// up to its ports only (RFC 792 guarantees the IP header and 8 octets), bounded by `end`,
+/// never by the quoted length.
+#[inline(always)]
+fn parse_icmp_error(ctx: &XdpContext, offset: usize, end: usize, outer: &mut Packet) -> Result<(), u32> {
+    let icmp: *const [u8; ICMP_HEADER_LEN] = header_at(ctx, offset, end).map_err(|_| reason::NOT_TCP_UDP)?;
+    let kind = unsafe { (*icmp)[0] };
+    let relayed = if outer.family == FAMILY_V4 {
+        kind == ICMP_DEST_UNREACHABLE || kind == ICMP_TIME_EXCEEDED
+    } else {
+        kind == ICMPV6_DEST_UNREACHABLE || kind == ICMPV6_PACKET_TOO_BIG || kind == ICMPV6_TIME_EXCEEDED
+    };
+    if !relayed {
+        return Err(reason::NOT_TCP_UDP);
+    }
+    let quote = offset + ICMP_HEADER_LEN;
+    let (proto, src, dst, ports_at) = if outer.family == FAMILY_V4 {
+        let ip: *const Ipv4Hdr = quoted_at(ctx, quote, end)?;
+        let (vihl, frags, proto, src, dst) = unsafe {
+            (
+                (*ip).vihl,
+                u16::from_be_bytes((*ip).frags),
+                (*ip).proto,
+                u32::from_ne_bytes((*ip).src_addr),
+                u32::from_ne_bytes((*ip).dst_addr),
+            )
+        };
+        let header_len = ((vihl & 0x0f) as usize) * 4;
+        // Only a whole datagram or a first fragment quotes ports.
+        if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN || frags & 0x1fff != 0 {
+            return Err(reason::NOT_TCP_UDP);
+        }
+        (proto, [src, 0, 0, 0], [dst, 0, 0, 0], quote + header_len)
+    } else {
+        let ip: *const Ipv6Hdr = quoted_at(ctx, quote, end)?;
+        // A master's answers carry no extension headers: a quote with any is not walked.
+        let (version, proto, src, dst) = unsafe {
+            (
+                (*ip).vcf[0] >> 4,
+                (*ip).next_hdr,
+                core::mem::transmute::<[u8; 16], [u32; 4]>((*ip).src_addr),
+                core::mem::transmute::<[u8; 16], [u32; 4]>((*ip).dst_addr),
+            )
+        };
+        if version != 6 {
+            return Err(reason::NOT_TCP_UDP);
+        }
+        (proto, src, dst, quote + Ipv6Hdr::LEN)
+    };
+    // The error must be addressed to the quoted packet's source: the VIP that sent it.
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || src != outer.dst {
+        return Err(reason::NOT_TCP_UDP);
+    }
+    let ports: *const [u8; 4] = quoted_at(ctx, ports_at, end)?;
+    let (sport, dport) = unsafe {
+        let p = *ports;
+        (u16::from_ne_bytes([p[0], p[1]]), u16::from_ne_bytes([p[2], p[3]]))
+    };
+    *outer = Packet { family: outer.family, proto, src: dst, dst: src, sport: dport, dport: sport, tcp_syn: false, kind: ICMP_ERROR };
+    Ok(())
 }

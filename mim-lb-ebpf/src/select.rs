@@ -70,6 +70,26 @@ pub struct Choice {
 ///   a new flow, recorded on the slot's master.
 #[inline(always)]
 pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Result<Choice, u32> {
+    choose_in::<false>(ctx, service, packet)
+}
+
+/// [`choose`] without a trace: the master the packet's flow goes to now, with no record
+/// created, replaced, refreshed or deleted and no slot marked as seen. For ICMP errors, which
+/// must follow a flow and never change it.
+#[inline(always)]
+pub fn choose_quietly(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Result<Choice, u32> {
+    choose_in::<true>(ctx, service, packet)
+}
+
+/// Whether nothing may be written: `QUIET` (an ICMP error) or the simulation copy. A constant
+/// false on the live path of ordinary packets, so it costs them nothing.
+#[inline(always)]
+fn quiet<const QUIET: bool>() -> bool {
+    QUIET || crate::simulating()
+}
+
+#[inline(always)]
+fn choose_in<const QUIET: bool>(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Result<Choice, u32> {
     let table_size = service.table_size;
     if table_size == 0 {
         return Err(reason::NO_BACKEND);
@@ -95,15 +115,15 @@ pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Resu
         // master: to a previous master, or to the table before a resize.
         let prev = maglev_prev(entry);
         if prev == owner || (prev == 0 && service.flags & SERVICE_F_RESIZED == 0) {
-            forget(&key);
+            forget::<QUIET>(&key);
         } else {
-            record(ctx, &key, service, owner, slot);
+            record::<QUIET>(ctx, &key, service, owner, slot);
         }
         return to(owner, true);
     }
-    let new_flow = match recorded(service, &key) {
+    let new_flow = match recorded::<QUIET>(service, &key) {
         Recorded::Kept(choice) => return Ok(choice),
-        Recorded::None if packet.proto == PROTO_TCP => return unrecorded_tcp(service, packet, entry, slot),
+        Recorded::None if packet.proto == PROTO_TCP => return unrecorded_tcp::<QUIET>(service, packet, entry, slot),
         // A UDP datagram of no flow starts one on the slot's master.
         Recorded::None => true,
         // Its master is gone: the flow moves to the slot's master, and stays there.
@@ -113,7 +133,7 @@ pub fn choose(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Resu
     if owner == 0 {
         return Err(reason::NO_BACKEND);
     }
-    record(ctx, &key, service, owner, slot);
+    record::<QUIET>(ctx, &key, service, owner, slot);
     to(owner, new_flow)
 }
 
@@ -164,12 +184,12 @@ fn keeper(service: &ServiceEntry, id: u32) -> Option<&'static BackendEntry> {
 /// The recorded master of a flow. Refreshes the record's `last_seen_ns` (at most once a
 /// second) when it is kept, which the sweep reads to tell live flows.
 #[inline(always)]
-fn recorded(service: &ServiceEntry, key: &FlowKey) -> Recorded {
+fn recorded<const QUIET: bool>(service: &ServiceEntry, key: &FlowKey) -> Recorded {
     let Some(flow) = FLOWS.get_ptr_mut(key) else { return Recorded::None };
     // SAFETY: `flow` points into the map's value, valid for this program run.
     let id = unsafe { (*flow).backend_id };
     let Some(b) = keeper(service, id) else { return Recorded::Gone };
-    if !crate::simulating() {
+    if !quiet::<QUIET>() {
         let now = now_ns();
         // SAFETY: `flow` points into the map's value, valid for this program run.
         unsafe {
@@ -186,7 +206,12 @@ fn recorded(service: &ServiceEntry, key: &FlowKey) -> Recorded {
 /// An established TCP flow on a marked slot with no record: it began before the slot
 /// changed, on the slot's previous master (or its master in the table before a resize).
 #[inline(always)]
-fn unrecorded_tcp(service: &ServiceEntry, packet: &Packet, entry: u32, slot: u32) -> Result<Choice, u32> {
+fn unrecorded_tcp<const QUIET: bool>(
+    service: &ServiceEntry,
+    packet: &Packet,
+    entry: u32,
+    slot: u32,
+) -> Result<Choice, u32> {
     let owner = entry & MAGLEV_BACKEND_MASK;
     let mut began_on = maglev_prev(entry);
     if began_on == 0 && service.flags & SERVICE_F_RESIZED != 0 && service.old_table_size != 0 {
@@ -198,7 +223,7 @@ fn unrecorded_tcp(service: &ServiceEntry, packet: &Packet, entry: u32, slot: u32
         && began_on != owner
         && let Some(b) = keeper(service, began_on)
     {
-        if !crate::simulating() {
+        if !quiet::<QUIET>() {
             touch_seen(service.service_id, slot);
         }
         return Ok(Choice { backend_id: began_on, backend: b, new_flow: false });
@@ -224,8 +249,8 @@ fn touch_seen(service_id: u32, slot: u32) {
 
 /// Records a flow on `owner`, replacing any record of an earlier flow with the same key.
 #[inline(always)]
-fn record(ctx: &XdpContext, key: &FlowKey, service: &ServiceEntry, owner: u32, slot: u32) {
-    if crate::simulating() {
+fn record<const QUIET: bool>(ctx: &XdpContext, key: &FlowKey, service: &ServiceEntry, owner: u32, slot: u32) {
+    if quiet::<QUIET>() {
         return;
     }
     let flow = FlowEntry { backend_id: owner, service_id: service.service_id, slot, flags: 0, last_seen_ns: now_ns() };
@@ -259,8 +284,8 @@ fn tell_peers(key: &FlowKey, flow: &FlowEntry, kind: u32) {
 /// that it cannot claim this one: on a marked slot, where records are looked up. A lookup
 /// first: the common case is no record, and a lookup takes no lock.
 #[inline(always)]
-fn forget(key: &FlowKey) {
-    if crate::simulating() {
+fn forget<const QUIET: bool>(key: &FlowKey) {
+    if quiet::<QUIET>() {
         return;
     }
     if FLOWS.get_ptr(key).is_some() && FLOWS.remove(key).is_ok() {

@@ -58,6 +58,52 @@ pub fn established_packet(flow: &Flow, dst_mac: [u8; 6]) -> Vec<u8> {
     packet(flow, dst_mac, TCP_ACK)
 }
 
+/// An ICMP error about the master's answers on `flow`, as a router between the gateway and
+/// the client sends it to the VIP: "fragmentation needed" (ICMPv4 type 3 code 4, next-hop MTU
+/// 1400) or "packet too big" (ICMPv6 type 2, MTU 1280), quoting the answer (from VIP:port to
+/// the client's address and port) cut to its IP header and 8 octets, as RFC 792 allows. Sent
+/// from the client's address (the program does not read the router's).
+pub fn icmp_error_packet(flow: &Flow, dst_mac: [u8; 6]) -> Vec<u8> {
+    let answer = Flow {
+        src: SocketAddr::new(flow.service.vip, flow.service.port),
+        service: ServiceKey { vip: flow.src.ip(), port: flow.src.port(), protocol: flow.service.protocol },
+    };
+    let answer = packet(&answer, dst_mac, TCP_ACK);
+    let v4 = flow.src.is_ipv4();
+    let ip_header = if v4 { 20 } else { 40 };
+    let quote = &answer[14..14 + ip_header + 8];
+    let mut icmp = if v4 { vec![3, 4, 0, 0, 0, 0, 0x05, 0x78] } else { vec![2, 0, 0, 0, 0, 0, 0x05, 0x00] };
+    icmp.extend_from_slice(quote);
+    let mut frame = Vec::with_capacity(14 + ip_header + icmp.len());
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    match (flow.src.ip(), flow.service.vip) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            frame.extend_from_slice(&0x0800u16.to_be_bytes());
+            let mut ip = vec![0x45, 0];
+            ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+            ip.extend_from_slice(&src.octets());
+            ip.extend_from_slice(&dst.octets());
+            let sum = checksum(&ip);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            frame.extend(ip);
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+            frame.extend_from_slice(&[0x60, 0, 0, 0]);
+            frame.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+            frame.extend_from_slice(&[58, 64]);
+            frame.extend_from_slice(&src.octets());
+            frame.extend_from_slice(&dst.octets());
+        }
+        // Flow::from_str refuses mixed families.
+        _ => {}
+    }
+    frame.extend(icmp);
+    frame
+}
+
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
@@ -125,7 +171,8 @@ pub fn run(director: &Director, simulator: &Simulator, flow: &str) -> Result<Sim
     let service = director.desired().get(&parsed.service);
     let outcome = |frame: Vec<u8>| -> Result<Outcome, SimulateError> {
         let (code, out) = simulator.run(&frame)?;
-        let mac: Option<[u8; 6]> = (code == reason::FORWARDED && out.len() >= 6).then(|| out[0..6].try_into().expect("six bytes"));
+        let sent = code == reason::FORWARDED || code == reason::ICMP_ERROR_FORWARDED;
+        let mac: Option<[u8; 6]> = (sent && out.len() >= 6).then(|| out[0..6].try_into().expect("six bytes"));
         // The frame carries only the MAC; within the service it names one master (two
         // masters with one MAC would be one host, and either answer is that host).
         let backend = mac.and_then(|mac| {
@@ -135,6 +182,7 @@ pub fn run(director: &Director, simulator: &Simulator, flow: &str) -> Result<Sim
     };
     let new = outcome(first_packet(&parsed, director.gateway_mac()))?;
     let established = outcome(established_packet(&parsed, director.gateway_mac()))?;
+    let icmp_error = outcome(icmp_error_packet(&parsed, director.gateway_mac()))?;
     let recorded = director.dataplane().maps_ro().flow(&flow_key(&parsed))?.is_some();
     let now = if recorded { &established } else { &new };
     let verdict = match reason::verdict(now.code) {
@@ -151,6 +199,7 @@ pub fn run(director: &Director, simulator: &Simulator, flow: &str) -> Result<Sim
         mac: now.mac.map(|mac| format_mac(&mac)),
         new_backend: new.backend,
         established_backend: established.backend,
+        icmp_error_backend: icmp_error.backend,
     })
 }
 
@@ -201,5 +250,23 @@ mod tests {
         let frame = first_packet(&f, [2, 0, 0, 0, 0, 2]);
         assert_eq!(frame.len(), 14 + 40 + 8);
         assert_eq!(frame[14 + 6], 17);
+    }
+
+    #[test]
+    fn icmp_errors_quote_the_answer() {
+        let f: Flow = "192.0.2.7:40000-10.0.0.100:7000/tcp".parse().unwrap();
+        let frame = icmp_error_packet(&f, [2, 0, 0, 0, 0, 2]);
+        assert_eq!(frame.len(), 14 + 20 + 8 + 20 + 8);
+        assert_eq!(checksum(&frame[14..34]), 0, "the IPv4 header checksum verifies");
+        assert_eq!((frame[14 + 9], frame[34], frame[35]), (1, 3, 4), "ICMP fragmentation needed");
+        assert_eq!(&frame[30..34], &[10, 0, 0, 100], "to the VIP");
+        let quote = &frame[42..];
+        assert_eq!((&quote[12..16], &quote[16..20]), (&[10, 0, 0, 100][..], &[192, 0, 2, 7][..]), "an answer from the VIP to the client");
+        assert_eq!((&quote[20..22], &quote[22..24]), (&7000u16.to_be_bytes()[..], &40000u16.to_be_bytes()[..]));
+        let f: Flow = "[2001:db8::7]:40000-[2001:db8::100]:53/udp".parse().unwrap();
+        let frame = icmp_error_packet(&f, [2, 0, 0, 0, 0, 2]);
+        assert_eq!(frame.len(), 14 + 40 + 8 + 40 + 8);
+        assert_eq!((frame[14 + 6], frame[54]), (58, 2), "ICMPv6 packet too big");
+        assert_eq!(frame[62 + 6], 17, "quoting UDP");
     }
 }

@@ -164,6 +164,11 @@ pub struct Simulation {
     /// began before its slot changed master.
     #[serde(default)]
     pub established_backend: Option<IpAddr>,
+    /// The master an ICMP error about the flow's answers ("fragmentation needed" or "packet
+    /// too big" from a router, addressed to the VIP) is relayed to: the master the flow's
+    /// packets go to now.
+    #[serde(default)]
+    pub icmp_error_backend: Option<IpAddr>,
 }
 
 /// The daemon's facts that the director does not hold.

@@ -10,6 +10,14 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
+/// ICMP error (type, code) pairs.
+pub const ICMP_FRAG_NEEDED: (u8, u8) = (3, 4);
+pub const ICMP_PORT_UNREACHABLE: (u8, u8) = (3, 3);
+pub const ICMP_TTL_EXCEEDED: (u8, u8) = (11, 0);
+pub const ICMPV6_UNREACHABLE: (u8, u8) = (1, 4);
+pub const ICMPV6_PACKET_TOO_BIG: (u8, u8) = (2, 0);
+pub const ICMPV6_TIME_EXCEEDED: (u8, u8) = (3, 0);
+
 #[derive(Clone, Debug)]
 pub enum L4 {
     Tcp { sport: u16, dport: u16, flags: u8 },
@@ -91,6 +99,43 @@ impl Frame {
         self.dst_mac = dst;
         self.src_mac = src;
         self
+    }
+
+    /// The length of the IP header with its options or extension headers.
+    pub fn ip_header_len(&self) -> usize {
+        match self.src {
+            IpAddr::V4(_) => 20 + self.ipv4_options.len(),
+            IpAddr::V6(_) => 40 + self.ipv6_ext.iter().map(|e| e.body.len() + 2).sum::<usize>(),
+        }
+    }
+
+    /// The IP datagram of this frame (no Ethernet header or VLAN tags).
+    pub fn datagram(&self) -> Vec<u8> {
+        self.bytes()[14 + 4 * self.vlans.len()..].to_vec()
+    }
+
+    /// An ICMP error (ICMPv4 if `quoted` is IPv4, ICMPv6 otherwise) of `icmp_type` and `code`
+    /// from `router` to `to`, with `rest` as the four octets after the checksum (the next-hop
+    /// MTU of "fragmentation needed", the MTU of "packet too big"), quoting `quoted`'s
+    /// datagram cut to its IP header and `l4_octets` octets after it (all of it if `None`;
+    /// RFC 792 guarantees 8). The ICMP checksum is left zero: the program does not read it.
+    pub fn icmp_error(
+        router: impl Into<IpAddr>,
+        to: impl Into<IpAddr>,
+        (icmp_type, code): (u8, u8),
+        rest: [u8; 4],
+        quoted: &Frame,
+        l4_octets: Option<usize>,
+    ) -> Frame {
+        let mut quote = quoted.datagram();
+        if let Some(n) = l4_octets {
+            quote.truncate(quoted.ip_header_len() + n);
+        }
+        let mut bytes = vec![icmp_type, code, 0, 0];
+        bytes.extend_from_slice(&rest);
+        bytes.extend(quote);
+        let proto = if quoted.src.is_ipv4() { 1 } else { 58 };
+        Frame::new(router.into(), to.into(), L4::Other { proto, bytes })
     }
 
     pub fn bytes(&self) -> Vec<u8> {

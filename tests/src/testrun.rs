@@ -132,6 +132,15 @@ impl ProgramUnderTest {
         Ok(())
     }
 
+    /// Runs the sweep as if every recorded flow had been idle for longer than any timeout:
+    /// with no flow recorded, it clears every slot's changed mark, so each flow goes to the
+    /// master its slot names (the state of a daemon long after its last table change).
+    pub fn settle(&mut self) {
+        let idle = std::time::Duration::from_secs(60);
+        let later = mim_lb::director::monotonic_ns() + 2 * idle.as_nanos() as u64;
+        self.director.sweep(later, idle, idle).expect("sweep");
+    }
+
     /// The backend id of the master at `addr` in the service `key`.
     pub fn backend_id(&self, key: &ServiceKey, addr: IpAddr) -> u32 {
         self.director.desired()[key].backends[&addr].id

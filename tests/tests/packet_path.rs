@@ -7,7 +7,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use mim_lb::config::{Protocol, ServiceKey};
 use mim_lb_common::reason;
 use mim_lb_tests::{
-    packet::{Ext6, Frame, L4, TCP_ACK, TCP_PSH, TCP_SYN, ext_ah, ext_fragment, ext_padding},
+    packet::{
+        Ext6, Frame, ICMP_FRAG_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TTL_EXCEEDED, ICMPV6_PACKET_TOO_BIG,
+        ICMPV6_TIME_EXCEEDED, ICMPV6_UNREACHABLE, L4, TCP_ACK, TCP_PSH, TCP_SYN, ext_ah, ext_fragment, ext_padding,
+    },
     testrun::{ProgramUnderTest, forwarded, verdict_name},
 };
 
@@ -97,6 +100,9 @@ enum Expect {
     Dropped(u32),
     /// XDP_TX to the master the control plane's table names for this flow.
     Forwarded(ServiceKey),
+    /// An ICMP error sent with XDP_TX (reason `icmp_error_forwarded`) to the master the
+    /// control plane's table names for the flow (client, client port) -> the service.
+    Relayed(ServiceKey, IpAddr, u16),
 }
 
 struct Case {
@@ -133,7 +139,7 @@ fn cases() -> Vec<Case> {
         f.ipv6_ext = ext;
         f
     };
-    vec![
+    let mut all = vec![
         Case { description: "TCP SYN to a VIP", input: Frame::tcp(CLIENT4, 40000, VIP4, 7000, TCP_SYN), expect: Expect::Forwarded(tcp4) },
         Case { description: "TCP data of an established flow", input: Frame::tcp(CLIENT4, 40000, VIP4, 7000, TCP_ACK | TCP_PSH).with_payload(b"hello"), expect: Expect::Forwarded(tcp4) },
         Case { description: "UDP to a VIP", input: Frame::udp(CLIENT4, 40000, VIP4, 5353).with_payload(b"q"), expect: Expect::Forwarded(key(VIP4, 5353, 17)) },
@@ -179,6 +185,92 @@ fn cases() -> Vec<Case> {
         Case { description: "broadcast UDP to a VIP is dropped", input: Frame::udp(CLIENT4, 40022, VIP4, 5353).with_macs([0xff; 6], CLIENT_MAC), expect: Expect::Dropped(reason::FOREIGN_MAC) },
         Case { description: "multicast-addressed IPv6 SYN to a VIP is dropped", input: Frame::tcp(CLIENT6, 40023, VIP6, 7000, TCP_SYN).with_macs([0x33, 0x33, 0, 0, 0, 1], CLIENT_MAC), expect: Expect::Dropped(reason::FOREIGN_MAC) },
         Case { description: "fragment to a VIP addressed to another host's MAC is dropped", input: fragment(0x2000, VIP4).with_macs(OTHER_MAC, CLIENT_MAC), expect: Expect::Dropped(reason::FOREIGN_MAC) },
+    ];
+    all.extend(icmp_cases());
+    all
+}
+
+/// A router between the gateway and the clients, which sends ICMP errors about the masters'
+/// answers (sent from the VIP) back to the VIP.
+const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xfe);
+/// The next-hop MTU a router reports (1400) in the four octets after the checksum.
+const MTU_1400: [u8; 4] = [0, 0, 0x05, 0x78];
+
+/// ICMP errors about a master's answer: relayed to the flow's master when the quote holds the
+/// answer's ports and it came from a service; passed (as all ICMP was) otherwise.
+fn icmp_cases() -> Vec<Case> {
+    let tcp4 = key(VIP4, 7000, 6);
+    let udp4 = key(VIP4, 5353, 17);
+    let tcp6 = key(VIP6, 7000, 6);
+    // A master's large answer to a client: from VIP:port to the client's port.
+    let answer4 = |cport: u16| Frame::tcp(VIP4, 7000, CLIENT4, cport, TCP_ACK | TCP_PSH).with_payload(&[0x5a; 500]);
+    let answer6 = |cport: u16| Frame::tcp(VIP6, 7000, CLIENT6, cport, TCP_ACK | TCP_PSH).with_payload(&[0x5a; 500]);
+    let frag_needed = |quoted: &Frame, l4: Option<usize>| Frame::icmp_error(ROUTER4, VIP4, ICMP_FRAG_NEEDED, MTU_1400, quoted, l4);
+    let too_big = |quoted: &Frame, l4: Option<usize>| Frame::icmp_error(ROUTER6, VIP6, ICMPV6_PACKET_TOO_BIG, [0, 0, 0x05, 0x00], quoted, l4);
+    let with_options = |mut f: Frame| {
+        // Record-route style filler: NOPs then end-of-options, 12 octets (IHL 8).
+        f.ipv4_options = vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0];
+        f
+    };
+    let cut_ip_header = {
+        // The quote ends 12 octets into the quoted IPv4 header.
+        let mut bytes = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
+        bytes.extend_from_slice(&answer4(40120).datagram()[..12]);
+        Frame::new(ROUTER4.into(), VIP4.into(), L4::Other { proto: 1, bytes })
+    };
+    let later_fragment = {
+        let mut f = Frame::udp(VIP4, 5353, CLIENT4, 40121).with_payload(&[1; 64]);
+        f.ipv4_frag = 0x0010;
+        f
+    };
+    let first_fragment = {
+        let mut f = Frame::udp(VIP4, 5353, CLIENT4, 40122).with_payload(&[1; 64]);
+        f.ipv4_frag = 0x2000;
+        f
+    };
+    let v6_with_ext = {
+        let mut f = answer6(40123);
+        f.ipv6_ext = vec![ext_padding(60, 1)];
+        f
+    };
+    vec![
+        Case { description: "ICMP fragmentation needed quoting a TCP answer, whole quote", input: frag_needed(&answer4(40100), None), expect: Expect::Relayed(tcp4, CLIENT4.into(), 40100) },
+        Case { description: "ICMP fragmentation needed, quote of IP header + 8 octets (RFC 792)", input: frag_needed(&answer4(40101), Some(8)), expect: Expect::Relayed(tcp4, CLIENT4.into(), 40101) },
+        Case { description: "ICMP fragmentation needed, quote of IP header + 4 octets (the ports)", input: frag_needed(&answer4(40102), Some(4)), expect: Expect::Relayed(tcp4, CLIENT4.into(), 40102) },
+        Case { description: "ICMP fragmentation needed, quote of IP header + 3 octets is passed", input: frag_needed(&answer4(40103), Some(3)), expect: Expect::Passed(reason::ICMP_QUOTE_SHORT) },
+        Case { description: "ICMP fragmentation needed, quote of the IP header alone is passed", input: frag_needed(&answer4(40104), Some(0)), expect: Expect::Passed(reason::ICMP_QUOTE_SHORT) },
+        Case { description: "ICMP fragmentation needed, quote ending inside the IP header is passed", input: cut_ip_header, expect: Expect::Passed(reason::ICMP_QUOTE_SHORT) },
+        Case { description: "ICMP fragmentation needed quoting an answer with IPv4 options, IP header + 8", input: frag_needed(&with_options(answer4(40105)), Some(8)), expect: Expect::Relayed(tcp4, CLIENT4.into(), 40105) },
+        Case { description: "ICMP fragmentation needed quoting an answer with IPv4 options, IP header + 3 is passed", input: frag_needed(&with_options(answer4(40106)), Some(3)), expect: Expect::Passed(reason::ICMP_QUOTE_SHORT) },
+        Case { description: "ICMP error with IPv4 options of its own", input: with_options(frag_needed(&answer4(40107), Some(8))), expect: Expect::Relayed(tcp4, CLIENT4.into(), 40107) },
+        Case { description: "ICMP port unreachable quoting a UDP answer", input: Frame::icmp_error(ROUTER4, VIP4, ICMP_PORT_UNREACHABLE, [0; 4], &Frame::udp(VIP4, 5353, CLIENT4, 40108).with_payload(b"answer"), Some(8)), expect: Expect::Relayed(udp4, CLIENT4.into(), 40108) },
+        Case { description: "ICMP time exceeded quoting a TCP answer", input: Frame::icmp_error(ROUTER4, VIP4, ICMP_TTL_EXCEEDED, [0; 4], &answer4(40109), Some(8)), expect: Expect::Relayed(tcp4, CLIENT4.into(), 40109) },
+        Case { description: "ICMP error about a maglev-source service's answer", input: Frame::icmp_error(ROUTER4, STICKY_VIP4, ICMP_FRAG_NEEDED, MTU_1400, &Frame::tcp(STICKY_VIP4, 7000, CLIENT4, 40110, TCP_ACK), Some(8)), expect: Expect::Relayed(key(STICKY_VIP4, 7000, 6), CLIENT4.into(), 40110) },
+        Case { description: "802.1Q-tagged ICMP error keeps its tag", input: frag_needed(&answer4(40111), Some(8)).with_vlan(0x8100, 42), expect: Expect::Relayed(tcp4, CLIENT4.into(), 40111) },
+        Case { description: "ICMPv6 packet too big quoting a TCP answer, whole quote", input: too_big(&answer6(40112), None), expect: Expect::Relayed(tcp6, CLIENT6.into(), 40112) },
+        Case { description: "ICMPv6 packet too big, quote of IP header + 8 octets", input: too_big(&answer6(40113), Some(8)), expect: Expect::Relayed(tcp6, CLIENT6.into(), 40113) },
+        Case { description: "ICMPv6 packet too big, quote of IP header + 4 octets", input: too_big(&answer6(40114), Some(4)), expect: Expect::Relayed(tcp6, CLIENT6.into(), 40114) },
+        Case { description: "ICMPv6 packet too big, quote of IP header + 3 octets is passed", input: too_big(&answer6(40115), Some(3)), expect: Expect::Passed(reason::ICMP_QUOTE_SHORT) },
+        Case { description: "ICMPv6 destination unreachable quoting a TCP answer", input: Frame::icmp_error(ROUTER6, VIP6, ICMPV6_UNREACHABLE, [0; 4], &answer6(40116), Some(8)), expect: Expect::Relayed(tcp6, CLIENT6.into(), 40116) },
+        Case { description: "ICMPv6 time exceeded quoting a TCP answer", input: Frame::icmp_error(ROUTER6, VIP6, ICMPV6_TIME_EXCEEDED, [0; 4], &answer6(40117), Some(8)), expect: Expect::Relayed(tcp6, CLIENT6.into(), 40117) },
+        Case { description: "ICMPv6 error after a destination-options header of its own", input: { let mut f = too_big(&answer6(40118), Some(8)); f.ipv6_ext = vec![ext_padding(60, 1)]; f }, expect: Expect::Relayed(tcp6, CLIENT6.into(), 40118) },
+        Case { description: "ICMPv6 error quoting an answer with extension headers is passed", input: too_big(&v6_with_ext, Some(16)), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMPv6 error quoting UDP from a TCP-only VIP is passed", input: too_big(&Frame::udp(VIP6, 7000, CLIENT6, 40119), Some(8)), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMP error quoting an answer from a VIP port with no service is passed", input: frag_needed(&Frame::tcp(VIP4, 22, CLIENT4, 40124, TCP_ACK), Some(8)), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMP error to the VIP quoting a packet from another source is passed", input: frag_needed(&Frame::tcp(Ipv4Addr::new(10, 0, 0, 2), 7000, CLIENT4, 40125, TCP_ACK), Some(8)), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMP error to another address quoting its own packet is passed", input: Frame::icmp_error(ROUTER4, Ipv4Addr::new(10, 0, 0, 2), ICMP_FRAG_NEEDED, MTU_1400, &Frame::tcp(Ipv4Addr::new(10, 0, 0, 2), 7000, CLIENT4, 40126, TCP_ACK), Some(8)), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMP error to another address quoting a VIP's answer is passed", input: Frame::icmp_error(ROUTER4, Ipv4Addr::new(10, 0, 0, 2), ICMP_FRAG_NEEDED, MTU_1400, &answer4(40127), Some(8)), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMP error quoting a client's request to the VIP is passed", input: Frame::icmp_error(ROUTER4, CLIENT4, ICMP_FRAG_NEEDED, MTU_1400, &Frame::tcp(CLIENT4, 40128, VIP4, 7000, TCP_ACK), Some(8)), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMP error quoting a later fragment of an answer is passed", input: frag_needed(&later_fragment, Some(8)), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMP error quoting the first fragment of a UDP answer", input: frag_needed(&first_fragment, Some(8)), expect: Expect::Relayed(udp4, CLIENT4.into(), 40122) },
+        Case { description: "ICMP redirect quoting an answer is passed", input: Frame::icmp_error(ROUTER4, VIP4, (5, 1), [10, 0, 0, 253], &answer4(40129), Some(8)), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMP echo reply to a VIP is passed", input: Frame::new(CLIENT4.into(), VIP4.into(), L4::Other { proto: 1, bytes: vec![0, 0, 0, 0, 0, 1, 0, 1] }), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMPv6 echo request to a VIP is passed", input: Frame::new(CLIENT6.into(), VIP6.into(), L4::Other { proto: 58, bytes: vec![128, 0, 0, 0, 0, 1, 0, 1] }), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMP error shorter than an ICMP header is passed", input: Frame::new(ROUTER4.into(), VIP4.into(), L4::Other { proto: 1, bytes: vec![3, 4, 0, 0] }), expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMPv4 error quoting an IPv6 packet is passed", input: { let mut f = too_big(&answer6(40130), Some(8)); f.l4 = L4::Other { proto: 1, bytes: match f.l4 { L4::Other { bytes, .. } => bytes, _ => unreachable!() } }; f.src = ROUTER4.into(); f.dst = VIP4.into(); f }, expect: Expect::Passed(reason::NOT_TCP_UDP) },
+        Case { description: "ICMP error about a service with no master drops", input: Frame::icmp_error(ROUTER4, Ipv4Addr::new(10, 0, 0, 102), ICMP_FRAG_NEEDED, MTU_1400, &Frame::tcp(Ipv4Addr::new(10, 0, 0, 102), 7000, CLIENT4, 40131, TCP_ACK), Some(8)), expect: Expect::Dropped(reason::NO_BACKEND) },
+        Case { description: "ICMP error about an answer addressed to another host's MAC is dropped", input: frag_needed(&answer4(40132), Some(8)).with_macs(OTHER_MAC, CLIENT_MAC), expect: Expect::Dropped(reason::FOREIGN_MAC) },
     ]
 }
 
@@ -211,7 +303,24 @@ fn raw_cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
     ipv6_as_v4[14] = 0x65; // IPv6 version nibble behind an IPv4 EtherType
     let mut bad_doff = Frame::tcp(CLIENT4, 40006, VIP4, 7000, TCP_ACK).bytes();
     bad_doff[14 + 20 + 12] = 0x40; // TCP data offset 4
+    // ICMP errors quoting IP header + 8 octets of a master's answer whose IP length ends the
+    // quote 3 octets after the quoted IP header: the rest of the ports is Ethernet padding.
+    let padded_quote = |v4: bool| {
+        let mut bytes = if v4 {
+            Frame::icmp_error(ROUTER4, VIP4, ICMP_FRAG_NEEDED, MTU_1400, &Frame::tcp(VIP4, 7000, CLIENT4, 40140, TCP_ACK), Some(8)).bytes()
+        } else {
+            Frame::icmp_error(ROUTER6, VIP6, ICMPV6_PACKET_TOO_BIG, MTU_1400, &Frame::tcp(VIP6, 7000, CLIENT6, 40141, TCP_ACK), Some(8)).bytes()
+        };
+        if v4 {
+            bytes[16..18].copy_from_slice(&((20 + 8 + 20 + 3) as u16).to_be_bytes());
+        } else {
+            bytes[18..20].copy_from_slice(&((8 + 40 + 3) as u16).to_be_bytes());
+        }
+        bytes
+    };
     vec![
+        ("ICMP error whose IP length ends the quote inside the ports, padded, is passed", padded_quote(true), Expect::Passed(reason::ICMP_QUOTE_SHORT)),
+        ("ICMPv6 error whose IP length ends the quote inside the ports, padded, is passed", padded_quote(false), Expect::Passed(reason::ICMP_QUOTE_SHORT)),
         ("ARP request for the VIP is passed", arp, Expect::Passed(reason::NOT_IP)),
         ("IPv4 header length below 20 is malformed", bad_ihl, Expect::Passed(reason::MALFORMED)),
         ("IPv4 EtherType with version 6 is malformed", ipv6_as_v4, Expect::Passed(reason::MALFORMED)),
@@ -237,6 +346,11 @@ fn flow_of(frame: &Frame) -> (IpAddr, u16, u16) {
 #[test]
 fn fixtures_give_the_expected_verdict_bytes_and_reason() {
     let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    // Backends come up one by one while the config is applied, which leaves slots marked as
+    // changed: there a TCP packet that is not a SYN (and an ICMP error about its flow) goes
+    // to the slot's previous master, not the one `table_master` names. A sweep with no flow
+    // recorded clears every mark, so every flow here is where the table says.
+    prog.settle();
     let mut all: Vec<Fixture> = cases()
         .into_iter()
         .map(|c| (c.description.to_string(), c.input.bytes(), c.expect, Some(flow_of(&c.input))))
@@ -255,6 +369,10 @@ fn fixtures_give_the_expected_verdict_bytes_and_reason() {
                 let (src, sport, dport) = flow.expect("forwarded fixtures carry a flow");
                 let master = prog.table_master(key, src, sport, dport).expect("the table has a master");
                 (reason::XDP_TX, forwarded(input, prog.master_mac(key, master)), reason::FORWARDED)
+            }
+            Expect::Relayed(key, client, cport) => {
+                let master = prog.table_master(key, *client, *cport, key.port).expect("the table has a master");
+                (reason::XDP_TX, forwarded(input, prog.master_mac(key, master)), reason::ICMP_ERROR_FORWARDED)
             }
         };
         let counted: Vec<u32> = (0..after.len() as u32)
@@ -535,7 +653,7 @@ fn udp_flows_are_recorded_and_counted_per_backend() {
 /// decision the live program reaches, connection table included, and leave no trace.
 #[test]
 fn simulation_takes_the_live_decision_and_leaves_no_trace() {
-    use mim_lb::simulate::{Flow, established_packet, first_packet};
+    use mim_lb::simulate::{Flow, established_packet, first_packet, icmp_error_packet};
     let gw = mim_lb_tests::testrun::GATEWAY_MAC;
     let tcp4 = key(VIP4, 7000, 6);
     let mut prog = ProgramUnderTest::pinned(CONFIG).unwrap();
@@ -568,11 +686,17 @@ fn simulation_takes_the_live_decision_and_leaves_no_trace() {
     ))
     .unwrap();
     let mut moved_slots = 0;
+    let flows_before = prog.director.dataplane().maps_ro().flows().unwrap();
+    let reasons_before = prog.reasons().unwrap();
     for (i, &sport) in sports.iter().enumerate() {
         let flow: Flow = format!("{CLIENT4}:{sport}-{VIP4}:7000/tcp").parse().unwrap();
         let (code, out) = simulator.run(&established_packet(&flow, gw)).unwrap();
         assert_eq!(code, reason::FORWARDED);
         assert_eq!(out[0..6], first[i][..], "the simulation of an established flow left its master");
+        // An ICMP error about the flow's answers is relayed to the flow's master too.
+        let (code, out) = simulator.run(&icmp_error_packet(&flow, gw)).unwrap();
+        assert_eq!(code, reason::ICMP_ERROR_FORWARDED, "flow from port {sport}");
+        assert_eq!(out[0..6], first[i][..], "the simulated ICMP error about flow from port {sport} went elsewhere");
         let now_in_table = prog.table_master(&tcp4, CLIENT4.into(), sport, 7000).unwrap();
         // A new connection from the same port follows the current table, whatever is recorded.
         let (code, out) = simulator.run(&first_packet(&flow, gw)).unwrap();
@@ -581,6 +705,12 @@ fn simulation_takes_the_live_decision_and_leaves_no_trace() {
         moved_slots += (prog.master_mac(&tcp4, now_in_table)[..] != first[i][..]) as usize;
     }
     assert!(moved_slots > 40, "only {moved_slots} slots moved: the test proves nothing");
+    let mut flows_after = prog.director.dataplane().maps_ro().flows().unwrap();
+    let mut flows_before = flows_before;
+    flows_before.sort_by_key(|(k, _)| (k.src, k.sport));
+    flows_after.sort_by_key(|(k, _)| (k.src, k.sport));
+    assert_eq!(flows_after, flows_before, "the simulation changed the connection table");
+    assert_eq!(prog.reasons().unwrap(), reasons_before, "the simulation counted packets");
 
     // Not a service, and no backend: the reason comes back too.
     let other: Flow = format!("{CLIENT4}:1-{VIP4}:22/tcp").parse().unwrap();
@@ -606,4 +736,125 @@ fn a_change_rebuilds_only_its_own_service() {
     let report = prog.director.apply_config(&mim_lb::config::Config::parse(&heavier).unwrap()).unwrap();
     assert_eq!(report.tables_built, 1, "{report:?}");
     assert_eq!(report.changed_services, vec!["tcp6".to_owned()]);
+}
+
+/// The connection table, in a comparable order.
+fn flow_table(prog: &ProgramUnderTest) -> Vec<(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)> {
+    let mut flows = prog.director.dataplane().maps_ro().flows().unwrap();
+    flows.sort_by_key(|(k, _)| (k.src, k.dst, k.sport, k.dport, k.proto));
+    flows
+}
+
+/// An ICMP error about a flow goes where the flow's own packets go now, which after a drain
+/// is not the master its slot names: a UDP flow's recorded master, an unrecorded TCP
+/// connection's first master. And an ICMP error never creates, refreshes or moves a record.
+#[test]
+fn icmp_errors_follow_the_flows_master_after_a_drain_and_record_nothing() {
+    use mim_lb::director::Admin;
+    let tcp4 = key(VIP4, 7000, 6);
+    let udp4 = key(VIP4, 5353, 17);
+    let drained: IpAddr = "10.0.0.12".parse().unwrap();
+    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    prog.settle();
+    let tcp_mac = prog.master_mac(&tcp4, drained);
+    let udp_mac = prog.master_mac(&udp4, drained);
+    // Flows opened before the drain: TCP connections (a SYN on a clean slot records nothing)
+    // and UDP flows (recorded by their first datagram), those on the master to drain.
+    let tcp_on: Vec<u16> = (25000..25300u16)
+        .filter(|&p| prog.run(&Frame::tcp(CLIENT4, p, VIP4, 7000, TCP_SYN).bytes()).unwrap().bytes[0..6] == tcp_mac)
+        .collect();
+    let udp_on: Vec<u16> = (26000..26300u16)
+        .filter(|&p| prog.run(&Frame::udp(CLIENT4, p, VIP4, 5353).bytes()).unwrap().bytes[0..6] == udp_mac)
+        .collect();
+    assert!(tcp_on.len() > 30 && udp_on.len() > 30, "too few flows on {drained}: {} TCP, {} UDP", tcp_on.len(), udp_on.len());
+    prog.director.set_admin(&tcp4, drained, Admin::Drained).unwrap();
+    prog.director.set_admin(&udp4, drained, Admin::Drained).unwrap();
+    // A record's last-seen time is refreshed at most once a second by the flow's packets:
+    // let the records age past that, so that a refresh by an ICMP error would show below.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let table_before = flow_table(&prog);
+    let relayed_before = prog.reason_packets(reason::ICMP_ERROR_FORWARDED).unwrap();
+    let mut relayed = 0;
+
+    for &cport in &tcp_on {
+        assert_ne!(prog.table_master(&tcp4, CLIENT4.into(), cport, 7000), Some(drained), "the drain left port {cport}'s slot");
+        let answer = Frame::tcp(VIP4, 7000, CLIENT4, cport, TCP_ACK | TCP_PSH).with_payload(&[1; 1400]);
+        let error = Frame::icmp_error(ROUTER4, VIP4, ICMP_FRAG_NEEDED, MTU_1400, &answer, Some(8)).bytes();
+        let out = prog.run(&error).unwrap();
+        assert_eq!((out.verdict, &out.bytes), (reason::XDP_TX, &forwarded(&error, tcp_mac)), "TCP flow from port {cport}");
+        relayed += 1;
+    }
+    for &cport in &udp_on {
+        assert_ne!(prog.table_master(&udp4, CLIENT4.into(), cport, 5353), Some(drained), "the drain left port {cport}'s slot");
+        let answer = Frame::udp(VIP4, 5353, CLIENT4, cport).with_payload(&[1; 1400]);
+        let error = Frame::icmp_error(ROUTER4, VIP4, ICMP_FRAG_NEEDED, MTU_1400, &answer, Some(8)).bytes();
+        let out = prog.run(&error).unwrap();
+        assert_eq!((out.verdict, &out.bytes), (reason::XDP_TX, &forwarded(&error, udp_mac)), "UDP flow from port {cport}");
+        relayed += 1;
+    }
+    // UDP flows never seen: the error goes to the slot's master, where the flow's first
+    // datagram would go, and records nothing, also on the slots the drain marked (where that
+    // datagram would be recorded).
+    for cport in 27000..27300u16 {
+        let answer = Frame::udp(VIP4, 5353, CLIENT4, cport);
+        let error = Frame::icmp_error(ROUTER4, VIP4, ICMP_PORT_UNREACHABLE, [0; 4], &answer, None).bytes();
+        let out = prog.run(&error).unwrap();
+        let want = prog.table_master(&udp4, CLIENT4.into(), cport, 5353).unwrap();
+        assert_eq!((out.verdict, &out.bytes), (reason::XDP_TX, &forwarded(&error, prog.master_mac(&udp4, want))), "new UDP flow from port {cport}");
+        relayed += 1;
+    }
+    assert_eq!(flow_table(&prog), table_before, "an ICMP error changed the connection table");
+    assert_eq!(prog.reason_packets(reason::ICMP_ERROR_FORWARDED).unwrap() - relayed_before, relayed);
+
+    // The flows' own packets still go where their errors went.
+    for &cport in &tcp_on {
+        let out = prog.run(&Frame::tcp(CLIENT4, cport, VIP4, 7000, TCP_ACK).bytes()).unwrap();
+        assert_eq!(out.bytes[0..6], tcp_mac, "TCP flow from port {cport}");
+    }
+    for &cport in &udp_on {
+        let out = prog.run(&Frame::udp(CLIENT4, cport, VIP4, 5353).bytes()).unwrap();
+        assert_eq!(out.bytes[0..6], udp_mac, "UDP flow from port {cport}");
+    }
+}
+
+/// No cut of an ICMP error frame is relayed unless the cut leaves the quote's ports, and no
+/// cut frame is changed unless it is relayed.
+#[test]
+fn every_truncation_of_an_icmp_error_is_relayed_only_with_its_ports() {
+    let prog = ProgramUnderTest::new(CONFIG).unwrap();
+    let mut with_options = Frame::tcp(VIP4, 7000, CLIENT4, 42100, TCP_ACK);
+    with_options.ipv4_options = vec![1, 1, 1, 0];
+    let quotes = [
+        with_options,
+        Frame::udp(VIP4, 5353, CLIENT4, 42101).with_payload(&[2; 40]),
+        Frame::tcp(VIP6, 7000, CLIENT6, 42102, TCP_ACK).with_payload(&[3; 40]),
+    ];
+    for quoted in &quotes {
+        let (router, vip): (IpAddr, IpAddr) = if quoted.src.is_ipv4() { (ROUTER4.into(), VIP4.into()) } else { (ROUTER6.into(), VIP6.into()) };
+        let kind = if quoted.src.is_ipv4() { ICMP_FRAG_NEEDED } else { ICMPV6_PACKET_TOO_BIG };
+        for l4 in 0..=8 {
+            let error = Frame::icmp_error(router, vip, kind, MTU_1400, quoted, Some(l4));
+            let out = prog.run(&error.bytes()).unwrap();
+            let relayed = out.verdict == reason::XDP_TX;
+            assert_eq!(relayed, l4 >= 4, "quote of IP header + {l4} octets from {}: {}", quoted.src, verdict_name(out.verdict));
+        }
+        // Frames cut anywhere (the IP length still claiming the whole quote): relayed, with
+        // only the MACs changed, exactly when the cut leaves the quoted ports in the frame.
+        let error = Frame::icmp_error(router, vip, kind, MTU_1400, quoted, Some(8));
+        let ports_end = 14 + error.ip_header_len() + 8 + quoted.ip_header_len() + 4;
+        let full = error.bytes();
+        let whole = prog.run(&full).unwrap();
+        assert_eq!(whole.verdict, reason::XDP_TX, "the whole frame is relayed");
+        for len in 14..=full.len() {
+            let cut = &full[..len];
+            let out = prog.run(cut).unwrap();
+            if len >= ports_end {
+                assert_eq!(out.verdict, reason::XDP_TX, "an ICMP error cut to {len} octets, ports included, was not relayed");
+                assert_eq!(out.bytes, forwarded(cut, whole.bytes[0..6].try_into().unwrap()), "an ICMP error cut to {len} octets");
+            } else {
+                assert_ne!(out.verdict, reason::XDP_TX, "an ICMP error cut to {len} octets, before the ports' end at {ports_end}, was relayed");
+                assert_eq!(out.bytes, cut, "an ICMP error cut to {len} octets was modified");
+            }
+        }
+    }
 }
