@@ -74,34 +74,8 @@ pub fn icmp_error_packet(flow: &Flow, dst_mac: [u8; 6]) -> Vec<u8> {
     let quote = &answer[14..14 + ip_header + 8];
     let mut icmp = if v4 { vec![3, 4, 0, 0, 0, 0, 0x05, 0x78] } else { vec![2, 0, 0, 0, 0, 0, 0x05, 0x00] };
     icmp.extend_from_slice(quote);
-    let mut frame = Vec::with_capacity(14 + ip_header + icmp.len());
-    frame.extend_from_slice(&dst_mac);
-    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    match (flow.src.ip(), flow.service.vip) {
-        (IpAddr::V4(src), IpAddr::V4(dst)) => {
-            frame.extend_from_slice(&0x0800u16.to_be_bytes());
-            let mut ip = vec![0x45, 0];
-            ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
-            ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
-            ip.extend_from_slice(&src.octets());
-            ip.extend_from_slice(&dst.octets());
-            let sum = checksum(&ip);
-            ip[10..12].copy_from_slice(&sum.to_be_bytes());
-            frame.extend(ip);
-        }
-        (IpAddr::V6(src), IpAddr::V6(dst)) => {
-            frame.extend_from_slice(&0x86ddu16.to_be_bytes());
-            frame.extend_from_slice(&[0x60, 0, 0, 0]);
-            frame.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
-            frame.extend_from_slice(&[58, 64]);
-            frame.extend_from_slice(&src.octets());
-            frame.extend_from_slice(&dst.octets());
-        }
-        // Flow::from_str refuses mixed families.
-        _ => {}
-    }
-    frame.extend(icmp);
-    frame
+    let proto = if v4 { 1 } else { 58 };
+    ip_frame(flow.src.ip(), flow.service.vip, dst_mac, proto, false, icmp)
 }
 
 const TCP_SYN: u8 = 0x02;
@@ -118,16 +92,22 @@ fn packet(flow: &Flow, dst_mac: [u8; 6], tcp_flags: u8) -> Vec<u8> {
         l4.extend_from_slice(&8u16.to_be_bytes());
         l4.extend_from_slice(&[0, 0]);
     }
-    let proto = flow.service.protocol.number();
-    let mut frame = Vec::with_capacity(80);
+    ip_frame(flow.src.ip(), flow.service.vip, dst_mac, flow.service.protocol.number(), true, l4)
+}
+
+/// An Ethernet frame to `dst_mac` carrying an IP packet from `src` to `dst` (the same family:
+/// `Flow::from_str` refuses mixed ones) with `payload` of protocol `proto`; IPv4 with its
+/// header checksum, and don't-fragment when `df`.
+fn ip_frame(src: IpAddr, dst: IpAddr, dst_mac: [u8; 6], proto: u8, df: bool, payload: Vec<u8>) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(14 + 40 + payload.len());
     frame.extend_from_slice(&dst_mac);
     frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    match (flow.src.ip(), flow.service.vip) {
+    match (src, dst) {
         (IpAddr::V4(src), IpAddr::V4(dst)) => {
             frame.extend_from_slice(&0x0800u16.to_be_bytes());
             let mut ip = vec![0x45, 0];
-            ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-            ip.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+            ip.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&[0, 0, if df { 0x40 } else { 0 }, 0, 64, proto, 0, 0]);
             ip.extend_from_slice(&src.octets());
             ip.extend_from_slice(&dst.octets());
             let sum = checksum(&ip);
@@ -137,15 +117,14 @@ fn packet(flow: &Flow, dst_mac: [u8; 6], tcp_flags: u8) -> Vec<u8> {
         (IpAddr::V6(src), IpAddr::V6(dst)) => {
             frame.extend_from_slice(&0x86ddu16.to_be_bytes());
             frame.extend_from_slice(&[0x60, 0, 0, 0]);
-            frame.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
             frame.extend_from_slice(&[proto, 64]);
             frame.extend_from_slice(&src.octets());
             frame.extend_from_slice(&dst.octets());
         }
-        // Flow::from_str refuses mixed families.
         _ => {}
     }
-    frame.extend(l4);
+    frame.extend(payload);
     frame
 }
 
