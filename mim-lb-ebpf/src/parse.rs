@@ -149,8 +149,14 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
 /// frame check as implied).
 #[inline(always)]
 fn header_at<T>(ctx: &XdpContext, offset: usize, end: usize) -> Result<*const T, u32> {
+    inside::<T>(ctx, offset, end, reason::MALFORMED)
+}
+
+/// A header of `T` at `offset` inside the frame and before `end`; one past `end` is `short`.
+#[inline(always)]
+fn inside<T>(ctx: &XdpContext, offset: usize, end: usize, short: u32) -> Result<*const T, u32> {
     if offset + core::mem::size_of::<T>() > end {
-        return Err(reason::MALFORMED);
+        return Err(short);
     }
     Ok(ptr_at::<T>(ctx, offset)?)
 }
@@ -272,10 +278,7 @@ const ICMP_HEADER_LEN: usize = 8;
 /// still `MALFORMED`.
 #[inline(always)]
 fn quoted_at<T>(ctx: &XdpContext, offset: usize, end: usize) -> Result<*const T, u32> {
-    if offset + core::mem::size_of::<T>() > end {
-        return Err(reason::ICMP_QUOTE_SHORT);
-    }
-    Ok(ptr_at::<T>(ctx, offset)?)
+    inside::<T>(ctx, offset, end, reason::ICMP_QUOTE_SHORT)
 }
 
 /// An ICMP or ICMPv6 message at `offset` (`packet` is its IP datagram, which ends at `end`).
