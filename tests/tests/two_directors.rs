@@ -236,8 +236,8 @@ fn marks_a_peer_cleared_are_cleared_where_they_are_alike() {
     let (id, stamped_slot) = (w.id, (0..w.table_size).find(|s| mim_lb::director::marks::is_marked(w.table()[*s as usize])).unwrap());
     let now = monotonic_ns();
     c.director.dataplane_mut().maps().set_slot_seen(id, &[(stamped_slot, (now >> mim_lb_common::limits::SEEN_SHIFT) as u32)]).unwrap();
-    c.director.settle_marks_after_pull(&[web()], &none, now, idle).unwrap();
+    c.director.settle_marks_after_pull(&[web()], &none, &[], now, idle).unwrap();
     assert_eq!(marked(&c), 1, "the one slot an unrecorded flow of C's own just used keeps its mark");
-    c.director.settle_marks_after_pull(&[web()], &none, now + 10_000_000_000, idle).unwrap();
+    c.director.settle_marks_after_pull(&[web()], &none, &[], now + 10_000_000_000, idle).unwrap();
     assert_eq!(marked(&c), 0);
 }

@@ -273,6 +273,49 @@ impl Director {
         Ok(())
     }
 
+    /// Writes `entries` ((slot, entry)) into `service`'s live Maglev region (a single-word write
+    /// each: the data path sees the old entry or the new one) and keeps the record in step:
+    /// the count of marked slots, and since when each is marked (`now_ns` for one this write
+    /// marks). If the write fails part-way, what the data path reads is the truth, and the
+    /// record is taken from it before anything is built on it.
+    fn write_live_entries(&mut self, service: ServiceKey, entries: &[(u32, u32)], now_ns: u64) -> Result<(), DirectorError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let w = self.written.get(&service).expect("callers name a written service");
+        let (id, active, size) = (w.id, w.active, w.table_size);
+        self.untidy.insert(service);
+        if let Err(e) = self.dataplane.maps().set_maglev_entries(id, active, entries.iter().copied()) {
+            let live = self.dataplane.maps_ro().maglev_region(id, active, size)?;
+            let w = self.written.get_mut(&service).expect("checked above");
+            w.adopt_live_region(live);
+            for &(slot, _) in entries {
+                let i = slot as usize;
+                if marks::is_marked(w.regions[active as usize][i]) && w.times.marked_ns[i] == 0 {
+                    w.times.marked_ns[i] = now_ns;
+                }
+            }
+            return Err(e.into());
+        }
+        let w = self.written.get_mut(&service).expect("checked above");
+        for &(slot, entry) in entries {
+            let i = slot as usize;
+            match (marks::is_marked(w.regions[active as usize][i]), marks::is_marked(entry)) {
+                (false, true) => {
+                    w.marked += 1;
+                    w.times.marked_ns[i] = now_ns;
+                }
+                (true, false) => {
+                    w.marked -= 1;
+                    w.times.marked_ns[i] = 0;
+                }
+                _ => {}
+            }
+            w.regions[active as usize][i] = entry;
+        }
+        Ok(())
+    }
+
     fn sync_flag(&self) -> u32 {
         if self.sync_events { mim_lb_common::GLOBALS_F_SYNC } else { 0 }
     }

@@ -163,7 +163,8 @@ impl Director {
                     (slot, maglev_entry(owner, owner, true))
                 })
                 .collect();
-            report.slots_marked += self.mark_slots(service, entries, now_ns)?;
+            report.slots_marked += entries.len();
+            self.write_live_entries(service, &entries, now_ns)?;
         }
         Ok(report)
     }
@@ -209,7 +210,8 @@ impl Director {
                 (owner_here == owner && entry != wanted).then_some((m.slot, wanted))
             })
             .collect();
-        self.mark_slots(*service, entries, now_ns)
+        self.write_live_entries(*service, &entries, now_ns)?;
+        Ok(entries.len())
     }
 
     /// Entries as peers read them (by address).
@@ -246,7 +248,8 @@ impl Director {
                 (alike && marks::may_clear(&facts, now_ns, *tcp_idle)).then_some((m.slot, marks::owner(entry)))
             })
             .collect();
-        self.unmark_slots(*service, clear)
+        self.write_live_entries(*service, &clear, now_ns)?;
+        Ok(clear.len())
     }
 
     /// After a peer's whole state arrived, for services whose table the peer builds alike
@@ -254,11 +257,13 @@ impl Director {
     /// director's own facts allow it too: no unrecorded flow went to the slot's previous
     /// master here within `tcp_idle` (`SLOT_SEEN`), and no live record here needs the mark.
     /// A director back from a restart or a partition so drops marks its peer cleared while
-    /// it could not hear of it, and never one its own flows use.
+    /// it could not hear of it, and never one its own flows use. `flows` is a read of the
+    /// connection table that began at `now_ns`.
     pub fn settle_marks_after_pull(
         &mut self,
         services: &[ServiceKey],
         reported: &HashMap<ServiceKey, std::collections::HashSet<u32>>,
+        flows: &[(FlowKey, FlowEntry)],
         now_ns: u64,
         tcp_idle: std::time::Duration,
     ) -> Result<usize, DirectorError> {
@@ -266,8 +271,7 @@ impl Director {
         if candidates.is_empty() {
             return Ok(0);
         }
-        let flows = self.dataplane.maps_ro().flows()?;
-        let live = self.live_flows(&flows, now_ns, tcp_idle, tcp_idle);
+        let live = self.live_flows(flows, now_ns, tcp_idle, tcp_idle);
         let none = std::collections::HashSet::new();
         let mut cleared = 0;
         for service in candidates {
@@ -289,52 +293,9 @@ impl Director {
                 })
                 .map(|(slot, e)| (slot as u32, marks::owner(*e)))
                 .collect();
-            cleared += self.unmark_slots(service, clear)?;
+            self.write_live_entries(service, &clear, now_ns)?;
+            cleared += clear.len();
         }
         Ok(cleared)
-    }
-
-    /// Writes clean entries (`(slot, owner)`) into a service's live region.
-    fn unmark_slots(&mut self, service: ServiceKey, clear: Vec<(u32, u32)>) -> Result<usize, DirectorError> {
-        if clear.is_empty() {
-            return Ok(0);
-        }
-        let w = self.written.get(&service).expect("callers checked");
-        let (id, active) = (w.id, w.active);
-        self.dataplane.maps().set_maglev_entries(id, active, clear.iter().copied())?;
-        self.untidy.insert(service);
-        let w = self.written.get_mut(&service).expect("callers checked");
-        for (slot, owner) in &clear {
-            let i = *slot as usize;
-            if marks::is_marked(w.regions[active as usize][i]) {
-                w.marked -= 1;
-            }
-            w.regions[active as usize][i] = *owner;
-            w.times.marked_ns[i] = 0;
-        }
-        Ok(clear.len())
-    }
-
-    /// Writes marked entries into a service's live region and keeps the record (times, count)
-    /// in step. A slot marked here is kept for a whole idle timeout at least, as any mark.
-    fn mark_slots(&mut self, service: ServiceKey, entries: Vec<(u32, u32)>, now_ns: u64) -> Result<usize, DirectorError> {
-        if entries.is_empty() {
-            return Ok(0);
-        }
-        let w = self.written.get(&service).expect("callers checked");
-        let (id, active) = (w.id, w.active);
-        self.dataplane.maps().set_maglev_entries(id, active, entries.iter().copied())?;
-        self.untidy.insert(service);
-        let w = self.written.get_mut(&service).expect("callers checked");
-        for (slot, entry) in &entries {
-            let i = *slot as usize;
-            let was_marked = marks::is_marked(w.regions[active as usize][i]);
-            w.regions[active as usize][i] = *entry;
-            if !was_marked {
-                w.marked += 1;
-                w.times.marked_ns[i] = now_ns;
-            }
-        }
-        Ok(entries.len())
     }
 }

@@ -210,23 +210,10 @@ impl Director {
             if clear.is_empty() {
                 continue;
             }
-            let (id, active, size) = (w.id, w.active, w.table_size);
-            if let Err(e) = self.dataplane.maps().set_maglev_entries(id, active, clear.iter().copied()) {
-                // Some entries may be clean in the kernel already: what the data path reads is
-                // the truth, and the record is taken from it before anything is built on it.
-                let live = self.dataplane.maps_ro().maglev_region(id, active, size)?;
-                self.written.get_mut(&key).expect("listed above").adopt_live_region(live);
-                self.untidy.insert(key);
-                return Err(e.into());
-            }
-            cleared.push((key, size, clear.iter().map(|&(slot, _)| (slot, self.written[&key].table()[slot as usize])).collect()));
-            self.untidy.insert(key);
-            let w = self.written.get_mut(&key).expect("listed above");
-            for (slot, value) in clear {
-                w.regions[active as usize][slot as usize] = value;
-                w.times.marked_ns[slot as usize] = 0;
-                w.marked -= 1;
-            }
+            let before: Vec<(u32, u32)> = clear.iter().map(|&(slot, _)| (slot, w.table()[slot as usize])).collect();
+            let size = w.table_size;
+            self.write_live_entries(key, &clear, read_ns)?;
+            cleared.push((key, size, before));
         }
         Ok(cleared)
     }

@@ -77,6 +77,8 @@ pub struct SyncRunner {
     pulled_marks: HashMap<SocketAddr, HashMap<ServiceKey, std::collections::HashSet<u32>>>,
     /// Peers to send the whole state with the next read of the connection table.
     answer_wanted: Vec<SocketAddr>,
+    /// Whole states received, whose marks are settled with the next read of the table.
+    settles: Vec<(SocketAddr, HashMap<ServiceKey, std::collections::HashSet<u32>>)>,
     /// When the queued changes go (see [`FLUSH_DELAY`]).
     flush_at: Option<Instant>,
     /// After a failed read of the connection table, the next is not tried before this.
@@ -138,6 +140,7 @@ impl SyncRunner {
             buf: vec![0; 2048],
             pulled_marks: HashMap::new(),
             answer_wanted: Vec::new(),
+            settles: Vec::new(),
             flush_at: None,
             read_again_at: None,
             forgotten: HashMap::new(),
@@ -164,6 +167,9 @@ impl SyncRunner {
 
     /// Why this director is not ready yet, if its pull is not over.
     pub fn not_ready(&self) -> Option<String> {
+        if !self.settles.is_empty() {
+            return Some("settling the marks of the peers' state".into());
+        }
         let waiting = self.engine.pulling_from();
         (!waiting.is_empty()).then(|| {
             format!(
@@ -377,7 +383,8 @@ impl SyncRunner {
                 Inbound::Pulled { from, own_pull } => {
                     debug!("flow sync: {from} finished sending its state (own pull: {own_pull})");
                     let reported = self.pulled_marks.remove(&from).unwrap_or_default();
-                    self.settle_after_pull(director, from, reported)
+                    self.settles.push((from, reported));
+                    Ok(())
                 }
             };
             if let Err(e) = result {
@@ -389,16 +396,20 @@ impl SyncRunner {
     /// After a peer's whole state: for each service whose table the peer builds alike (same
     /// digest), marks held here that the peer did not report are cleared where this
     /// director's own facts allow it (`Director::settle_marks_after_pull`).
+    /// Done with the next read of the connection table (on its own thread), which tells which
+    /// marks this director's live records need.
     fn settle_after_pull(
         &mut self,
         director: &mut Director,
         peer: SocketAddr,
         reported: HashMap<ServiceKey, std::collections::HashSet<u32>>,
+        flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)],
+        read_ns: u64,
     ) -> Result<(), crate::director::DirectorError> {
         let Some(p) = self.engine.peers().iter().find(|p| p.addr == peer) else { return Ok(()) };
         let agreeing: Vec<ServiceKey> =
             director.digests().into_iter().filter(|(k, d)| p.digests.get(k) == Some(d)).map(|(k, _)| k).collect();
-        let cleared = director.settle_marks_after_pull(&agreeing, &reported, monotonic_ns(), self.tcp_idle)?;
+        let cleared = director.settle_marks_after_pull(&agreeing, &reported, flows, read_ns, self.tcp_idle)?;
         if cleared > 0 {
             info!("flow sync: {cleared} slots were marked here but not on {peer}, and no flow here needs them: cleared");
         }
@@ -418,7 +429,7 @@ impl SyncRunner {
     /// Peers waiting for the whole state: the daemon reads the connection table now (not
     /// again within a second of a failed read).
     pub fn wants_a_read(&self) -> bool {
-        !self.answer_wanted.is_empty() && self.read_again_at.is_none_or(|t| Instant::now() >= t)
+        (!self.answer_wanted.is_empty() || !self.settles.is_empty()) && self.read_again_at.is_none_or(|t| Instant::now() >= t)
     }
 
     /// A read of the connection table failed: the next waits a second.
@@ -431,8 +442,13 @@ impl SyncRunner {
     /// live records for the others. Records the data path forgot after the read began are
     /// left out (they would bring back an old connection's record), and so are records no
     /// longer live.
-    pub fn on_table_read(&mut self, director: &Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_ns: u64) {
+    pub fn on_table_read(&mut self, director: &mut Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_ns: u64) {
         self.read_again_at = None;
+        for (peer, reported) in std::mem::take(&mut self.settles) {
+            if let Err(e) = self.settle_after_pull(director, peer, reported, flows, read_ns) {
+                warn!("flow sync: settling marks after {peer}'s state: {e}");
+            }
+        }
         let (tcp, udp) = (self.tcp_idle.as_nanos() as u64, self.udp_idle.as_nanos() as u64);
         let forgotten = &self.forgotten;
         let current: Vec<_> = flows
