@@ -52,3 +52,13 @@ pub const SEEN_SHIFT: u32 = 30;
 /// 8-byte header each), a quarter of a second of new flows at 200,000 per second before the
 /// daemon reads them.
 pub const FLOW_EVENTS_BYTES: u32 = 1 << 22;
+
+/// Entries of the fragment table (an LRU map): datagrams whose first fragment passed within
+/// `FRAGMENT_TIMEOUT_NS`. At 16,384, a gateway keeps every record for the timeout up to about
+/// 8,000 fragmented datagrams per second; past that the oldest are evicted first.
+pub const FRAGMENT_TABLE_SIZE: u32 = 16_384;
+
+/// How long after a datagram's first fragment its other fragments follow it. Fragments of one
+/// datagram leave the client back to back; a bound this short keeps a reused IP id (the
+/// client's counter wraps) from sending a new datagram's fragments after an old one's.
+pub const FRAGMENT_TIMEOUT_NS: u64 = 2_000_000_000;

@@ -14,11 +14,13 @@ pub mod names {
     pub const MAGLEV_OLD: &str = "MAGLEV_OLD";
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const SYNC_STATS: &str = "SYNC_STATS";
-    /// Maps that hold no state a restart must keep (a channel and its counters): a pinned
-    /// set of any readable ABI may lack them, and they are then created beside the others.
-    pub const STATELESS: [&str; 2] = [FLOW_EVENTS, SYNC_STATS];
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// Maps that hold no state a restart must keep (a channel and its counters, and the
+    /// fragment records, which live for `FRAGMENT_TIMEOUT_NS`): a pinned set of any readable
+    /// ABI may lack them, and they are then created beside the others.
+    pub const STATELESS: [&str; 3] = [FLOW_EVENTS, SYNC_STATS, FRAGMENTS];
     /// Every map the control plane owns and pins.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         GLOBALS,
         SERVICES,
         MAGLEV,
@@ -31,6 +33,7 @@ pub mod names {
         MAGLEV_OLD,
         FLOW_EVENTS,
         SYNC_STATS,
+        FRAGMENTS,
     ];
 }
 
@@ -84,7 +87,10 @@ pub struct Globals {
 /// `ServiceEntry::flags`: the service hashes the client address only (`maglev-source`).
 pub const SERVICE_F_SOURCE_HASH: u32 = 1;
 /// `ServiceEntry::flags`: the entry only marks `vip` as a VIP for `proto` (its port is 0), so
-/// that fragments, which may carry no port, are recognised as addressed to a VIP.
+/// that fragments, which may carry no port, are recognised as addressed to a VIP. When the VIP
+/// has exactly one service for `proto` and that service hashes the client address only, the
+/// marker is a copy of the service's entry (port 0, with `SERVICE_F_SOURCE_HASH`): a fragment
+/// that arrives before its datagram's first fragment can then be sent by its source alone.
 pub const SERVICE_F_VIP_MARKER: u32 = 2;
 /// `ServiceEntry::flags`: the table's size or hash changed recently. Unrecorded TCP flows on a
 /// marked slot whose entry names no previous master began under the old table, whose masters
@@ -263,6 +269,31 @@ pub const SYNC_STAT_SENT: u32 = 0;
 pub const SYNC_STAT_LOST: u32 = 1;
 pub const SYNC_STAT_SLOTS: u32 = 2;
 
+/// Key of the fragment table (`FRAGMENTS`, an LRU hash map): one fragmented datagram, named as
+/// IP reassembly names it (RFC 791, RFC 8200).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// The IP identification: 16 bits for IPv4, 32 for IPv6 (host order).
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad0: [u8; 2],
+}
+
+/// Value of the fragment table: the master the datagram's first fragment was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentEntry {
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `CLOCK_MONOTONIC` (coarse) when the first fragment passed; the record is followed for
+    /// `limits::FRAGMENT_TIMEOUT_NS` after it.
+    pub first_seen_ns: u64,
+}
+
 /// A packet and byte counter (`REASON_STATS`, per CPU, indexed by reason code).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -292,6 +323,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentEntry {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for TrafficStats {}
 }
@@ -304,6 +337,8 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowEntry>() == 24);
     assert!(core::mem::size_of::<FlowEvent>() == 72);
+    assert!(core::mem::size_of::<FragmentKey>() == 40);
+    assert!(core::mem::size_of::<FragmentEntry>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
     // Every backend id fits in a Maglev entry's owner and previous-owner fields.

@@ -13,9 +13,12 @@ pub const NO_BACKEND: u32 = 3;
 /// Passed: a header is truncated or inconsistent; the kernel decides what to do with it.
 pub const MALFORMED: u32 = 4;
 /// Dropped: an IP fragment addressed to a VIP that has a service for the fragment's protocol
-/// (UDP fragments to a TCP-only VIP are `NOT_A_SERVICE`). Non-first fragments carry no
-/// ports, so they cannot be matched to a flow; dropping every fragment for a VIP guarantees
-/// that no two parts of one datagram reach different masters.
+/// (UDP fragments to a TCP-only VIP are `NOT_A_SERVICE`) that cannot be sent where the rest of
+/// its datagram goes: a later fragment with no record of its first fragment (it arrived first,
+/// more than `FRAGMENT_TIMEOUT_NS` after it, or the record was evicted), one whose first
+/// fragment's master no longer keeps flows, or a first fragment too short to hold the ports.
+/// Dropping, never guessing, guarantees that no two parts of one datagram reach different
+/// masters; the client's retransmission (or the application's) sends the datagram again.
 pub const FRAGMENT: u32 = 5;
 /// Passed: an IPv6 extension header the program does not walk (ESP, AH, mobility, ...), or a
 /// chain longer than it walks.
@@ -47,9 +50,20 @@ pub const ICMP_ERROR_FORWARDED: u32 = 13;
 /// Passed: an ICMP error of a kind that is relayed, whose quote is too short to hold the
 /// quoted packet's ports (less than its IP header plus 4 octets).
 pub const ICMP_QUOTE_SHORT: u32 = 14;
+/// Sent to a master with XDP_TX: the first fragment of a datagram (offset 0, ports present),
+/// sent where the whole datagram would go and remembered in `FRAGMENTS` for the others.
+pub const FRAGMENT_FIRST: u32 = 15;
+/// Sent to a master with XDP_TX: a later fragment, sent to the master its datagram's first
+/// fragment went to.
+pub const FRAGMENT_FOLLOWED: u32 = 16;
+/// Sent to a master with XDP_TX: a later fragment with no record of its first fragment, for a
+/// VIP whose only service for the protocol hashes the client address only (`maglev-source`),
+/// on a slot whose every flow is on its master: sent by its source alone, where the first
+/// fragment will go too.
+pub const FRAGMENT_BY_SOURCE: u32 = 17;
 
 /// Every reason with its stable name, for status output, metrics and tests.
-pub const ALL: [(u32, &str); 15] = [
+pub const ALL: [(u32, &str); 18] = [
     (FORWARDED, "forwarded"),
     (NOT_IP, "not_ip"),
     (NOT_A_SERVICE, "not_a_service"),
@@ -65,6 +79,9 @@ pub const ALL: [(u32, &str); 15] = [
     (FOREIGN_MAC, "foreign_mac"),
     (ICMP_ERROR_FORWARDED, "icmp_error_forwarded"),
     (ICMP_QUOTE_SHORT, "icmp_quote_short"),
+    (FRAGMENT_FIRST, "fragment_first"),
+    (FRAGMENT_FOLLOWED, "fragment_followed"),
+    (FRAGMENT_BY_SOURCE, "fragment_by_source"),
 ];
 
 /// The stable name of a reason code.
@@ -93,7 +110,7 @@ pub const XDP_TX: u32 = 3;
 #[inline(always)]
 pub const fn verdict(code: u32) -> u32 {
     match code {
-        FORWARDED | ICMP_ERROR_FORWARDED => XDP_TX,
+        FORWARDED | ICMP_ERROR_FORWARDED | FRAGMENT_FIRST | FRAGMENT_FOLLOWED | FRAGMENT_BY_SOURCE => XDP_TX,
         NO_BACKEND | FRAGMENT | BACKEND_MISSING | INTERNAL | FOREIGN_MAC => XDP_DROP,
         _ => XDP_PASS,
     }

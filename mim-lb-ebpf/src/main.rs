@@ -4,13 +4,14 @@
 #![no_std]
 #![no_main]
 
+mod fragment;
 mod maps;
 mod parse;
 mod select;
 mod stats;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use mim_lb_common::{GLOBALS_F_READY, SERVICE_F_VIP_MARKER, reason};
+use mim_lb_common::{BackendEntry, GLOBALS_F_READY, Globals, SERVICE_F_VIP_MARKER, reason};
 use network_types::eth::EthHdr;
 
 use crate::maps::GLOBALS;
@@ -79,18 +80,11 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
     let packet = parse::parse(ctx)?;
     let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
 
-    if packet.kind != parse::WHOLE {
-        if packet.kind == parse::ICMP_ERROR {
-            return icmp_error(ctx, globals, &packet, eth, bytes);
-        }
-        // Fragments carry no ports (after the first), so they are matched on the VIP alone.
-        return match select::service(globals, &packet, 0) {
-            Some(s) if s.flags & SERVICE_F_VIP_MARKER != 0 => {
-                addressed_to_gateway(eth, globals)?;
-                Err(reason::FRAGMENT)
-            }
-            _ => Err(reason::NOT_A_SERVICE),
-        };
+    if packet.kind == parse::ICMP_ERROR {
+        return icmp_error(ctx, globals, &packet, eth, bytes);
+    }
+    if packet.kind == parse::FRAGMENT {
+        return fragment::later(globals, &packet, eth, bytes);
     }
     let service = select::service(globals, &packet, packet.dport).ok_or(reason::NOT_A_SERVICE)?;
     if service.flags & SERVICE_F_VIP_MARKER != 0 {
@@ -102,14 +96,27 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
 
     // SAFETY: `eth` points at a whole Ethernet header inside the frame (ptr_at checked it),
     // and both sources are six-byte arrays inside map values that live for the program run.
-    unsafe {
-        copy_mac((*eth).dst_addr.as_mut_ptr(), choice.backend.mac.as_ptr());
-        copy_mac((*eth).src_addr.as_mut_ptr(), globals.gateway_mac.as_ptr());
-    }
+    unsafe { rewrite_macs(eth, choice.backend, globals) };
     if !simulating() {
         stats::count_forward(service.service_id, choice.backend_id, bytes, choice.new_flow);
     }
+    if packet.kind == parse::FIRST_FRAGMENT {
+        fragment::remember(&packet, service, choice.backend_id);
+        return Err(reason::FRAGMENT_FIRST);
+    }
     Ok(())
+}
+
+/// Points the frame at `backend`, from the gateway.
+///
+/// # Safety
+/// `eth` must point at a whole Ethernet header inside the frame.
+#[inline(always)]
+pub(crate) unsafe fn rewrite_macs(eth: *mut EthHdr, backend: &BackendEntry, globals: &Globals) {
+    unsafe {
+        copy_mac((*eth).dst_addr.as_mut_ptr(), backend.mac.as_ptr());
+        copy_mac((*eth).src_addr.as_mut_ptr(), globals.gateway_mac.as_ptr());
+    }
 }
 
 /// An ICMP error about a master's answer (`packet` is the quoted flow turned round, as the
@@ -119,7 +126,7 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
 #[inline(always)]
 fn icmp_error(
     ctx: &XdpContext,
-    globals: &mim_lb_common::Globals,
+    globals: &Globals,
     packet: &parse::Packet,
     eth: *mut EthHdr,
     bytes: u64,
@@ -132,10 +139,7 @@ fn icmp_error(
     addressed_to_gateway(eth, globals)?;
     let choice = select::choose_quietly(ctx, service, packet)?;
     // SAFETY: as in `try_mim_lb`.
-    unsafe {
-        copy_mac((*eth).dst_addr.as_mut_ptr(), choice.backend.mac.as_ptr());
-        copy_mac((*eth).src_addr.as_mut_ptr(), globals.gateway_mac.as_ptr());
-    }
+    unsafe { rewrite_macs(eth, choice.backend, globals) };
     if !simulating() {
         stats::count_forward(service.service_id, choice.backend_id, bytes, false);
     }
@@ -145,7 +149,7 @@ fn icmp_error(
 /// Only frames sent to the gateway's own MAC are forwarded: a copy of a VIP frame that reached
 /// this interface for another host must not be sent to a master a second time.
 #[inline(always)]
-fn addressed_to_gateway(eth: *const EthHdr, globals: &mim_lb_common::Globals) -> Result<(), u32> {
+pub(crate) fn addressed_to_gateway(eth: *const EthHdr, globals: &Globals) -> Result<(), u32> {
     // SAFETY: `eth` points at a whole Ethernet header inside the frame (ptr_at checked it),
     // and `gateway_mac` is six bytes inside a map value; both are read as 4 + 2 byte words.
     let same = unsafe {

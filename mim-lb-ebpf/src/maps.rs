@@ -6,11 +6,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mim_lb_common::{
-    BackendEntry, Counter, FlowEntry, FlowEvent, FlowKey, Globals, SYNC_STAT_SLOTS, ServiceEntry,
-    TrafficStats,
+    BackendEntry, Counter, FlowEntry, FlowEvent, FlowKey, FragmentEntry, FragmentKey, Globals,
+    SYNC_STAT_SLOTS, ServiceEntry, TrafficStats,
     limits::{
-        DEFAULT_FLOW_TABLE_SIZE, FLOW_EVENTS_BYTES, MAGLEV_MAP_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
-        REASON_SLOTS, SERVICE_SLOTS, SLOT_MAP_ENTRIES,
+        DEFAULT_FLOW_TABLE_SIZE, FLOW_EVENTS_BYTES, FRAGMENT_TABLE_SIZE, MAGLEV_MAP_ENTRIES, MAX_BACKENDS,
+        MAX_SERVICES, REASON_SLOTS, SERVICE_SLOTS, SLOT_MAP_ENTRIES,
     },
 };
 
@@ -65,3 +65,8 @@ pub static FLOW_EVENTS: RingBuf<FlowEvent, { FLOW_EVENTS_BYTES as usize }> = Rin
 /// Events sent to and lost from `FLOW_EVENTS` (`SYNC_STAT_*`).
 #[btf_map]
 pub static SYNC_STATS: PerCpuArray<u64, { SYNC_STAT_SLOTS as usize }> = PerCpuArray::new();
+
+/// Where the first fragment of each recent fragmented datagram went (`fragment.rs`).
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry, { FRAGMENT_TABLE_SIZE as usize }> =
+    LruHashMap::new();

@@ -55,14 +55,20 @@ pub struct Packet {
     pub dport: u16,
     /// TCP SYN without ACK: the first packet of a connection.
     pub tcp_syn: bool,
-    /// `WHOLE`, `FRAGMENT` or `ICMP_ERROR`.
+    /// `WHOLE`, `FIRST_FRAGMENT`, `FRAGMENT` or `ICMP_ERROR`.
     pub kind: u8,
+    /// The IP identification of a fragment (`FIRST_FRAGMENT`, `FRAGMENT`), host order.
+    pub frag_id: u32,
 }
 
 /// A whole TCP or UDP datagram: the fields are its own.
 pub const WHOLE: u8 = 0;
-/// Part of a fragmented datagram (ports not read).
+/// A later part of a fragmented datagram, or a first part too short to hold the ports: only
+/// the addresses, the protocol and `frag_id` are known.
 pub const FRAGMENT: u8 = 1;
+/// The first fragment of a TCP or UDP datagram (offset 0, more to come): its ports are read,
+/// and it goes where the whole datagram would.
+pub const FIRST_FRAGMENT: u8 = 3;
 /// An ICMP error addressed to the source of the packet it quotes, which is a TCP segment or
 /// UDP datagram with its ports: the fields describe the quoted packet's flow in the other
 /// direction (source = the quote's destination, `dport` = the quote's source port), the
@@ -70,7 +76,7 @@ pub const FRAGMENT: u8 = 1;
 pub const ICMP_ERROR: u8 = 2;
 
 /// Walks Ethernet, up to two VLAN tags, IPv4 (with options) or IPv6 (with hop-by-hop,
-/// routing, destination-options and atomic fragment headers), then TCP or UDP.
+/// routing, destination-options and fragment headers), then TCP or UDP.
 /// The error is the reason code the packet is counted under.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
@@ -98,7 +104,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, u32> {
 #[inline(always)]
 fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, offset)?;
-    let (vihl, frags, proto, src, dst, tot_len) = unsafe {
+    let (vihl, frags, proto, src, dst, tot_len, id) = unsafe {
         (
             (*ip).vihl,
             u16::from_be_bytes((*ip).frags),
@@ -106,6 +112,7 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
             u32::from_ne_bytes((*ip).src_addr),
             u32::from_ne_bytes((*ip).dst_addr),
             u16::from_be_bytes((*ip).tot_len),
+            u16::from_be_bytes((*ip).id),
         )
     };
     let header_len = ((vihl & 0x0f) as usize) * 4;
@@ -123,10 +130,15 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
         sport: 0,
         dport: 0,
         tcp_syn: false,
-        // More-fragments flag or a non-zero offset.
-        kind: (frags & 0x3fff != 0) as u8 * FRAGMENT,
+        kind: WHOLE,
+        frag_id: id as u32,
     };
-    if packet.kind != WHOLE {
+    if frags & 0x1fff != 0 {
+        packet.kind = FRAGMENT;
+        return Ok(packet);
+    }
+    if frags & IPV4_MORE_FRAGMENTS != 0 {
+        first_fragment(ctx, offset + header_len, end, &mut packet);
         return Ok(packet);
     }
     if let Err(code) = parse_l4(ctx, offset + header_len, end, &mut packet) {
@@ -141,6 +153,20 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
         return Err(code);
     }
     Ok(packet)
+}
+
+/// IPv4 "more fragments" flag, in the flags-and-offset word.
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+
+/// The first fragment of a datagram whose L4 header starts at `offset`: a TCP or UDP one whose
+/// ports it holds becomes a `FIRST_FRAGMENT` with them; any other stays a `FRAGMENT` (no
+/// service matches another protocol; one too short for its ports cannot be placed).
+#[inline(always)]
+fn first_fragment(ctx: &XdpContext, offset: usize, end: usize, packet: &mut Packet) {
+    packet.kind = FRAGMENT;
+    if (packet.proto == PROTO_TCP || packet.proto == PROTO_UDP) && parse_l4(ctx, offset, end, packet).is_ok() {
+        packet.kind = FIRST_FRAGMENT;
+    }
 }
 
 /// A header of `T` at `offset` that lies inside both the frame and the datagram (`end`).
@@ -186,6 +212,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
         dport: 0,
         tcp_syn: false,
         kind: WHOLE,
+        frag_id: 0,
     };
     let mut offset = offset + Ipv6Hdr::LEN;
     for _ in 0..IPV6_MAX_EXTENSIONS {
@@ -198,13 +225,22 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
                 offset += (len as usize + 1) * 8;
             }
             IPV6_FRAGMENT => {
-                let frag: *const [u8; 4] = header_at(ctx, offset, end)?;
-                let (nh, off_hi, off_lo_m) = unsafe { ((*frag)[0], (*frag)[2], (*frag)[3]) };
-                // An atomic fragment (offset 0, no more fragments) is a whole datagram.
-                if off_hi != 0 || off_lo_m & 0xf9 != 0 {
+                // next header, reserved, offset (13 bits) and M flag, identification.
+                let frag: *const [u8; 8] = header_at(ctx, offset, end)?;
+                let (nh, off_hi, off_lo_m, id) = unsafe {
+                    let f = *frag;
+                    (f[0], f[2], f[3], u32::from_be_bytes([f[4], f[5], f[6], f[7]]))
+                };
+                packet.frag_id = id;
+                if off_hi != 0 || off_lo_m & 0xf8 != 0 {
                     packet.proto = nh;
                     packet.kind = FRAGMENT;
                     return Ok(packet);
+                }
+                // Offset 0: the first fragment (M set) or an atomic fragment, a whole datagram
+                // (RFC 6946), whose headers follow as in any other.
+                if off_lo_m & 1 != 0 {
+                    packet.kind = FIRST_FRAGMENT;
                 }
                 next = nh;
                 offset += 8;
@@ -213,6 +249,10 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
         }
     }
     packet.proto = next;
+    if packet.kind == FIRST_FRAGMENT {
+        first_fragment(ctx, offset, end, &mut packet);
+        return Ok(packet);
+    }
     match next {
         PROTO_TCP | PROTO_UDP => {
             parse_l4(ctx, offset, end, &mut packet)?;
@@ -342,6 +382,16 @@ fn parse_icmp_error(ctx: &XdpContext, offset: usize, end: usize, outer: &mut Pac
         let p = *ports;
         (u16::from_ne_bytes([p[0], p[1]]), u16::from_ne_bytes([p[2], p[3]]))
     };
-    *outer = Packet { family: outer.family, proto, src: dst, dst: src, sport: dport, dport: sport, tcp_syn: false, kind: ICMP_ERROR };
+    *outer = Packet {
+        family: outer.family,
+        proto,
+        src: dst,
+        dst: src,
+        sport: dport,
+        dport: sport,
+        tcp_syn: false,
+        kind: ICMP_ERROR,
+        frag_id: 0,
+    };
     Ok(())
 }

@@ -176,9 +176,29 @@ fn to(id: u32, new_flow: bool) -> Result<Choice, u32> {
 /// The backend `id` if it keeps the flows of `service` (up or draining, of this service).
 #[inline(always)]
 fn keeper(service: &ServiceEntry, id: u32) -> Option<&'static BackendEntry> {
+    keeper_of(service.service_id, id)
+}
+
+/// The backend `id` if it keeps the flows of service `service_id`.
+#[inline(always)]
+pub fn keeper_of(service_id: u32, id: u32) -> Option<&'static BackendEntry> {
     let b = BACKENDS.get(id)?;
     let keeps = BACKEND_F_IN_USE | BACKEND_F_KEEPS_FLOWS;
-    (b.flags & keeps == keeps && b.service_id == service.service_id).then_some(b)
+    (b.flags & keeps == keeps && b.service_id == service_id).then_some(b)
+}
+
+/// For a service that hashes the client address only: the master of the packet's slot if
+/// the slot is clean, where every flow of the slot is (and every new one goes). On a marked
+/// slot a flow may be recorded elsewhere, which a packet without ports cannot look up.
+#[inline(always)]
+pub fn clean_slot_owner(service: &ServiceEntry, packet: &Packet) -> Option<u32> {
+    if service.table_size == 0 {
+        return None;
+    }
+    let slot = hash::table_slot(packet_hash(true, packet), service.table_size);
+    let entry = *MAGLEV.get(limits::maglev_index(service.service_id, service.active_table & 1, slot))?;
+    let owner = entry & MAGLEV_BACKEND_MASK;
+    (entry & MAGLEV_SLOT_CHANGED == 0 && owner != 0).then_some(owner)
 }
 
 /// The recorded master of a flow. Refreshes the record's `last_seen_ns` (at most once a

@@ -79,6 +79,12 @@ pub fn tcp_ask_many(addr: SocketAddr, count: usize, timeout: Duration) -> Result
 /// Sends one datagram to `addr` from `local_port` (any port if `None`) and returns the answer.
 /// The socket is connected, so only an answer from `addr` itself counts.
 pub fn udp_ask(addr: SocketAddr, local_port: Option<u16>, timeout: Duration) -> Result<String> {
+    udp_ask_with(addr, local_port, b"who?\n", timeout)
+}
+
+/// [`udp_ask`] with a request of the caller's: one larger than the path MTU leaves the client
+/// in fragments.
+pub fn udp_ask_with(addr: SocketAddr, local_port: Option<u16>, request: &[u8], timeout: Duration) -> Result<String> {
     let local: IpAddr = match addr {
         SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
@@ -87,7 +93,7 @@ pub fn udp_ask(addr: SocketAddr, local_port: Option<u16>, timeout: Duration) -> 
     let socket = UdpSocket::bind(local).with_context(|| format!("binding UDP {local}"))?;
     socket.connect(addr).with_context(|| format!("connecting UDP to {addr}"))?;
     socket.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
-    socket.send(b"who?\n").with_context(|| format!("sending to {addr}"))?;
+    socket.send(request).with_context(|| format!("sending to {addr}"))?;
     let mut buf = [0u8; 1500];
     let n = socket
         .recv(&mut buf)

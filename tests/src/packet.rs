@@ -56,6 +56,8 @@ pub struct Frame {
     pub ipv4_options: Vec<u8>,
     /// IPv4 flags+fragment offset field (host order): 0x2000 = more fragments.
     pub ipv4_frag: u16,
+    /// IPv4 identification (what fragments of one datagram share).
+    pub ipv4_id: u16,
     pub ipv6_ext: Vec<Ext6>,
     pub l4: L4,
     pub payload: Vec<u8>,
@@ -71,6 +73,7 @@ impl Frame {
             dst,
             ipv4_options: Vec::new(),
             ipv4_frag: 0,
+            ipv4_id: 0x1234,
             ipv6_ext: Vec::new(),
             l4,
             payload: Vec::new(),
@@ -171,7 +174,7 @@ impl Frame {
         match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
                 out.extend_from_slice(&0x0800u16.to_be_bytes());
-                out.extend(ipv4_header(src, dst, &self.ipv4_options, self.ipv4_frag, self.l4.proto(), l4.len()));
+                out.extend(ipv4_header(src, dst, &self.ipv4_options, (self.ipv4_id, self.ipv4_frag), self.l4.proto(), l4.len()));
             }
             (IpAddr::V6(src), IpAddr::V6(dst)) => {
                 out.extend_from_slice(&0x86ddu16.to_be_bytes());
@@ -184,14 +187,14 @@ impl Frame {
     }
 }
 
-fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, options: &[u8], frag: u16, proto: u8, l4_len: usize) -> Vec<u8> {
+fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, options: &[u8], (id, frag): (u16, u16), proto: u8, l4_len: usize) -> Vec<u8> {
     assert!(options.len().is_multiple_of(4) && options.len() <= 40, "IPv4 options must be padded to 4 octets");
     let header_len = 20 + options.len();
     let mut h = Vec::with_capacity(header_len);
     h.push(0x40 | (header_len / 4) as u8);
     h.push(0);
     h.extend_from_slice(&((header_len + l4_len) as u16).to_be_bytes());
-    h.extend_from_slice(&0x1234u16.to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
     h.extend_from_slice(&frag.to_be_bytes());
     h.push(64);
     h.push(proto);
@@ -254,9 +257,14 @@ pub fn ext_padding(kind: u8, len8: usize) -> Ext6 {
 
 /// An IPv6 fragment header with the given offset (8-octet units) and more-fragments flag.
 pub fn ext_fragment(offset: u16, more: bool) -> Ext6 {
+    ext_fragment_id(offset, more, 0xdead_beef)
+}
+
+/// [`ext_fragment`] with the datagram's identification.
+pub fn ext_fragment_id(offset: u16, more: bool, id: u32) -> Ext6 {
     let field = (offset << 3) | more as u16;
     let mut body = field.to_be_bytes().to_vec();
-    body.extend_from_slice(&0xdead_beefu32.to_be_bytes());
+    body.extend_from_slice(&id.to_be_bytes());
     Ext6 { kind: 44, body }
 }
 

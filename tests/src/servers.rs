@@ -389,7 +389,8 @@ fn serve_udp(
 }
 
 fn answer_one(fd: &OwnedFd, name: &str, counters: &ServeCounters) -> nix::Result<()> {
-    let mut buf = [0u8; 2048];
+    // Room for any datagram, so a large (reassembled) request is read whole.
+    let mut buf = vec![0u8; 65536];
     let mut iov = [IoSliceMut::new(&mut buf)];
     let mut cmsg = cmsg_space!(libc::in6_pktinfo);
     let msg = recvmsg::<SockaddrStorage>(

@@ -368,6 +368,30 @@ fn an_upgrade_over_abi_1_pins_keeps_every_flow() {
     }
 }
 
+/// An upgrade over pins of the release before fragments were placed (no `FRAGMENTS`), or
+/// before flow sync (no `FLOW_EVENTS`, `SYNC_STATS`): the stateless maps are created and
+/// pinned, and every flow keeps its master (OPERATIONS.md, "Compatibility check").
+#[test]
+fn an_upgrade_over_pins_without_the_stateless_maps_keeps_every_flow() {
+    use mim_lb_common::maps::names;
+    let mut prog = ProgramUnderTest::pinned(&three_masters()).unwrap();
+    let recorded: Vec<(u16, [u8; 6])> = (53000..53200).map(|p| (p, send(&prog, p, TCP_SYN))).collect();
+    settle(&mut prog);
+    let unrecorded: Vec<(u16, [u8; 6])> = (54000..54200).map(|p| (p, send(&prog, p, TCP_SYN))).collect();
+    let dir = prog.pin_dir().unwrap().to_owned();
+    let added_since = [names::FRAGMENTS, names::FLOW_EVENTS, names::SYNC_STATS];
+    for name in added_since {
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
+    prog.restart(&three_masters(), mim_lb_tests::testrun::GATEWAY_MAC).unwrap();
+    for name in added_since {
+        assert!(dir.join(name).exists(), "{name} was not pinned again");
+    }
+    for &(p, mac) in recorded.iter().chain(&unrecorded) {
+        assert_eq!(send(&prog, p, TCP_ACK), mac, "port {p}: a flow moved across the upgrade");
+    }
+}
+
 /// UDP has no SYN: every datagram looks its flow up, so a UDP flow keeps its master across an
 /// added master and a drain, and a new UDP flow follows the current table.
 #[test]

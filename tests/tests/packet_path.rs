@@ -9,7 +9,8 @@ use mim_lb_common::reason;
 use mim_lb_tests::{
     packet::{
         Ext6, Frame, ICMP_FRAG_NEEDED, ICMP_PORT_UNREACHABLE, ICMP_TTL_EXCEEDED, ICMPV6_PACKET_TOO_BIG,
-        ICMPV6_TIME_EXCEEDED, ICMPV6_UNREACHABLE, L4, TCP_ACK, TCP_PSH, TCP_SYN, ext_ah, ext_fragment, ext_padding,
+        ICMPV6_TIME_EXCEEDED, ICMPV6_UNREACHABLE, L4, TCP_ACK, TCP_PSH, TCP_SYN, ext_ah, ext_fragment, ext_fragment_id,
+        ext_padding,
     },
     testrun::{ProgramUnderTest, forwarded, verdict_name},
 };
@@ -100,6 +101,10 @@ enum Expect {
     Dropped(u32),
     /// XDP_TX to the master the control plane's table names for this flow.
     Forwarded(ServiceKey),
+    /// A fragment sent with XDP_TX, counted under the reason given, to the master the control
+    /// plane's table names for the flow its frame's ports name (every fixture fragment carries
+    /// its datagram's ports, so the master its first fragment went to is known).
+    Fragment(ServiceKey, u32),
     /// An ICMP error sent with XDP_TX (reason `icmp_error_forwarded`) to the master the
     /// control plane's table names for the flow (client, client port) -> the service.
     Relayed(ServiceKey, IpAddr, u16),
@@ -155,8 +160,8 @@ fn cases() -> Vec<Case> {
         Case { description: "IPv6 with hop-by-hop and destination options", input: v6_ext(vec![ext_padding(0, 1), ext_padding(60, 2)]), expect: Expect::Forwarded(key(VIP6, 7000, 6)) },
         Case { description: "IPv6 with a routing header", input: v6_ext(vec![ext_padding(43, 1)]), expect: Expect::Forwarded(key(VIP6, 7000, 6)) },
         Case { description: "IPv6 atomic fragment is a whole datagram", input: v6_ext(vec![ext_fragment(0, false)]), expect: Expect::Forwarded(key(VIP6, 7000, 6)) },
-        Case { description: "IPv6 fragment to a VIP is dropped", input: v6_ext(vec![ext_fragment(0, true)]), expect: Expect::Dropped(reason::FRAGMENT) },
-        Case { description: "IPv6 non-first fragment to a VIP is dropped", input: v6_ext(vec![ext_fragment(100, false)]), expect: Expect::Dropped(reason::FRAGMENT) },
+        Case { description: "IPv6 first fragment to a VIP is forwarded", input: v6_ext(vec![ext_fragment_id(0, true, 0x6001)]), expect: Expect::Fragment(key(VIP6, 7000, 6), reason::FRAGMENT_FIRST) },
+        Case { description: "IPv6 later fragment of no known datagram is dropped", input: v6_ext(vec![ext_fragment_id(100, false, 0x6002)]), expect: Expect::Dropped(reason::FRAGMENT) },
         Case { description: "IPv6 ESP is passed", input: Frame::new(CLIENT6.into(), VIP6.into(), L4::Other { proto: 50, bytes: vec![0; 16] }), expect: Expect::Passed(reason::IPV6_EXTENSION) },
         Case { description: "IPv6 with five extension headers is passed", input: v6_ext(vec![ext_padding(0, 1), ext_padding(60, 1), ext_padding(60, 1), ext_padding(60, 1), ext_padding(60, 1)]), expect: Expect::Passed(reason::IPV6_EXTENSION) },
         // OPERATIONS.md: "up to four hop-by-hop, routing, destination-options or atomic fragment
@@ -166,15 +171,15 @@ fn cases() -> Vec<Case> {
         Case { description: "IPv6 with those four and a fifth destination-options header is passed", input: v6_ext(vec![ext_padding(0, 1), ext_padding(43, 1), ext_fragment(0, false), ext_padding(60, 2), ext_padding(60, 1)]), expect: Expect::Passed(reason::IPV6_EXTENSION) },
         Case { description: "IPv6 AH in front of TCP to a VIP is passed", input: v6_ext(vec![ext_ah()]), expect: Expect::Passed(reason::IPV6_EXTENSION) },
         Case { description: "IPv6 AH after a hop-by-hop header is passed", input: v6_ext(vec![ext_padding(0, 1), ext_ah()]), expect: Expect::Passed(reason::IPV6_EXTENSION) },
-        Case { description: "IPv4 first fragment to a VIP is dropped", input: fragment(0x2000, VIP4), expect: Expect::Dropped(reason::FRAGMENT) },
-        Case { description: "IPv4 later fragment to a VIP is dropped", input: fragment(0x0010, VIP4), expect: Expect::Dropped(reason::FRAGMENT) },
+        Case { description: "IPv4 first fragment to a VIP is forwarded", input: fragment(0x2000, VIP4), expect: Expect::Fragment(key(VIP4, 5353, 17), reason::FRAGMENT_FIRST) },
+        Case { description: "IPv4 later fragment of no known datagram is dropped", input: { let mut f = fragment(0x0010, VIP4); f.ipv4_id = 0x4002; f }, expect: Expect::Dropped(reason::FRAGMENT) },
         Case { description: "IPv4 fragment to another address is passed", input: fragment(0x2000, Ipv4Addr::new(10, 0, 0, 2)), expect: Expect::Passed(reason::NOT_A_SERVICE) },
-        // The fragment rule is per (VIP, protocol) (OPERATIONS.md, "Fragments are dropped"):
+        // The fragment rule is per (VIP, protocol) (OPERATIONS.md, "MTU, ICMP and fragments"):
         // 10.0.0.101 and fd00::100 have TCP services only, so their UDP fragments are the
-        // kernel's, while TCP fragments to the same VIP are dropped.
+        // kernel's, while TCP fragments to the same VIP are the program's.
         Case { description: "IPv4 UDP first fragment to a TCP-only VIP is passed", input: fragment(0x2000, STICKY_VIP4), expect: Expect::Passed(reason::NOT_A_SERVICE) },
         Case { description: "IPv4 UDP later fragment to a TCP-only VIP is passed", input: fragment(0x0010, STICKY_VIP4), expect: Expect::Passed(reason::NOT_A_SERVICE) },
-        Case { description: "IPv4 TCP fragment to that VIP is dropped", input: tcp_fragment(0x2000, STICKY_VIP4), expect: Expect::Dropped(reason::FRAGMENT) },
+        Case { description: "IPv4 TCP first fragment to that VIP is forwarded", input: tcp_fragment(0x2000, STICKY_VIP4), expect: Expect::Fragment(key(STICKY_VIP4, 7000, 6), reason::FRAGMENT_FIRST) },
         Case { description: "IPv6 UDP first fragment to a TCP-only VIP is passed", input: udp6_ext(vec![ext_fragment(0, true)]), expect: Expect::Passed(reason::NOT_A_SERVICE) },
         Case { description: "IPv6 UDP later fragment to a TCP-only VIP is passed", input: udp6_ext(vec![ext_fragment(100, false)]), expect: Expect::Passed(reason::NOT_A_SERVICE) },
         Case { description: "IPv4 don't-fragment flag is not a fragment", input: fragment(0x4000, VIP4), expect: Expect::Forwarded(key(VIP4, 5353, 17)) },
@@ -343,22 +348,11 @@ fn flow_of(frame: &Frame) -> (IpAddr, u16, u16) {
     }
 }
 
-#[test]
-fn fixtures_give_the_expected_verdict_bytes_and_reason() {
-    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
-    // Backends come up one by one while the config is applied, which leaves slots marked as
-    // changed: there a TCP packet that is not a SYN (and an ICMP error about its flow) goes
-    // to the slot's previous master, not the one `table_master` names. A sweep with no flow
-    // recorded clears every mark, so every flow here is where the table says.
-    prog.settle();
-    let mut all: Vec<Fixture> = cases()
-        .into_iter()
-        .map(|c| (c.description.to_string(), c.input.bytes(), c.expect, Some(flow_of(&c.input))))
-        .collect();
-    all.extend(raw_cases().into_iter().map(|(d, b, e)| (d.to_string(), b, e, None)));
-
+/// Runs `fixtures` in order on `prog` and describes every one whose verdict, output bytes or
+/// counted reason is not what it expects.
+fn check(prog: &mut ProgramUnderTest, fixtures: &[Fixture]) -> Vec<String> {
     let mut failures = Vec::new();
-    for (description, input, expect, flow) in &all {
+    for (description, input, expect, flow) in fixtures {
         let before = prog.reasons().unwrap();
         let out = prog.run(input).unwrap();
         let after = prog.reasons().unwrap();
@@ -369,6 +363,11 @@ fn fixtures_give_the_expected_verdict_bytes_and_reason() {
                 let (src, sport, dport) = flow.expect("forwarded fixtures carry a flow");
                 let master = prog.table_master(key, src, sport, dport).expect("the table has a master");
                 (reason::XDP_TX, forwarded(input, prog.master_mac(key, master)), reason::FORWARDED)
+            }
+            Expect::Fragment(key, code) => {
+                let (src, sport, dport) = flow.expect("fragment fixtures carry their datagram's flow");
+                let master = prog.table_master(key, src, sport, dport).expect("the table has a master");
+                (reason::XDP_TX, forwarded(input, prog.master_mac(key, master)), *code)
             }
             Expect::Relayed(key, client, cport) => {
                 let master = prog.table_master(key, *client, *cport, key.port).expect("the table has a master");
@@ -387,7 +386,134 @@ fn fixtures_give_the_expected_verdict_bytes_and_reason() {
             failures.push(format!("{description}: counted under {names:?}, want [{}]", reason::name(want_reason)));
         }
     }
+    failures
+}
+
+#[test]
+fn fixtures_give_the_expected_verdict_bytes_and_reason() {
+    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    // Backends come up one by one while the config is applied, which leaves slots marked as
+    // changed: there a TCP packet that is not a SYN (and an ICMP error about its flow) goes
+    // to the slot's previous master, not the one `table_master` names. A sweep with no flow
+    // recorded clears every mark, so every flow here is where the table says.
+    prog.settle();
+    let mut all: Vec<Fixture> = cases()
+        .into_iter()
+        .map(|c| (c.description.to_string(), c.input.bytes(), c.expect, Some(flow_of(&c.input))))
+        .collect();
+    all.extend(raw_cases().into_iter().map(|(d, b, e)| (d.to_string(), b, e, None)));
+
+    let failures = check(&mut prog, &all);
     assert!(failures.is_empty(), "{} of {} fixtures failed:\n{}", failures.len(), all.len(), failures.join("\n"));
+}
+
+/// Fragments of one datagram, in the orders a network delivers them: each fixture runs after
+/// the ones before it, on the same program, so a later fragment sees what its first fragment
+/// left. Every datagram uses an IP id of its own.
+fn fragment_sequences() -> Vec<(&'static str, Frame, Expect)> {
+    let udp4 = key(VIP4, 5353, 17);
+    let tcp4 = key(VIP4, 7000, 6);
+    let tcp6 = key(VIP6, 7000, 6);
+    let sticky = key(STICKY_VIP4, 7000, 6);
+    // Part of UDP datagram `id` from `client`:`port`; `frag` is the flags-and-offset field.
+    // The builder puts the ports in every part, so the expected master is known; the program
+    // reads them only from a first fragment.
+    let udp = |client: Ipv4Addr, port: u16, id: u16, frag: u16| {
+        let mut f = Frame::udp(client, port, VIP4, 5353).with_payload(&[9; 32]);
+        f.ipv4_id = id;
+        f.ipv4_frag = frag;
+        f
+    };
+    let tcp = |dst: Ipv4Addr, port: u16, id: u16, frag: u16| {
+        let mut f = Frame::tcp(CLIENT4, port, dst, 7000, TCP_SYN).with_payload(&[9; 32]);
+        f.ipv4_id = id;
+        f.ipv4_frag = frag;
+        f
+    };
+    let tcp6_part = |port: u16, id: u32, offset: u16, more: bool| {
+        let mut f = Frame::tcp(CLIENT6, port, VIP6, 7000, TCP_SYN).with_payload(&[9; 32]);
+        f.ipv6_ext = vec![ext_fragment_id(offset, more, id)];
+        f
+    };
+    const FIRST: u16 = 0x2000;
+    const MIDDLE: u16 = 0x2000 | 5; // offset 40 octets, more to come
+    const LAST: u16 = 10; // offset 80 octets, the last part
+    let other_client = Ipv4Addr::new(10, 0, 0, 2);
+    let too_short_first = {
+        // A UDP first fragment whose 2 octets of payload end before the destination port.
+        let mut f = Frame::new(CLIENT4.into(), VIP4.into(), L4::Other { proto: 17, bytes: vec![0x9c, 0x50] });
+        f.ipv4_id = 0x4107;
+        f.ipv4_frag = FIRST;
+        f
+    };
+    let mut later_too_short = udp(CLIENT4, 40150, 0x4107, LAST);
+    later_too_short.ipv4_id = 0x4107;
+    vec![
+        ("in order: first fragment", udp(CLIENT4, 40150, 0x4101, FIRST), Expect::Fragment(udp4, reason::FRAGMENT_FIRST)),
+        ("in order: middle fragment follows it", udp(CLIENT4, 40150, 0x4101, MIDDLE), Expect::Fragment(udp4, reason::FRAGMENT_FOLLOWED)),
+        ("in order: last fragment follows it", udp(CLIENT4, 40150, 0x4101, LAST), Expect::Fragment(udp4, reason::FRAGMENT_FOLLOWED)),
+        ("out of order: a later fragment before its first is dropped", udp(CLIENT4, 40151, 0x4102, LAST), Expect::Dropped(reason::FRAGMENT)),
+        ("out of order: then the first fragment", udp(CLIENT4, 40151, 0x4102, FIRST), Expect::Fragment(udp4, reason::FRAGMENT_FIRST)),
+        ("out of order: then the middle one follows it", udp(CLIENT4, 40151, 0x4102, MIDDLE), Expect::Fragment(udp4, reason::FRAGMENT_FOLLOWED)),
+        ("duplicate: first fragment", udp(CLIENT4, 40152, 0x4103, FIRST), Expect::Fragment(udp4, reason::FRAGMENT_FIRST)),
+        ("duplicate: the first fragment again goes to the same master", udp(CLIENT4, 40152, 0x4103, FIRST), Expect::Fragment(udp4, reason::FRAGMENT_FIRST)),
+        ("duplicate: the last fragment", udp(CLIENT4, 40152, 0x4103, LAST), Expect::Fragment(udp4, reason::FRAGMENT_FOLLOWED)),
+        ("duplicate: the last fragment again", udp(CLIENT4, 40152, 0x4103, LAST), Expect::Fragment(udp4, reason::FRAGMENT_FOLLOWED)),
+        ("overlapping: first fragment", udp(CLIENT4, 40153, 0x4104, FIRST), Expect::Fragment(udp4, reason::FRAGMENT_FIRST)),
+        ("overlapping: a part at offset 8, inside the first, follows it", udp(CLIENT4, 40153, 0x4104, 0x2000 | 1), Expect::Fragment(udp4, reason::FRAGMENT_FOLLOWED)),
+        ("lone: a later fragment of a datagram whose first never came is dropped", udp(CLIENT4, 40154, 0x4105, MIDDLE), Expect::Dropped(reason::FRAGMENT)),
+        ("same id from another client is another datagram: dropped", udp(other_client, 40150, 0x4101, LAST), Expect::Dropped(reason::FRAGMENT)),
+        ("same id and addresses, another protocol, is another datagram: dropped", tcp(VIP4, 40150, 0x4101, LAST), Expect::Dropped(reason::FRAGMENT)),
+        ("a TCP first fragment to the same VIP", tcp(VIP4, 40155, 0x4106, FIRST), Expect::Fragment(tcp4, reason::FRAGMENT_FIRST)),
+        ("and its last fragment follows it", tcp(VIP4, 40155, 0x4106, LAST), Expect::Fragment(tcp4, reason::FRAGMENT_FOLLOWED)),
+        ("a UDP first fragment too short for its ports is dropped", too_short_first, Expect::Dropped(reason::FRAGMENT)),
+        ("and its later fragment too", later_too_short, Expect::Dropped(reason::FRAGMENT)),
+        ("IPv6 in order: first fragment", tcp6_part(40160, 0x6101, 0, true), Expect::Fragment(tcp6, reason::FRAGMENT_FIRST)),
+        ("IPv6 in order: last fragment follows it", tcp6_part(40160, 0x6101, 100, false), Expect::Fragment(tcp6, reason::FRAGMENT_FOLLOWED)),
+        ("IPv6 out of order: a later fragment first is dropped", tcp6_part(40161, 0x6102, 100, false), Expect::Dropped(reason::FRAGMENT)),
+        ("IPv6 out of order: then the first fragment", tcp6_part(40161, 0x6102, 0, true), Expect::Fragment(tcp6, reason::FRAGMENT_FIRST)),
+        ("IPv6 out of order: then a middle one follows it", tcp6_part(40161, 0x6102, 50, true), Expect::Fragment(tcp6, reason::FRAGMENT_FOLLOWED)),
+        ("IPv6 lone later fragment is dropped", tcp6_part(40162, 0x6103, 50, true), Expect::Dropped(reason::FRAGMENT)),
+        ("IPv6 same id as an IPv4 datagram's is another datagram: dropped", tcp6_part(40160, 0x4101, 100, false), Expect::Dropped(reason::FRAGMENT)),
+        // The sticky VIP's only TCP service hashes the client address only: a part that
+        // overtook its first fragment goes by its source, where the first one goes too.
+        ("maglev-source: a later fragment before its first goes by its source", tcp(STICKY_VIP4, 40170, 0x4201, LAST), Expect::Fragment(sticky, reason::FRAGMENT_BY_SOURCE)),
+        ("maglev-source: its first fragment goes to the same master", tcp(STICKY_VIP4, 40170, 0x4201, FIRST), Expect::Fragment(sticky, reason::FRAGMENT_FIRST)),
+        ("maglev-source: a middle one follows the first", tcp(STICKY_VIP4, 40170, 0x4201, MIDDLE), Expect::Fragment(sticky, reason::FRAGMENT_FOLLOWED)),
+    ]
+}
+
+#[test]
+fn fragments_of_a_datagram_reach_the_master_of_its_first_fragment() {
+    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    prog.settle();
+    let all: Vec<Fixture> = fragment_sequences()
+        .into_iter()
+        .map(|(d, f, e)| (d.to_string(), f.bytes(), e, Some(flow_of(&f))))
+        .collect();
+    let failures = check(&mut prog, &all);
+    assert!(failures.is_empty(), "{} of {} fragment fixtures failed:\n{}", failures.len(), all.len(), failures.join("\n"));
+}
+
+#[test]
+fn a_later_fragment_past_the_timeout_is_dropped() {
+    let mut prog = ProgramUnderTest::new(CONFIG).unwrap();
+    prog.settle();
+    let udp4 = key(VIP4, 5353, 17);
+    let part = |frag: u16| {
+        let mut f = Frame::udp(CLIENT4, 40180, VIP4, 5353).with_payload(&[9; 32]);
+        f.ipv4_id = 0x4301;
+        f.ipv4_frag = frag;
+        f
+    };
+    let first = part(0x2000);
+    let last = part(10);
+    let fixture = |d: &str, f: &Frame, e: Expect| (d.to_string(), f.bytes(), e, Some(flow_of(f)));
+    let mut failures = check(&mut prog, &[fixture("first fragment", &first, Expect::Fragment(udp4, reason::FRAGMENT_FIRST))]);
+    // The coarse clock the program reads advances by ticks of a few milliseconds.
+    std::thread::sleep(std::time::Duration::from_nanos(mim_lb_common::limits::FRAGMENT_TIMEOUT_NS) + std::time::Duration::from_millis(100));
+    failures.extend(check(&mut prog, &[fixture("last fragment after the timeout", &last, Expect::Dropped(reason::FRAGMENT))]));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]

@@ -534,7 +534,7 @@ const MIN_READABLE_ABI_VERSION: u32 = 1;
 const MAPS_ADDED_SINCE_OLDEST: [&str; 2] = [names::SLOT_SEEN, names::MAGLEV_OLD];
 
 /// What this build expects of each pinned map: (name, type, key size, value size, entries).
-fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize, u32); 12] {
+fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize, u32); 13] {
     use core::mem::size_of;
     [
         (names::GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
@@ -549,6 +549,13 @@ fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize,
         (names::MAGLEV_OLD, MapType::Array, 4, 4, limits::SLOT_MAP_ENTRIES),
         (names::FLOW_EVENTS, MapType::RingBuf, 0, 0, limits::FLOW_EVENTS_BYTES),
         (names::SYNC_STATS, MapType::PerCpuArray, 4, 8, mim_lb_common::SYNC_STAT_SLOTS),
+        (
+            names::FRAGMENTS,
+            MapType::LruHash,
+            size_of::<mim_lb_common::FragmentKey>(),
+            size_of::<mim_lb_common::FragmentEntry>(),
+            limits::FRAGMENT_TABLE_SIZE,
+        ),
     ]
 }
 

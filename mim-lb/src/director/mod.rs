@@ -825,17 +825,20 @@ pub(super) fn backend_entry(service_id: u32, addr: IpAddr, b: &BackendDesire, la
 }
 
 /// Service index entries: one per service, plus one VIP marker per (vip, protocol) so that
-/// fragments (which carry no port) addressed to a VIP are recognised.
+/// fragments (which carry no port) addressed to a VIP are recognised. Where a (vip, protocol)
+/// has a single service and it hashes the client address only, the marker carries that
+/// service's table (port 0), so a fragment that overtook its first fragment can be placed by
+/// its source (`SERVICE_F_VIP_MARKER`).
 pub(super) fn index_entries(desired: &Desired, written: &BTreeMap<ServiceKey, WrittenService>) -> Vec<ServiceEntry> {
     let mut entries = Vec::new();
-    let mut markers = BTreeSet::new();
+    let mut by_vip: BTreeMap<(IpAddr, u8), Vec<ServiceEntry>> = BTreeMap::new();
     for (key, w) in written {
         if !desired.contains_key(key) {
             continue;
         }
         let (vip, family) = addr_words(key.vip);
         let (resized_flags, old_table_size) = plan::resized_fields(w.resized);
-        entries.push(ServiceEntry {
+        let entry = ServiceEntry {
             vip,
             port: key.port.to_be(),
             proto: key.protocol.number(),
@@ -845,22 +848,31 @@ pub(super) fn index_entries(desired: &Desired, written: &BTreeMap<ServiceKey, Wr
             table_size: w.table_size,
             active_table: w.active,
             old_table_size,
-        });
-        if markers.insert((key.vip, key.protocol)) {
-            entries.push(ServiceEntry {
-                vip,
-                port: 0,
-                proto: key.protocol.number(),
-                family,
-                service_id: 0,
-                flags: SERVICE_F_VIP_MARKER,
-                table_size: 0,
-                active_table: 0,
-                old_table_size: 0,
-            });
-        }
+        };
+        entries.push(entry);
+        by_vip.entry((key.vip, key.protocol.number())).or_default().push(entry);
+    }
+    for services in by_vip.values() {
+        entries.push(vip_marker(services));
     }
     entries
+}
+
+/// The marker of the services of one (vip, protocol).
+fn vip_marker(services: &[ServiceEntry]) -> ServiceEntry {
+    match services {
+        [only] if only.flags & SERVICE_F_SOURCE_HASH != 0 => {
+            ServiceEntry { port: 0, flags: only.flags | SERVICE_F_VIP_MARKER, ..*only }
+        }
+        _ => ServiceEntry {
+            vip: services[0].vip,
+            port: 0,
+            proto: services[0].proto,
+            family: services[0].family,
+            flags: SERVICE_F_VIP_MARKER,
+            ..ServiceEntry::default()
+        },
+    }
 }
 
 pub(super) fn same_entries(a: &[ServiceEntry], b: &[ServiceEntry]) -> bool {
