@@ -114,6 +114,16 @@ pub fn main() -> anyhow::Result<()> {
             print!("{}", Config::example());
             Ok(())
         }
+        Command::Completions { shell } => {
+            crate::manual::completions(shell, &mut std::io::stdout());
+            Ok(())
+        }
+        Command::ManPages { dir } => {
+            for page in crate::manual::write_man_pages(&dir).with_context(|| format!("writing into {}", dir.display()))? {
+                println!("{}", page.display());
+            }
+            Ok(())
+        }
     }
 }
 
@@ -199,6 +209,17 @@ pub enum Command {
     /// Print an example configuration (three masters behind one VIP).
     #[command(after_help = "Example:\n  mim-lb example-config > /etc/mim-lb/mim-lb.toml")]
     ExampleConfig,
+    /// Print a shell completion script (the Debian package installs them already).
+    #[command(after_help = "Examples:\n  mim-lb completions bash > /etc/bash_completion.d/mim-lb\n  mim-lb completions zsh > \"${fpath[1]}/_mim-lb\"")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (section 8) into DIR: what `cargo xtask deb` packages.
+    #[command(hide = true)]
+    ManPages {
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -15,6 +15,7 @@ pub mod director;
 pub mod health;
 pub mod lock;
 pub mod maglev;
+pub mod manual;
 pub mod metrics;
 pub mod neighbor;
 pub mod prepare_backend;

@@ -7,6 +7,7 @@ mod baseline;
 mod bench;
 mod bpffs;
 mod build_ebpf;
+mod deb;
 mod lab;
 mod run;
 mod setup;
@@ -85,6 +86,9 @@ enum Cmd {
         )]
         args: Vec<OsString>,
     },
+    /// Build the Debian package (daemon, systemd unit, example config, man pages, shell
+    /// completions) with dpkg-deb
+    Deb(deb::Args),
 }
 
 fn main() -> ExitCode {
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         Cmd::Test { args } => test::main(args),
         Cmd::Lab { args } => lab::main(args),
         Cmd::Bench { args } => bench::main(args),
+        Cmd::Deb(args) => deb::main(args),
     };
     // Printed here rather than by returning the error: anyhow's Debug form adds a backtrace
     // whenever RUST_BACKTRACE is set, which buries the one line that matters in CI logs.
