@@ -134,6 +134,12 @@ impl Collector for StatusCollector {
         )?;
         gauge(
             e,
+            "mim_lb_backend_slow_start_ratio",
+            "Part of its weight the backend asks the table for: below 1 during its slow start",
+            &gauge_of(&|b, _| Some(b.slow_start.as_ref().map_or(1.0, |ss| f64::from(ss.step) / f64::from(ss.steps)))),
+        )?;
+        gauge(
+            e,
             "mim_lb_backend_check_latency_seconds",
             "How long the backend's last health check took",
             &gauge_of(&|b, _| b.last_check.as_ref().map(|c| c.latency_ms / 1e3)),
@@ -334,6 +340,19 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn slow_start_ratio_is_the_step_or_one() {
+        let mut status = crate::status::sample();
+        let svc = r#"service="mim-master",vip="10.0.0.100",port="7000",protocol="tcp""#;
+        let line = format!("mim_lb_backend_slow_start_ratio{{{svc},backend=\"10.0.0.11\"}} 1.0");
+        assert!(render(&status).lines().any(|l| l == line), "not in slow start: 1");
+        status.services[0].backends[0].slow_start =
+            Some(crate::status::SlowStartStatus { step: 3, steps: 10, table_weight: 30.0, next_step_in_s: 1.0, full_in_s: 8.0 });
+        let line = format!("mim_lb_backend_slow_start_ratio{{{svc},backend=\"10.0.0.11\"}} 0.3");
+        let text = render(&status);
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
     }
 
     /// One GET of `path` from `addr`: the status line.

@@ -27,6 +27,7 @@ mod ids;
 pub mod marks;
 mod plan;
 mod recover;
+pub mod slow_start;
 pub mod shared;
 
 /// Some slots of a service's live table with a word each (its entry, or its `SLOT_SEEN`
@@ -401,6 +402,7 @@ impl Director {
                         },
                         admin: Admin::Enabled,
                         removing: false,
+                        ramp: None,
                     },
                 };
                 backends.insert(b.address, desire);
@@ -420,6 +422,8 @@ impl Director {
                     scheduler: service.scheduler,
                     table_size: service.table_size,
                     health: service.health.clone(),
+                    slow_start: service.slow_start,
+                    flap_damping: service.flap_damping,
                     backends,
                 },
             );
@@ -466,6 +470,29 @@ impl Director {
             return Ok(Vec::new());
         }
         Ok(self.commit(next)?.changes)
+    }
+
+    /// When [`Director::on_timer`] has something to do (`CLOCK_MONOTONIC` ns): the next step of
+    /// a slow start.
+    pub fn next_timer_ns(&self) -> Option<u64> {
+        desired::next_ramp_change_ns(&self.desired)
+    }
+
+    /// Moves every slow start on to the step its time gives, in one commit. Returns the
+    /// backends whose step changed, with their new step (`None`: at full weight).
+    pub fn on_timer(&mut self) -> Result<Vec<(ServiceKey, IpAddr, Option<slow_start::Ramp>)>, DirectorError> {
+        let before = self.desired.clone();
+        self.commit(self.desired.clone())?;
+        let mut stepped = Vec::new();
+        for (key, s) in &self.desired {
+            for (addr, b) in &s.backends {
+                let old = before.get(key).and_then(|o| o.backends.get(addr)).and_then(|o| o.ramp);
+                if old.map(|r| r.step) != b.ramp.map(|r| r.step) {
+                    stepped.push((*key, *addr, b.ramp));
+                }
+            }
+        }
+        Ok(stepped)
     }
 
     /// Applies an operator's drain / enable / disable.
@@ -630,8 +657,9 @@ impl Director {
 
     /// Makes the data path match `next`, then adopts it as the desired state. On an error
     /// nothing was adopted and the data path reads what it read before.
-    fn commit(&mut self, next: Desired) -> Result<ApplyReport, DirectorError> {
+    fn commit(&mut self, mut next: Desired) -> Result<ApplyReport, DirectorError> {
         let now = sweep::monotonic_ns();
+        desired::stamp_slow_starts(&self.desired, &mut next, now);
         let mut plan = self.plan(&next, now)?;
         let mut counts = ApplyReport::default();
         let backends_before = self.written_backends.clone();
