@@ -129,6 +129,25 @@ pub struct BackendStatus {
     /// The master's slow start, while it is in one (`null` otherwise).
     #[serde(default)]
     pub slow_start: Option<SlowStartStatus>,
+    /// Changes of its health verdict within the service's `flap_damping.window_s`: its flap
+    /// damping penalty.
+    #[serde(default)]
+    pub health_changes: u32,
+    /// Its flap damping hold, while it is held down (`null` otherwise).
+    #[serde(default)]
+    pub held_down: Option<HeldDownStatus>,
+}
+
+/// A master held down by flap damping (OPERATIONS.md, "Flap damping").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldDownStatus {
+    /// The limit its health changes went above, within `window_s`.
+    pub max_changes: u32,
+    pub window_s: u64,
+    /// Seconds since the hold began.
+    pub held_for_s: f64,
+    /// Seconds until it is released if its health stops changing now.
+    pub release_in_s: f64,
 }
 
 /// Where a master is in its slow start (OPERATIONS.md, "Slow start").
@@ -233,6 +252,13 @@ pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate
                 bytes: bstats.bytes,
                 new_flows: bstats.new_flows,
                 slow_start: b.ramp.map(|r| slow_start_status(b.weight, r, s.slow_start, now_ns)),
+                health_changes: b.flaps.penalty(&s.flap_damping, now_ns),
+                held_down: b.flaps.hold().map(|h| HeldDownStatus {
+                    max_changes: h.max_changes,
+                    window_s: h.window_s,
+                    held_for_s: now_ns.saturating_sub(h.since_ns) as f64 / 1e9,
+                    release_in_s: b.flaps.release_at(&s.flap_damping).map_or(0.0, |at| at.saturating_sub(now_ns) as f64 / 1e9),
+                }),
             });
         }
         services.push(ServiceStatus {
@@ -372,6 +398,13 @@ pub fn render(status: &Status) -> String {
             if let Some(ss) = &b.slow_start {
                 let _ = writeln!(out, "       {}", render_slow_start(ss, b.weight));
             }
+            if let Some(h) = &b.held_down {
+                let _ = writeln!(
+                    out,
+                    "       held down {:.1} s so far; released in {:.1} s if its health stops changing ({} changes within {} s now)",
+                    h.held_for_s, h.release_in_s, b.health_changes, h.window_s
+                );
+            }
         }
     }
     let counted: Vec<String> = status
@@ -477,6 +510,8 @@ pub(crate) fn sample() -> Status {
                 bytes: 448,
                 new_flows: 1,
                 slow_start: None,
+                health_changes: 0,
+                held_down: None,
             }],
         }],
         reasons: vec![ReasonCount { code: 0, name: "forwarded".into(), packets: 10, bytes: 2048 }],
@@ -509,6 +544,18 @@ mod tests {
         assert!(text.contains("(0123456789abcdef)"), "the table digest is shown: {text}");
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status);
+    }
+
+    #[test]
+    fn render_shows_a_hold_and_when_it_ends() {
+        let mut status = sample();
+        let b = &mut status.services[0].backends[0];
+        b.reason = "held down for flapping: its health changed more than 4 times within 5 s (flap damping); health now up".into();
+        b.health_changes = 7;
+        b.held_down = Some(HeldDownStatus { max_changes: 4, window_s: 5, held_for_s: 2.04, release_in_s: 4.96 });
+        let text = render(&status);
+        assert!(text.contains("down: held down for flapping: its health changed more than 4 times within 5 s"), "{text}");
+        assert!(text.contains("held down 2.0 s so far; released in 5.0 s if its health stops changing (7 changes within 5 s now)"), "{text}");
     }
 
     #[test]

@@ -10,7 +10,10 @@ use mim_lb_common::{
 };
 use serde::Serialize;
 
-use super::slow_start::{self, Ramp};
+use super::{
+    damping::Flaps,
+    slow_start::{self, Ramp},
+};
 use crate::config::{FlapDamping, HealthCheck, Scheduler, ServiceKey};
 
 /// The operator's say over one backend (`mim-lb drain | enable | disable`).
@@ -108,6 +111,8 @@ pub struct BackendDesire {
     pub removing: bool,
     /// In slow start: taking a growing part of its weight (set by each commit).
     pub ramp: Option<Ramp>,
+    /// Its recent health verdict changes, and whether flap damping holds it down.
+    pub flaps: Flaps,
 }
 
 impl BackendDesire {
@@ -128,6 +133,18 @@ impl BackendDesire {
         if self.mac().is_none() {
             let why = self.mac_problem.clone().unwrap_or_else(|| "MAC not resolved yet".into());
             return (State::Down, why);
+        }
+        if let Some(hold) = self.flaps.hold() {
+            return (
+                State::Down,
+                format!(
+                    "held down for flapping: its health changed more than {} times within {} s (flap damping); \
+                     health now {}",
+                    hold.max_changes,
+                    hold.window_s,
+                    if self.health_up { "up" } else { "down" }
+                ),
+            );
         }
         if !self.health_up {
             return (State::Down, self.health_reason.clone());
@@ -237,6 +254,7 @@ mod tests {
             admin: Admin::Enabled,
             removing: false,
             ramp: None,
+            flaps: Flaps::default(),
         }
     }
 
@@ -261,6 +279,23 @@ mod tests {
         // Disabled beats everything, even an unknown MAC.
         let disabled = BackendDesire { admin: Admin::Disabled, config_mac: None, ..backend() };
         assert_eq!(disabled.state().0, State::Disabled);
+    }
+
+    #[test]
+    fn a_held_master_is_down_whatever_its_checks_say() {
+        let cfg = FlapDamping { max_changes: 2, window: std::time::Duration::from_secs(10), hold: std::time::Duration::from_secs(5) };
+        let mut b = backend();
+        for k in 0..3 {
+            b.flaps.record(&cfg, 1_000 + k);
+        }
+        let (state, why) = b.state();
+        assert_eq!(state, State::Down);
+        assert_eq!(why, "held down for flapping: its health changed more than 2 times within 10 s (flap damping); health now up");
+        assert_eq!(b.table_weight(), 0);
+        // The operator's disable still wins.
+        assert_eq!(BackendDesire { admin: Admin::Disabled, ..b.clone() }.state().0, State::Disabled);
+        assert!(b.flaps.release_if_due(&cfg, 1_001 + 10_000_000_000), "calm: the second change left the window");
+        assert_eq!(b.state().0, State::Up);
     }
 
     #[test]

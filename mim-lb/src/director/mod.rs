@@ -21,6 +21,7 @@
 //! [`Director::sweep`] later clears the marks no live flow needs any more and lets removed
 //! backends go once their last flow has ended.
 
+mod damping;
 mod desired;
 pub mod digest;
 mod ids;
@@ -403,6 +404,7 @@ impl Director {
                         admin: Admin::Enabled,
                         removing: false,
                         ramp: None,
+                        flaps: damping::Flaps::default(),
                     },
                 };
                 backends.insert(b.address, desire);
@@ -440,7 +442,9 @@ impl Director {
         reason: &str,
     ) -> Result<Option<Change>, DirectorError> {
         let mut next = self.desired.clone();
-        let Some(b) = next.get_mut(service).and_then(|s| s.backends.get_mut(&backend)) else {
+        let Some(s) = next.get_mut(service) else { return Ok(None) };
+        let damping = s.flap_damping;
+        let Some(b) = s.backends.get_mut(&backend) else {
             // A report that raced with a reload removing the backend.
             return Ok(None);
         };
@@ -449,6 +453,7 @@ impl Director {
         }
         b.health_up = up;
         b.health_reason = reason.to_owned();
+        count_flap(service, backend, b, &damping, sweep::monotonic_ns());
         Ok(self.commit(next)?.changes.into_iter().next())
     }
 
@@ -457,12 +462,16 @@ impl Director {
     pub fn set_health_many(&mut self, verdicts: &[(ServiceKey, IpAddr, bool, String)]) -> Result<Vec<Change>, DirectorError> {
         let mut next = self.desired.clone();
         let mut any = false;
+        let now = sweep::monotonic_ns();
         for (service, backend, up, reason) in verdicts {
-            if let Some(b) = next.get_mut(service).and_then(|s| s.backends.get_mut(backend))
+            let Some(s) = next.get_mut(service) else { continue };
+            let damping = s.flap_damping;
+            if let Some(b) = s.backends.get_mut(backend)
                 && b.health_up != *up
             {
                 b.health_up = *up;
                 b.health_reason = reason.clone();
+                count_flap(service, *backend, b, &damping, now);
                 any = true;
             }
         }
@@ -473,16 +482,37 @@ impl Director {
     }
 
     /// When [`Director::on_timer`] has something to do (`CLOCK_MONOTONIC` ns): the next step of
-    /// a slow start.
+    /// a slow start, or the end of a hold.
     pub fn next_timer_ns(&self) -> Option<u64> {
-        desired::next_ramp_change_ns(&self.desired)
+        let releases = self
+            .desired
+            .values()
+            .flat_map(|s| s.backends.values().filter_map(move |b| b.flaps.release_at(&s.flap_damping)));
+        desired::next_ramp_change_ns(&self.desired).into_iter().chain(releases).min()
     }
 
-    /// Moves every slow start on to the step its time gives, in one commit. Returns the
-    /// backends whose step changed, with their new step (`None`: at full weight).
+    /// Ends the holds that are due and moves every slow start on to the step its time gives,
+    /// in one commit. Returns the backends whose step changed, with their new step (`None`:
+    /// at full weight).
     pub fn on_timer(&mut self) -> Result<Vec<(ServiceKey, IpAddr, Option<slow_start::Ramp>)>, DirectorError> {
         let before = self.desired.clone();
-        self.commit(self.desired.clone())?;
+        let now = sweep::monotonic_ns();
+        let mut next = self.desired.clone();
+        let mut released = Vec::new();
+        for (key, s) in next.iter_mut() {
+            for (addr, b) in s.backends.iter_mut() {
+                if b.flaps.release_if_due(&s.flap_damping, now) {
+                    released.push((*key, *addr, b.flaps.penalty(&s.flap_damping, now)));
+                }
+            }
+        }
+        let report = self.commit(next)?;
+        for (key, addr, penalty) in released {
+            log::info!("backend {addr} of {key}: released from its flap damping hold ({penalty} health changes in the window now)");
+        }
+        for change in &report.changes {
+            log::info!("{change}");
+        }
         let mut stepped = Vec::new();
         for (key, s) in &self.desired {
             for (addr, b) in &s.backends {
@@ -817,6 +847,19 @@ impl Director {
         self.index_slots[half as usize] = placed_slots;
         self.ready = true;
         Ok(())
+    }
+}
+
+/// Counts a verdict change of `b` for flap damping, and logs a hold it starts.
+fn count_flap(service: &ServiceKey, address: IpAddr, b: &mut BackendDesire, damping: &crate::config::FlapDamping, now_ns: u64) {
+    if let Some(hold) = b.flaps.record(damping, now_ns) {
+        log::warn!(
+            "backend {address} of {service}: held down for flapping: its health changed more than {} times within {} s \
+             (held at least {} s, then until calm)",
+            hold.max_changes,
+            hold.window_s,
+            damping.hold.as_secs()
+        );
     }
 }
 

@@ -122,6 +122,7 @@ impl Director {
                     admin: Admin::from_code(b.admin),
                     removing: b.state == BACKEND_STATE_REMOVING,
                     ramp: None,
+                    flaps: Default::default(),
                 },
             );
             written_backends.insert(id, b);
