@@ -453,8 +453,13 @@ impl Director {
         }
         b.health_up = up;
         b.health_reason = reason.to_owned();
-        count_flap(service, backend, b, &damping, sweep::monotonic_ns());
-        Ok(self.commit(next)?.changes.into_iter().next())
+        let held = b.flaps.record(&damping, sweep::monotonic_ns());
+        let change = self.commit(next)?.changes.into_iter().next();
+        // Logged once adopted: a failed commit counted nothing.
+        if let Some(hold) = held {
+            log_hold(service, backend, &hold, &damping);
+        }
+        Ok(change)
     }
 
     /// Several health verdicts as one change (the first round after a fresh start). Masters
@@ -463,6 +468,7 @@ impl Director {
         let mut next = self.desired.clone();
         let mut any = false;
         let now = sweep::monotonic_ns();
+        let mut holds = Vec::new();
         for (service, backend, up, reason) in verdicts {
             let Some(s) = next.get_mut(service) else { continue };
             let damping = s.flap_damping;
@@ -471,14 +477,20 @@ impl Director {
             {
                 b.health_up = *up;
                 b.health_reason = reason.clone();
-                count_flap(service, *backend, b, &damping, now);
+                if let Some(hold) = b.flaps.record(&damping, now) {
+                    holds.push((*service, *backend, hold, damping));
+                }
                 any = true;
             }
         }
         if !any {
             return Ok(Vec::new());
         }
-        Ok(self.commit(next)?.changes)
+        let changes = self.commit(next)?.changes;
+        for (service, backend, hold, damping) in holds {
+            log_hold(&service, backend, &hold, &damping);
+        }
+        Ok(changes)
     }
 
     /// When [`Director::on_timer`] has something to do (`CLOCK_MONOTONIC` ns): the next step of
@@ -850,17 +862,15 @@ impl Director {
     }
 }
 
-/// Counts a verdict change of `b` for flap damping, and logs a hold it starts.
-fn count_flap(service: &ServiceKey, address: IpAddr, b: &mut BackendDesire, damping: &crate::config::FlapDamping, now_ns: u64) {
-    if let Some(hold) = b.flaps.record(damping, now_ns) {
-        log::warn!(
-            "backend {address} of {service}: held down for flapping: its health changed more than {} times within {} s \
-             (held at least {} s, then until calm)",
-            hold.max_changes,
-            hold.window_s,
-            damping.hold.as_secs()
-        );
-    }
+/// The log line of a hold that began.
+fn log_hold(service: &ServiceKey, address: IpAddr, hold: &damping::Hold, damping: &crate::config::FlapDamping) {
+    log::warn!(
+        "backend {address} of {service}: held down for flapping: its health changed more than {} times within {} s \
+         (held at least {} s, then until calm)",
+        hold.max_changes,
+        hold.window_s,
+        damping.hold.as_secs()
+    );
 }
 
 pub(super) fn service_flags(scheduler: Scheduler) -> u32 {
