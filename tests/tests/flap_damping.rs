@@ -40,7 +40,9 @@ fn a_master_flapping_every_300_ms_is_held_down_until_it_calms() {
     lab.start_tcp_servers(PORT).unwrap();
     let healthy = lab.start_http_health(HEALTH_PORT).unwrap();
     let service = ServiceSpec {
-        health: format!("check = \"http\"\nport = {HEALTH_PORT}\ninterval_ms = 100\ntimeout_ms = 100\nrise = 1\nfall = 1"),
+        // Every 300 ms phase of the flapper holds 3 checks: enough for `fall = 2`, which keeps
+        // one check slowed by a loaded machine from taking a steady master down.
+        health: format!("check = \"http\"\nport = {HEALTH_PORT}\ninterval_ms = 100\ntimeout_ms = 100\nrise = 1\nfall = 2"),
         ..ServiceSpec::tcp(&lab, PORT)
     };
     let config = lab_config(&lab, &[service], "") + "[service.flap_damping]\nmax_changes = 4\nwindow_s = 5\nhold_s = 3\n";
