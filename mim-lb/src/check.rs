@@ -62,6 +62,8 @@ pub fn plan(config: &Config) -> String {
                 h.fall
             ),
         };
+        let _ = writeln!(out, "  {}", describe_slow_start(service.slow_start));
+        let _ = writeln!(out, "  {}", describe_flap_damping(&service.flap_damping));
         let keys: Vec<Vec<u8>> = service.backends.iter().map(|b| maglev_key(&b.address)).collect();
         let members: Vec<maglev::MaglevBackend> = service
             .backends
@@ -90,4 +92,28 @@ pub fn plan(config: &Config) -> String {
         }
     }
     out
+}
+
+fn describe_slow_start(slow_start: std::time::Duration) -> String {
+    if slow_start.is_zero() {
+        return "slow start: off (a master that comes up takes its full share at once)".into();
+    }
+    let steps = crate::director::slow_start::STEPS;
+    format!(
+        "slow start: a master that comes up takes 1/{steps} of its weight, 1/{steps} more every {:.1} s, all of it after {} s",
+        slow_start.as_secs_f64() / f64::from(steps),
+        slow_start.as_secs()
+    )
+}
+
+fn describe_flap_damping(d: &crate::config::FlapDamping) -> String {
+    if d.max_changes == 0 {
+        return "flap damping: off".into();
+    }
+    format!(
+        "flap damping: more than {} health changes within {} s hold a master down for at least {} s",
+        d.max_changes,
+        d.window.as_secs(),
+        d.hold.as_secs()
+    )
 }

@@ -174,8 +174,9 @@ pub enum Command {
     /// Validate a config file without touching the kernel and print what `run` would do.
     #[command(after_help = "Example:\n  mim-lb check --config /etc/mim-lb/mim-lb.toml")]
     Check(CheckArgs),
-    /// Show services, backends (state, weight, share, last check) and counters.
-    #[command(after_help = "Examples:\n  mim-lb status\n  mim-lb status --json | jq '.services[].backends[] | {address, state}'")]
+    /// Show services, backends (state, weight, share, last check, slow start step, flap damping
+    /// hold) and counters.
+    #[command(after_help = "Examples:\n  mim-lb status\n  mim-lb status --json | jq '.services[].backends[] | {address, state}'\n  mim-lb status --json | jq '.services[].backends[] | select(.slow_start or .held_down) | {address, slow_start, held_down, reason}'")]
     Status(StatusArgs),
     /// Stop sending new flows to a backend; its established flows stay until they end.
     #[command(after_help = "Examples:\n  mim-lb drain 10.0.0.100:7000 10.0.0.11\n  mim-lb drain mim-master 10.0.0.11")]

@@ -29,7 +29,7 @@ use crate::{
         server::{self, Pending},
     },
     dataplane::{AttachMode, Attached, Dataplane, LoadOptions, Simulator},
-    director::{Admin, Director, monotonic_ns, read_pinned_flows},
+    director::{Admin, Director, monotonic_ns, read_pinned_flows, slow_start},
     health::{self, HealthChecker, Report, Verdict},
     neighbor::{self, NeighborEvent, NeighborResolver},
     status::{self, CheckStatus, DaemonFacts},
@@ -286,6 +286,7 @@ async fn start_and_serve(
         simulator: None,
         sync,
         bringup: (!director.dataplane().reused_pins()).then(|| first_round(director)),
+        timer_not_before: None,
     };
     daemon.refresh_watchers(director);
     info!(
@@ -336,6 +337,8 @@ struct Daemon {
     /// After a fresh start, until every master has had its first checks: their verdicts,
     /// held to be applied as one change (`health::bringup`).
     bringup: Option<Bringup>,
+    /// After a timed change failed: not retried before this.
+    timer_not_before: Option<tokio::time::Instant>,
 }
 
 /// The first round of checks of a fresh start: every checked master, with its `rise`.
@@ -383,6 +386,10 @@ impl Daemon {
             }
             // Outside any change: the next one then writes only its own slots.
             director.tidy();
+            let timer = director.next_timer_ns().map(|at| {
+                let due = tokio::time::Instant::now() + Duration::from_nanos(at.saturating_sub(monotonic_ns()));
+                self.timer_not_before.map_or(due, |t| due.max(t))
+            });
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
                 _ = int.recv() => { info!("SIGINT: stopping"); return Ok(()); }
@@ -391,6 +398,9 @@ impl Daemon {
                     Err(why) => error!("SIGHUP: reload rejected, nothing changed: {why}"),
                 },
                 Some(report) = reports.recv() => self.on_report(director, report),
+                _ = tokio::time::sleep_until(timer.unwrap_or_else(tokio::time::Instant::now)), if timer.is_some() => {
+                    self.on_timer(director);
+                }
                 _ = link_check.tick() => self.check_gateway_mac(director).await,
                 Some(event) = neighbours.recv() => self.on_neighbour(director, event),
                 Some((request, reply)) = control.recv() => {
@@ -541,6 +551,32 @@ impl Daemon {
             Ok(None) => {}
             Err(e) => error!("applying the health verdict for {} of {}: {e}", report.address, report.service),
         }
+    }
+
+    /// Slow starts that take their next step.
+    fn on_timer(&mut self, director: &mut Director) {
+        match director.on_timer() {
+            Ok(stepped) => {
+                for (service, address, ramp) in stepped {
+                    let weight = director.desired().get(&service).and_then(|s| s.backends.get(&address)).map_or(0, |b| b.weight);
+                    match ramp {
+                        Some(r) => info!(
+                            "backend {address} of {service}: slow start step {}/{} (weight {} of {weight})",
+                            r.step,
+                            slow_start::STEPS,
+                            f64::from(weight) * f64::from(r.step) / f64::from(slow_start::STEPS)
+                        ),
+                        None => info!("backend {address} of {service}: slow start over (weight {weight})"),
+                    }
+                }
+            }
+            Err(e) => {
+                error!("slow start: moving to the next step (retried in a second): {e}");
+                self.timer_not_before = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                return;
+            }
+        }
+        self.timer_not_before = None;
     }
 
     /// Applies the first round's verdicts in one change once it is complete (or `force`d by

@@ -134,6 +134,24 @@ impl Collector for StatusCollector {
         )?;
         gauge(
             e,
+            "mim_lb_backend_slow_start_ratio",
+            "Part of its weight the backend asks the table for: below 1 during its slow start",
+            &gauge_of(&|b, _| Some(b.slow_start.as_ref().map_or(1.0, |ss| f64::from(ss.step) / f64::from(ss.steps)))),
+        )?;
+        gauge(
+            e,
+            "mim_lb_backend_held_down",
+            "1 while flap damping holds the backend down",
+            &int_of(&|b| Some(i64::from(b.held_down.is_some()))),
+        )?;
+        gauge(
+            e,
+            "mim_lb_backend_health_changes",
+            "Changes of the backend's health verdict within the service's flap damping window",
+            &int_of(&|b| Some(i64::from(b.health_changes))),
+        )?;
+        gauge(
+            e,
             "mim_lb_backend_check_latency_seconds",
             "How long the backend's last health check took",
             &gauge_of(&|b, _| b.last_check.as_ref().map(|c| c.latency_ms / 1e3)),
@@ -334,6 +352,38 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn slow_start_ratio_is_the_step_or_one() {
+        let mut status = crate::status::sample();
+        let svc = r#"service="mim-master",vip="10.0.0.100",port="7000",protocol="tcp""#;
+        let line = format!("mim_lb_backend_slow_start_ratio{{{svc},backend=\"10.0.0.11\"}} 1.0");
+        assert!(render(&status).lines().any(|l| l == line), "not in slow start: 1");
+        status.services[0].backends[0].slow_start =
+            Some(crate::status::SlowStartStatus { step: 3, steps: 10, table_weight: 30.0, next_step_in_s: 1.0, full_in_s: 8.0 });
+        let line = format!("mim_lb_backend_slow_start_ratio{{{svc},backend=\"10.0.0.11\"}} 0.3");
+        let text = render(&status);
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+    }
+
+    #[test]
+    fn a_hold_is_exported() {
+        let mut status = crate::status::sample();
+        let svc = r#"service="mim-master",vip="10.0.0.100",port="7000",protocol="tcp""#;
+        let b = &mut status.services[0].backends[0];
+        b.health_changes = 5;
+        b.held_down = Some(crate::status::HeldDownStatus { max_changes: 4, window_s: 5, held_for_s: 1.0, release_in_s: 4.0 });
+        let text = render(&status);
+        for line in [
+            format!("mim_lb_backend_held_down{{{svc},backend=\"10.0.0.11\"}} 1"),
+            format!("mim_lb_backend_health_changes{{{svc},backend=\"10.0.0.11\"}} 5"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        status.services[0].backends[0].held_down = None;
+        let line = format!("mim_lb_backend_held_down{{{svc},backend=\"10.0.0.11\"}} 0");
+        assert!(render(&status).lines().any(|l| l == line));
     }
 
     /// One GET of `path` from `addr`: the status line.

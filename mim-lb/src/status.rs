@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{ServiceKey, format_mac},
-    director::Director,
+    director::{
+        Director,
+        slow_start::{self, Ramp},
+    },
 };
 
 /// Everything `mim-lb status` shows.
@@ -123,6 +126,42 @@ pub struct BackendStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// The master's slow start, while it is in one (`null` otherwise).
+    #[serde(default)]
+    pub slow_start: Option<SlowStartStatus>,
+    /// Changes of its health verdict within the service's `flap_damping.window_s`: its flap
+    /// damping penalty.
+    #[serde(default)]
+    pub health_changes: u32,
+    /// Its flap damping hold, while it is held down (`null` otherwise).
+    #[serde(default)]
+    pub held_down: Option<HeldDownStatus>,
+}
+
+/// A master held down by flap damping (OPERATIONS.md, "Flap damping").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldDownStatus {
+    /// The limit its health changes went above, within `window_s`.
+    pub max_changes: u32,
+    pub window_s: u64,
+    /// Seconds since the hold began.
+    pub held_for_s: f64,
+    /// Seconds until it is released if its health stops changing now.
+    pub release_in_s: f64,
+}
+
+/// Where a master is in its slow start (OPERATIONS.md, "Slow start").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlowStartStatus {
+    /// 1..=steps: the master asks for step/steps of its weight.
+    pub step: u32,
+    pub steps: u32,
+    /// The weight the table is built with now: weight × step / steps.
+    pub table_weight: f64,
+    /// Seconds until the next step (the end, at the last one).
+    pub next_step_in_s: f64,
+    /// Seconds until the slow start is over.
+    pub full_in_s: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,6 +223,7 @@ pub struct DaemonFacts<'a> {
 /// Collects the status from the director's state and the data path's counters.
 pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate::dataplane::DataplaneError> {
     let maps = director.dataplane().maps_ro();
+    let now_ns = crate::director::monotonic_ns();
     let mut services = Vec::new();
     for (key, s) in director.desired() {
         let written = director.written().get(key);
@@ -211,6 +251,14 @@ pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate
                 packets: bstats.packets,
                 bytes: bstats.bytes,
                 new_flows: bstats.new_flows,
+                slow_start: b.ramp.map(|r| slow_start_status(b.weight, r, s.slow_start, now_ns)),
+                health_changes: b.flaps.penalty(&s.flap_damping, now_ns),
+                held_down: b.flaps.hold().map(|h| HeldDownStatus {
+                    max_changes: h.max_changes,
+                    window_s: h.window_s,
+                    held_for_s: now_ns.saturating_sub(h.since_ns) as f64 / 1e9,
+                    release_in_s: b.flaps.release_at(&s.flap_damping).map_or(0.0, |at| at.saturating_sub(now_ns) as f64 / 1e9),
+                }),
             });
         }
         services.push(ServiceStatus {
@@ -250,6 +298,26 @@ pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate
         reasons,
         sync: None,
     })
+}
+
+/// `slow start: step 3/10, weight 30 of 100; next step in 0.4 s, full weight in 7.4 s`.
+fn render_slow_start(ss: &SlowStartStatus, weight: u32) -> String {
+    let next = if ss.step < ss.steps { format!("next step in {:.1} s, ", ss.next_step_in_s) } else { String::new() };
+    format!(
+        "slow start: step {}/{}, weight {} of {weight}; {next}full weight in {:.1} s",
+        ss.step, ss.steps, ss.table_weight, ss.full_in_s
+    )
+}
+
+fn slow_start_status(weight: u32, ramp: Ramp, slow_start: Duration, now_ns: u64) -> SlowStartStatus {
+    let until = |at_ns: u64| at_ns.saturating_sub(now_ns) as f64 / 1e9;
+    SlowStartStatus {
+        step: ramp.step,
+        steps: slow_start::STEPS,
+        table_weight: f64::from(weight) * f64::from(ramp.step) / f64::from(slow_start::STEPS),
+        next_step_in_s: until(ramp.next_change_ns(slow_start)),
+        full_in_s: until(ramp.since_ns.saturating_add(slow_start.as_nanos() as u64)),
+    }
 }
 
 fn serde_plain<T: Serialize>(value: &T) -> String {
@@ -326,6 +394,16 @@ pub fn render(status: &Status) -> String {
             );
             if !b.reason.is_empty() && b.state != "up" {
                 let _ = writeln!(out, "       {}: {}", b.state, b.reason);
+            }
+            if let Some(ss) = &b.slow_start {
+                let _ = writeln!(out, "       {}", render_slow_start(ss, b.weight));
+            }
+            if let Some(h) = &b.held_down {
+                let _ = writeln!(
+                    out,
+                    "       held down {:.1} s so far; released in {:.1} s if its health stops changing ({} changes within {} s now)",
+                    h.held_for_s, h.release_in_s, b.health_changes, h.window_s
+                );
             }
         }
     }
@@ -431,6 +509,9 @@ pub(crate) fn sample() -> Status {
                 packets: 7,
                 bytes: 448,
                 new_flows: 1,
+                slow_start: None,
+                health_changes: 0,
+                held_down: None,
             }],
         }],
         reasons: vec![ReasonCount { code: 0, name: "forwarded".into(), packets: 10, bytes: 2048 }],
@@ -463,5 +544,31 @@ mod tests {
         assert!(text.contains("(0123456789abcdef)"), "the table digest is shown: {text}");
         let json = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status);
+    }
+
+    #[test]
+    fn render_shows_a_hold_and_when_it_ends() {
+        let mut status = sample();
+        let b = &mut status.services[0].backends[0];
+        b.reason = "held down for flapping: its health changed more than 4 times within 5 s (flap damping); health now up".into();
+        b.health_changes = 7;
+        b.held_down = Some(HeldDownStatus { max_changes: 4, window_s: 5, held_for_s: 2.04, release_in_s: 4.96 });
+        let text = render(&status);
+        assert!(text.contains("down: held down for flapping: its health changed more than 4 times within 5 s"), "{text}");
+        assert!(text.contains("held down 2.0 s so far; released in 5.0 s if its health stops changing (7 changes within 5 s now)"), "{text}");
+    }
+
+    #[test]
+    fn render_shows_a_slow_start_schedule() {
+        let mut status = sample();
+        let b = &mut status.services[0].backends[0];
+        b.state = "up".into();
+        b.slow_start = Some(SlowStartStatus { step: 3, steps: 10, table_weight: 30.0, next_step_in_s: 0.44, full_in_s: 7.44 });
+        let text = render(&status);
+        assert!(text.contains("slow start: step 3/10, weight 30 of 100; next step in 0.4 s, full weight in 7.4 s"), "{text}");
+        status.services[0].backends[0].slow_start =
+            Some(SlowStartStatus { step: 10, steps: 10, table_weight: 100.0, next_step_in_s: 0.5, full_in_s: 0.5 });
+        let text = render(&status);
+        assert!(text.contains("slow start: step 10/10, weight 100 of 100; full weight in 0.5 s"), "{text}");
     }
 }

@@ -98,6 +98,11 @@ pub struct Service {
     pub table_size: u32,
     /// How the service's backends are checked.
     pub health: HealthCheck,
+    /// How long a master that comes up takes to reach its full share of new connections
+    /// (zero: at once).
+    pub slow_start: Duration,
+    /// When a master whose health verdict keeps changing is held down.
+    pub flap_damping: FlapDamping,
     /// Addresses are unique and of the vip's family.
     pub backends: Vec<Backend>,
 }
@@ -116,6 +121,22 @@ pub enum Scheduler {
     Maglev,
     /// The client address only: every connection of a client reaches the same backend.
     MaglevSource,
+}
+
+/// The `[service.flap_damping]` section: a master whose health verdict changes more than
+/// `max_changes` times within `window` is held down for at least `hold`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlapDamping {
+    /// 0 turns damping off; otherwise at least 2, so one failure and recovery never count.
+    pub max_changes: u32,
+    pub window: Duration,
+    pub hold: Duration,
+}
+
+impl Default for FlapDamping {
+    fn default() -> Self {
+        FlapDamping { max_changes: 6, window: Duration::from_secs(60), hold: Duration::from_secs(30) }
+    }
 }
 
 /// A service's health check: how each backend is probed and how many results in a row change

@@ -42,7 +42,9 @@ pub(crate) struct RawService {
     pub protocol: Option<String>,
     pub scheduler: Option<String>,
     pub table_size: Option<i64>,
+    pub slow_start_s: Option<i64>,
     pub health: Option<RawHealth>,
+    pub flap_damping: Option<RawFlapDamping>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
 }
@@ -68,4 +70,12 @@ pub(crate) struct RawHealth {
     pub expect_status: Option<i64>,
     pub expect_body: Option<String>,
     pub command: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFlapDamping {
+    pub max_changes: Option<i64>,
+    pub window_s: Option<i64>,
+    pub hold_s: Option<i64>,
 }

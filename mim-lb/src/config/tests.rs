@@ -76,6 +76,8 @@ fn minimal_config_gets_defaults() {
             scheduler: Scheduler::Maglev,
             table_size: limits::MAGLEV_DEFAULT_TABLE_SIZE,
             health: HealthCheck::default(),
+            slow_start: Duration::ZERO,
+            flap_damping: FlapDamping { max_changes: 6, window: Duration::from_secs(60), hold: Duration::from_secs(30) },
             backends: vec![Backend {
                 address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 11)),
                 mac: Some([2, 0, 0, 0, 0, 0x11]),
@@ -1068,5 +1070,66 @@ fn sync_mistakes_name_their_key() {
     rejects(
         &sync("listen = \"10.0.0.2:7946\"\npeers = [\"10.0.0.3:7946\"]\nkey_file = \"/nonexistent/mim-lb.key\""),
         "sync.key_file: cannot read /nonexistent/mim-lb.key: No such file or directory (os error 2)",
+    );
+}
+
+#[test]
+fn slow_start_is_read_in_seconds_and_checked() {
+    let c = Config::parse(&with_service("name = \"w\"\nvip = \"10.0.0.100\"\nport = 80\nslow_start_s = 30", "")).unwrap();
+    assert_eq!(c.services[0].slow_start, Duration::from_secs(30));
+    let off = Config::parse(&with_service("name = \"w\"\nvip = \"10.0.0.100\"\nport = 80\nslow_start_s = 0", "")).unwrap();
+    assert_eq!(off.services[0].slow_start, Duration::ZERO);
+    rejects(
+        &with_service("name = \"w\"\nvip = \"10.0.0.100\"\nport = 80\nslow_start_s = 3601", ""),
+        "service[0].slow_start_s: 3601 is out of range 0..=3600",
+    );
+    rejects(
+        &with_service("name = \"w\"\nvip = \"10.0.0.100\"\nport = 80\nslow_start_s = -1", ""),
+        "service[0].slow_start_s: -1 is out of range 0..=3600",
+    );
+}
+
+fn with_flap_damping(lines: &str) -> String {
+    with_service("name = \"w\"\nvip = \"10.0.0.100\"\nport = 80", &format!("[service.flap_damping]\n{lines}\n"))
+}
+
+#[test]
+fn flap_damping_is_read_and_checked() {
+    let c = Config::parse(&with_flap_damping("max_changes = 4\nwindow_s = 10\nhold_s = 3")).unwrap();
+    assert_eq!(
+        c.services[0].flap_damping,
+        FlapDamping { max_changes: 4, window: Duration::from_secs(10), hold: Duration::from_secs(3) }
+    );
+    let off = Config::parse(&with_flap_damping("max_changes = 0")).unwrap();
+    assert_eq!(off.services[0].flap_damping.max_changes, 0);
+    assert_eq!(off.services[0].flap_damping.window, Duration::from_secs(60), "unset keys keep their defaults");
+    rejects(
+        &with_flap_damping("max_changes = 1"),
+        "service[0].flap_damping.max_changes: 1 would hold a master down after a single failure and recovery; \
+         use at least 2, or 0 to turn flap damping off",
+    );
+    rejects(&with_flap_damping("max_changes = 1001"), "service[0].flap_damping.max_changes: 1001 is out of range 0..=1000");
+    rejects(&with_flap_damping("window_s = 0"), "service[0].flap_damping.window_s: 0 is out of range 1..=86400");
+    rejects(&with_flap_damping("hold_s = 86401"), "service[0].flap_damping.hold_s: 86401 is out of range 1..=86400");
+    let (line, message) = syntax_error(&with_flap_damping("max_flaps = 3"));
+    assert_eq!(line, 8);
+    assert!(message.contains("unknown field `max_flaps`"), "{message}");
+}
+
+#[test]
+fn a_bad_flap_damping_rejects_the_whole_file_with_every_problem() {
+    let text = with_service(
+        "name = \"w\"\nvip = \"10.0.0.100\"\nport = 80\nslow_start_s = 99999",
+        "[service.flap_damping]\nmax_changes = 1\nwindow_s = -5\n",
+    );
+    assert_eq!(
+        problems(&text),
+        vec![
+            "service[0].slow_start_s: 99999 is out of range 0..=3600".to_owned(),
+            "service[0].flap_damping.max_changes: 1 would hold a master down after a single failure and recovery; \
+             use at least 2, or 0 to turn flap damping off"
+                .to_owned(),
+            "service[0].flap_damping.window_s: -5 is out of range 1..=86400".to_owned(),
+        ]
     );
 }

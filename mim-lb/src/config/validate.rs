@@ -14,11 +14,11 @@ use std::{
 use mim_lb_common::limits;
 
 use super::{
-    Backend, CheckKind, Config, ConfigError, HealthCheck, Protocol, Scheduler, Service, XdpMode,
+    Backend, CheckKind, Config, ConfigError, FlapDamping, HealthCheck, Protocol, Scheduler, Service, XdpMode,
     endpoint,
     error::Problems,
     parse_mac,
-    raw::{RawBackend, RawConfig, RawHealth, RawService, RawSync},
+    raw::{RawBackend, RawConfig, RawFlapDamping, RawHealth, RawService, RawSync},
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mim-lb";
@@ -31,6 +31,9 @@ const IDLE_MAX_S: i64 = 7 * 24 * 3600;
 const INTERVAL_MIN_MS: i64 = 10;
 const INTERVAL_MAX_MS: i64 = 3_600_000;
 const RISE_FALL_MAX: i64 = 100;
+const SLOW_START_MAX_S: i64 = 3600;
+const FLAP_CHANGES_MAX: i64 = 1000;
+const FLAP_SECONDS_MAX: i64 = 24 * 3600;
 /// Longest `sun_path` of a Unix socket, without its terminating NUL.
 const SOCKET_PATH_MAX: usize = 107;
 const FLOW_TABLE_MIN: i64 = 1024;
@@ -345,6 +348,14 @@ fn service(i: usize, raw: &RawService, p: &mut Problems) -> (Service, Option<End
         None => HealthCheck::default(),
         Some(h) => health(&format!("{key}.health"), h, p),
     };
+    let slow_start = match raw.slow_start_s {
+        None => Duration::ZERO,
+        Some(v) => Duration::from_secs(in_range(&format!("{key}.slow_start_s"), v, 0, SLOW_START_MAX_S, p)),
+    };
+    let flap_damping = match &raw.flap_damping {
+        None => FlapDamping::default(),
+        Some(f) => flap_damping(&format!("{key}.flap_damping"), f, p),
+    };
     if protocol == Some(Protocol::Udp) && health.kind == CheckKind::Tcp && health.port.is_none() {
         // The default check, left as it is on a UDP service, would connect over TCP to the
         // UDP port: every master would fail it and the service would drop all traffic.
@@ -374,6 +385,8 @@ fn service(i: usize, raw: &RawService, p: &mut Problems) -> (Service, Option<End
         scheduler,
         table_size,
         health,
+        slow_start,
+        flap_damping,
         backends,
     };
     let endpoint = vip.zip(port).zip(protocol).map(|((v, p), pr)| (v, p, pr));
@@ -549,6 +562,30 @@ fn backend(
         mac,
         weight,
     }
+}
+
+fn flap_damping(key: &str, raw: &RawFlapDamping, p: &mut Problems) -> FlapDamping {
+    let defaults = FlapDamping::default();
+    let max_changes = match raw.max_changes {
+        None => defaults.max_changes,
+        Some(1) => {
+            p.add(
+                format!("{key}.max_changes"),
+                "1 would hold a master down after a single failure and recovery; use at least 2, \
+                 or 0 to turn flap damping off"
+                    .to_owned(),
+            );
+            defaults.max_changes
+        }
+        Some(v) => in_range(&format!("{key}.max_changes"), v, 0, FLAP_CHANGES_MAX, p),
+    };
+    let seconds = |name: &str, value: Option<i64>, default: Duration, p: &mut Problems| match value {
+        None => default,
+        Some(v) => Duration::from_secs(in_range(&format!("{key}.{name}"), v, 1, FLAP_SECONDS_MAX, p)),
+    };
+    let window = seconds("window_s", raw.window_s, defaults.window, p);
+    let hold = seconds("hold_s", raw.hold_s, defaults.hold, p);
+    FlapDamping { max_changes, window, hold }
 }
 
 fn health(key: &str, raw: &RawHealth, p: &mut Problems) -> HealthCheck {

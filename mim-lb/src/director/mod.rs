@@ -21,12 +21,14 @@
 //! [`Director::sweep`] later clears the marks no live flow needs any more and lets removed
 //! backends go once their last flow has ended.
 
+mod damping;
 mod desired;
 pub mod digest;
 mod ids;
 pub mod marks;
 mod plan;
 mod recover;
+pub mod slow_start;
 pub mod shared;
 
 /// Some slots of a service's live table with a word each (its entry, or its `SLOT_SEEN`
@@ -401,6 +403,8 @@ impl Director {
                         },
                         admin: Admin::Enabled,
                         removing: false,
+                        ramp: None,
+                        flaps: damping::Flaps::default(),
                     },
                 };
                 backends.insert(b.address, desire);
@@ -420,6 +424,8 @@ impl Director {
                     scheduler: service.scheduler,
                     table_size: service.table_size,
                     health: service.health.clone(),
+                    slow_start: service.slow_start,
+                    flap_damping: service.flap_damping,
                     backends,
                 },
             );
@@ -436,7 +442,9 @@ impl Director {
         reason: &str,
     ) -> Result<Option<Change>, DirectorError> {
         let mut next = self.desired.clone();
-        let Some(b) = next.get_mut(service).and_then(|s| s.backends.get_mut(&backend)) else {
+        let Some(s) = next.get_mut(service) else { return Ok(None) };
+        let damping = s.flap_damping;
+        let Some(b) = s.backends.get_mut(&backend) else {
             // A report that raced with a reload removing the backend.
             return Ok(None);
         };
@@ -445,7 +453,13 @@ impl Director {
         }
         b.health_up = up;
         b.health_reason = reason.to_owned();
-        Ok(self.commit(next)?.changes.into_iter().next())
+        let held = b.flaps.record(&damping, sweep::monotonic_ns());
+        let change = self.commit(next)?.changes.into_iter().next();
+        // Logged once adopted: a failed commit counted nothing.
+        if let Some(hold) = held {
+            log_hold(service, backend, &hold, &damping);
+        }
+        Ok(change)
     }
 
     /// Several health verdicts as one change (the first round after a fresh start). Masters
@@ -453,19 +467,74 @@ impl Director {
     pub fn set_health_many(&mut self, verdicts: &[(ServiceKey, IpAddr, bool, String)]) -> Result<Vec<Change>, DirectorError> {
         let mut next = self.desired.clone();
         let mut any = false;
+        let now = sweep::monotonic_ns();
+        let mut holds = Vec::new();
         for (service, backend, up, reason) in verdicts {
-            if let Some(b) = next.get_mut(service).and_then(|s| s.backends.get_mut(backend))
+            let Some(s) = next.get_mut(service) else { continue };
+            let damping = s.flap_damping;
+            if let Some(b) = s.backends.get_mut(backend)
                 && b.health_up != *up
             {
                 b.health_up = *up;
                 b.health_reason = reason.clone();
+                if let Some(hold) = b.flaps.record(&damping, now) {
+                    holds.push((*service, *backend, hold, damping));
+                }
                 any = true;
             }
         }
         if !any {
             return Ok(Vec::new());
         }
-        Ok(self.commit(next)?.changes)
+        let changes = self.commit(next)?.changes;
+        for (service, backend, hold, damping) in holds {
+            log_hold(&service, backend, &hold, &damping);
+        }
+        Ok(changes)
+    }
+
+    /// When [`Director::on_timer`] has something to do (`CLOCK_MONOTONIC` ns): the next step of
+    /// a slow start, or the end of a hold.
+    pub fn next_timer_ns(&self) -> Option<u64> {
+        let releases = self
+            .desired
+            .values()
+            .flat_map(|s| s.backends.values().filter_map(move |b| b.flaps.release_at(&s.flap_damping)));
+        desired::next_ramp_change_ns(&self.desired).into_iter().chain(releases).min()
+    }
+
+    /// Ends the holds that are due and moves every slow start on to the step its time gives,
+    /// in one commit. Returns the backends whose step changed, with their new step (`None`:
+    /// at full weight).
+    pub fn on_timer(&mut self) -> Result<Vec<(ServiceKey, IpAddr, Option<slow_start::Ramp>)>, DirectorError> {
+        let before = self.desired.clone();
+        let now = sweep::monotonic_ns();
+        let mut next = self.desired.clone();
+        let mut released = Vec::new();
+        for (key, s) in next.iter_mut() {
+            for (addr, b) in s.backends.iter_mut() {
+                if b.flaps.release_if_due(&s.flap_damping, now) {
+                    released.push((*key, *addr, b.flaps.penalty(&s.flap_damping, now)));
+                }
+            }
+        }
+        let report = self.commit(next)?;
+        for (key, addr, penalty) in released {
+            log::info!("backend {addr} of {key}: released from its flap damping hold ({penalty} health changes in the window now)");
+        }
+        for change in &report.changes {
+            log::info!("{change}");
+        }
+        let mut stepped = Vec::new();
+        for (key, s) in &self.desired {
+            for (addr, b) in &s.backends {
+                let old = before.get(key).and_then(|o| o.backends.get(addr)).and_then(|o| o.ramp);
+                if old.map(|r| r.step) != b.ramp.map(|r| r.step) {
+                    stepped.push((*key, *addr, b.ramp));
+                }
+            }
+        }
+        Ok(stepped)
     }
 
     /// Applies an operator's drain / enable / disable.
@@ -630,8 +699,9 @@ impl Director {
 
     /// Makes the data path match `next`, then adopts it as the desired state. On an error
     /// nothing was adopted and the data path reads what it read before.
-    fn commit(&mut self, next: Desired) -> Result<ApplyReport, DirectorError> {
+    fn commit(&mut self, mut next: Desired) -> Result<ApplyReport, DirectorError> {
         let now = sweep::monotonic_ns();
+        desired::stamp_slow_starts(&self.desired, &mut next, now);
         let mut plan = self.plan(&next, now)?;
         let mut counts = ApplyReport::default();
         let backends_before = self.written_backends.clone();
@@ -790,6 +860,17 @@ impl Director {
         self.ready = true;
         Ok(())
     }
+}
+
+/// The log line of a hold that began.
+fn log_hold(service: &ServiceKey, address: IpAddr, hold: &damping::Hold, damping: &crate::config::FlapDamping) {
+    log::warn!(
+        "backend {address} of {service}: held down for flapping: its health changed more than {} times within {} s \
+         (held at least {} s, then until calm)",
+        hold.max_changes,
+        hold.window_s,
+        damping.hold.as_secs()
+    );
 }
 
 pub(super) fn service_flags(scheduler: Scheduler) -> u32 {

@@ -92,6 +92,8 @@ impl Director {
                     },
                     table_size: e.table_size,
                     health: HealthCheck::default(),
+                    slow_start: std::time::Duration::ZERO,
+                    flap_damping: crate::config::FlapDamping::default(),
                     backends: BTreeMap::new(),
                 },
             );
@@ -119,6 +121,8 @@ impl Director {
                     health_reason: "as recorded before the restart".into(),
                     admin: Admin::from_code(b.admin),
                     removing: b.state == BACKEND_STATE_REMOVING,
+                    ramp: None,
+                    flaps: Default::default(),
                 },
             );
             written_backends.insert(id, b);
