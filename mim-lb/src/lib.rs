@@ -22,4 +22,5 @@ pub mod prepare_backend;
 pub mod rlimit;
 pub mod simulate;
 pub mod status;
+pub mod status_page;
 pub mod sync;

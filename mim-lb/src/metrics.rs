@@ -6,7 +6,7 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -28,6 +28,7 @@ use tokio::{
 use crate::{
     control::{protocol, server::Pending},
     status::Status,
+    status_page::{self, History},
 };
 
 /// The five states a backend can be in, each exported as its own 0/1 series so that a
@@ -207,8 +208,10 @@ const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duratio
 /// A run of like warnings (failed accepts, refused connections) is logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// Serves `GET /metrics` until the event loop goes away.
+/// Serves `GET /metrics` and the status page until the event loop goes away.
 pub async fn serve(listener: TcpListener, requests: mpsc::Sender<Pending>) {
+    let history = Arc::new(Mutex::new(History::default()));
+    tokio::spawn(sample_history(requests.clone(), Arc::clone(&history)));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = ACCEPT_BACKOFF.0;
     let mut accept_failed = Throttled::default();
@@ -233,12 +236,17 @@ pub async fn serve(listener: TcpListener, requests: mpsc::Sender<Pending>) {
             refused.warn(|| format!("metrics: {MAX_CONNECTIONS} connections open already; closing new ones"));
             continue;
         };
-        tokio::spawn(serve_connection(stream, slot, requests.clone()));
+        tokio::spawn(serve_connection(stream, slot, requests.clone(), Arc::clone(&history)));
     }
 }
 
-async fn serve_connection(stream: TcpStream, _slot: OwnedSemaphorePermit, requests: mpsc::Sender<Pending>) {
-    let service = service_fn(move |req| answer(req, requests.clone()));
+async fn serve_connection(
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    requests: mpsc::Sender<Pending>,
+    history: Arc<Mutex<History>>,
+) {
+    let service = service_fn(move |req| answer(req, requests.clone(), Arc::clone(&history)));
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
@@ -283,24 +291,64 @@ fn next_backoff(pause: Duration) -> Duration {
     (pause * 2).min(ACCEPT_BACKOFF.1)
 }
 
-async fn answer(req: Request<Incoming>, requests: mpsc::Sender<Pending>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    req: Request<Incoming>,
+    requests: mpsc::Sender<Pending>,
+    history: Arc<Mutex<History>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let reply = |code: StatusCode, content_type: &'static str, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = code;
         response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
         Ok(response)
     };
-    if req.method() != Method::GET || req.uri().path() != "/metrics" {
-        return reply(StatusCode::NOT_FOUND, "text/plain", "mim-lb serves GET /metrics\n".into());
+    let unavailable = || reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "the daemon could not read its maps\n".into());
+    if req.method() != Method::GET {
+        return reply(StatusCode::NOT_FOUND, "text/plain", NOT_FOUND.into());
     }
+    match req.uri().path() {
+        "/metrics" => match ask_status(&requests).await {
+            Some(status) => reply(StatusCode::OK, prometheus_text::CONTENT_TYPE, render(&status)),
+            None => unavailable(),
+        },
+        "/status.json" => match ask_status(&requests).await {
+            Some(status) => reply(StatusCode::OK, "application/json", serde_json::to_string(&status).unwrap_or_default()),
+            None => unavailable(),
+        },
+        "/history.json" => {
+            let json = history.lock().map(|h| h.json()).unwrap_or_else(|_| History::default().json());
+            reply(StatusCode::OK, "application/json", serde_json::to_string(&json).unwrap_or_default())
+        }
+        "/" => reply(StatusCode::OK, "text/html; charset=utf-8", status_page::PAGE.into()),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", NOT_FOUND.into()),
+    }
+}
+
+const NOT_FOUND: &str = "mim-lb serves GET /metrics, and its status page: GET /, /status.json, /history.json\n";
+
+/// A status snapshot from the event loop, if it could read its maps.
+async fn ask_status(requests: &mpsc::Sender<Pending>) -> Option<Status> {
     let (tx, rx) = oneshot::channel();
-    let status = match requests.send((protocol::Request::Status, tx)).await {
-        Ok(()) => rx.await.ok().and_then(|r| r.status),
-        Err(_) => None,
-    };
-    match status {
-        Some(status) => reply(StatusCode::OK, prometheus_text::CONTENT_TYPE, render(&status)),
-        None => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "the daemon could not read its maps\n".into()),
+    requests.send((protocol::Request::Status, tx)).await.ok()?;
+    rx.await.ok().and_then(|r| r.status)
+}
+
+/// Samples the counters into `history` every `history::INTERVAL` while the event loop runs.
+async fn sample_history(requests: mpsc::Sender<Pending>, history: Arc<Mutex<History>>) {
+    let mut tick = tokio::time::interval(status_page::history::INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if requests.is_closed() {
+            return;
+        }
+        let Some(status) = ask_status(&requests).await else { continue };
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if let Ok(mut h) = history.lock() {
+            h.push(unix_ms, &status);
+        }
     }
 }
 

@@ -317,10 +317,57 @@ fn every_documented_metric_is_served_with_its_labels() {
             assert!(text.lines().any(|l| l.starts_with("mim_lb_backend_state{") && l.contains(&series)), "no {series}");
         }
     }
-    // Other paths are not the metrics.
-    for path in ["/", "/metrics/extra", "/status"] {
+    // Other paths are neither the metrics nor the status page.
+    for path in ["/index.html", "/metrics/extra", "/status"] {
         let (status_line, _) = get(&lab, path);
         assert!(status_line.starts_with("HTTP/1.1 404"), "GET {path}: {status_line}");
+    }
+}
+
+/// `dist/grafana-dashboard.json` queries only metrics a real scrape serves, each with at least
+/// one series (a panel on a name that does not exist stays empty without an error).
+#[test]
+fn the_grafana_dashboard_queries_only_served_metrics() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let _gw = start(&mut lab, &format!("metrics_listen = \"{METRICS}\""));
+    let text = scrape(&lab);
+    let served = scraped_families(&text);
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/grafana-dashboard.json")).unwrap())
+            .expect("the dashboard is JSON");
+    let mut queries = Vec::new();
+    collect_queries(&dashboard, &mut queries);
+    assert!(queries.len() >= 10, "too few queries found: {queries:?}");
+    let mut names: Vec<String> = queries
+        .iter()
+        .flat_map(|q| {
+            q.match_indices("mim_lb_").map(|(i, _)| {
+                q[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>()
+            }).collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    for name in &names {
+        let (_, series) = served.get(name).unwrap_or_else(|| panic!("the dashboard queries {name}, which is not served:\n{text}"));
+        assert!(!series.is_empty(), "{name} is served without a series");
+    }
+}
+
+/// Every PromQL string of a Grafana dashboard: panel targets' `expr` and variables' queries.
+fn collect_queries(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                match (key.as_str(), v) {
+                    ("expr" | "definition", serde_json::Value::String(q)) => out.push(q.clone()),
+                    _ => collect_queries(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_queries(v, out)),
+        _ => {}
     }
 }
 

@@ -46,6 +46,8 @@ const PACKAGES: &[Package] = &[
     tool("procps", "sysctl"),
     // VRRP between the two directors of the namespace tests that move the VIP.
     tool("keepalived", "keepalived"),
+    // The status page test loads the page in a headless browser.
+    tool("chromium-headless-shell", "chromium-headless-shell"),
     llvm("llvm-22-dev"),
     llvm("libpolly-22-dev"),
     llvm("libzstd-dev"),
