@@ -25,6 +25,7 @@ mod desired;
 pub mod digest;
 mod ids;
 pub mod marks;
+pub mod held;
 mod plan;
 mod recover;
 pub mod shared;
