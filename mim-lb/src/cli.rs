@@ -9,11 +9,15 @@ use crate::{
     check,
     config::Config,
     control::{client, protocol::Request},
-    daemon, detach, prepare_backend, status,
+    daemon, detach, drain_wait, prepare_backend, status, watch,
 };
 
 /// Where the daemon listens unless the config says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/mim-lb/control.sock";
+
+/// The config file the control commands read the socket from when given neither `--socket`
+/// nor `--config` (the one the shipped systemd unit runs with).
+pub const DEFAULT_CONFIG: &str = "/etc/mim-lb/mim-lb.toml";
 
 /// The whole `mim-lb` binary: runs the command and turns an error into one message and exit
 /// status 1. Printed here rather than by returning the error from `main`: anyhow's Debug form
@@ -59,8 +63,11 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => daemon::run(args),
         Command::Check(args) => check::run(&args),
+        Command::Status(args) if args.watch.is_some() => {
+            watch::run(&args.socket.path(top)?, args.watch.expect("guarded"), args.count)
+        }
         Command::Status(args) => {
-            let response = ask(&args.socket.path(top), &Request::Status)?;
+            let response = ask(&args.socket.path(top)?, &Request::Status)?;
             let status = response.status.context("the daemon sent no status")?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -69,12 +76,17 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Drain(t) => say(&t.socket.path(top), &Request::Drain { service: t.service, backend: t.backend }),
-        Command::Enable(t) => say(&t.socket.path(top), &Request::Enable { service: t.service, backend: t.backend }),
-        Command::Disable(t) => say(&t.socket.path(top), &Request::Disable { service: t.service, backend: t.backend }),
-        Command::Reload(args) => say(&args.path(top), &Request::Reload),
+        Command::Drain(DrainArgs { target: t, wait, timeout }) => {
+            let socket = t.socket.path(top)?;
+            say(&socket, &Request::Drain { service: t.service.clone(), backend: t.backend })?;
+            let drained_at = std::time::Instant::now();
+            if wait { drain_wait::wait(&socket, &t.service, t.backend, drained_at, timeout) } else { Ok(()) }
+        }
+        Command::Enable(t) => say(&t.socket.path(top)?, &Request::Enable { service: t.service, backend: t.backend }),
+        Command::Disable(t) => say(&t.socket.path(top)?, &Request::Disable { service: t.service, backend: t.backend }),
+        Command::Reload(args) => say(&args.path(top)?, &Request::Reload),
         Command::Simulate(args) => {
-            let response = ask(&args.socket.path(top), &Request::Simulate { flow: args.flow })?;
+            let response = ask(&args.socket.path(top)?, &Request::Simulate { flow: args.flow })?;
             let sim = response.simulation.context("the daemon sent no simulation")?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&sim)?);
@@ -99,7 +111,7 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ready(args) => {
-            let response = client::request_within(&args.socket.path(top), &Request::Ready, args.timeout)?;
+            let response = client::request_within(&args.socket.path(top)?, &Request::Ready, args.timeout)?;
             if !response.ok {
                 bail!("not ready: {}", response.error.unwrap_or_else(|| "no reason given".into()));
             }
@@ -165,11 +177,12 @@ pub enum Command {
     #[command(after_help = "Example:\n  mim-lb check --config /etc/mim-lb/mim-lb.toml")]
     Check(CheckArgs),
     /// Show services, backends (state, weight, share, last check) and counters.
-    #[command(after_help = "Examples:\n  mim-lb status\n  mim-lb status --json | jq '.services[].backends[] | {address, state}'")]
+    #[command(after_help = "Examples:\n  mim-lb status\n  mim-lb status --config /etc/mim-lb/mim-lb.toml\n  mim-lb status --json | jq '.services[].backends[] | {address, state, active_connections}'\n  mim-lb status --watch            (redraw every 2 s with rates, like watch ipvsadm -Ln --rate)\n  mim-lb status --watch 1 --count 5 > log.txt")]
     Status(StatusArgs),
-    /// Stop sending new flows to a backend; its established flows stay until they end.
-    #[command(after_help = "Examples:\n  mim-lb drain 10.0.0.100:7000 10.0.0.11\n  mim-lb drain mim-master 10.0.0.11")]
-    Drain(Target),
+    /// Stop sending new flows to a backend; its established flows stay until they end. With
+    /// --wait, return once it holds no active connection.
+    #[command(after_help = "Examples:\n  mim-lb drain 10.0.0.100:7000 10.0.0.11\n  mim-lb drain mim-master 10.0.0.11\n  mim-lb drain mim-master 10.0.0.11 --wait --timeout 10m && systemctl -H master1 restart mim-master\n\n--wait: a connection counts as active while it sent a packet within the last 5 s (a UDP\nflow: until it expires); see OPERATIONS.md, \"Connection counts\" and \"Rolling update\".")]
+    Drain(DrainArgs),
     /// Put a drained or disabled backend back into service.
     #[command(after_help = "Example:\n  mim-lb enable 10.0.0.100:7000 10.0.0.11")]
     Enable(Target),
@@ -236,20 +249,40 @@ pub struct DetachArgs {
 #[derive(Debug, clap::Args)]
 pub struct SocketArg {
     /// The daemon's control socket (its config's `control_socket`) [env: MIM_LB_SOCKET]
-    /// [default: /run/mim-lb/control.sock]
+    /// [default: the control_socket of /etc/mim-lb/mim-lb.toml if it exists, else
+    /// /run/mim-lb/control.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Read the socket from this config file (its `control_socket`); `--socket` wins.
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 impl SocketArg {
     /// The socket to use: this command's `--socket`, else the one given before the command,
-    /// else `MIM_LB_SOCKET`, else the default.
-    pub fn path(&self, before_the_command: Option<&std::path::Path>) -> PathBuf {
-        self.socket
-            .clone()
-            .or_else(|| before_the_command.map(std::path::Path::to_path_buf))
-            .or_else(|| std::env::var_os("MIM_LB_SOCKET").filter(|v| !v.is_empty()).map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    /// else the `control_socket` of `--config`, else `MIM_LB_SOCKET`, else that of the
+    /// default config file when there is one, else the default socket.
+    pub fn path(&self, before_the_command: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+        if let Some(socket) = self.socket.clone().or_else(|| before_the_command.map(std::path::Path::to_path_buf)) {
+            return Ok(socket);
+        }
+        if let Some(file) = &self.config {
+            let config = Config::from_file(file)
+                .with_context(|| format!("reading the control socket from {}", file.display()))?;
+            return Ok(config.control_socket);
+        }
+        if let Some(env) = std::env::var_os("MIM_LB_SOCKET").filter(|v| !v.is_empty()) {
+            return Ok(PathBuf::from(env));
+        }
+        let default = std::path::Path::new(DEFAULT_CONFIG);
+        if default.exists() {
+            // A broken default file must not keep `status` from a daemon that runs.
+            match Config::from_file(default) {
+                Ok(config) => return Ok(config.control_socket),
+                Err(e) => eprintln!("mim-lb: warning: {e:#}; trying {DEFAULT_SOCKET}"),
+            }
+        }
+        Ok(PathBuf::from(DEFAULT_SOCKET))
     }
 }
 
@@ -272,10 +305,32 @@ impl Command {
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// Print the stable JSON form (documented in OPERATIONS.md).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     pub json: bool,
+    /// Redraw every INTERVAL (seconds, or a duration such as 500ms; default 2) with per-second
+    /// rates of packets, bytes and new flows; on a terminal in place, else one frame after
+    /// another.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2", value_parser = watch::parse_interval)]
+    pub watch: Option<std::time::Duration>,
+    /// With --watch: stop after this many frames.
+    #[arg(long, value_name = "N", requires = "watch")]
+    pub count: Option<u64>,
     #[command(flatten)]
     pub socket: SocketArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Then wait until the backend holds no active connection (a progress line on a
+    /// terminal, plain lines otherwise).
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this long (500ms, 30s, 10m, ...) with exit status 1; the
+    /// backend stays drained. Without it, --wait waits as long as it takes.
+    #[arg(long, value_name = "DURATION", requires = "wait", value_parser = humantime::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, clap::Args)]
