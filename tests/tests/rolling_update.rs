@@ -74,7 +74,7 @@ fn drain_wait_waits_for_the_connections_a_drained_master_holds() {
 fn a_rolling_update_of_every_master_loses_no_connection() {
     let mut lab = Lab::new(LabSpec::default()).unwrap();
     let (gw, service) = start(&mut lab);
-    let spec = TrafficSpec { held_per_master: 2, held_lifetime: Some(Duration::from_secs(4)), ..TrafficSpec::new(vip(&lab)) };
+    let spec = TrafficSpec { held_per_master: 2, held_lifetime: Some(Duration::from_secs(10)), ..TrafficSpec::new(vip(&lab)) };
     let traffic = Traffic::start(&lab, spec).unwrap();
     std::thread::sleep(Duration::from_secs(1));
 
@@ -104,7 +104,7 @@ fn a_rolling_update_of_every_master_loses_no_connection() {
     assert!(report.broken_held().is_empty(), "{summary}");
     let failed: Vec<_> = report.attempts.iter().filter(|a| a.outcome.is_err()).collect();
     assert!(failed.is_empty(), "{} new connections failed: {failed:?}\n{summary}", failed.len());
-    assert!(report.held.iter().all(|h| h.renewed >= 3), "the long-lived connections were renewed: {summary}");
+    assert!(report.held.iter().all(|h| h.renewed >= 2), "the long-lived connections were renewed: {summary}");
     // Every master served new connections after its update.
     for i in 0..lab.master_count() {
         assert!(lab.served(i).tcp_accepted_to.get(&IpAddr::from(lab.vip4())).copied().unwrap_or(0) > 0, "master {i}");
