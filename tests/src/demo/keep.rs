@@ -85,9 +85,12 @@ pub fn keep(lab: &Lab, gateway: &Gateway) -> Result<()> {
 }
 
 /// The mim-lb command for the operator: the real `mim-lb` binary if it was built next to this
-/// one (`cargo xtask lab` builds it), else `mim-lb-dut`, the same CLI under the test crate's name.
+/// one (`cargo xtask lab` builds it) and is not older than it, else `mim-lb-dut`, the same CLI
+/// under the test crate's name (a `mim-lb` left by an earlier build is not this code).
 fn operator_cli() -> String {
     let dut = mim_lb_binary();
     let real = dut.with_file_name("mim-lb");
-    if real.exists() { real } else { dut }.display().to_string()
+    let built = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = matches!((built(&real), built(&dut)), (Some(r), Some(d)) if r >= d);
+    if fresh { real } else { dut }.display().to_string()
 }
