@@ -348,8 +348,11 @@ struct Reading {
     started_ns: u64,
     started: Instant,
     sweep: bool,
-    task: tokio::task::JoinHandle<Result<(Vec<(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)>, HeldCounts), aya::maps::MapError>>,
+    task: tokio::task::JoinHandle<Result<(Flows, HeldCounts), aya::maps::MapError>>,
 }
+
+/// A copy of the connection table.
+type Flows = Vec<(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)>;
 
 /// The first round of checks of a fresh start: every checked master, with its `rise`.
 fn first_round(director: &Director) -> Bringup {
