@@ -176,7 +176,8 @@ pub enum Command {
     /// Validate a config file without touching the kernel and print what `run` would do.
     #[command(after_help = "Example:\n  mim-lb check --config /etc/mim-lb/mim-lb.toml")]
     Check(CheckArgs),
-    /// Show services, backends (state, weight, share, last check) and counters.
+    /// Show services, backends (state, weight, share, connections held, last check) and
+    /// counters; --watch follows them with rates.
     #[command(after_help = "Examples:\n  mim-lb status\n  mim-lb status --config /etc/mim-lb/mim-lb.toml\n  mim-lb status --json | jq '.services[].backends[] | {address, state, active_connections}'\n  mim-lb status --watch            (redraw every 2 s with rates, like watch ipvsadm -Ln --rate)\n  mim-lb status --watch 1 --count 5 > log.txt")]
     Status(StatusArgs),
     /// Stop sending new flows to a backend; its established flows stay until they end. With
@@ -248,9 +249,9 @@ pub struct DetachArgs {
 /// Where a running daemon listens.
 #[derive(Debug, clap::Args)]
 pub struct SocketArg {
-    /// The daemon's control socket (its config's `control_socket`) [env: MIM_LB_SOCKET]
-    /// [default: the control_socket of /etc/mim-lb/mim-lb.toml if it exists, else
-    /// /run/mim-lb/control.sock]
+    /// The daemon's control socket (its config's `control_socket`) [env: MIM_LB_SOCKET,
+    /// which --config overrides] [default: the control_socket of /etc/mim-lb/mim-lb.toml if
+    /// it exists, else /run/mim-lb/control.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Read the socket from this config file (its `control_socket`); `--socket` wins.
@@ -263,6 +264,17 @@ impl SocketArg {
     /// else the `control_socket` of `--config`, else `MIM_LB_SOCKET`, else that of the
     /// default config file when there is one, else the default socket.
     pub fn path(&self, before_the_command: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+        let env = std::env::var_os("MIM_LB_SOCKET").filter(|v| !v.is_empty()).map(PathBuf::from);
+        self.resolve(before_the_command, env, std::path::Path::new(DEFAULT_CONFIG))
+    }
+
+    /// [`SocketArg::path`] with the environment's socket and the default config file given.
+    fn resolve(
+        &self,
+        before_the_command: Option<&std::path::Path>,
+        env: Option<PathBuf>,
+        default_config: &std::path::Path,
+    ) -> anyhow::Result<PathBuf> {
         if let Some(socket) = self.socket.clone().or_else(|| before_the_command.map(std::path::Path::to_path_buf)) {
             return Ok(socket);
         }
@@ -271,18 +283,57 @@ impl SocketArg {
                 .with_context(|| format!("reading the control socket from {}", file.display()))?;
             return Ok(config.control_socket);
         }
-        if let Some(env) = std::env::var_os("MIM_LB_SOCKET").filter(|v| !v.is_empty()) {
-            return Ok(PathBuf::from(env));
+        if let Some(env) = env {
+            return Ok(env);
         }
-        let default = std::path::Path::new(DEFAULT_CONFIG);
-        if default.exists() {
+        if default_config.exists() {
             // A broken default file must not keep `status` from a daemon that runs.
-            match Config::from_file(default) {
+            match Config::from_file(default_config) {
                 Ok(config) => return Ok(config.control_socket),
                 Err(e) => eprintln!("mim-lb: warning: {e:#}; trying {DEFAULT_SOCKET}"),
             }
         }
         Ok(PathBuf::from(DEFAULT_SOCKET))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arg(socket: Option<&str>, config: Option<&std::path::Path>) -> SocketArg {
+        SocketArg { socket: socket.map(PathBuf::from), config: config.map(std::path::Path::to_path_buf) }
+    }
+
+    #[test]
+    fn the_socket_comes_from_the_flags_then_the_config_then_the_environment_then_the_default_file() {
+        let dir = std::env::temp_dir().join(format!("mim-lb-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("mim-lb.toml");
+        let example = Config::example().replace(
+            "control_socket = \"/run/mim-lb/control.sock\"",
+            "control_socket = \"/run/elsewhere/ctl.sock\"",
+        );
+        assert!(example.contains("/run/elsewhere/ctl.sock"), "the example names its control_socket");
+        std::fs::write(&file, example).unwrap();
+        let missing = dir.join("missing.toml");
+        let p = |a: SocketArg, before: Option<&str>, env: Option<&str>, default: &std::path::Path| {
+            a.resolve(before.map(std::path::Path::new), env.map(PathBuf::from), default).map(|p| p.display().to_string())
+        };
+        let elsewhere = "/run/elsewhere/ctl.sock".to_owned();
+        // The default config file, when nothing else is given; the default socket without it.
+        assert_eq!(p(arg(None, None), None, None, &file).unwrap(), elsewhere);
+        assert_eq!(p(arg(None, None), None, None, &missing).unwrap(), DEFAULT_SOCKET);
+        // MIM_LB_SOCKET before the default file; --config before MIM_LB_SOCKET.
+        assert_eq!(p(arg(None, None), None, Some("/env.sock"), &file).unwrap(), "/env.sock");
+        assert_eq!(p(arg(None, Some(&file)), None, Some("/env.sock"), &missing).unwrap(), elsewhere);
+        // --socket, after or before the command, before everything.
+        assert_eq!(p(arg(Some("/a.sock"), Some(&file)), Some("/b.sock"), Some("/env.sock"), &file).unwrap(), "/a.sock");
+        assert_eq!(p(arg(None, Some(&file)), Some("/b.sock"), None, &file).unwrap(), "/b.sock");
+        // A --config that cannot be read is an error naming it.
+        let err = format!("{:#}", p(arg(None, Some(&missing)), None, None, &file).unwrap_err());
+        assert!(err.contains("reading the control socket from") && err.contains("missing.toml"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
