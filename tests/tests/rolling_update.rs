@@ -163,3 +163,24 @@ fn control_commands_find_the_socket_from_the_config_file() {
     let err = format!("{:#}", run(&["status", "--config", "/nonexistent.toml"]).unwrap_err());
     assert!(err.contains("reading the control socket from /nonexistent.toml"), "{err}");
 }
+
+/// On a terminal (`script` gives the CLI a pty): `status --watch` clears the screen and draws
+/// each frame from the top, and `drain --wait` redraws one progress line in place.
+#[test]
+fn on_a_terminal_watch_and_drain_wait_redraw_in_place() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    let (gw, service) = start(&mut lab);
+    let cli = mim_lb_binary();
+    let socket = gw.socket().display().to_string();
+    let master = lab.master_addr4(1).to_string();
+    let on_a_tty = |args: &str| -> String {
+        let command = format!("{} --socket {socket} {args}", cli.display());
+        run_in_with_env(gw.ns(), "script", &["-qec", &command, "/dev/null"], &[]).unwrap_or_else(|e| panic!("{args}: {e:#}"))
+    };
+    let watch = on_a_tty("status --watch 0.2 --count 3");
+    assert_eq!(watch.matches("\x1b[H\x1b[2J").count(), 3, "{watch:?}");
+    assert!(!watch.contains("\n\n\n"), "{watch:?}");
+    let drain = on_a_tty(&format!("drain {service} {master} --wait --timeout 30s"));
+    assert!(drain.contains(&format!("\r\x1b[Kwaiting for {master} of {service}: counting its connections")), "{drain:?}");
+    assert!(drain.contains("holds no active connection"), "{drain:?}");
+}
