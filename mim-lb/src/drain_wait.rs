@@ -30,6 +30,9 @@ const POLL: Duration = Duration::from_secs(1);
 pub enum Progress {
     /// No count yet begun late enough to speak for the time after the drain.
     Counting,
+    /// The service's `table_size` or `scheduler` change is not over: connections that follow
+    /// the old table are not counted, so none can be said to be gone.
+    Resizing,
     /// Still holds active connections (as of `age_s` ago).
     Busy { active: u64, inactive: u64, age_s: f64 },
     /// Holds no active connection.
@@ -39,9 +42,12 @@ pub enum Progress {
 /// Judges a status: pure, so the rule is tested without a daemon. An error when the backend
 /// is gone or no longer drained (enabled again: waiting makes no sense any more).
 pub fn judge(status: &Status, service: &str, backend: IpAddr, since_drain: Duration) -> Result<Progress, String> {
-    let (_, b) = find(status, service, backend).ok_or_else(|| format!("backend {backend} of {service} is no longer configured"))?;
+    let (s, b) = find(status, service, backend).ok_or_else(|| format!("backend {backend} of {service} is no longer configured"))?;
     if b.admin == "enabled" {
         return Err(format!("backend {backend} of {service} was enabled again while waiting for it to drain"));
+    }
+    if s.resizing {
+        return Ok(Progress::Resizing);
     }
     let Some(counts) = &status.connections else { return Ok(Progress::Counting) };
     // The read began `age_s` ago; it must have begun a whole window after the drain.
@@ -116,6 +122,7 @@ pub fn wait(socket: &Path, service: &str, backend: IpAddr, drained_at: Instant, 
         };
         let plain = |p: &Progress| match p {
             Progress::Counting => format!("waiting for {backend} of {service}: counting its connections"),
+            Progress::Resizing => format!("waiting for {backend} of {service}: the service's table change is not over (resizing)"),
             Progress::Busy { active, inactive, age_s } => format!(
                 "waiting for {backend} of {service}: {active} active, {inactive} inactive connections (counted {age_s:.1} s ago), {:.0} s so far",
                 waited(now).as_secs_f64()
@@ -183,6 +190,13 @@ mod tests {
         let mut uncounted = drained(0, 1.0);
         uncounted.connections = None;
         assert_eq!(judge(&uncounted, "mim-master", b, Duration::from_secs(60)), Ok(Progress::Counting));
+    }
+
+    #[test]
+    fn a_resizing_service_is_not_idle() {
+        let mut status = drained(0, 1.0);
+        status.services[0].resizing = true;
+        assert_eq!(judge(&status, "mim-master", B.parse().unwrap(), Duration::from_secs(60)), Ok(Progress::Resizing));
     }
 
     #[test]
