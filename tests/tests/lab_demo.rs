@@ -252,9 +252,19 @@ fn the_two_director_demo_breaks_no_connection_and_leaves_nothing_behind() {
 /// and in the order printed, against the lab it leaves running; Ctrl-C then removes the lab.
 #[test]
 fn every_command_the_keep_guide_prints_runs_as_printed() {
+    every_command_of_the_keep_guide_runs(&["--keep"], 10);
+}
+
+/// The same with two directors.
+#[test]
+fn every_command_the_two_director_keep_guide_prints_runs_as_printed() {
+    every_command_of_the_keep_guide_runs(&["--directors", "2", "--keep"], 8);
+}
+
+fn every_command_of_the_keep_guide_runs(args: &[&str], at_least: usize) {
     use mim_lb_tests::demo::keep::{GUIDE_COLUMN, GUIDE_HEADING, GUIDE_LAST_LABEL};
 
-    let mut demo = Demo::start(&["--keep"]);
+    let mut demo = Demo::start(args);
     let pid = demo.pid();
     demo.wait_for_line("the --keep guide", RUN_LIMIT, |l| l == GUIDE_HEADING);
     let mut commands: Vec<(String, String)> = Vec::new();
@@ -269,7 +279,7 @@ fn every_command_the_keep_guide_prints_runs_as_printed() {
             break;
         }
     }
-    assert!(commands.len() >= 10, "{commands:?}\n{}", demo.output());
+    assert!(commands.len() >= at_least, "{commands:?}\n{}", demo.output());
     for (label, command) in &commands {
         let out = mim_lb_tests::output_within(Command::new("bash").args(["-c", command]).stdin(Stdio::null()), RUN_LIMIT)
             .unwrap_or_else(|e| panic!("{label}: `{command}`: {e:#}"));
@@ -277,7 +287,9 @@ fn every_command_the_keep_guide_prints_runs_as_printed() {
         assert!(out.status.success(), "{label}: `{command}` failed ({}):\n{stdout}\n{stderr}", out.status);
         let expect = match label.as_str() {
             "ask for a slave" => "slave",
-            "mim-lb status" => "ActConn",
+            "mim-lb status" | "mim-lb status on A" | "mim-lb status on B" => "ActConn",
+            "is B ready?" => "ready",
+            "keepalived on A" => "vrrp_instance",
             "take a master out" => "-> disabled",
             "drain one and wait" => "holds no active connection",
             "put it back" => "-> ",

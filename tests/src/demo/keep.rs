@@ -65,12 +65,17 @@ pub fn guide(lab: &Lab, gateway: &Gateway) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Leaves the lab running until Ctrl-C, with what an operator needs to look around.
-pub fn keep(lab: &Lab, gateway: &Gateway) -> Result<()> {
+/// Prints the guide: the heading, then a row per (label, command or note).
+pub(super) fn print_guide(rows: &[(&'static str, String)]) {
     println!("\n{GUIDE_HEADING}");
-    for (what, how) in guide(lab, gateway) {
+    for (what, how) in rows {
         println!("  {what:<GUIDE_LABEL_WIDTH$} {how}");
     }
+}
+
+/// Leaves the lab running until Ctrl-C, with what an operator needs to look around.
+pub fn keep(lab: &Lab, gateway: &Gateway) -> Result<()> {
+    print_guide(&guide(lab, gateway));
     let _ = std::io::stdout().flush();
     loop {
         match signals::sleep(Duration::from_secs(1)) {
@@ -87,7 +92,7 @@ pub fn keep(lab: &Lab, gateway: &Gateway) -> Result<()> {
 /// The mim-lb command for the operator: the real `mim-lb` binary if it was built next to this
 /// one (`cargo xtask lab` builds it) and is not older than it, else `mim-lb-dut`, the same CLI
 /// under the test crate's name (a `mim-lb` left by an earlier build is not this code).
-fn operator_cli() -> String {
+pub(super) fn operator_cli() -> String {
     let dut = mim_lb_binary();
     let real = dut.with_file_name("mim-lb");
     let built = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
