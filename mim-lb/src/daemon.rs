@@ -476,21 +476,25 @@ impl Daemon {
                                 }
                             }
                         }
-                        Ok(Err(e)) => {
-                            error!("flow sweep: reading the connection table: {e}");
-                            if let Some(sync) = self.sync.as_mut() {
-                                sync.read_failed();
-                            }
-                        }
-                        Err(e) => {
-                            error!("flow sweep: the reader failed: {e}");
-                            if let Some(sync) = self.sync.as_mut() {
-                                sync.read_failed();
-                            }
-                        }
+                        Ok(Err(e)) => self.read_failed(sweeping, &format!("reading the connection table: {e}")),
+                        Err(e) => self.read_failed(sweeping, &format!("the reader failed: {e}")),
                     }
                 }
             }
+        }
+    }
+
+    /// A read of the connection table failed: the sweep (and sync, which waited for it) is
+    /// told; a read for the counts only leaves the last counts, which age, and logs quietly
+    /// (one is tried every second).
+    fn read_failed(&mut self, sweeping: bool, why: &str) {
+        if !sweeping {
+            log::debug!("counting connections: {why}");
+            return;
+        }
+        error!("flow sweep: {why}");
+        if let Some(sync) = self.sync.as_mut() {
+            sync.read_failed();
         }
     }
 
