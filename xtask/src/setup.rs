@@ -46,6 +46,8 @@ const PACKAGES: &[Package] = &[
     tool("procps", "sysctl"),
     // VRRP between the two directors of the namespace tests that move the VIP.
     tool("keepalived", "keepalived"),
+    // A pseudo-terminal for the CLI in tests of what it draws on a terminal (`script`).
+    tool("bsdutils", "script"),
     llvm("llvm-22-dev"),
     llvm("libpolly-22-dev"),
     llvm("libzstd-dev"),
