@@ -9,11 +9,15 @@ use crate::{
     check,
     config::Config,
     control::{client, protocol::Request},
-    daemon, detach, prepare_backend, status,
+    daemon, detach, drain_wait, prepare_backend, status, watch,
 };
 
 /// Where the daemon listens unless the config says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/mim-lb/control.sock";
+
+/// The config file the control commands read the socket from when given neither `--socket`
+/// nor `--config` (the one the shipped systemd unit runs with).
+pub const DEFAULT_CONFIG: &str = "/etc/mim-lb/mim-lb.toml";
 
 /// The whole `mim-lb` binary: runs the command and turns an error into one message and exit
 /// status 1. Printed here rather than by returning the error from `main`: anyhow's Debug form
@@ -59,8 +63,11 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => daemon::run(args),
         Command::Check(args) => check::run(&args),
+        Command::Status(args) if args.watch.is_some() => {
+            watch::run(&args.socket.path(top)?, args.watch.expect("guarded"), args.count)
+        }
         Command::Status(args) => {
-            let response = ask(&args.socket.path(top), &Request::Status)?;
+            let response = ask(&args.socket.path(top)?, &Request::Status)?;
             let status = response.status.context("the daemon sent no status")?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -69,12 +76,17 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Drain(t) => say(&t.socket.path(top), &Request::Drain { service: t.service, backend: t.backend }),
-        Command::Enable(t) => say(&t.socket.path(top), &Request::Enable { service: t.service, backend: t.backend }),
-        Command::Disable(t) => say(&t.socket.path(top), &Request::Disable { service: t.service, backend: t.backend }),
-        Command::Reload(args) => say(&args.path(top), &Request::Reload),
+        Command::Drain(DrainArgs { target: t, wait, timeout }) => {
+            let socket = t.socket.path(top)?;
+            say(&socket, &Request::Drain { service: t.service.clone(), backend: t.backend })?;
+            let drained_at = std::time::Instant::now();
+            if wait { drain_wait::wait(&socket, &t.service, t.backend, drained_at, timeout) } else { Ok(()) }
+        }
+        Command::Enable(t) => say(&t.socket.path(top)?, &Request::Enable { service: t.service, backend: t.backend }),
+        Command::Disable(t) => say(&t.socket.path(top)?, &Request::Disable { service: t.service, backend: t.backend }),
+        Command::Reload(args) => say(&args.path(top)?, &Request::Reload),
         Command::Simulate(args) => {
-            let response = ask(&args.socket.path(top), &Request::Simulate { flow: args.flow })?;
+            let response = ask(&args.socket.path(top)?, &Request::Simulate { flow: args.flow })?;
             let sim = response.simulation.context("the daemon sent no simulation")?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&sim)?);
@@ -99,7 +111,7 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ready(args) => {
-            let response = client::request_within(&args.socket.path(top), &Request::Ready, args.timeout)?;
+            let response = client::request_within(&args.socket.path(top)?, &Request::Ready, args.timeout)?;
             if !response.ok {
                 bail!("not ready: {}", response.error.unwrap_or_else(|| "no reason given".into()));
             }
@@ -174,13 +186,14 @@ pub enum Command {
     /// Validate a config file without touching the kernel and print what `run` would do.
     #[command(after_help = "Example:\n  mim-lb check --config /etc/mim-lb/mim-lb.toml")]
     Check(CheckArgs),
-    /// Show services, backends (state, weight, share, last check, slow start step, flap damping
-    /// hold) and counters.
-    #[command(after_help = "Examples:\n  mim-lb status\n  mim-lb status --json | jq '.services[].backends[] | {address, state}'\n  mim-lb status --json | jq '.services[].backends[] | select(.slow_start or .held_down) | {address, slow_start, held_down, reason}'")]
+    /// Show services, backends (state, weight, share, connections held, last check, slow start
+    /// step, flap damping hold) and counters; --watch follows them with rates.
+    #[command(after_help = "Examples:\n  mim-lb status\n  mim-lb status --config /etc/mim-lb/mim-lb.toml\n  mim-lb status --json | jq '.services[].backends[] | {address, state, active_connections}'\n  mim-lb status --json | jq '.services[].backends[] | select(.slow_start or .held_down) | {address, slow_start, held_down, reason}'\n  mim-lb status --watch            (redraw every 2 s with rates, like watch ipvsadm -Ln --rate)\n  mim-lb status --watch 1 --count 5 > log.txt")]
     Status(StatusArgs),
-    /// Stop sending new flows to a backend; its established flows stay until they end.
-    #[command(after_help = "Examples:\n  mim-lb drain 10.0.0.100:7000 10.0.0.11\n  mim-lb drain mim-master 10.0.0.11")]
-    Drain(Target),
+    /// Stop sending new flows to a backend; its established flows stay until they end. With
+    /// --wait, return once it holds no active connection.
+    #[command(after_help = "Examples:\n  mim-lb drain 10.0.0.100:7000 10.0.0.11\n  mim-lb drain mim-master 10.0.0.11\n  mim-lb drain mim-master 10.0.0.11 --wait --timeout 10m && systemctl -H master1 restart mim-master\n\n--wait: a connection counts as active while it sent a packet within the last 5 s (a UDP\nflow: until it expires); see OPERATIONS.md, \"Connection counts\" and \"Rolling update\".")]
+    Drain(DrainArgs),
     /// Put a drained or disabled backend back into service.
     #[command(after_help = "Example:\n  mim-lb enable 10.0.0.100:7000 10.0.0.11")]
     Enable(Target),
@@ -257,21 +270,91 @@ pub struct DetachArgs {
 /// Where a running daemon listens.
 #[derive(Debug, clap::Args)]
 pub struct SocketArg {
-    /// The daemon's control socket (its config's `control_socket`) [env: MIM_LB_SOCKET]
-    /// [default: /run/mim-lb/control.sock]
+    /// The daemon's control socket (its config's `control_socket`) [env: MIM_LB_SOCKET,
+    /// which --config overrides] [default: the control_socket of /etc/mim-lb/mim-lb.toml if
+    /// it exists, else /run/mim-lb/control.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Read the socket from this config file (its `control_socket`); `--socket` wins.
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 impl SocketArg {
     /// The socket to use: this command's `--socket`, else the one given before the command,
-    /// else `MIM_LB_SOCKET`, else the default.
-    pub fn path(&self, before_the_command: Option<&std::path::Path>) -> PathBuf {
-        self.socket
-            .clone()
-            .or_else(|| before_the_command.map(std::path::Path::to_path_buf))
-            .or_else(|| std::env::var_os("MIM_LB_SOCKET").filter(|v| !v.is_empty()).map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    /// else the `control_socket` of `--config`, else `MIM_LB_SOCKET`, else that of the
+    /// default config file when there is one, else the default socket.
+    pub fn path(&self, before_the_command: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+        let env = std::env::var_os("MIM_LB_SOCKET").filter(|v| !v.is_empty()).map(PathBuf::from);
+        self.resolve(before_the_command, env, std::path::Path::new(DEFAULT_CONFIG))
+    }
+
+    /// [`SocketArg::path`] with the environment's socket and the default config file given.
+    fn resolve(
+        &self,
+        before_the_command: Option<&std::path::Path>,
+        env: Option<PathBuf>,
+        default_config: &std::path::Path,
+    ) -> anyhow::Result<PathBuf> {
+        if let Some(socket) = self.socket.clone().or_else(|| before_the_command.map(std::path::Path::to_path_buf)) {
+            return Ok(socket);
+        }
+        if let Some(file) = &self.config {
+            let config = Config::from_file(file)
+                .with_context(|| format!("reading the control socket from {}", file.display()))?;
+            return Ok(config.control_socket);
+        }
+        if let Some(env) = env {
+            return Ok(env);
+        }
+        if default_config.exists() {
+            // A broken default file must not keep `status` from a daemon that runs.
+            match Config::from_file(default_config) {
+                Ok(config) => return Ok(config.control_socket),
+                Err(e) => eprintln!("mim-lb: warning: {e:#}; trying {DEFAULT_SOCKET}"),
+            }
+        }
+        Ok(PathBuf::from(DEFAULT_SOCKET))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arg(socket: Option<&str>, config: Option<&std::path::Path>) -> SocketArg {
+        SocketArg { socket: socket.map(PathBuf::from), config: config.map(std::path::Path::to_path_buf) }
+    }
+
+    #[test]
+    fn the_socket_comes_from_the_flags_then_the_config_then_the_environment_then_the_default_file() {
+        let dir = std::env::temp_dir().join(format!("mim-lb-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("mim-lb.toml");
+        let example = Config::example().replace(
+            "control_socket = \"/run/mim-lb/control.sock\"",
+            "control_socket = \"/run/elsewhere/ctl.sock\"",
+        );
+        assert!(example.contains("/run/elsewhere/ctl.sock"), "the example names its control_socket");
+        std::fs::write(&file, example).unwrap();
+        let missing = dir.join("missing.toml");
+        let p = |a: SocketArg, before: Option<&str>, env: Option<&str>, default: &std::path::Path| {
+            a.resolve(before.map(std::path::Path::new), env.map(PathBuf::from), default).map(|p| p.display().to_string())
+        };
+        let elsewhere = "/run/elsewhere/ctl.sock".to_owned();
+        // The default config file, when nothing else is given; the default socket without it.
+        assert_eq!(p(arg(None, None), None, None, &file).unwrap(), elsewhere);
+        assert_eq!(p(arg(None, None), None, None, &missing).unwrap(), DEFAULT_SOCKET);
+        // MIM_LB_SOCKET before the default file; --config before MIM_LB_SOCKET.
+        assert_eq!(p(arg(None, None), None, Some("/env.sock"), &file).unwrap(), "/env.sock");
+        assert_eq!(p(arg(None, Some(&file)), None, Some("/env.sock"), &missing).unwrap(), elsewhere);
+        // --socket, after or before the command, before everything.
+        assert_eq!(p(arg(Some("/a.sock"), Some(&file)), Some("/b.sock"), Some("/env.sock"), &file).unwrap(), "/a.sock");
+        assert_eq!(p(arg(None, Some(&file)), Some("/b.sock"), None, &file).unwrap(), "/b.sock");
+        // A --config that cannot be read is an error naming it.
+        let err = format!("{:#}", p(arg(None, Some(&missing)), None, None, &file).unwrap_err());
+        assert!(err.contains("reading the control socket from") && err.contains("missing.toml"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
@@ -294,10 +377,32 @@ impl Command {
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// Print the stable JSON form (documented in OPERATIONS.md).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     pub json: bool,
+    /// Redraw every INTERVAL (seconds, or a duration such as 500ms; default 2) with per-second
+    /// rates of packets, bytes and new flows; on a terminal in place, else one frame after
+    /// another.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2", value_parser = watch::parse_interval)]
+    pub watch: Option<std::time::Duration>,
+    /// With --watch: stop after this many frames.
+    #[arg(long, value_name = "N", requires = "watch")]
+    pub count: Option<u64>,
     #[command(flatten)]
     pub socket: SocketArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Then wait until the backend holds no active connection (a progress line on a
+    /// terminal, plain lines otherwise).
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this long (500ms, 30s, 10m, ...) with exit status 1; the
+    /// backend stays drained. Without it, --wait waits as long as it takes.
+    #[arg(long, value_name = "DURATION", requires = "wait", value_parser = humantime::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -29,7 +29,7 @@ use crate::{
         server::{self, Pending},
     },
     dataplane::{AttachMode, Attached, Dataplane, LoadOptions, Simulator},
-    director::{Admin, Director, monotonic_ns, read_pinned_flows, slow_start},
+    director::{Admin, Director, held::{self, HeldCounts}, monotonic_ns, read_pinned_flows, slow_start},
     health::{self, HealthChecker, Report, Verdict},
     neighbor::{self, NeighborEvent, NeighborResolver},
     status::{self, CheckStatus, DaemonFacts},
@@ -287,6 +287,7 @@ async fn start_and_serve(
         sync,
         bringup: (!director.dataplane().reused_pins()).then(|| first_round(director)),
         timer_not_before: None,
+        held: None,
     };
     daemon.refresh_watchers(director);
     info!(
@@ -339,7 +340,22 @@ struct Daemon {
     bringup: Option<Bringup>,
     /// After a timed change failed: not retried before this.
     timer_not_before: Option<tokio::time::Instant>,
+    /// The connections each master held at the last read of the connection table, with when
+    /// that read began (`director::held`).
+    held: Option<(Instant, HeldCounts)>,
 }
+
+/// A read of the connection table under way on a blocking thread: when it began (both
+/// clocks), whether a sweep waits for it, and the flows with their counts.
+struct Reading {
+    started_ns: u64,
+    started: Instant,
+    sweep: bool,
+    task: tokio::task::JoinHandle<Result<(Flows, HeldCounts), aya::maps::MapError>>,
+}
+
+/// A copy of the connection table.
+type Flows = Vec<(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)>;
 
 /// The first round of checks of a fresh start: every checked master, with its `rise`.
 fn first_round(director: &Director) -> Bringup {
@@ -365,8 +381,10 @@ impl Daemon {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The connection table is read on a blocking thread (a million entries take a third of
         // a second or more in the kernel); its copy is swept when it arrives. At most one read
-        // at a time.
-        let mut reading: Option<(u64, tokio::task::JoinHandle<Result<Vec<_>, aya::maps::MapError>>)> = None;
+        // at a time. Reads for the connection counts come between sweeps, spaced by how long
+        // the last read took (`held::next_count_in`).
+        let mut reading: Option<Reading> = None;
+        let mut count_due = tokio::time::Instant::now();
         let mut period = self.sweep_period();
         // The interface's MAC is the source MAC of every forwarded frame: a change (an
         // operator's `ip link set address`, a bond failing over) is picked up within a second.
@@ -447,37 +465,70 @@ impl Daemon {
                         sweep.tick().await;
                     }
                 }, if reading.is_none() && (director.sweep_pending() || syncing) => {
-                    let path = self.config.pin_dir.join(mim_lb_common::maps::names::FLOWS);
-                    let started = monotonic_ns();
-                    reading = Some((started, tokio::task::spawn_blocking(move || read_pinned_flows(&path))));
+                    reading = Some(self.start_read(true));
                 }
-                joined = async { (&mut reading.as_mut().expect("guarded").1).await }, if reading.is_some() => {
-                    let (started, _) = reading.take().expect("guarded");
+                _ = tokio::time::sleep_until(count_due), if reading.is_none() => {
+                    reading = Some(self.start_read(false));
+                }
+                joined = async { (&mut reading.as_mut().expect("guarded").task).await }, if reading.is_some() => {
+                    let Reading { started_ns: started, started: began, sweep: sweeping, .. } = reading.take().expect("guarded");
+                    count_due = (began + held::next_count_in(began.elapsed())).into();
                     match joined {
-                        Ok(Ok(flows)) => {
-                            if let Some(sync) = self.sync.as_mut() {
-                                sync.on_table_read(director, &flows, started);
-                            }
-                            let cleared = self.sweep(director, &flows, started);
-                            if let Some(sync) = self.sync.as_mut() && !cleared.is_empty() {
-                                sync.send_cleared(director, &cleared);
-                            }
-                        }
-                        Ok(Err(e)) => {
-                            error!("flow sweep: reading the connection table: {e}");
-                            if let Some(sync) = self.sync.as_mut() {
-                                sync.read_failed();
+                        Ok(Ok((flows, counts))) => {
+                            self.take_counts(director, began, counts);
+                            if sweeping {
+                                if let Some(sync) = self.sync.as_mut() {
+                                    sync.on_table_read(director, &flows, started);
+                                }
+                                let cleared = self.sweep(director, &flows, started);
+                                if let Some(sync) = self.sync.as_mut() && !cleared.is_empty() {
+                                    sync.send_cleared(director, &cleared);
+                                }
                             }
                         }
-                        Err(e) => {
-                            error!("flow sweep: the reader failed: {e}");
-                            if let Some(sync) = self.sync.as_mut() {
-                                sync.read_failed();
-                            }
-                        }
+                        Ok(Err(e)) => self.read_failed(sweeping, &format!("reading the connection table: {e}")),
+                        Err(e) => self.read_failed(sweeping, &format!("the reader failed: {e}")),
                     }
                 }
             }
+        }
+    }
+
+    /// A read of the connection table failed: the sweep (and sync, which waited for it) is
+    /// told; a read for the counts only leaves the last counts, which age, and logs quietly
+    /// (one is tried every second).
+    fn read_failed(&mut self, sweeping: bool, why: &str) {
+        if !sweeping {
+            log::debug!("counting connections: {why}");
+            return;
+        }
+        error!("flow sweep: {why}");
+        if let Some(sync) = self.sync.as_mut() {
+            sync.read_failed();
+        }
+    }
+
+    /// Starts a read of the connection table, counted on the reading thread; `sweep` when
+    /// the sweep (and sync) waits for it.
+    fn start_read(&self, sweep: bool) -> Reading {
+        let path = self.config.pin_dir.join(mim_lb_common::maps::names::FLOWS);
+        let (tcp_idle, udp_idle) = (self.config.tcp_idle_timeout, self.config.udp_idle_timeout);
+        let started = Instant::now();
+        let started_ns = monotonic_ns();
+        let task = tokio::task::spawn_blocking(move || {
+            let flows = read_pinned_flows(&path)?;
+            let counts = held::count_records(&flows, started_ns, tcp_idle, udp_idle);
+            Ok((flows, counts))
+        });
+        Reading { started_ns, started, sweep, task }
+    }
+
+    /// Completes a read's counts with the unrecorded flows seen on changed slots and keeps
+    /// them for status and metrics.
+    fn take_counts(&mut self, director: &Director, began: Instant, mut counts: HeldCounts) {
+        match director.add_previous_master_flows(&mut counts) {
+            Ok(()) => self.held = Some((began, counts)),
+            Err(e) => error!("counting connections: reading SLOT_SEEN: {e}"),
         }
     }
 
@@ -772,6 +823,7 @@ impl Daemon {
                 pin_dir: self.config.pin_dir.display().to_string(),
                 uptime: self.started.elapsed(),
                 checks: &checks,
+                held: self.held.as_ref().map(|(at, counts)| (now.duration_since(*at), counts)),
             },
         )?;
         if let (Some(sync), Some(config)) = (&self.sync, &self.config.sync) {

@@ -163,6 +163,22 @@ impl Collector for StatusCollector {
             "1 if the backend's last health check passed",
             &int_of(&|b| b.last_check.as_ref().map(|c| i64::from(c.ok))),
         )?;
+        // Only once counted: a 0 before the first read of the connection table would be a lie.
+        if let Some(counts) = &s.connections {
+            gauge(
+                e,
+                "mim_lb_backend_active_connections",
+                "Connections the backend holds that were seen lately (recorded flows and changed slots; see OPERATIONS.md)",
+                &int_of(&|b| Some(b.active_connections as i64)),
+            )?;
+            gauge(
+                e,
+                "mim_lb_backend_inactive_connections",
+                "Recorded TCP flows of the backend, idle but not expired",
+                &int_of(&|b| Some(b.inactive_connections as i64)),
+            )?;
+            gauge(e, "mim_lb_connections_age_seconds", "Age of the connection counts (since their read of the connection table began)", &[(vec![], counts.age_s)])?;
+        }
 
         let reasons = |f: fn(&crate::status::ReasonCount) -> u64| -> Vec<(Labels, u64)> {
             s.reasons.iter().map(|r| (vec![("reason", r.name.clone())], f(r))).collect()
@@ -396,6 +412,9 @@ mod tests {
             format!("mim_lb_backend_state{{{svc},backend=\"10.0.0.11\",state=\"up\"}} 0"),
             format!("mim_lb_backend_check_latency_seconds{{{svc},backend=\"10.0.0.11\"}} 0.0015"),
             "mim_lb_xdp_packets_total{reason=\"forwarded\"} 10".to_owned(),
+            format!("mim_lb_backend_active_connections{{{svc},backend=\"10.0.0.11\"}} 2"),
+            format!("mim_lb_backend_inactive_connections{{{svc},backend=\"10.0.0.11\"}} 1"),
+            "mim_lb_connections_age_seconds 0.5".to_owned(),
             "mim_lb_build_info{version=\"0.1.0\"} 1".to_owned(),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
@@ -432,6 +451,14 @@ mod tests {
         status.services[0].backends[0].held_down = None;
         let line = format!("mim_lb_backend_held_down{{{svc},backend=\"10.0.0.11\"}} 0");
         assert!(render(&status).lines().any(|l| l == line));
+    }
+
+    #[test]
+    fn connection_counts_are_absent_until_counted() {
+        let mut status = crate::status::sample();
+        status.connections = None;
+        let text = render(&status);
+        assert!(!text.contains("_connections"), "{text}");
     }
 
     /// One GET of `path` from `addr`: the status line.

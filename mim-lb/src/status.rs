@@ -14,6 +14,7 @@ use crate::{
     director::{
         Director,
         slow_start::{self, Ramp},
+        held::{ACTIVE_WINDOW, Held, HeldCounts},
     },
 };
 
@@ -32,6 +33,20 @@ pub struct Status {
     /// Flow sync with peer directors (absent without `[sync]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncStatus>,
+    /// How fresh the backends' `active_connections` and `inactive_connections` are (absent
+    /// until the first read of the connection table, a second or so after the start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<ConnectionCounts>,
+}
+
+/// The read of the connection table the connection counts come from (`director::held`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionCounts {
+    /// Seconds since the read began: the counts speak for that moment.
+    pub age_s: f64,
+    /// A TCP connection counts as active when it was seen within this many seconds (give or
+    /// take the data path's one-second refresh).
+    pub active_window_s: f64,
 }
 
 /// This director's flow sync.
@@ -136,6 +151,15 @@ pub struct BackendStatus {
     /// Its flap damping hold, while it is held down (`null` otherwise).
     #[serde(default)]
     pub held_down: Option<HeldDownStatus>,
+    /// Connections held now, as of `connections.age_s` ago: recorded flows seen within the
+    /// active window (UDP: not expired), plus each changed slot whose unrecorded TCP flows
+    /// still reached this master (its previous one) within the window. TCP connections on
+    /// slots that never changed master are not recorded and not counted.
+    #[serde(default)]
+    pub active_connections: u64,
+    /// Recorded TCP flows idle for longer than the active window but not yet expired.
+    #[serde(default)]
+    pub inactive_connections: u64,
 }
 
 /// A master held down by flap damping (OPERATIONS.md, "Flap damping").
@@ -218,6 +242,8 @@ pub struct DaemonFacts<'a> {
     pub uptime: Duration,
     /// The last health check result of each backend.
     pub checks: &'a BTreeMap<(ServiceKey, IpAddr), CheckStatus>,
+    /// The last connection counts, with their age.
+    pub held: Option<(Duration, &'a HeldCounts)>,
 }
 
 /// Collects the status from the director's state and the data path's counters.
@@ -237,6 +263,7 @@ pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate
         for (addr, b) in &s.backends {
             let (state, why) = b.state();
             let bstats = maps.backend_stats(b.id)?;
+            let held = facts.held.and_then(|(_, h)| h.by_backend.get(&b.id)).copied().unwrap_or(Held::default());
             backends.push(BackendStatus {
                 address: *addr,
                 mac: b.mac().as_ref().map(format_mac),
@@ -259,6 +286,8 @@ pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate
                     held_for_s: now_ns.saturating_sub(h.since_ns) as f64 / 1e9,
                     release_in_s: b.flaps.release_at(&s.flap_damping).map_or(0.0, |at| at.saturating_sub(now_ns) as f64 / 1e9),
                 }),
+                active_connections: held.active,
+                inactive_connections: held.inactive,
             });
         }
         services.push(ServiceStatus {
@@ -297,6 +326,9 @@ pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate
         services,
         reasons,
         sync: None,
+        connections: facts
+            .held
+            .map(|(age, _)| ConnectionCounts { age_s: age.as_secs_f64(), active_window_s: ACTIVE_WINDOW.as_secs_f64() }),
     })
 }
 
@@ -342,7 +374,7 @@ pub fn render(status: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "  -> RemoteAddress                State     Weight   Share   NewFlows    Packets      Bytes  MAC                Last check"
+        "  -> RemoteAddress                State     Weight   Share ActConn InActConn   NewFlows    Packets      Bytes  MAC                Last check"
     );
     for s in &status.services {
         let endpoint = std::net::SocketAddr::new(s.vip, s.port).to_string();
@@ -381,11 +413,13 @@ pub fn render(status: &Status) -> String {
             };
             let _ = writeln!(
                 out,
-                "  -> {:<28} {:<9} {:>6} {:>6.1}% {:>10} {:>10} {:>10}  {:<18} {}",
+                "  -> {:<28} {:<9} {:>6} {:>6.1}% {:>7} {:>9} {:>10} {:>10} {:>10}  {:<18} {}",
                 b.address.to_string(),
                 b.state,
                 b.weight,
                 share,
+                b.active_connections,
+                b.inactive_connections,
                 b.new_flows,
                 b.packets,
                 human_bytes(b.bytes),
@@ -418,10 +452,22 @@ pub fn render(status: &Status) -> String {
         "Verdicts (packets): {}",
         if counted.is_empty() { "none yet".to_owned() } else { counted.join(", ") }
     );
+    let _ = writeln!(out, "{}", connections_line(status.connections.as_ref()));
     if let Some(sync) = &status.sync {
         render_sync(&mut out, sync);
     }
     out
+}
+
+/// How fresh and how exact ActConn and InActConn are.
+fn connections_line(counts: Option<&ConnectionCounts>) -> String {
+    match counts {
+        None => "Connections: not counted yet (the first read of the connection table is under way)".to_owned(),
+        Some(c) => format!(
+            "Connections counted {:.1} s ago (ActConn: seen within {:.0} s; recorded flows and changed slots only, see OPERATIONS.md)",
+            c.age_s, c.active_window_s
+        ),
+    }
 }
 
 fn render_sync(out: &mut String, sync: &SyncStatus) {
@@ -512,10 +558,13 @@ pub(crate) fn sample() -> Status {
                 slow_start: None,
                 health_changes: 0,
                 held_down: None,
+                active_connections: 2,
+                inactive_connections: 1,
             }],
         }],
         reasons: vec![ReasonCount { code: 0, name: "forwarded".into(), packets: 10, bytes: 2048 }],
         sync: None,
+        connections: Some(ConnectionCounts { age_s: 0.5, active_window_s: 5.0 }),
     }
 }
 

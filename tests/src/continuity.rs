@@ -58,6 +58,10 @@ pub struct TrafficSpec {
     pub new_timeout: Duration,
     /// Most new connections in flight at once; none starts while this many are.
     pub max_in_flight: usize,
+    /// When set, a long-lived connection ends (closes cleanly) once it is this old and is
+    /// replaced at once by a new one to the target, wherever the director sends it: how a
+    /// drained master's long-lived connections end naturally. `None`: they live until the end.
+    pub held_lifetime: Option<Duration>,
 }
 
 impl TrafficSpec {
@@ -73,6 +77,7 @@ impl TrafficSpec {
             new_every: Duration::from_millis(20),
             new_timeout: Duration::from_millis(900),
             max_in_flight: 64,
+            held_lifetime: None,
         }
     }
 }
@@ -80,8 +85,10 @@ impl TrafficSpec {
 /// What one long-lived connection did.
 #[derive(Debug, Clone)]
 pub struct HeldLog {
-    /// The master it reached.
+    /// The master it reached (its first, with `held_lifetime`).
     pub master: String,
+    /// Times it was replaced by a new connection at the end of its `held_lifetime`.
+    pub renewed: u64,
     /// Lines echoed.
     pub echoes: u64,
     /// The longest time between two echoes (or from the start to the first).
@@ -184,9 +191,8 @@ impl Traffic {
             Traffic { started, stop: Arc::clone(&stop), held: Vec::new(), new_conns: None, counters: Arc::clone(&counters) };
         for (k, conn) in held.into_iter().enumerate() {
             let (stop, spec, counters) = (Arc::clone(&stop), spec.clone(), Arc::clone(&counters));
-            let handle = std::thread::Builder::new()
-                .name(format!("held-{k}"))
-                .spawn(move || chat(conn, k, &spec, &stop, started, &counters))
+            // In the client's namespace: a connection that is renewed connects from there.
+            let handle = spawn_in_netns(lab.client_ns(), &format!("held-{k}"), move || chat(conn, k, &spec, &stop, started, &counters))
                 .context("starting a held connection's thread")?;
             traffic.held.push(handle);
         }
@@ -247,6 +253,7 @@ impl Drop for Traffic {
 fn chat(mut conn: TcpHold, k: usize, spec: &TrafficSpec, stop: &AtomicBool, started: Instant, counters: &Counters) -> HeldLog {
     let mut log = HeldLog {
         master: conn.name().to_owned(),
+        renewed: 0,
         echoes: 0,
         longest_gap: Duration::ZERO,
         longest_gap_end: None,
@@ -256,7 +263,25 @@ fn chat(mut conn: TcpHold, k: usize, spec: &TrafficSpec, stop: &AtomicBool, star
     };
     let mut last = started;
     let mut next = Instant::now();
+    let mut opened = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if let Some(lifetime) = spec.held_lifetime
+            && opened.elapsed() >= lifetime
+        {
+            // Closed cleanly (dropped), then replaced: a failure to connect is a broken one.
+            let target = spec.target;
+            conn = match TcpHold::connect(target, spec.stall_limit) {
+                Ok(new) => new,
+                Err(e) => {
+                    log.error = Some(format!("renewing it: {e:#}"));
+                    log.broke_at = Some(Instant::now());
+                    counters.broken.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            };
+            opened = Instant::now();
+            log.renewed += 1;
+        }
         let result = conn.echo(&format!("conn {k} line {}", log.echoes), spec.stall_limit);
         let now = Instant::now();
         if let Err(e) = result {

@@ -247,3 +247,59 @@ fn the_two_director_demo_breaks_no_connection_and_leaves_nothing_behind() {
     let left = leftovers(pid);
     assert!(left.is_empty(), "the demo left behind:\n{}", left.join("\n"));
 }
+
+/// `cargo xtask lab --keep`: every command of the guide it prints runs, exactly as printed
+/// and in the order printed, against the lab it leaves running; Ctrl-C then removes the lab.
+#[test]
+fn every_command_the_keep_guide_prints_runs_as_printed() {
+    every_command_of_the_keep_guide_runs(&["--keep"], 10);
+}
+
+/// The same with two directors.
+#[test]
+fn every_command_the_two_director_keep_guide_prints_runs_as_printed() {
+    every_command_of_the_keep_guide_runs(&["--directors", "2", "--keep"], 8);
+}
+
+fn every_command_of_the_keep_guide_runs(args: &[&str], at_least: usize) {
+    use mim_lb_tests::demo::keep::{GUIDE_COLUMN, GUIDE_HEADING, GUIDE_LAST_LABEL};
+
+    let mut demo = Demo::start(args);
+    let pid = demo.pid();
+    demo.wait_for_line("the --keep guide", RUN_LIMIT, |l| l == GUIDE_HEADING);
+    let mut commands: Vec<(String, String)> = Vec::new();
+    loop {
+        let line = demo.wait_for_line("a row of the guide", Duration::from_secs(10), |_| true);
+        let (label, how) = line.split_at(GUIDE_COLUMN.min(line.len()));
+        let label = label.trim().to_owned();
+        if !how.starts_with('(') {
+            commands.push((label.clone(), how.to_owned()));
+        }
+        if label == GUIDE_LAST_LABEL {
+            break;
+        }
+    }
+    assert!(commands.len() >= at_least, "{commands:?}\n{}", demo.output());
+    for (label, command) in &commands {
+        let out = mim_lb_tests::output_within(Command::new("bash").args(["-c", command]).stdin(Stdio::null()), RUN_LIMIT)
+            .unwrap_or_else(|e| panic!("{label}: `{command}`: {e:#}"));
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{label}: `{command}` failed ({}):\n{stdout}\n{stderr}", out.status);
+        let expect = match label.as_str() {
+            "ask for a slave" => "slave",
+            "mim-lb status" | "mim-lb status on A" | "mim-lb status on B" => "ActConn",
+            "is B ready?" => "ready",
+            "keepalived on A" => "vrrp_instance",
+            "take a master out" => "-> disabled",
+            "drain one and wait" => "holds no active connection",
+            "put it back" => "-> ",
+            "the config" => "[[service]]",
+            "its maps" => "key",
+            _ => "",
+        };
+        assert!(stdout.contains(expect), "{label}: `{command}` printed:\n{stdout}\n{stderr}");
+    }
+    drop(demo);
+    let left = leftovers(pid);
+    assert!(left.is_empty(), "the demo left behind:\n{}", left.join("\n"));
+}

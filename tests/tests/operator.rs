@@ -296,7 +296,9 @@ fn scraped_families(text: &str) -> BTreeMap<String, (String, Vec<Vec<String>>)> 
 fn every_documented_metric_is_served_with_its_labels() {
     let mut lab = Lab::new(LabSpec::default()).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
-    let _gw = start(&mut lab, &format!("metrics_listen = \"{METRICS}\""));
+    let gw = start(&mut lab, &format!("metrics_listen = \"{METRICS}\""));
+    // The connection gauges are served once the connections were first counted.
+    gw.wait_until("the first connection count", T, |s| s.connections.is_some()).unwrap();
     let text = scrape(&lab);
     let documented = documented_families();
     assert!(documented.len() >= 16, "the doc's table was not found: {documented:?}");

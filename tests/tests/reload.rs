@@ -54,7 +54,7 @@ fn sent_to(prog: &ProgramUnderTest, port: u16, sport: u16, flags: u8) -> IpAddr 
 /// What `mim-lb status` would show, read from the maps as the daemon reads them.
 fn status(prog: &ProgramUnderTest) -> Status {
     let checks = BTreeMap::new();
-    let facts = DaemonFacts { interface: "lo", xdp_mode: "generic".into(), pin_dir: String::new(), uptime: Duration::ZERO, checks: &checks };
+    let facts = DaemonFacts { interface: "lo", xdp_mode: "generic".into(), pin_dir: String::new(), uptime: Duration::ZERO, checks: &checks, held: None };
     mim_lb::status::collect(&prog.director, &facts).unwrap()
 }
 

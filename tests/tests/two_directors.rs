@@ -90,6 +90,7 @@ fn two_directors_agree_whatever_order_their_masters_came_up_in() {
             pin_dir: String::new(),
             uptime: std::time::Duration::ZERO,
             checks: &Default::default(),
+            held: None,
         };
         mim_lb::status::collect(&p.director, &facts).unwrap().services[0].table_digest.clone()
     };

@@ -48,6 +48,8 @@ const PACKAGES: &[Package] = &[
     tool("keepalived", "keepalived"),
     // The status page test loads the page in a headless browser.
     tool("chromium-headless-shell", "chromium-headless-shell"),
+    // A pseudo-terminal for the CLI in tests of what it draws on a terminal (`script`).
+    tool("bsdutils", "script"),
     llvm("llvm-22-dev"),
     llvm("libpolly-22-dev"),
     llvm("libzstd-dev"),

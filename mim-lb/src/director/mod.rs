@@ -26,6 +26,7 @@ mod desired;
 pub mod digest;
 mod ids;
 pub mod marks;
+pub mod held;
 mod plan;
 mod recover;
 pub mod slow_start;

@@ -4,7 +4,7 @@
 //! it back, and shows all along what the clients saw and what mim-lb said. With two directors
 //! ([`pair`]) it kills the active director instead, and keepalived moves the VIP.
 
-mod keep;
+pub mod keep;
 pub mod pair;
 mod show;
 pub mod signals;

@@ -309,7 +309,7 @@ fn story(lab: &mut Lab, mut directors: Directors, opts: &Options) -> Result<Pair
         (!opts.live).then(|| summary.to_json()),
     );
     if opts.keep {
-        keep(lab)?;
+        keep(lab, &directors)?;
     }
     Ok(summary)
 }
@@ -355,13 +355,27 @@ fn silence_between(report: &TrafficReport, from: Instant, to: Instant) -> Durati
     report.held.iter().flat_map(|h| &h.stalls).filter(|(end, _)| *end >= from && *end < to).map(|(_, d)| *d).max().unwrap_or_default()
 }
 
+/// What an operator needs to look around in the two-director lab: rows of
+/// [`super::keep::print_guide`], every command runnable as printed (tests/tests/lab_demo.rs).
+fn guide(lab: &Lab, directors: &Directors) -> Vec<(&'static str, String)> {
+    let cli = super::keep::operator_cli();
+    let config = |i: usize| directors.gateway(i).config_path().display().to_string();
+    vec![
+        ("director A", format!("ip netns exec {} bash", lab.director_ns(0))),
+        ("director B", format!("ip netns exec {} bash", lab.director_ns(1))),
+        ("", "(ip addr show eth0 there: the VIP is on the one keepalived made master)".to_owned()),
+        ("the client", format!("ip netns exec {} bash", lab.client_ns())),
+        ("mim-lb status on A", format!("{cli} status --config {}", config(0))),
+        ("mim-lb status on B", format!("{cli} status --config {}", config(1))),
+        ("is B ready?", format!("{cli} ready --config {}", config(1))),
+        ("keepalived on A", format!("cat {}", directors.keepalived(0).config_path().display())),
+        (super::keep::GUIDE_LAST_LABEL, format!("bpftool map dump pinned {}/BACKENDS", directors.gateway(0).pin_dir().display())),
+    ]
+}
+
 /// `--keep`: the lab stays up until Ctrl-C, with the commands to look around.
-fn keep(lab: &Lab) -> Result<()> {
-    println!("\nThe lab keeps running (the demo's traffic has stopped). Press Ctrl-C to remove it.");
-    for i in 0..2 {
-        println!("  director {}: ip netns exec {} bash   (ip addr show eth0: the VIP is on the master)", name(i), lab.director_ns(i));
-    }
-    println!("  the client: ip netns exec {} bash", lab.client_ns());
+fn keep(lab: &Lab, directors: &Directors) -> Result<()> {
+    super::keep::print_guide(&guide(lab, directors));
     let _ = std::io::stdout().flush();
     loop {
         if signals::sleep(Duration::from_secs(1)).is_err() {

@@ -200,7 +200,7 @@ fn read_flows(flows: u32, runs: usize) -> Result<(Pair, FlowTable)> {
 }
 
 /// Writes `flows` distinct flows into the connection table, 65,536 per batch; returns ms.
-fn fill(map: &MapData, flows: u32) -> Result<f64> {
+pub(crate) fn fill(map: &MapData, flows: u32) -> Result<f64> {
     let started = Instant::now();
     let mut next = 0;
     while next < flows {

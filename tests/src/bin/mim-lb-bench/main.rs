@@ -17,6 +17,7 @@
 //! Ctrl-C.
 
 mod batch;
+mod counting;
 mod directors;
 mod failover;
 mod interrupt;
@@ -38,13 +39,14 @@ enum Bench {
     Batch,
     Failover,
     Directors,
+    Counting,
 }
 
 #[derive(Parser)]
 #[command(about = "mim-lb benchmarks: per-packet cost, table rebuild, batched map access, failover time, two directors")]
 struct Args {
     /// Which benchmarks to run (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "failover", "directors"])]
+    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "counting", "failover", "directors"])]
     only: Vec<Bench>,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -102,6 +104,13 @@ struct Args {
     /// Rounds of each batched-vs-per-element Maglev measurement.
     #[arg(long, default_value_t = 9)]
     batch_runs: usize,
+
+    /// Flows in the connection table read while the counting benchmark measures packets.
+    #[arg(long, default_value_t = 1_000_000)]
+    counting_flows: u32,
+    /// Interleaved rounds (quiet, table read meanwhile) of the counting benchmark.
+    #[arg(long, default_value_t = 9)]
+    counting_runs: usize,
 
     /// Failover rounds (kill + restart of one master each).
     #[arg(long, default_value_t = 5)]
@@ -166,7 +175,7 @@ fn run(args: &Args) -> Result<()> {
         settings: json!({
             "repeat": args.repeat, "runs": args.runs, "new_flows": args.new_flows, "bpf_stats": args.bpf_stats,
             "rebuild_backends": args.rebuild_backends, "rebuild_runs": args.rebuild_runs, "sweep_flows": args.sweep_flows,
-            "batch_flows": args.batch_flows, "batch_flow_runs": args.batch_flow_runs, "batch_runs": args.batch_runs,
+            "batch_flows": args.batch_flows, "counting_flows": args.counting_flows, "counting_runs": args.counting_runs, "batch_flow_runs": args.batch_flow_runs, "batch_runs": args.batch_runs,
             "failover_rounds": args.failover_rounds, "interval_ms": args.interval_ms,
             "timeout_ms": args.timeout_ms, "fall": args.fall, "rise": args.rise,
             "masters": args.masters, "settle_ms": args.settle_ms, "native": args.native,
@@ -207,6 +216,11 @@ fn run(args: &Args) -> Result<()> {
         eprintln!("mim-lb-bench: batched map access ...");
         let settings = batch::Settings { flows: args.batch_flows, flow_runs: args.batch_flow_runs, maglev_runs: args.batch_runs };
         report.sections.push(batch::measure(&settings)?);
+    }
+    if wants(Bench::Counting) {
+        eprintln!("mim-lb-bench: connection counting ...");
+        let settings = counting::Settings { flows: args.counting_flows, runs: args.counting_runs, repeat: args.repeat };
+        report.sections.push(counting::measure(&settings)?);
     }
     if wants(Bench::Failover) {
         eprintln!("mim-lb-bench: failover ...");
