@@ -472,7 +472,8 @@ mod tests {
         answer.lines().next().unwrap_or_default().to_owned()
     }
 
-    /// OPERATIONS.md: other paths answer 404; when the daemon cannot read its maps, 503 (its
+    /// OPERATIONS.md: other paths answer 404; when the daemon cannot read its maps, 503 for
+    /// the metrics and the status JSON (its
     /// status request then fails as `reading the maps: ...`, as the daemon answers it).
     #[test]
     fn other_paths_are_404_and_unreadable_maps_503() {
@@ -492,6 +493,13 @@ mod tests {
             assert!(other.starts_with("HTTP/1.1 404"), "{other}");
             let metrics = tokio::time::timeout(deadline, get(addr, "/metrics")).await.unwrap();
             assert!(metrics.starts_with("HTTP/1.1 503"), "{metrics}");
+            let status = tokio::time::timeout(deadline, get(addr, "/status.json")).await.unwrap();
+            assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+            // The page and the history need no map read.
+            for path in ["/", "/history.json"] {
+                let answer = tokio::time::timeout(deadline, get(addr, path)).await.unwrap();
+                assert!(answer.starts_with("HTTP/1.1 200"), "GET {path}: {answer}");
+            }
         });
     }
 
