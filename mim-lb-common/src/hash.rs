@@ -108,6 +108,22 @@ pub const fn table_slot(hash: u32, table_size: u32) -> u32 {
     ((hash as u64 * table_size as u64) >> 32) as u32
 }
 
+/// Seed of the active-connection sketch's hash.
+pub const SKETCH_SEED: u32 = 0x736b_6574; // "sket"
+
+/// Where a flow of flow hash `flow` lands in a backend's active-connection sketch: (register,
+/// rank), HyperLogLog's register index and 1 + leading zeros of the rest. The flow hash is
+/// mixed again first: a backend's flows share the high bits of their flow hash (they chose
+/// its Maglev slots), which must not pick the register.
+#[inline(always)]
+pub const fn sketch_register(flow: u32) -> (u32, u8) {
+    let h = finish(flow ^ SKETCH_SEED, 1);
+    let index = h >> (32 - crate::limits::SKETCH_INDEX_BITS);
+    // The rest, with a bit set below it so the count of leading zeros is bounded.
+    let rest = (h << crate::limits::SKETCH_INDEX_BITS) | (1 << (crate::limits::SKETCH_INDEX_BITS - 1));
+    (index, rest.leading_zeros() as u8 + 1)
+}
+
 /// Hash of arbitrary bytes (userspace only: names and addresses of backends for Maglev).
 pub fn hash_bytes(seed: u32, bytes: &[u8]) -> u32 {
     let mut h = seed;

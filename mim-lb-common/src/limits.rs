@@ -62,3 +62,22 @@ pub const FRAGMENT_TABLE_SIZE: u32 = 16_384;
 /// datagram leave the client back to back; a bound this short keeps a reused IP id (the
 /// client's counter wraps) from sending a new datagram's fragments after an old one's.
 pub const FRAGMENT_TIMEOUT_NS: u64 = 2_000_000_000;
+
+/// Registers of a backend's active-connection sketch (HyperLogLog): `2^SKETCH_INDEX_BITS`. 64
+/// one-byte registers count the connections a master held in a window within about 13% (one
+/// standard error; exact at zero, and within a few connections below about 100), in 64 bytes
+/// per backend and generation.
+pub const SKETCH_INDEX_BITS: u32 = 6;
+pub const SKETCH_REGISTERS: usize = 1 << SKETCH_INDEX_BITS;
+
+/// Generations of the active-connection sketch: the live one and the five before it. The
+/// control plane moves to the next every second, so the five complete ones cover the last
+/// five seconds, a count every second.
+pub const SKETCH_GENERATIONS: u32 = 6;
+
+/// Index of backend `backend_id`'s sketch of generation `generation` in `ACTIVE_SKETCH`:
+/// generation-major, so one generation of every backend is one range.
+#[inline(always)]
+pub const fn sketch_index(generation: u32, backend_id: u32) -> u32 {
+    generation * MAX_BACKENDS + backend_id
+}

@@ -15,12 +15,15 @@ pub mod names {
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const SYNC_STATS: &str = "SYNC_STATS";
     pub const FRAGMENTS: &str = "FRAGMENTS";
-    /// Maps that hold no state a restart must keep (a channel and its counters, and the
-    /// fragment records, which live for `FRAGMENT_TIMEOUT_NS`): a pinned set of any readable
-    /// ABI may lack them, and they are then created beside the others.
-    pub const STATELESS: [&str; 3] = [FLOW_EVENTS, SYNC_STATS, FRAGMENTS];
+    pub const ACTIVE_SKETCH: &str = "ACTIVE_SKETCH";
+    pub const SKETCH_GEN: &str = "SKETCH_GEN";
+    /// Maps that hold no state a restart must keep (a channel and its counters, the fragment
+    /// records, which live for `FRAGMENT_TIMEOUT_NS`, and the active-connection sketches,
+    /// which speak for the last few seconds): a pinned set of any readable ABI may lack them,
+    /// and they are then created beside the others.
+    pub const STATELESS: [&str; 5] = [FLOW_EVENTS, SYNC_STATS, FRAGMENTS, ACTIVE_SKETCH, SKETCH_GEN];
     /// Every map the control plane owns and pins.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         GLOBALS,
         SERVICES,
         MAGLEV,
@@ -34,6 +37,8 @@ pub mod names {
         FLOW_EVENTS,
         SYNC_STATS,
         FRAGMENTS,
+        ACTIVE_SKETCH,
+        SKETCH_GEN,
     ];
 }
 
@@ -294,6 +299,23 @@ pub struct FragmentEntry {
     pub first_seen_ns: u64,
 }
 
+/// One backend's active-connection sketch for one generation (`ACTIVE_SKETCH`, at
+/// `limits::sketch_index`): HyperLogLog registers of the TCP flows whose packets were sent to
+/// it while the generation was live (`SKETCH_GEN`). The control plane moves to the next
+/// generation every second, zeroing it first, and estimates from the union (each register's
+/// maximum) of the complete ones.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActiveSketch {
+    pub registers: [u8; crate::limits::SKETCH_REGISTERS],
+}
+
+impl Default for ActiveSketch {
+    fn default() -> Self {
+        ActiveSketch { registers: [0; crate::limits::SKETCH_REGISTERS] }
+    }
+}
+
 /// A packet and byte counter (`REASON_STATS`, per CPU, indexed by reason code).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -325,6 +347,7 @@ mod pod {
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentEntry {}
+    unsafe impl aya::Pod for ActiveSketch {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for TrafficStats {}
 }
@@ -339,6 +362,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowEvent>() == 72);
     assert!(core::mem::size_of::<FragmentKey>() == 40);
     assert!(core::mem::size_of::<FragmentEntry>() == 16);
+    assert!(core::mem::size_of::<ActiveSketch>() == 64);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<TrafficStats>() == 24);
     // Every backend id fits in a Maglev entry's owner and previous-owner fields.

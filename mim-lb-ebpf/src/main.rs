@@ -11,7 +11,7 @@ mod select;
 mod stats;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use mim_lb_common::{BackendEntry, GLOBALS_F_READY, Globals, SERVICE_F_VIP_MARKER, reason};
+use mim_lb_common::{BackendEntry, GLOBALS_F_READY, Globals, PROTO_TCP, SERVICE_F_VIP_MARKER, reason};
 use network_types::eth::EthHdr;
 
 use crate::maps::GLOBALS;
@@ -99,6 +99,9 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
     unsafe { rewrite_macs(eth, choice.backend, globals) };
     if !simulating() {
         stats::count_forward(service.service_id, choice.backend_id, bytes, choice.new_flow);
+        if packet.proto == PROTO_TCP {
+            stats::note_flow(choice.backend_id, choice.flow_hash);
+        }
     }
     if packet.kind == parse::FIRST_FRAGMENT {
         fragment::remember(&packet, service, choice.backend_id);

@@ -6,11 +6,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use mim_lb_common::{
-    BackendEntry, Counter, FlowEntry, FlowEvent, FlowKey, FragmentEntry, FragmentKey, Globals,
+    ActiveSketch, BackendEntry, Counter, FlowEntry, FlowEvent, FlowKey, FragmentEntry, FragmentKey, Globals,
     SYNC_STAT_SLOTS, ServiceEntry, TrafficStats,
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, FLOW_EVENTS_BYTES, FRAGMENT_TABLE_SIZE, MAGLEV_MAP_ENTRIES, MAX_BACKENDS,
-        MAX_SERVICES, REASON_SLOTS, SERVICE_SLOTS, SLOT_MAP_ENTRIES,
+        MAX_SERVICES, REASON_SLOTS, SERVICE_SLOTS, SKETCH_GENERATIONS, SLOT_MAP_ENTRIES,
     },
 };
 
@@ -70,3 +70,17 @@ pub static SYNC_STATS: PerCpuArray<u64, { SYNC_STAT_SLOTS as usize }> = PerCpuAr
 #[btf_map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry, { FRAGMENT_TABLE_SIZE as usize }> =
     LruHashMap::new();
+
+/// Per generation and backend: HyperLogLog registers of the TCP flows sent to the backend
+/// while the generation was live (`stats::note_flow`). Shared by the CPUs, unlike the
+/// counters: a register is written only when it grows (a few hundred times per backend and
+/// generation), so its cache line stays shared, and per-CPU copies would cost six generations
+/// of 4096 backends on every CPU. Two CPUs growing one register at once may leave the smaller
+/// rank: an estimate a little low, never a master with connections seen as idle.
+#[btf_map]
+pub static ACTIVE_SKETCH: Array<ActiveSketch, { (MAX_BACKENDS * SKETCH_GENERATIONS) as usize }> = Array::new();
+
+/// The live generation of `ACTIVE_SKETCH` (below `SKETCH_GENERATIONS`), moved on by the
+/// control plane.
+#[btf_map]
+pub static SKETCH_GEN: Array<u32, 1> = Array::new();

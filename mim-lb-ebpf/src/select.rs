@@ -51,6 +51,9 @@ pub struct Choice {
     pub backend: &'static BackendEntry,
     /// The packet opens a flow: a TCP SYN, or a UDP datagram of no recorded flow.
     pub new_flow: bool,
+    /// The flow's hash (of its addresses, ports and protocol, whatever the service hashes
+    /// for its table): what tells flows apart in the active-connection sketch.
+    pub flow_hash: u32,
 }
 
 /// Chooses the master for a packet of `service`.
@@ -90,11 +93,20 @@ fn quiet<const QUIET: bool>() -> bool {
 
 #[inline(always)]
 fn choose_in<const QUIET: bool>(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet) -> Result<Choice, u32> {
+    let source_only = service.flags & SERVICE_F_SOURCE_HASH != 0;
+    let h = packet_hash(source_only, packet);
+    let mut choice = choose_by::<QUIET>(ctx, service, packet, h)?;
+    choice.flow_hash = if source_only { packet_hash(false, packet) } else { h };
+    Ok(choice)
+}
+
+#[inline(always)]
+fn choose_by<const QUIET: bool>(ctx: &XdpContext, service: &ServiceEntry, packet: &Packet, h: u32) -> Result<Choice, u32> {
     let table_size = service.table_size;
     if table_size == 0 {
         return Err(reason::NO_BACKEND);
     }
-    let slot = hash::table_slot(packet_hash(service.flags & SERVICE_F_SOURCE_HASH != 0, packet), table_size);
+    let slot = hash::table_slot(h, table_size);
     let index = limits::maglev_index(service.service_id, service.active_table & 1, slot);
     let entry = *MAGLEV.get(index).ok_or(reason::INTERNAL)?;
     let owner = entry & MAGLEV_BACKEND_MASK;
@@ -170,7 +182,7 @@ fn flow_key(packet: &Packet) -> FlowKey {
 
 #[inline(always)]
 fn to(id: u32, new_flow: bool) -> Result<Choice, u32> {
-    Ok(Choice { backend_id: id, backend: backend(id)?, new_flow })
+    Ok(Choice { backend_id: id, backend: backend(id)?, new_flow, flow_hash: 0 })
 }
 
 /// The backend `id` if it keeps the flows of `service` (up or draining, of this service).
@@ -220,7 +232,7 @@ fn recorded<const QUIET: bool>(service: &ServiceEntry, key: &FlowKey) -> Recorde
             }
         }
     }
-    Recorded::Kept(Choice { backend_id: id, backend: b, new_flow: false })
+    Recorded::Kept(Choice { backend_id: id, backend: b, new_flow: false, flow_hash: 0 })
 }
 
 /// An established TCP flow on a marked slot with no record: it began before the slot
@@ -246,7 +258,7 @@ fn unrecorded_tcp<const QUIET: bool>(
         if !quiet::<QUIET>() {
             touch_seen(service.service_id, slot);
         }
-        return Ok(Choice { backend_id: began_on, backend: b, new_flow: false });
+        return Ok(Choice { backend_id: began_on, backend: b, new_flow: false, flow_hash: 0 });
     }
     // Its first master is gone (or was the slot's master all along): the slot's master.
     to(owner, false)

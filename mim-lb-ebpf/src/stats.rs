@@ -1,7 +1,9 @@
 //! Per-CPU counters. Each CPU writes only its own copy, so plain additions are exact without
 //! atomics; the control plane sums the copies when it reads.
 
-use crate::maps::{BACKEND_STATS, REASON_STATS, SERVICE_STATS};
+use mim_lb_common::{hash, limits};
+
+use crate::maps::{ACTIVE_SKETCH, BACKEND_STATS, REASON_STATS, SERVICE_STATS, SKETCH_GEN};
 
 /// Counts one packet of `bytes` under a reason code.
 #[inline(always)]
@@ -30,6 +32,27 @@ pub fn count_forward(service_id: u32, backend_id: u32, bytes: u64, new_flow: boo
             (*b).packets += 1;
             (*b).bytes += bytes;
             (*b).new_flows += new;
+        }
+    }
+}
+
+/// Notes a packet of the TCP flow with flow hash `flow_hash` sent to `backend_id` in the
+/// backend's active-connection sketch: what `mim-lb status` counts as its active
+/// connections. A register is written only when it grows, so a busy flow writes nothing.
+#[inline(always)]
+pub fn note_flow(backend_id: u32, flow_hash: u32) {
+    let generation = SKETCH_GEN.get(0).copied().unwrap_or(0);
+    if generation >= limits::SKETCH_GENERATIONS {
+        return;
+    }
+    let Some(sketch) = ACTIVE_SKETCH.get_ptr_mut(limits::sketch_index(generation, backend_id)) else { return };
+    let (index, rank) = hash::sketch_register(flow_hash);
+    // SAFETY: an array map value, valid for this program run; `index` is below
+    // `SKETCH_REGISTERS` (the top `SKETCH_INDEX_BITS` bits of a u32, masked for the verifier).
+    unsafe {
+        let register = (*sketch).registers.as_mut_ptr().add(index as usize & (limits::SKETCH_REGISTERS - 1));
+        if *register < rank {
+            *register = rank;
         }
     }
 }

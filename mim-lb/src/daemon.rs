@@ -288,6 +288,9 @@ async fn start_and_serve(
         bringup: (!director.dataplane().reused_pins()).then(|| first_round(director)),
         timer_not_before: None,
         held: None,
+        held_recorded: None,
+        tcp_active: None,
+        sketch_flips: 0,
     };
     daemon.refresh_watchers(director);
     info!(
@@ -340,9 +343,17 @@ struct Daemon {
     bringup: Option<Bringup>,
     /// After a timed change failed: not retried before this.
     timer_not_before: Option<tokio::time::Instant>,
-    /// The connections each master held at the last read of the connection table, with when
-    /// that read began (`director::held`).
+    /// The connections each master holds, as status and metrics show them, with the time
+    /// they speak for: the older of the last table read and the end of the last sketch window
+    /// (`director::held`). None until both have been made once.
     held: Option<(Instant, HeldCounts)>,
+    /// The counts of the last read of the connection table, with when that read began.
+    held_recorded: Option<(Instant, HeldCounts)>,
+    /// The active TCP connections of the last whole sketch window, with when it ended.
+    tcp_active: Option<(Instant, std::collections::HashMap<u32, u64>)>,
+    /// Generations the sketch moved through since this daemon cleared it; counts are taken
+    /// once all the complete ones are of its own time.
+    sketch_flips: u32,
 }
 
 /// A read of the connection table under way on a blocking thread: when it began (both
@@ -392,6 +403,8 @@ impl Daemon {
         link_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sync_tick = tokio::time::interval(crate::sync::runner::TICK);
         sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sketch_tick = tokio::time::interval(held::SKETCH_FLIP);
+        sketch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen_tick = tokio::time::interval(crate::sync::runner::SEEN_EVERY);
         seen_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let syncing = self.sync.is_some();
@@ -467,6 +480,7 @@ impl Daemon {
                 }, if reading.is_none() && (director.sweep_pending() || syncing) => {
                     reading = Some(self.start_read(true));
                 }
+                _ = sketch_tick.tick() => self.flip_sketch(director),
                 _ = tokio::time::sleep_until(count_due), if reading.is_none() => {
                     reading = Some(self.start_read(false));
                 }
@@ -475,7 +489,7 @@ impl Daemon {
                     count_due = (began + held::next_count_in(began.elapsed())).into();
                     match joined {
                         Ok(Ok((flows, counts))) => {
-                            self.take_counts(director, began, counts);
+                            self.take_counts(began, counts);
                             if sweeping {
                                 if let Some(sync) = self.sync.as_mut() {
                                     sync.on_table_read(director, &flows, started);
@@ -523,12 +537,37 @@ impl Daemon {
         Reading { started_ns, started, sweep, task }
     }
 
-    /// Completes a read's counts with the unrecorded flows seen on changed slots and keeps
-    /// them for status and metrics.
-    fn take_counts(&mut self, director: &Director, began: Instant, mut counts: HeldCounts) {
-        match director.add_previous_master_flows(&mut counts) {
-            Ok(()) => self.held = Some((began, counts)),
-            Err(e) => error!("counting connections: reading SLOT_SEEN: {e}"),
+    /// Keeps a read's counts for status and metrics.
+    fn take_counts(&mut self, began: Instant, counts: HeldCounts) {
+        self.held_recorded = Some((began, counts));
+        self.combine_counts();
+    }
+
+    /// Moves the sketch to its next generation: the active TCP connections of the last
+    /// window, once every complete generation began after this daemon cleared them.
+    fn flip_sketch(&mut self, director: &mut Director) {
+        if self.sketch_flips == 0
+            && let Err(e) = director.clear_active_sketches()
+        {
+            log::debug!("counting connections: clearing the active-connection sketches: {e}");
+            return;
+        }
+        let now = Instant::now();
+        match director.rotate_active_sketch() {
+            Ok(active) => {
+                self.sketch_flips = self.sketch_flips.saturating_add(1);
+                if self.sketch_flips >= mim_lb_common::limits::SKETCH_GENERATIONS {
+                    self.tcp_active = Some((now, active));
+                    self.combine_counts();
+                }
+            }
+            Err(e) => log::debug!("counting connections: reading the active-connection sketch: {e}"),
+        }
+    }
+
+    fn combine_counts(&mut self) {
+        if let (Some((read, recorded)), Some((ended, tcp))) = (&self.held_recorded, &self.tcp_active) {
+            self.held = Some(((*read).min(*ended), held::with_tcp_active(recorded, tcp)));
         }
     }
 

@@ -151,10 +151,9 @@ pub struct BackendStatus {
     /// Its flap damping hold, while it is held down (`null` otherwise).
     #[serde(default)]
     pub held_down: Option<HeldDownStatus>,
-    /// Connections held now, as of `connections.age_s` ago: recorded flows seen within the
-    /// active window (UDP: not expired), plus each changed slot whose unrecorded TCP flows
-    /// still reached this master (its previous one) within the window. TCP connections on
-    /// slots that never changed master are not recorded and not counted.
+    /// Connections held now, as of `connections.age_s` ago: TCP connections that sent a
+    /// packet within the active window (the data path's sketch, an estimate), and UDP flows
+    /// not expired.
     #[serde(default)]
     pub active_connections: u64,
     /// Recorded TCP flows idle for longer than the active window but not yet expired.

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mim_lb_tests::{
-    Lab, LabSpec,
+    Lab, LabSpec, TcpHold, echo_all,
     continuity::{Traffic, TrafficSpec},
     gateway::{Gateway, Mode, ServiceSpec, lab_config, mim_lb_binary},
     netns::run_in_with_env,
@@ -63,6 +63,58 @@ fn drain_wait_waits_for_the_connections_a_drained_master_holds() {
     assert!(began.elapsed() >= Duration::from_secs(5), "returned after {:?}: {out}", began.elapsed());
     let b = gw.backend(master).unwrap();
     assert_eq!((b.active_connections, b.state.as_str()), (0, "draining"), "{b:?}");
+}
+
+/// Every master's long-lived connections count as active, also on an up master whose slots
+/// never changed (no connection there is recorded: the data path's sketch counts them), and
+/// the counts follow the connections: zero once they have ended.
+#[test]
+fn the_connections_of_up_masters_are_counted() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    let (gw, _) = start(&mut lab);
+    const HELD: usize = 5;
+    let target = vip(&lab);
+    let names: Vec<String> = (0..lab.master_count()).map(|i| lab.master_name(i)).collect();
+    // Connections until every master has HELD (the table decides which master each reaches;
+    // extras are closed at once and count only in the window they opened in).
+    let mut held = mim_lb_tests::in_netns(lab.client_ns(), || {
+        let mut held: Vec<TcpHold> = Vec::new();
+        for _ in 0..300 {
+            if names.iter().all(|n| held.iter().filter(|h| h.name() == n).count() >= HELD) {
+                break;
+            }
+            let conn = TcpHold::connect(target, Duration::from_secs(2)).unwrap();
+            if held.iter().filter(|h| h.name() == conn.name()).count() < HELD {
+                held.push(conn);
+            }
+        }
+        held
+    })
+    .unwrap();
+    assert_eq!(held.len(), HELD * names.len(), "could not open {HELD} connections to every master");
+    // Two whole windows with only these connections talking, a line every 200 ms.
+    let until = Instant::now() + Duration::from_secs(11);
+    let mut round = 0;
+    while Instant::now() < until {
+        echo_all(&mut held, &format!("round {round}"), Duration::from_secs(2));
+        round += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = gw.status().unwrap();
+    for b in &status.services[0].backends {
+        // 64 registers: a collision now and then makes 5 connections look like 4 (or 3).
+        assert!(
+            (HELD as u64 - 2..=HELD as u64 + 2).contains(&b.active_connections),
+            "{} holds {HELD} talking connections, counted {}: {status:?}",
+            b.address,
+            b.active_connections
+        );
+    }
+    drop(held);
+    gw.wait_until("no connection left", Duration::from_secs(20), |s| {
+        s.services[0].backends.iter().all(|b| b.active_connections == 0)
+    })
+    .unwrap();
 }
 
 /// The procedure of OPERATIONS.md, "Rolling update", on every master in turn under

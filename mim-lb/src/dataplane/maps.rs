@@ -17,7 +17,7 @@ use aya::{
     util::nr_cpus,
 };
 use mim_lb_common::{
-    BackendEntry, Counter, FlowEntry, FlowKey, Globals, ServiceEntry, TrafficStats, limits,
+    ActiveSketch, BackendEntry, Counter, FlowEntry, FlowKey, Globals, ServiceEntry, TrafficStats, limits,
     maps::names,
 };
 
@@ -171,6 +171,18 @@ impl<'a> MapsRo<'a> {
         })
     }
 
+    /// The live generation of `ACTIVE_SKETCH`.
+    pub fn sketch_gen(&self) -> Result<u32, DataplaneError> {
+        self.array::<u32>(names::SKETCH_GEN)?.get(&0, 0).map_err(map_err(names::SKETCH_GEN))
+    }
+
+    /// Backend `backend_id`'s active-connection sketch of generation `generation`.
+    pub fn active_sketch(&self, generation: u32, backend_id: u32) -> Result<ActiveSketch, DataplaneError> {
+        self.array::<ActiveSketch>(names::ACTIVE_SKETCH)?
+            .get(&limits::sketch_index(generation, backend_id), 0)
+            .map_err(map_err(names::ACTIVE_SKETCH))
+    }
+
     /// `SYNC_STATS` summed over CPUs, by `SYNC_STAT_*` index.
     pub fn sync_stats(&self) -> Result<Vec<u64>, DataplaneError> {
         let map = self.ebpf.map(names::SYNC_STATS).ok_or(DataplaneError::MissingMap(names::SYNC_STATS))?;
@@ -270,6 +282,18 @@ impl<'a> Maps<'a> {
 
     pub fn set_globals(&mut self, value: &Globals) -> Result<(), DataplaneError> {
         self.array::<Globals>(names::GLOBALS)?.set(0, value, 0).map_err(map_err(names::GLOBALS))
+    }
+
+    /// Makes `generation` the live one of `ACTIVE_SKETCH`.
+    pub fn set_sketch_gen(&mut self, generation: u32) -> Result<(), DataplaneError> {
+        self.array::<u32>(names::SKETCH_GEN)?.set(0, generation, 0).map_err(map_err(names::SKETCH_GEN))
+    }
+
+    /// Zeroes backend `backend_id`'s sketch of `generation`.
+    pub fn clear_active_sketch(&mut self, generation: u32, backend_id: u32) -> Result<(), DataplaneError> {
+        self.array::<ActiveSketch>(names::ACTIVE_SKETCH)?
+            .set(limits::sketch_index(generation, backend_id), ActiveSketch::default(), 0)
+            .map_err(map_err(names::ACTIVE_SKETCH))
     }
 
     /// Writes slot `slot` of half `half` of the service index.

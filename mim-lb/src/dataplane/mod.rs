@@ -534,7 +534,7 @@ const MIN_READABLE_ABI_VERSION: u32 = 1;
 const MAPS_ADDED_SINCE_OLDEST: [&str; 2] = [names::SLOT_SEEN, names::MAGLEV_OLD];
 
 /// What this build expects of each pinned map: (name, type, key size, value size, entries).
-fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize, u32); 13] {
+fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize, u32); 15] {
     use core::mem::size_of;
     [
         (names::GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
@@ -556,6 +556,14 @@ fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize,
             size_of::<mim_lb_common::FragmentEntry>(),
             limits::FRAGMENT_TABLE_SIZE,
         ),
+        (
+            names::ACTIVE_SKETCH,
+            MapType::Array,
+            4,
+            size_of::<mim_lb_common::ActiveSketch>(),
+            limits::MAX_BACKENDS * limits::SKETCH_GENERATIONS,
+        ),
+        (names::SKETCH_GEN, MapType::Array, 4, 4, 1),
     ]
 }
 
