@@ -189,3 +189,53 @@ fn many_concurrent_clients_are_each_answered_and_change_nothing() {
     assert_eq!(shape(&gw.status().unwrap()), before, "the clients changed the state");
     forwards_to_every_master(&lab, "the concurrent clients");
 }
+
+/// Opens a FIFO for writing and closes it at once, on drop: a reader blocked in its open (a
+/// daemon that opened the FIFO as its config) then reads end-of-file and goes on.
+struct Unblock<'a>(&'a Path);
+
+impl Drop for Unblock<'_> {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(self.0);
+    }
+}
+
+/// A config path that leads to something that is not a config file is refused without
+/// blocking the daemon (a FIFO holds a plain `open` until a writer comes) or reading without
+/// end (a runaway file; /dev/zero meets the same limit, CONFIG.md "How a file is checked").
+#[test]
+fn config_paths_that_are_not_config_files_are_refused_without_blocking_the_daemon() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    gw.wait_all_up().unwrap();
+    let before = shape(&gw.status().unwrap());
+    gw.write_config(&config).unwrap();
+    let good = std::fs::read(gw.config_path()).unwrap();
+    let path = gw.config_path();
+    let reload = b"{\"command\":\"reload\"}\n";
+
+    std::fs::remove_file(&path).unwrap();
+    let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
+    {
+        let _unblock = Unblock(&path);
+        // Nobody writes to it: it reads as an empty file.
+        assert_refused("a FIFO as the config", &send_raw(gw.socket(), reload), &["missing field `interface`"]);
+    }
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(shape(&gw.status().unwrap()), before, "the refused FIFO changed the state");
+
+    // A valid config after 17 MiB of comments: no config is that large.
+    let mut huge = format!("# {}\n", "x".repeat(1022)).into_bytes().repeat(17 * 1024);
+    huge.extend_from_slice(&good);
+    std::fs::write(&path, &huge).unwrap();
+    assert_refused("a 17 MiB config", &send_raw(gw.socket(), reload), &["larger than 16 MiB"]);
+    assert_eq!(shape(&gw.status().unwrap()), before, "the refused 17 MiB file changed the state");
+
+    std::fs::write(&path, &good).unwrap();
+    forwards_to_every_master(&lab, "the refused config paths");
+}
