@@ -51,7 +51,7 @@ impl<'a> Generator<'a> {
         Generator { services, rng: fastrand::Rng::with_seed(seed) }
     }
 
-    pub fn next(&mut self) -> Generated {
+    pub fn frame(&mut self) -> Generated {
         if self.rng.u8(..100) < 4 {
             return self.random();
         }

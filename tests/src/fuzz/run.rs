@@ -112,7 +112,7 @@ impl Fuzzer {
         let mut violations = Vec::new();
         let before = self.prog.reasons()?;
         for index in 0..frames {
-            let made = generator.next();
+            let made = generator.frame();
             let expected = oracle.classify(&made.bytes);
             let sampled = sample_every > 0 && index % sample_every == 0;
             let counters = if sampled { Some(self.prog.reasons()?) } else { None };
