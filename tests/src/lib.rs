@@ -24,6 +24,8 @@ pub mod client;
 pub mod continuity;
 pub mod demo;
 pub mod fault;
+// The XDP program fuzzer (`cargo xtask fuzz`, and a short run in the suite).
+pub mod fuzz;
 pub mod gateway;
 pub mod keepalived;
 pub mod lab;

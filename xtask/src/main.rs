@@ -8,6 +8,7 @@ mod bench;
 mod bpffs;
 mod build_ebpf;
 mod deb;
+mod fuzz;
 mod lab;
 mod run;
 mod setup;
@@ -77,6 +78,17 @@ enum Cmd {
         )]
         args: Vec<OsString>,
     },
+    /// Fuzz the XDP program: mutated and random frames through BPF_PROG_TEST_RUN, every
+    /// outcome checked (`mim-lb-fuzz ARGS...`: --frames N, --seed S, --batch N; `cargo xtask
+    /// fuzz -- --help` for all)
+    Fuzz {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
     /// Run the benchmarks (`mim-lb-bench ARGS...`)
     Bench {
         #[arg(
@@ -100,6 +112,7 @@ fn main() -> ExitCode {
         Cmd::Lab { args } => lab::main(args),
         Cmd::Bench { args } => bench::main(args),
         Cmd::Deb(args) => deb::main(args),
+        Cmd::Fuzz { args } => fuzz::main(args),
     };
     // Printed here rather than by returning the error: anyhow's Debug form adds a backtrace
     // whenever RUST_BACKTRACE is set, which buries the one line that matters in CI logs.
@@ -118,7 +131,11 @@ mod tests {
 
     fn args_of(line: &[&str]) -> Vec<OsString> {
         match Cli::try_parse_from(line).unwrap().command {
-            Cmd::Run { args } | Cmd::Test { args } | Cmd::Lab { args } | Cmd::Bench { args } => {
+            Cmd::Run { args }
+            | Cmd::Test { args }
+            | Cmd::Lab { args }
+            | Cmd::Bench { args }
+            | Cmd::Fuzz { args } => {
                 args
             }
             _ => panic!("not a pass-through command"),
@@ -140,6 +157,10 @@ mod tests {
         );
         assert_eq!(args_of(&["xtask", "lab", "--help"]), ["--help"]);
         assert!(args_of(&["xtask", "bench"]).is_empty());
+        assert_eq!(
+            args_of(&["xtask", "fuzz", "--seed", "7", "--frames", "10"]),
+            ["--seed", "7", "--frames", "10"]
+        );
     }
 
     #[test]

@@ -23,6 +23,33 @@ use std::{
 pub use error::{ConfigError, Problem};
 pub(crate) use validate::unusable_address;
 
+/// Larger than any config can usefully be (64 services of 4096 backends is well under this).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The text of a config file, at most `MAX_CONFIG_BYTES` of it: a path to a device such as
+/// /dev/zero would otherwise be read until memory ran out. Opened non-blocking, because
+/// opening a FIFO that nobody writes to blocks (the daemon's event loop, on a reload) until a
+/// writer comes; with the flag the open returns and the read sees end-of-file. The flag is
+/// cleared once open, so a pipe that has a writer (`--config /dev/stdin`) is read to its end.
+fn read_config_file(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read as _};
+    use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    // SAFETY: fcntl on a descriptor this function owns, changing only its status flags.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(Error::last_os_error());
+        }
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(Error::new(ErrorKind::InvalidData, format!("larger than {} MiB", MAX_CONFIG_BYTES >> 20)));
+    }
+    Ok(text)
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -214,7 +241,7 @@ pub struct Backend {
 impl Config {
     /// Reads and validates a configuration file. Errors name the file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_config_file(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
