@@ -46,6 +46,10 @@ const PACKAGES: &[Package] = &[
     tool("procps", "sysctl"),
     // VRRP between the two directors of the namespace tests that move the VIP.
     tool("keepalived", "keepalived"),
+    // The end-to-end benchmark's peers: a userspace TCP proxy and the kernel's netdev
+    // forwarding, measured next to mim-lb in the same lab.
+    tool("haproxy", "haproxy"),
+    tool("nftables", "nft"),
     llvm("llvm-22-dev"),
     llvm("libpolly-22-dev"),
     llvm("libzstd-dev"),
