@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::interrupt;
 use crate::report::{Section, median};
-use account::{CpuTimes, LabCpu, own_ratio, overhead, parse_net_dev, percentile, ratio};
+use account::{CpuTimes, LabCpu, own_ratio, overhead, parse_net_dev, parse_sockstat, percentile, ratio};
 pub use director::Kind;
 use director::Running;
 use load::{Ask, Outcome, Pace, Plan};
@@ -53,6 +53,50 @@ pub struct Settings {
     pub large_workers: usize,
     pub large_step: Duration,
     pub directors: Vec<Kind>,
+    /// Idle connections held open while one short-connection step (the first rate) runs again
+    /// (0: not measured).
+    pub idle: usize,
+}
+
+/// The gateway's memory while idle connections are held, against before they were opened.
+struct IdleSample {
+    opened: usize,
+    failed: usize,
+    rss_kib: Option<f64>,
+    tcp_sockets: f64,
+    tcp_kib: f64,
+}
+
+/// The gateway's memory as the benchmark sees it.
+struct GatewayMemory {
+    rss_kib: Option<f64>,
+    tcp_inuse: u64,
+    tcp_pages: u64,
+}
+
+impl GatewayMemory {
+    fn read(lab: &Lab, pid: Option<u32>) -> Result<GatewayMemory> {
+        let text = in_netns(lab.gateway_ns(), || std::fs::read_to_string("/proc/thread-self/net/sockstat"))?
+            .context("reading the gateway's /proc/net/sockstat")?;
+        let (tcp_inuse, tcp_pages) = parse_sockstat(&text)?;
+        Ok(GatewayMemory { rss_kib: pid.and_then(rss_of), tcp_inuse, tcp_pages })
+    }
+
+    fn growth(&self, later: &GatewayMemory, opened: usize, failed: usize) -> IdleSample {
+        IdleSample {
+            opened,
+            failed,
+            rss_kib: self.rss_kib.zip(later.rss_kib).map(|(a, b)| b - a),
+            tcp_sockets: later.tcp_inuse as f64 - self.tcp_inuse as f64,
+            tcp_kib: (later.tcp_pages as f64 - self.tcp_pages as f64) * page_kib(),
+        }
+    }
+}
+
+fn page_kib() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 { page as f64 / 1024.0 } else { 4.0 }
 }
 
 /// One step's measurement in one round.
@@ -110,6 +154,7 @@ pub fn measure(s: &Settings) -> Result<Vec<Section>> {
     let steps = short_steps(s);
     let mut samples: Samples = BTreeMap::new();
     let mut rss_kib: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut idle: BTreeMap<usize, Vec<IdleSample>> = BTreeMap::new();
     for round in 0..s.rounds {
         // Each round starts with another director, so none always runs first (or last).
         for k in 0..s.directors.len() {
@@ -142,6 +187,11 @@ pub fn measure(s: &Settings) -> Result<Vec<Section>> {
                 timeout: CONNECTION_TIMEOUT.max(s.large_step),
             };
             samples.entry((d, steps.len())).or_default().push(step(&lab, &cpu, &plan)?);
+            if s.idle > 0 {
+                let (sample, short) = with_idle(&lab, &running, &cpu, target, s)?;
+                idle.entry(d).or_default().push(sample);
+                samples.entry((d, steps.len() + 1)).or_default().push(short);
+            }
             let served: Vec<u64> = masters.served().iter().zip(&served_before).map(|(a, b)| a - b).collect();
             check_path(kind, &served)?;
             if let Some(kib) = running.pid().and_then(rss_of) {
@@ -152,7 +202,27 @@ pub fn measure(s: &Settings) -> Result<Vec<Section>> {
     }
     drop(masters);
     drop(lab);
-    Ok(report(s, &steps, &samples, &rss_kib))
+    Ok(report(s, &steps, &samples, &rss_kib, &idle))
+}
+
+/// Opens `s.idle` idle connections through the director, reads the gateway's memory, and runs
+/// the first short-connection step again while they are held.
+fn with_idle(lab: &Lab, running: &Running, cpu: &LabCpu, target: std::net::SocketAddr, s: &Settings) -> Result<(IdleSample, Sample)> {
+    let before = GatewayMemory::read(lab, running.pid())?;
+    let held = load::Idle::open(lab.client_ns(), target, s.idle, Duration::from_secs(2))?;
+    let during = GatewayMemory::read(lab, running.pid())?;
+    let plan = Plan {
+        target,
+        ask: Ask::Short,
+        pace: s.rates.first().map_or(Pace::Workers(s.workers.max(1)), |r| Pace::Rate(*r)),
+        duration: s.step,
+        max_in_flight: MAX_IN_FLIGHT,
+        timeout: CONNECTION_TIMEOUT,
+    };
+    let short = step(lab, cpu, &plan)?;
+    let sample = before.growth(&during, held.opened, held.failed);
+    drop(held);
+    Ok((sample, short))
 }
 
 /// Connects until the director answers every connection of a short burst, within 20 s: it
@@ -282,7 +352,13 @@ fn fmt_ratio(r: Option<f64>) -> String {
     }
 }
 
-fn report(s: &Settings, steps: &[(String, Pace)], samples: &Samples, rss: &BTreeMap<usize, Vec<f64>>) -> Vec<Section> {
+fn report(
+    s: &Settings,
+    steps: &[(String, Pace)],
+    samples: &Samples,
+    rss: &BTreeMap<usize, Vec<f64>>,
+    idle: &BTreeMap<usize, Vec<IdleSample>>,
+) -> Vec<Section> {
     let index = |k: Kind| s.directors.iter().position(|d| *d == k);
     let (floor, haproxy, nft) = (index(Kind::NoDirector), index(Kind::Haproxy), index(Kind::Nftables));
     let summary = |d: usize, step: usize, unit: f64| samples.get(&(d, step)).map(|v| summarize(v, unit));
@@ -462,5 +538,50 @@ fn report(s: &Settings, steps: &[(String, Pace)], samples: &Samples, rss: &BTree
         memory.row(vec![s.directors[*d].name().into(), fmt(median(v), 0)]);
     }
     memory.json = json!(rss.iter().map(|(d, v)| (s.directors[*d].key().to_owned(), median(v))).collect::<BTreeMap<_, _>>());
-    vec![short, large, goals, memory]
+    let mut sections = vec![short, large, goals, memory];
+    if s.idle > 0 {
+        sections.push(idle_section(s, steps, samples, idle));
+    }
+    sections
+}
+
+fn idle_section(s: &Settings, steps: &[(String, Pace)], samples: &Samples, idle: &BTreeMap<usize, Vec<IdleSample>>) -> Section {
+    let step_label = steps.first().map_or("-".to_owned(), |(l, _)| l.clone());
+    let mut section = Section::new(
+        format!("end to end: {} idle connections", s.idle),
+        &["director", "held", "failed to open", "director RSS +KiB", "gateway TCP sockets +", "kernel TCP memory +KiB", "conn/s while held", "p99 ms while held", "p99 ms without"],
+    );
+    section.method = vec![format!(
+        "After the other workloads, the client opens {} connections through the director one after another (each asks `H\\n`: the master holds it open and silent),          then the {step_label} short-connection step runs again while they are held. Growth from before they were opened: the director process's VmRSS, TCP sockets in the          gateway's namespace (/proc/net/sockstat inuse), and the pages all TCP sockets of the machine hold (sockstat mem: machine-wide, so the client's and the masters'          sockets are in it too, the same for every director). mim-lb's connection table is allocated in full at start, so it does not grow. Medians over rounds.",
+        s.idle
+    )];
+    let mut json = serde_json::Map::new();
+    for (d, v) in idle {
+        let m = |f: &dyn Fn(&IdleSample) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+        let rss = v.iter().all(|x| x.rss_kib.is_some()).then(|| m(&|x| x.rss_kib.unwrap_or(0.0)));
+        let held = samples.get(&(*d, steps.len() + 1)).map(|v| summarize(v, 1000.0));
+        let without = samples.get(&(*d, 0)).map(|v| summarize(v, 1000.0));
+        section.row(vec![
+            s.directors[*d].name().into(),
+            fmt(m(&|x| x.opened as f64), 0),
+            fmt(m(&|x| x.failed as f64), 0),
+            rss.map_or("-".into(), |r| fmt(r, 0)),
+            fmt(m(&|x| x.tcp_sockets), 0),
+            fmt(m(&|x| x.tcp_kib), 0),
+            held.as_ref().map_or("-".into(), |h| fmt(h.rate, 0)),
+            held.as_ref().map_or("-".into(), |h| fmt(h.p99, 2)),
+            without.as_ref().map_or("-".into(), |h| fmt(h.p99, 2)),
+        ]);
+        json.insert(
+            s.directors[*d].key().into(),
+            json!({
+                "opened": m(&|x| x.opened as f64), "failed": m(&|x| x.failed as f64), "director_rss_growth_kib": rss,
+                "gateway_tcp_sockets_growth": m(&|x| x.tcp_sockets), "kernel_tcp_memory_growth_kib": m(&|x| x.tcp_kib),
+                "conn_per_s_while_held": held.as_ref().map(|h| h.rate), "p99_ms_while_held": held.as_ref().map(|h| h.p99),
+                "failures_while_held": held.as_ref().map(|h| h.failures),
+            }),
+        );
+    }
+    section.json = Value::Object(json);
+    section
 }

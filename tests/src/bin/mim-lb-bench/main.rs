@@ -171,6 +171,11 @@ struct Args {
     /// Length of the 1 MiB answer step (ms).
     #[arg(long, default_value_t = 3000)]
     e2e_large_ms: u64,
+    /// Idle connections held through each director while the first short-connection step runs
+    /// again (0: skip). Each costs this process two descriptors (client and master end) and
+    /// HAProxy two, so it must stay under half the open file limit.
+    #[arg(long, default_value_t = 8000)]
+    e2e_idle: usize,
 }
 
 fn main() -> ExitCode {
@@ -198,7 +203,7 @@ fn run(args: &Args) -> Result<()> {
             "director_rounds": args.director_rounds, "lag_rate": args.lag_rate, "lag_s": args.lag_s,
             "flow_rates": args.flow_rates, "load_s": args.load_s,
             "e2e_rounds": args.e2e_rounds, "e2e_rates": args.e2e_rates, "e2e_workers": args.e2e_workers,
-            "e2e_step_ms": args.e2e_step_ms, "e2e_large_workers": args.e2e_large_workers, "e2e_large_ms": args.e2e_large_ms,
+            "e2e_step_ms": args.e2e_step_ms, "e2e_large_workers": args.e2e_large_workers, "e2e_large_ms": args.e2e_large_ms, "e2e_idle": args.e2e_idle,
         }),
         sections: Vec::new(),
     };
@@ -271,6 +276,7 @@ fn run(args: &Args) -> Result<()> {
             large_workers: args.e2e_large_workers,
             large_step: std::time::Duration::from_millis(args.e2e_large_ms),
             directors: e2e::Kind::ALL.to_vec(),
+            idle: args.e2e_idle,
         };
         report.sections.extend(e2e::measure(&settings)?);
     }

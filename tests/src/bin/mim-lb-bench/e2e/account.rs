@@ -108,6 +108,19 @@ pub fn parse_pid_stat(text: &str) -> Option<(u64, u64)> {
     Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
 }
 
+/// From `/proc/net/sockstat` (of the namespace it was read in): TCP sockets in use in that
+/// namespace, and the pages all TCP sockets of the machine hold (the kernel keeps that count
+/// per protocol, not per namespace).
+pub fn parse_sockstat(text: &str) -> Result<(u64, u64)> {
+    let line = text.lines().find(|l| l.starts_with("TCP:")).context("no TCP line in /proc/net/sockstat")?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let field = |name: &str| -> Result<u64> {
+        let i = words.iter().position(|w| *w == name).with_context(|| format!("no {name} in {line:?}"))?;
+        words.get(i + 1).and_then(|v| v.parse().ok()).with_context(|| format!("bad {name} in {line:?}"))
+    };
+    Ok((field("inuse")?, field("mem")?))
+}
+
 /// Received and sent bytes of `ifname` in `/proc/net/dev` text (of the namespace it was read in).
 pub fn parse_net_dev(text: &str, ifname: &str) -> Result<(u64, u64)> {
     for line in text.lines().skip(2) {
@@ -189,6 +202,14 @@ mod tests {
         assert_eq!(parse_pid_stat(text), Some((731, 296)));
         assert_eq!(parse_pid_stat("4242 (x) S 1 2"), None);
         assert_eq!(parse_pid_stat("garbage"), None);
+    }
+
+    #[test]
+    fn sockstat_gives_sockets_in_use_and_pages() {
+        let text = "sockets: used 8113\nTCP: inuse 8004 orphan 0 tw 12 alloc 8010 mem 2231\nUDP: inuse 3 mem 4\n";
+        assert_eq!(parse_sockstat(text).unwrap(), (8004, 2231));
+        assert!(parse_sockstat("UDP: inuse 3 mem 4\n").is_err());
+        assert!(parse_sockstat("TCP: inuse x mem 4\n").is_err());
     }
 
     #[test]

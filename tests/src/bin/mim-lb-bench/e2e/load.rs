@@ -198,3 +198,56 @@ fn io_reason(e: std::io::Error) -> &'static str {
         _ => "other I/O error",
     }
 }
+
+/// Idle connections held open from the client (each asked `H\n`, which the master answers
+/// with nothing until the client closes), on a thread of their own in the client's namespace,
+/// until dropped.
+pub struct Idle {
+    pub opened: usize,
+    pub failed: usize,
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Idle {
+    /// Opens `n` connections to `target` one after another (each within `timeout`) and
+    /// returns once all are open or have failed.
+    pub fn open(ns: &str, target: SocketAddr, n: usize, timeout: Duration) -> Result<Idle> {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, usize)>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let thread = mim_lb_tests::netns::spawn_in_netns(ns, "e2e-idle", move || {
+            let mut held = Vec::with_capacity(n);
+            let mut failed = 0;
+            for _ in 0..n {
+                if interrupt::interrupted() {
+                    break;
+                }
+                match std::net::TcpStream::connect_timeout(&target, timeout) {
+                    Ok(mut s) => {
+                        if std::io::Write::write_all(&mut s, b"H\n").is_ok() {
+                            held.push(s);
+                        } else {
+                            failed += 1;
+                        }
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+            let _ = done_tx.send((held.len(), failed));
+            // Held until released (or the benchmark goes away).
+            let _ = released.recv();
+            drop(held);
+        })?;
+        let (opened, failed) = done_rx.recv().context("the idle connections' thread died")?;
+        Ok(Idle { opened, failed, release: Some(release), thread: Some(thread) })
+    }
+}
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
