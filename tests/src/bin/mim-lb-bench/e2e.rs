@@ -253,7 +253,7 @@ fn warm_up(lab: &Lab, target: std::net::SocketAddr) -> Result<()> {
 /// director every master must have answered, without one only master 1.
 fn check_path(kind: Kind, served: &[u64]) -> Result<()> {
     let bad = if kind.balances() {
-        served.iter().any(|n| *n == 0)
+        served.contains(&0)
     } else {
         served.iter().skip(1).any(|n| *n > 0) || served[0] == 0
     };

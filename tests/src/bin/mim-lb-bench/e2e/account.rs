@@ -79,10 +79,9 @@ impl LabCpu {
     pub fn read_ms(&self) -> f64 {
         let mut ms = self_cpu_ms();
         for pid in &self.pids {
-            if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                if let Some((utime, stime)) = parse_pid_stat(&text) {
-                    ms += (utime + stime) as f64 * 1000.0 / user_hz();
-                }
+            let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if let Some((utime, stime)) = parse_pid_stat(&text) {
+                ms += (utime + stime) as f64 * 1000.0 / user_hz();
             }
         }
         ms

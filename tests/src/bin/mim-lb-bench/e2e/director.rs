@@ -60,7 +60,8 @@ impl Kind {
 
 /// A director set up on the gateway; dropping it removes it.
 pub enum Running {
-    MimLb(Gateway),
+    /// Boxed: a gateway is much larger than the other variants.
+    MimLb(Box<Gateway>),
     Haproxy(Haproxy),
     /// Held for its drop, which deletes the table.
     Nftables { _table: NftTable },
@@ -77,7 +78,7 @@ impl Running {
                 let config = lab_config(lab, &[ServiceSpec::tcp(lab, port)], "");
                 let gw = Gateway::start(lab, &config, mode).context("starting mim-lb")?;
                 gw.wait_all_up()?;
-                Running::MimLb(gw)
+                Running::MimLb(Box::new(gw))
             }
             Kind::Haproxy => Running::Haproxy(Haproxy::start(lab, port)?),
             Kind::Nftables => Running::Nftables { _table: NftTable::add(lab, port)? },
