@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::interrupt;
 use crate::report::{Section, median};
-use account::{CpuTimes, LabCpu, own_ratio, overhead, parse_net_dev, parse_sockstat, percentile, ratio};
+use account::{CpuTimes, LabCpu, own_ratio, paired_overhead, parse_net_dev, parse_sockstat, percentile, ratio};
 pub use director::Kind;
 use director::Running;
 use load::{Ask, Outcome, Pace, Plan};
@@ -104,6 +104,8 @@ struct Sample {
     outcome: Outcome,
     /// The lab's processes' CPU time over the step (see [`LabCpu`]).
     cpu_ms: f64,
+    /// The director's process alone (also in `cpu_ms`).
+    director_ms: f64,
     /// The whole machine's busy time over the step.
     machine_ms: f64,
     /// Bytes through the gateway's interface, received plus sent.
@@ -116,6 +118,9 @@ impl Sample {
     }
     fn cpu_per(&self, unit: f64) -> f64 {
         if self.outcome.ok == 0 { f64::NAN } else { self.cpu_ms * unit / self.outcome.ok as f64 }
+    }
+    fn director_per(&self, unit: f64) -> f64 {
+        if self.outcome.ok == 0 { f64::NAN } else { self.director_ms * unit / self.outcome.ok as f64 }
     }
     fn machine_per(&self, unit: f64) -> f64 {
         if self.outcome.ok == 0 { f64::NAN } else { self.machine_ms * unit / self.outcome.ok as f64 }
@@ -265,14 +270,16 @@ fn check_path(kind: Kind, served: &[u64]) -> Result<()> {
 
 fn step(lab: &Lab, cpu: &LabCpu, plan: &Plan) -> Result<Sample> {
     let bytes0 = gateway_bytes(lab)?;
-    let (machine0, lab0) = (CpuTimes::read()?, cpu.read_ms());
+    let (machine0, lab0) = (CpuTimes::read()?, cpu.read());
     let outcome = load::run(lab.client_ns(), plan)?;
-    let (machine1, lab1) = (CpuTimes::read()?, cpu.read_ms());
+    let (machine1, lab1) = (CpuTimes::read()?, cpu.read());
+    let used = lab0.until(&lab1);
     let bytes1 = gateway_bytes(lab)?;
     interrupt::check()?;
     Ok(Sample {
         outcome,
-        cpu_ms: (lab1 - lab0).max(0.0),
+        cpu_ms: used.total,
+        director_ms: used.director,
         machine_ms: machine0.busy_ms_until(&machine1),
         gateway_bytes: bytes1.saturating_sub(bytes0),
     })
@@ -319,6 +326,7 @@ struct StepSummary {
     p99: f64,
     p999: f64,
     cpu: f64,
+    director: f64,
     machine: f64,
     bytes_per: f64,
     mib_s: f64,
@@ -334,10 +342,18 @@ fn summarize(v: &[Sample], cpu_unit: f64) -> StepSummary {
         p99: m(&|x| x.latency_ms(99.0)),
         p999: m(&|x| x.latency_ms(99.9)),
         cpu: m(&|x| x.cpu_per(cpu_unit)),
+        director: m(&|x| x.director_per(cpu_unit)),
         machine: m(&|x| x.machine_per(cpu_unit)),
         bytes_per: m(&|x| x.gateway_bytes as f64 / (x.outcome.ok.max(1)) as f64),
         mib_s: m(&|x| x.outcome.bytes as f64 / (1 << 20) as f64 / x.outcome.elapsed.as_secs_f64().max(1e-9)),
     }
+}
+
+/// Director `d`'s own CPU per `unit` answers at step `step`: paired round by round with the
+/// floor's (see [`paired_overhead`]).
+fn own(samples: &Samples, d: Option<usize>, floor: Option<usize>, step: usize, unit: f64) -> Option<f64> {
+    let per = |d: usize| -> Option<Vec<f64>> { Some(samples.get(&(d, step))?.iter().map(|x| x.cpu_per(unit)).collect()) };
+    paired_overhead(&per(d?)?, &per(floor?)?)
 }
 
 fn fmt(x: f64, digits: usize) -> String {
@@ -366,7 +382,7 @@ fn report(
     // Short connections.
     let mut short = Section::new(
         "end to end: short connections",
-        &["step", "director", "conn/s", "failed", "p50 ms", "p99 ms", "p99.9 ms", "CPU-ms/1k", "own CPU-ms/1k", "x HAProxy's", "x nftables'", "machine CPU-ms/1k"],
+        &["step", "director", "conn/s", "failed", "p50 ms", "p99 ms", "p99.9 ms", "CPU-ms/1k", "own CPU-ms/1k", "of it director process", "x HAProxy's", "x nftables'", "machine CPU-ms/1k"],
     );
     short.method = vec![
         format!(
@@ -381,7 +397,8 @@ fn report(
         "Load generator: our own (tokio, one thread, in the client's namespace); masters' service: our own (tokio, one thread for all three). Latency: connect to the answer's end, per connection.".into(),
         "CPU: the lab's CPU time over the step, per 1,000 answered connections: this process (load generator and masters, with the kernel work they run: on veth a frame's whole \
          receive path, the gateway's XDP or nftables included, runs in the sender's softirq, and without IRQ time accounting that time is the sender's), the director's process (HAProxy, \
-         mim-lb's daemon) and the ksoftirqd threads. `own` subtracts the no-director run's at the same step (client, masters and the lab's bridge cost the same in both). \
+         mim-lb's daemon) and the ksoftirqd threads. `own` subtracts the no-director run's at the same step in the same round (client, masters and the lab's bridge cost the same in both), median over rounds; \
+         `of it director process` is HAProxy's or mim-lb's daemon's own process time (health checks and timers for mim-lb: its data path runs in the senders' softirq). \
          `machine` is the whole machine's busy time (/proc/stat, user+nice+system+irq+softirq+steal) for comparison: it also holds whatever else runs on the machine."
             .into(),
         "Directors: mim-lb (the real daemon, health checks every 100 ms); HAProxy (Debian, mode tcp, balance roundrobin, TCP checks every 100 ms, default threads); \
@@ -391,15 +408,12 @@ fn report(
     ];
     let mut short_json = serde_json::Map::new();
     for (i, (label, _)) in steps.iter().enumerate() {
-        let floor_cpu = floor.and_then(|f| summary(f, i, 1000.0)).map(|x| x.cpu);
-        let own_of = |d: Option<usize>| -> Option<f64> {
-            Some(overhead(summary(d?, i, 1000.0)?.cpu, floor_cpu?))
-        };
+        let own_of = |d: Option<usize>| own(samples, d, floor, i, 1000.0);
         let (own_haproxy, own_nft) = (own_of(haproxy), own_of(nft));
         let mut step_json = serde_json::Map::new();
         for (d, kind) in s.directors.iter().enumerate() {
             let Some(x) = summary(d, i, 1000.0) else { continue };
-            let own = floor_cpu.map(|f| overhead(x.cpu, f));
+            let own = own_of(Some(d));
             let vs = |other: Option<f64>| own.zip(other).and_then(|(a, b)| own_ratio(a, b));
             short.row(vec![
                 label.clone(),
@@ -411,6 +425,7 @@ fn report(
                 fmt(x.p999, 2),
                 fmt(x.cpu, 0),
                 own.map_or("-".into(), |o| fmt(o, 0)),
+                fmt(x.director, 0),
                 if Some(d) == haproxy || Some(d) == floor { "-".into() } else { fmt_ratio(vs(own_haproxy)) },
                 if Some(d) == nft || Some(d) == floor { "-".into() } else { fmt_ratio(vs(own_nft)) },
                 fmt(x.machine, 0),
@@ -420,10 +435,12 @@ fn report(
                 json!({
                     "conn_per_s": x.rate, "failures": x.failures, "answered": x.ok,
                     "p50_ms": x.p50, "p99_ms": x.p99, "p999_ms": x.p999,
-                    "cpu_ms_per_1k": x.cpu, "own_cpu_ms_per_1k": own, "machine_cpu_ms_per_1k": x.machine,
+                    "cpu_ms_per_1k": x.cpu, "own_cpu_ms_per_1k": own, "director_process_cpu_ms_per_1k": x.director,
+                    "machine_cpu_ms_per_1k": x.machine,
                     "rounds": samples[&(d, i)].iter().map(|y| json!({
                         "conn_per_s": y.rate(), "failures": y.outcome.failures(), "failed": y.outcome.failed,
-                        "cpu_ms": y.cpu_ms, "machine_cpu_ms": y.machine_ms, "p99_ms": y.latency_ms(99.0),
+                        "answered": y.outcome.ok, "cpu_ms": y.cpu_ms, "director_cpu_ms": y.director_ms, "machine_cpu_ms": y.machine_ms,
+                        "p99_ms": y.latency_ms(99.0),
                     })).collect::<Vec<_>>(),
                 }),
             );
@@ -470,14 +487,12 @@ fn report(
         s.large_bytes
     )];
     let floor_large = floor.and_then(|f| summary(f, li, 1.0 / unit_mib));
-    let own_large = |d: Option<usize>| -> Option<f64> {
-        Some(overhead(summary(d?, li, 1.0 / unit_mib)?.cpu, floor_large.as_ref()?.cpu))
-    };
+    let own_large = |d: Option<usize>| own(samples, d, floor, li, 1.0 / unit_mib);
     let (own_haproxy_l, own_nft_l) = (own_large(haproxy), own_large(nft));
     let mut large_json = serde_json::Map::new();
     for (d, kind) in s.directors.iter().enumerate() {
         let Some(x) = summary(d, li, 1.0 / unit_mib) else { continue };
-        let own = floor_large.as_ref().map(|f| overhead(x.cpu, f.cpu));
+        let own = own_large(Some(d));
         let vs = |other: Option<f64>| own.zip(other).and_then(|(a, b)| own_ratio(a, b));
         let of_floor = floor_large.as_ref().and_then(|f| ratio(x.mib_s, f.mib_s));
         large.row(vec![
@@ -516,8 +531,7 @@ fn report(
             goals_json.push(json!({ "goal": name, "mode": mode, "step": at, "measured": measured, "limit": limit, "verdict": verdict }));
         };
         let own_short = |at: usize, of: Option<usize>| -> Option<f64> {
-            let f = summary(floor?, at, 1000.0)?.cpu;
-            own_ratio(overhead(summary(d, at, 1000.0)?.cpu, f), overhead(summary(of?, at, 1000.0)?.cpu, f))
+            own_ratio(own(samples, Some(d), floor, at, 1000.0)?, own(samples, of, floor, at, 1000.0)?)
         };
         let p99 = |at: usize| -> Option<f64> { ratio(summary(d, at, 1000.0)?.p99, summary(nft?, at, 1000.0)?.p99) };
         for &i in &judged {

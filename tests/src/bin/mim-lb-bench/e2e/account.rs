@@ -56,36 +56,54 @@ pub fn parse_proc_stat(text: &str) -> Result<CpuTimes> {
 /// with other work, this leaves out most of the others' CPU, which a machine-wide sum keeps.
 #[derive(Clone, Debug, Default)]
 pub struct LabCpu {
-    pids: Vec<u32>,
+    /// The director's process, counted apart too.
+    director: Option<u32>,
+    ksoftirqd: Vec<u32>,
+}
+
+/// A reading of [`LabCpu`], in milliseconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LabCpuMs {
+    pub total: f64,
+    /// The director's process alone (also in `total`).
+    pub director: f64,
 }
 
 impl LabCpu {
     /// The lab's CPU: this process, `director` and the ksoftirqd threads.
     pub fn new(director: Option<u32>) -> LabCpu {
-        let mut pids: Vec<u32> = director.into_iter().collect();
+        let mut ksoftirqd = Vec::new();
         if let Ok(dir) = std::fs::read_dir("/proc") {
             for entry in dir.flatten() {
                 let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
                 let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
                 if comm.starts_with("ksoftirqd/") {
-                    pids.push(pid);
+                    ksoftirqd.push(pid);
                 }
             }
         }
-        LabCpu { pids }
+        LabCpu { director, ksoftirqd }
     }
 
     /// CPU time so far, in milliseconds (a process that has gone counts nothing).
-    pub fn read_ms(&self) -> f64 {
-        let mut ms = self_cpu_ms();
-        for pid in &self.pids {
-            let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            if let Some((utime, stime)) = parse_pid_stat(&text) {
-                ms += (utime + stime) as f64 * 1000.0 / user_hz();
-            }
-        }
-        ms
+    pub fn read(&self) -> LabCpuMs {
+        let director = self.director.map_or(0.0, process_cpu_ms);
+        let ksoftirqd: f64 = self.ksoftirqd.iter().copied().map(process_cpu_ms).sum();
+        LabCpuMs { total: self_cpu_ms() + director + ksoftirqd, director }
     }
+}
+
+impl LabCpuMs {
+    /// From `self` to `later`.
+    pub fn until(&self, later: &LabCpuMs) -> LabCpuMs {
+        LabCpuMs { total: (later.total - self.total).max(0.0), director: (later.director - self.director).max(0.0) }
+    }
+}
+
+/// utime + stime of a process (all its threads), in ms; 0 for one that has gone.
+fn process_cpu_ms(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    parse_pid_stat(&text).map_or(0.0, |(utime, stime)| (utime + stime) as f64 * 1000.0 / user_hz())
 }
 
 /// User plus system time of this process, all its threads, those that ended too.
@@ -149,15 +167,21 @@ pub fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-/// A director's own CPU per unit of work: its run's CPU per unit minus the floor's (the same
-/// work without a director), never below zero (noise can push a cheap director under it).
-pub fn overhead(director: f64, floor: f64) -> f64 {
-    (director - floor).max(0.0)
-}
-
 /// `a / b`, or None when `b` is zero (an overhead of zero has no meaningful multiple).
 pub fn ratio(a: f64, b: f64) -> Option<f64> {
     (b > 0.0).then(|| a / b)
+}
+
+/// A director's own cost from rounds paired with the floor's: the median over rounds of the
+/// director's cost minus the floor's in the same round (both measured minutes apart at most,
+/// so a machine that got busier or quieter between rounds moves both), never below zero.
+/// None without a pair.
+pub fn paired_overhead(director: &[f64], floor: &[f64]) -> Option<f64> {
+    let diffs: Vec<f64> = director.iter().zip(floor).map(|(d, f)| d - f).filter(|x| x.is_finite()).collect();
+    if diffs.is_empty() {
+        return None;
+    }
+    Some(crate::report::median(&diffs).max(0.0))
 }
 
 /// One own cost as a multiple of another's: None when both are 0 (nothing to tell apart),
@@ -238,13 +262,15 @@ mod tests {
 
     #[test]
     fn overhead_is_above_the_floor_and_ratios_need_a_divisor() {
-        assert_eq!(overhead(207.0, 137.0), 70.0);
-        assert_eq!(overhead(130.0, 137.0), 0.0);
         assert_eq!(ratio(70.0, 200.0), Some(0.35));
         assert_eq!(ratio(70.0, 0.0), None);
         assert_eq!(own_ratio(70.0, 200.0), Some(0.35));
         assert_eq!(own_ratio(0.0, 45.0), Some(0.0));
         assert_eq!(own_ratio(70.0, 0.0), Some(f64::INFINITY));
         assert_eq!(own_ratio(0.0, 0.0), None);
+        // Round by round: (30 - 10), (25 - 20), (50 - 15); the median of 20, 5, 35.
+        assert_eq!(paired_overhead(&[30.0, 25.0, 50.0], &[10.0, 20.0, 15.0]), Some(20.0));
+        assert_eq!(paired_overhead(&[10.0, 12.0, 9.0], &[20.0, 20.0, 20.0]), Some(0.0));
+        assert_eq!(paired_overhead(&[], &[1.0]), None);
     }
 }
