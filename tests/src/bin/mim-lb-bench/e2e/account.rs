@@ -261,7 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn overhead_is_above_the_floor_and_ratios_need_a_divisor() {
+    fn own_costs_are_paired_by_round_and_ratios_need_a_divisor() {
         assert_eq!(ratio(70.0, 200.0), Some(0.35));
         assert_eq!(ratio(70.0, 0.0), None);
         assert_eq!(own_ratio(70.0, 200.0), Some(0.35));

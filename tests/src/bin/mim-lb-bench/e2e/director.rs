@@ -255,7 +255,10 @@ mod tests {
         let text = nft_ruleset("eth0", "10.1.2.100:7000".parse().unwrap(), "02:6d:01:02:00:02", &macs);
         assert!(text.contains("hook ingress device \"eth0\""));
         assert!(text.contains("ip daddr 10.1.2.100 tcp dport 7000 ether saddr set 02:6d:01:02:00:02"));
-        assert!(text.contains("mod 2 seed 0x6d696d map { 0 : 02:6d:01:02:00:0b, 1 : 02:6d:01:02:00:0c } fwd to \"eth0\""));
+        // The flow's client address and port pick the master (the VIP and port are fixed).
+        assert!(text.contains(
+            "ether daddr set jhash ip saddr . tcp sport mod 2 seed 0x6d696d map { 0 : 02:6d:01:02:00:0b, 1 : 02:6d:01:02:00:0c } fwd to \"eth0\""
+        ));
     }
 
     #[test]
