@@ -13,6 +13,7 @@
 mod account;
 mod director;
 mod load;
+mod maps;
 mod service;
 
 use std::collections::BTreeMap;
@@ -160,6 +161,7 @@ pub fn measure(s: &Settings) -> Result<Vec<Section>> {
     let mut samples: Samples = BTreeMap::new();
     let mut rss_kib: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut idle: BTreeMap<usize, Vec<IdleSample>> = BTreeMap::new();
+    let mut map_memory: Option<Vec<maps::MapMemory>> = None;
     for round in 0..s.rounds {
         // Each round starts with another director, so none always runs first (or last).
         for k in 0..s.directors.len() {
@@ -170,6 +172,9 @@ pub fn measure(s: &Settings) -> Result<Vec<Section>> {
             let running = Running::start(kind, &mut lab, PORT)?;
             let target = Running::target(&lab, kind, PORT);
             warm_up(&lab, target).with_context(|| format!("{} does not answer{}", kind.name(), running.log_tail()))?;
+            if let (None, Some(dir)) = (&map_memory, running.pin_dir()) {
+                map_memory = Some(maps::pinned(dir)?);
+            }
             let served_before = masters.served();
             let cpu = LabCpu::new(running.pid());
             for (i, (_, pace)) in steps.iter().enumerate() {
@@ -207,7 +212,39 @@ pub fn measure(s: &Settings) -> Result<Vec<Section>> {
     }
     drop(masters);
     drop(lab);
-    Ok(report(s, &steps, &samples, &rss_kib, &idle))
+    let mut sections = report(s, &steps, &samples, &rss_kib, &idle);
+    if let Some(m) = map_memory {
+        sections.push(maps_section(&m));
+    }
+    Ok(sections)
+}
+
+fn maps_section(maps: &[maps::MapMemory]) -> Section {
+    let mut section = Section::new("end to end: mim-lb's maps", &["map", "type", "entries", "key B", "value B", "kernel KiB"]);
+    section.method = vec![
+        "The kernel memory of every map the daemon pinned, at the lab's config (one TCP service of 3 masters, every other setting at its default), \
+         from `bpftool -j map show pinned` (bytes_memlock). The daemon's RSS is in the director processes' section."
+            .into(),
+    ];
+    for m in maps {
+        section.row(vec![
+            m.name.clone(),
+            m.kind.clone(),
+            m.max_entries.to_string(),
+            m.key.to_string(),
+            m.value.to_string(),
+            fmt(m.bytes as f64 / 1024.0, 0),
+        ]);
+    }
+    let total: u64 = maps.iter().map(|m| m.bytes).sum();
+    section.row(vec!["all maps".into(), String::new(), String::new(), String::new(), String::new(), fmt(total as f64 / 1024.0, 0)]);
+    section.json = json!({
+        "total_bytes": total,
+        "maps": maps.iter().map(|m| json!({
+            "name": m.name, "type": m.kind, "max_entries": m.max_entries, "key_bytes": m.key, "value_bytes": m.value, "bytes": m.bytes,
+        })).collect::<Vec<_>>(),
+    });
+    section
 }
 
 /// Opens `s.idle` idle connections through the director, reads the gateway's memory, and runs

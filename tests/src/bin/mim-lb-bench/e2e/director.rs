@@ -104,6 +104,14 @@ impl Running {
         }
     }
 
+    /// mim-lb's pin directory, where its maps are.
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            Running::MimLb(gw) => Some(gw.pin_dir()),
+            _ => None,
+        }
+    }
+
     /// The director's process on the gateway, if it has one.
     pub fn pid(&self) -> Option<u32> {
         match self {
