@@ -185,7 +185,7 @@ pub struct Gateway {
 
 /// `<pid hex>-<n>`, unique in this process: the suffix of every directory a test makes, so that
 /// [`cleanup_stale_pins`] can tell whose it is.
-pub(crate) fn unique_suffix() -> String {
+pub fn unique_suffix() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("{:x}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }

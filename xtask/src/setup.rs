@@ -50,6 +50,10 @@ const PACKAGES: &[Package] = &[
     tool("chromium-headless-shell", "chromium-headless-shell"),
     // A pseudo-terminal for the CLI in tests of what it draws on a terminal (`script`).
     tool("bsdutils", "script"),
+    // The end-to-end benchmark's peers: a userspace TCP proxy and the kernel's netdev
+    // forwarding, measured next to mim-lb in the same lab.
+    tool("haproxy", "haproxy"),
+    tool("nftables", "nft"),
     llvm("llvm-22-dev"),
     llvm("libpolly-22-dev"),
     llvm("libzstd-dev"),

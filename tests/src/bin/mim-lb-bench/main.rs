@@ -9,7 +9,10 @@
 //! - failover: the real daemon in the namespace lab, a master killed under a stream of new
 //!   connections, and restarted;
 //! - directors: two directors with flow sync and keepalived: the active one killed under
-//!   traffic, the sync's lag, and its traffic and CPU per new flow.
+//!   traffic, the sync's lag, and its traffic and CPU per new flow;
+//! - e2e (only when asked for, `--only e2e`): short connections and 1 MiB answers through
+//!   mim-lb (native and generic XDP), HAProxy, nftables netdev forwarding and no director, in
+//!   interleaved rounds on one lab.
 //!
 //! Benchmarks report; they never fail on a timing. They fail only when a measurement cannot
 //! be trusted (a run took another path than the one it claims to measure) or cannot be made.
@@ -19,6 +22,7 @@
 mod batch;
 mod counting;
 mod directors;
+mod e2e;
 mod failover;
 mod interrupt;
 mod per_packet;
@@ -40,12 +44,14 @@ enum Bench {
     Failover,
     Directors,
     Counting,
+    E2e,
 }
 
 #[derive(Parser)]
-#[command(about = "mim-lb benchmarks: per-packet cost, table rebuild, batched map access, failover time, two directors")]
+#[command(about = "mim-lb benchmarks: per-packet cost, table rebuild, batched map access, failover time, two directors, end to end")]
 struct Args {
-    /// Which benchmarks to run (comma-separated).
+    /// Which benchmarks to run (comma-separated). `e2e` runs only when named: it takes
+    /// minutes and measures other software (HAProxy, nftables) next to mim-lb.
     #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "counting", "failover", "directors"])]
     only: Vec<Bench>,
     /// Write the report as JSON to this file.
@@ -155,6 +161,30 @@ struct Args {
     /// (one client source port per flow).
     #[arg(long, default_value_t = 10)]
     load_s: u64,
+
+    /// End-to-end rounds: every director in turn, every step, per round; medians reported.
+    #[arg(long, default_value_t = 3)]
+    e2e_rounds: usize,
+    /// Offered rates of new short connections per second (comma-separated), one step each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000u32, 2000, 4000, 8000])]
+    e2e_rates: Vec<u32>,
+    /// Closed-loop workers of the last short-connection step (0: no such step).
+    #[arg(long, default_value_t = 32)]
+    e2e_workers: usize,
+    /// Length of each short-connection step (ms).
+    #[arg(long, default_value_t = 3000)]
+    e2e_step_ms: u64,
+    /// Closed-loop workers asking for 1 MiB answers.
+    #[arg(long, default_value_t = 4)]
+    e2e_large_workers: usize,
+    /// Length of the 1 MiB answer step (ms).
+    #[arg(long, default_value_t = 3000)]
+    e2e_large_ms: u64,
+    /// Idle connections held through each director while the first short-connection step runs
+    /// again (0: skip). Each costs this process two descriptors (client and master end) and
+    /// HAProxy two, so it must stay under half the open file limit.
+    #[arg(long, default_value_t = 8000)]
+    e2e_idle: usize,
 }
 
 fn main() -> ExitCode {
@@ -181,6 +211,8 @@ fn run(args: &Args) -> Result<()> {
             "masters": args.masters, "settle_ms": args.settle_ms, "native": args.native,
             "director_rounds": args.director_rounds, "lag_rate": args.lag_rate, "lag_s": args.lag_s,
             "flow_rates": args.flow_rates, "load_s": args.load_s,
+            "e2e_rounds": args.e2e_rounds, "e2e_rates": args.e2e_rates, "e2e_workers": args.e2e_workers,
+            "e2e_step_ms": args.e2e_step_ms, "e2e_large_workers": args.e2e_large_workers, "e2e_large_ms": args.e2e_large_ms, "e2e_idle": args.e2e_idle,
         }),
         sections: Vec::new(),
     };
@@ -246,6 +278,21 @@ fn run(args: &Args) -> Result<()> {
             load_s: args.load_s,
         };
         report.sections.extend(directors::measure(&settings)?);
+    }
+    if wants(Bench::E2e) {
+        eprintln!("mim-lb-bench: end to end ...");
+        let settings = e2e::Settings {
+            rounds: args.e2e_rounds,
+            rates: args.e2e_rates.clone(),
+            workers: args.e2e_workers,
+            step: std::time::Duration::from_millis(args.e2e_step_ms),
+            large_bytes: 1 << 20,
+            large_workers: args.e2e_large_workers,
+            large_step: std::time::Duration::from_millis(args.e2e_large_ms),
+            directors: e2e::Kind::ALL.to_vec(),
+            idle: args.e2e_idle,
+        };
+        report.sections.extend(e2e::measure(&settings)?);
     }
     report.machine.finish();
 
