@@ -61,7 +61,7 @@ fn the_oracle_gives_the_documented_reasons() {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     let table = services::table();
-    let oracle = Oracle::new(&table, GATEWAY_MAC);
+    let mut oracle = Oracle::new(&table, GATEWAY_MAC);
     let client4 = Ipv4Addr::new(10, 2, 0, 1);
     let client6 = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 1);
     let router4 = Ipv4Addr::new(10, 2, 0, 254);
@@ -75,6 +75,19 @@ fn the_oracle_gives_the_documented_reasons() {
     let fragment4 = |dst: Ipv4Addr, tcp: bool| {
         let mut f = if tcp { Frame::tcp(client4, 1, dst, 443, TCP_SYN) } else { Frame::udp(client4, 1, dst, 5353) };
         f.ipv4_frag = 0x2000;
+        f
+    };
+    // Parts of UDP datagram `id` to the VIP of several services.
+    let part4 = |id: u16, frag: u16| {
+        let mut f = Frame::udp(client4, 2, vip4, 5353);
+        f.ipv4_id = id;
+        f.ipv4_frag = frag;
+        f
+    };
+    let sticky_later = {
+        let mut f = fragment4(services::STICKY_VIP4, true);
+        f.ipv4_id = 77;
+        f.ipv4_frag = 10;
         f
     };
     let mut udp_frag6 = Frame::udp(client6, 1, services::TCP_ONLY_VIP6, 53);
@@ -97,7 +110,12 @@ fn the_oracle_gives_the_documented_reasons() {
         ("three VLAN tags", syn4.clone().with_vlan(0x88a8, 1).with_vlan(0x8100, 2).with_vlan(0x8100, 3).bytes(), VLAN_TOO_DEEP),
         ("four IPv6 extension headers", v6_ext(4).bytes(), FORWARDED),
         ("five IPv6 extension headers", v6_ext(5).bytes(), IPV6_EXTENSION),
-        ("TCP fragment to a VIP with TCP", fragment4(services::STICKY_VIP4, true).bytes(), FRAGMENT),
+        ("TCP first fragment to a service", fragment4(services::STICKY_VIP4, true).bytes(), FRAGMENT_FIRST),
+        ("a later part before its first", part4(7, 10).bytes(), FRAGMENT),
+        ("the first part", part4(7, 0x2000).bytes(), FRAGMENT_FIRST),
+        ("a later part after its first", part4(7, 10).bytes(), FRAGMENT_FOLLOWED),
+        ("a later part of another datagram", part4(8, 10).bytes(), FRAGMENT),
+        ("a later part to a maglev-source-only VIP, no first seen", sticky_later.bytes(), FRAGMENT_BY_SOURCE),
         ("UDP fragment to a TCP-only VIP", fragment4(services::STICKY_VIP4, false).bytes(), NOT_A_SERVICE),
         ("IPv6 UDP fragment to a TCP-only VIP", udp_frag6.bytes(), NOT_A_SERVICE),
         ("ICMP error quoting the ports", icmp(4).bytes(), ICMP_ERROR_FORWARDED),

@@ -284,6 +284,20 @@ impl<'a> Maps<'a> {
         self.array::<Globals>(names::GLOBALS)?.set(0, value, 0).map_err(map_err(names::GLOBALS))
     }
 
+    /// Deletes every record of `FRAGMENTS` (the fuzzer's oracle forgets its own at the same
+    /// moment; the daemon never needs to).
+    pub fn clear_fragments(&mut self) -> Result<(), DataplaneError> {
+        let map = self.ebpf.map_mut(names::FRAGMENTS).ok_or(DataplaneError::MissingMap(names::FRAGMENTS))?;
+        let mut records: HashMap<&mut MapData, mim_lb_common::FragmentKey, mim_lb_common::FragmentEntry> =
+            HashMap::try_from(map).map_err(map_err(names::FRAGMENTS))?;
+        let keys: Vec<_> = records.keys().collect::<Result<_, _>>().map_err(map_err(names::FRAGMENTS))?;
+        for key in keys {
+            // One the LRU evicted meanwhile is gone already.
+            let _ = records.remove(&key);
+        }
+        Ok(())
+    }
+
     /// Makes `generation` the live one of `ACTIVE_SKETCH`.
     pub fn set_sketch_gen(&mut self, generation: u32) -> Result<(), DataplaneError> {
         self.array::<u32>(names::SKETCH_GEN)?.set(0, generation, 0).map_err(map_err(names::SKETCH_GEN))

@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::packet::{Ext6, Frame, L4, ext_ah, ext_fragment, ext_padding};
+use crate::packet::{Ext6, Frame, L4, ext_ah, ext_fragment, ext_fragment_id, ext_padding};
 use crate::testrun::GATEWAY_MAC;
 
 use super::services::{Service, TCP, UDP};
@@ -240,17 +240,29 @@ impl<'a> Generator<'a> {
                 ("icmp-error", frame, Some(quote))
             }
             80..92 => {
-                let src = self.address(v6);
+                // Few sources: parts of one datagram must share its addresses.
+                let src = if v6 {
+                    IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, self.rng.u16(1..3)))
+                } else {
+                    IpAddr::V4(Ipv4Addr::new(10, 1, 0, self.rng.u8(1..3)))
+                };
                 let (dst, proto) = match self.aimed(v6) {
                     Some(s) => (s.vip, s.proto),
                     None => (self.destination(v6), self.proto()),
                 };
                 let l4 = self.l4_to_port(proto);
                 let mut f = Frame::new(src, dst, l4);
+                // First parts (offset 0, more to come) a third of the time, and a handful of
+                // datagram ids, so that later parts often follow a first one sent just before
+                // and sometimes one of another flow.
+                let offset = if self.rng.u8(..3) == 0 { 0 } else { self.rng.u16(1..0x2000) };
+                let more = offset == 0 || self.rng.bool();
+                let id = *self.pick(&[1u16, 2, 3, 0x1234]);
                 if v6 {
-                    f.ipv6_ext.push(ext_fragment(self.rng.u16(..0x2000), self.rng.bool()));
+                    f.ipv6_ext.push(ext_fragment_id(offset, more, u32::from(id)));
                 } else {
-                    f.ipv4_frag = self.rng.u16(..) & 0x7fff | if self.rng.bool() { 0x2000 } else { 0 };
+                    f.ipv4_id = id;
+                    f.ipv4_frag = offset | if more { 0x2000 } else { 0 } | (self.rng.u16(..2) << 14);
                 }
                 ("fragment", f, None)
             }

@@ -4,8 +4,12 @@
 //! reason the frame must be counted under and, for a frame to be sent to a master, the
 //! service and the flow it belongs to.
 //!
-//! The one rule that is about to change, fragments, is [`fragment_reason`].
+//! Fragments are the one rule with state: a later fragment follows the first fragment of its
+//! datagram that the oracle saw sent ([`Oracle::later_fragment`]), as the program's
+//! `FRAGMENTS` map does. The fuzzer forgets both together (`Oracle::forget_fragments` and the
+//! map) often enough that no record reaches the program's two-second timeout.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use mim_lb_common::reason;
@@ -32,6 +36,21 @@ pub struct Target {
 pub struct Oracle<'a> {
     services: &'a [Service],
     gateway_mac: [u8; 6],
+    /// Datagrams whose first fragment was sent, by reassembly key: where it went.
+    fragments: HashMap<FragmentKey, Target>,
+}
+
+/// A datagram, as IP reassembly names it: source, destination, protocol, identification.
+type FragmentKey = (IpAddr, IpAddr, u8, u32);
+
+/// Which part of a datagram an IP packet is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Whole,
+    /// Offset 0 with more to come: its transport header is there.
+    First(u32),
+    /// A non-zero offset: no transport header.
+    Later(u32),
 }
 
 const ETH_IPV4: u16 = 0x0800;
@@ -74,31 +93,38 @@ struct Ip<'f> {
     dst: IpAddr,
     proto: u8,
     l4: usize,
-    fragment: bool,
+    part: Part,
     datagram: Datagram<'f>,
 }
 
 impl<'a> Oracle<'a> {
     pub fn new(services: &'a [Service], gateway_mac: [u8; 6]) -> Self {
-        Oracle { services, gateway_mac }
+        Oracle { services, gateway_mac, fragments: HashMap::new() }
     }
 
-    pub fn classify(&self, frame: &[u8]) -> Expected {
+    /// Forgets every first fragment seen (the fuzzer empties the program's map at once).
+    pub fn forget_fragments(&mut self) {
+        self.fragments.clear();
+    }
+
+    pub fn classify(&mut self, frame: &[u8]) -> Expected {
         match self.classify_inner(frame) {
             Ok(e) => e,
             Err(reason) => Expected { reason, target: None },
         }
     }
 
-    fn classify_inner(&self, frame: &[u8]) -> Result<Expected, u32> {
+    fn classify_inner(&mut self, frame: &[u8]) -> Result<Expected, u32> {
         let (ether_type, l3) = ethernet(frame)?;
         let ip = match ether_type {
             ETH_IPV4 => ipv4(frame, l3)?,
             ETH_IPV6 => ipv6(frame, l3)?,
             _ => unreachable!("ethernet() returns IP only"),
         };
-        if ip.fragment {
-            return Err(self.fragment_reason(frame, &ip));
+        match ip.part {
+            Part::Whole => {}
+            Part::First(id) => return self.first_fragment(frame, &ip, id),
+            Part::Later(id) => return self.later_fragment(frame, &ip, id),
         }
         match ip.proto {
             TCP | UDP => self.whole(frame, &ip),
@@ -108,19 +134,50 @@ impl<'a> Oracle<'a> {
         }
     }
 
-    /// THE FRAGMENT RULE (OPERATIONS.md, "Fragments are dropped"): a fragment to a VIP with a
-    /// service of the fragment's protocol is dropped (`fragment`, or `foreign_mac` if not
-    /// sent to the gateway); any other fragment is the kernel's (`not_a_service`). No
-    /// fragment is ever sent to a master. Update this one function when fragments are
-    /// forwarded.
-    fn fragment_reason(&self, frame: &[u8], ip: &Ip) -> u32 {
-        let vip_has_proto = self.services.iter().any(|s| s.vip == ip.dst && s.proto == ip.proto);
-        if !vip_has_proto {
-            reason::NOT_A_SERVICE
-        } else if !self.to_gateway(frame) {
-            reason::FOREIGN_MAC
-        } else {
-            reason::FRAGMENT
+    /// A first fragment (OPERATIONS.md, "MTU, ICMP and fragments"): a TCP or UDP one whose
+    /// transport header is whole goes where the whole datagram would (`fragment_first`), and
+    /// its datagram is remembered; any other is placed as a later fragment is.
+    fn first_fragment(&mut self, frame: &[u8], ip: &Ip, id: u32) -> Result<Expected, u32> {
+        if !matches!(ip.proto, TCP | UDP) {
+            return self.later_fragment(frame, ip, id);
+        }
+        let header = if ip.proto == TCP { 20 } else { 8 };
+        let h = match ip.datagram.bytes(ip.l4, header, reason::FRAGMENT) {
+            Ok(h) if ip.proto != TCP || h[12] >> 4 >= 5 => h,
+            // Its ports cannot be read (or its header is not one): no better than a later part.
+            _ => return self.later_fragment(frame, ip, id),
+        };
+        let (sport, dport) = (be16(&h[0..2]), be16(&h[2..4]));
+        let service = self.service(ip.dst, dport, ip.proto).ok_or(reason::NOT_A_SERVICE)?;
+        let sent = self.send(frame, service, ip.src, sport, reason::FRAGMENT_FIRST)?;
+        if let Some(target) = sent.target {
+            self.fragments.insert((ip.src, ip.dst, ip.proto, id), target);
+        }
+        Ok(sent)
+    }
+
+    /// A later fragment: to the master its datagram's first fragment went to; with none seen,
+    /// by its source where the VIP's only service for the protocol hashes the source alone
+    /// (every slot is clean: the config never changes during a run); else dropped. A VIP
+    /// with no service of the protocol leaves it to the kernel.
+    fn later_fragment(&self, frame: &[u8], ip: &Ip, id: u32) -> Result<Expected, u32> {
+        let of_vip: Vec<usize> =
+            (0..self.services.len()).filter(|i| self.services[*i].vip == ip.dst && self.services[*i].proto == ip.proto).collect();
+        if of_vip.is_empty() {
+            return Err(reason::NOT_A_SERVICE);
+        }
+        if !self.to_gateway(frame) {
+            return Err(reason::FOREIGN_MAC);
+        }
+        if let Some(target) = self.fragments.get(&(ip.src, ip.dst, ip.proto, id)) {
+            return Ok(Expected { reason: reason::FRAGMENT_FOLLOWED, target: Some(*target) });
+        }
+        match of_vip[..] {
+            [only] if self.services[only].source_hash && !self.services[only].masters.is_empty() => Ok(Expected {
+                reason: reason::FRAGMENT_BY_SOURCE,
+                target: Some(Target { service: only, client: ip.src, client_port: 0 }),
+            }),
+            _ => Err(reason::FRAGMENT),
         }
     }
 
@@ -232,8 +289,13 @@ fn ipv4(frame: &[u8], at: usize) -> Result<Ip<'_>, u32> {
         dst: v4(&h[16..20]),
         proto: h[9],
         l4: at + ihl,
-        // More fragments, or an offset; DF and the reserved bit do not make a fragment.
-        fragment: be16(&h[6..8]) & 0x3fff != 0,
+        // An offset makes a later part; more-fragments at offset 0 the first. DF and the
+        // reserved bit make no fragment.
+        part: match (be16(&h[6..8]) & 0x1fff, be16(&h[6..8]) & 0x2000 != 0, u32::from(be16(&h[4..6]))) {
+            (0, false, _) => Part::Whole,
+            (0, true, id) => Part::First(id),
+            (_, _, id) => Part::Later(id),
+        },
         datagram: Datagram { frame, end: at + total },
     })
 }
@@ -246,7 +308,7 @@ fn ipv6(frame: &[u8], at: usize) -> Result<Ip<'_>, u32> {
     let datagram = Datagram { frame, end: at + 40 + be16(&h[4..6]) as usize };
     let mut next = h[6];
     let mut l4 = at + 40;
-    let mut fragment = false;
+    let mut part = Part::Whole;
     for _ in 0..MAX_IPV6_EXTENSIONS {
         match next {
             // Hop-by-hop, routing, destination options: length in 8-octet units after the first 8.
@@ -256,22 +318,30 @@ fn ipv6(frame: &[u8], at: usize) -> Result<Ip<'_>, u32> {
                 l4 += (e[1] as usize + 1) * 8;
             }
             44 => {
-                let e = datagram.bytes(l4, 4, reason::MALFORMED)?;
+                let e = datagram.bytes(l4, 8, reason::MALFORMED)?;
                 next = e[0];
                 let offset = be16(&e[2..4]) >> 3;
                 let more = e[3] & 1 != 0;
-                if offset != 0 || more {
-                    fragment = true;
+                // The identification of the last fragment header walked names the datagram.
+                let id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+                if offset != 0 {
+                    part = Part::Later(id);
                     break;
                 }
-                // An atomic fragment is a whole datagram.
+                // Offset 0: the first part, whose headers follow, or an atomic fragment (a
+                // whole datagram, unless a first part's header came before it).
+                part = match part {
+                    Part::First(_) => Part::First(id),
+                    _ if more => Part::First(id),
+                    other => other,
+                };
                 l4 += 8;
             }
             _ => break,
         }
     }
-    if !fragment && matches!(next, 0 | 43 | 44 | 60 | 50 | 51 | 135 | 139 | 140) {
+    if part == Part::Whole && matches!(next, 0 | 43 | 44 | 60 | 50 | 51 | 135 | 139 | 140) {
         return Err(reason::IPV6_EXTENSION);
     }
-    Ok(Ip { src: v6(&h[8..24]), dst: v6(&h[24..40]), proto: next, l4, fragment, datagram })
+    Ok(Ip { src: v6(&h[8..24]), dst: v6(&h[24..40]), proto: next, l4, part, datagram })
 }

@@ -85,6 +85,13 @@ struct Args {
     /// The commit the baseline object was built from, for the report.
     #[arg(long, value_name = "COMMIT", env = "MIM_LB_BENCH_BASELINE_COMMIT", default_value = "the baseline")]
     baseline_commit: String,
+    /// Also compare the current XDP program with this earlier build of it (an object built from
+    /// another commit) on the paths every version shares: what a change costs per packet.
+    #[arg(long, value_name = "FILE")]
+    previous: Option<PathBuf>,
+    /// The commit the --previous object was built from, for the report.
+    #[arg(long, value_name = "COMMIT", default_value = "the previous commit")]
+    previous_commit: String,
     /// Why there is no baseline object (`cargo xtask bench` sets this when building it failed).
     #[arg(long, value_name = "REASON", env = "MIM_LB_BENCH_BASELINE_MISSING")]
     baseline_missing: Option<String>,
@@ -224,20 +231,22 @@ fn run(args: &Args) -> Result<()> {
             (None, Some(why)) => per_packet::Baseline::Missing(why.clone()),
             (None, None) => per_packet::Baseline::Missing("no --baseline object given (`cargo xtask bench` builds one)".into()),
         };
-        let settings = per_packet::Settings { repeat: args.repeat, runs: args.runs, new_flows: args.new_flows, baseline };
+        let previous = args.previous.clone().map(|p| (p, args.previous_commit.clone()));
+        let settings = per_packet::Settings { repeat: args.repeat, runs: args.runs, new_flows: args.new_flows, baseline, previous };
         // Held while measuring: the kernel keeps the statistics on while the fd is open.
         let stats = if args.bpf_stats {
             Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("turning BPF run-time statistics on")?)
         } else {
             None
         };
-        let (mut packets, baseline, sizes) = per_packet::measure(&settings, args.dump_xlated.as_deref())?;
+        let (mut packets, baseline, sizes, previous) = per_packet::measure(&settings, args.dump_xlated.as_deref())?;
         if stats.is_some() {
             packets.title += " with BPF run-time statistics on";
         }
         drop(stats);
         report.sections.push(packets);
         report.sections.push(baseline);
+        report.sections.extend(previous);
         report.sections.push(sizes);
     }
     if wants(Bench::Rebuild) {

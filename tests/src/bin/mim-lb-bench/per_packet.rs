@@ -15,7 +15,7 @@ mod baseline;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
@@ -43,6 +43,9 @@ pub struct Settings {
     pub new_flows: u32,
     /// The earlier program to compare with (issue 7), or why there is none.
     pub baseline: Baseline,
+    /// Another earlier program (object, commit) to compare with on the paths every version
+    /// shares (`--previous`).
+    pub previous: Option<(PathBuf, String)>,
 }
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -427,9 +430,9 @@ struct Measured {
     syn_marked: Interleaved,
 }
 
-/// Returns the per-packet section, issue 7's comparison with the baseline program, and the
-/// program sizes.
-pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Section, Section, Section)> {
+/// Returns the per-packet section, issue 7's comparison with the baseline program, the
+/// program sizes, and the comparison with `--previous` if one was given.
+pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Section, Section, Section, Option<Section>)> {
     let refs = References::load()?;
     let w = Warm { floor: refs.get("bench_floor")?, refs: &refs, repeat: settings.repeat, runs: settings.runs };
     let mut prog = ProgramUnderTest::new(&config(3))?;
@@ -450,7 +453,11 @@ pub fn measure(settings: &Settings, dump_xlated: Option<&Path>) -> Result<(Secti
     let m = Measured { est4, est6, pass, syn_clean, cold, recorded, unrecorded, syn_marked };
 
     let comparison = baseline::measure(&w, &settings.baseline, settings.new_flows)?;
-    Ok((section(&m, settings), comparison, sizes))
+    let previous = match &settings.previous {
+        Some((path, commit)) => Some(baseline::measure_previous(&w, path, commit)?),
+        None => None,
+    };
+    Ok((section(&m, settings), comparison, sizes, previous))
 }
 
 /// Established flow: an ACK on a slot the control plane's table shows unmarked. The flow has

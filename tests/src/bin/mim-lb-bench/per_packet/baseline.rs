@@ -85,6 +85,64 @@ pub(super) fn measure(w: &Warm, baseline: &Baseline, new_flows: u32) -> Result<S
     Ok(section(commit, n, &[est, syn_clean, syn_warm, syn_marked, no_vip], sizes))
 }
 
+/// Any earlier program (`--previous`, a build of another commit) next to the current one on the
+/// two paths every version shares: an established packet on a clean slot and a packet for no
+/// VIP. How a change to the data path moves their cost, as a ratio of one run.
+pub(super) fn measure_previous(w: &Warm, path: &Path, commit: &str) -> Result<Section> {
+    let mut prog = ProgramUnderTest::pinned(&config(3))?;
+    let pins = prog.pin_dir().context("the program is pinned")?.to_path_buf();
+    let old = load_previous(path, &pins).with_context(|| format!("loading {} ({commit})", path.display()))?;
+    let old: &Xdp = old.program("mim_lb").context("the previous object has no mim_lb program")?.try_into()?;
+    let est = established(w, &mut prog, old)?;
+    let no_vip = no_vip(w, &prog, old)?;
+    let [old_size, new_size] = sizes(old, prog.director.dataplane().program())?;
+    let columns = ["case", "floor ns", "old ns", "new ns", "old - floor", "new - floor", "new/old", "goal"];
+    let mut s = Section::new(format!("The data path against {commit} (old = {commit})"), &columns);
+    s.method = vec![format!(
+        "old: the XDP program of {commit} (--previous), loaded over the maps the current control plane filled (every map it \
+         declares that the current program pinned is shared). new: the current program on the same maps. Floor, old and new back \
+         to back in each round; medians over rounds; new/old is the ratio of the costs above the floor. Counters prove every run \
+         of both took the path named."
+    )];
+    for r in [&est, &no_vip] {
+        s.row(vec![
+            r.case.to_string(),
+            format!("{:.1}", r.floor),
+            format!("{:.1}", r.old),
+            format!("{:.1}", r.new),
+            format!("{:.1}", r.old - r.floor),
+            format!("{:.1}", r.new - r.floor),
+            format!("{:.2}x", r.ratio),
+            r.verdict(),
+        ]);
+    }
+    s.notes = vec![format!(
+        "Programs as loaded: old {} xlated instructions, {} bytes of JIT code; new {}, {}.",
+        old_size.0, old_size.1, new_size.0, new_size.1
+    )];
+    s.json = json!({
+        "old_commit": commit,
+        "rows": {est.case: est.json, no_vip.case: no_vip.json},
+        "program_size": {"old": {"xlated_insns": old_size.0, "jited_bytes": old_size.1},
+                         "new": {"xlated_insns": new_size.0, "jited_bytes": new_size.1}},
+    });
+    Ok(s)
+}
+
+/// Loads an earlier object's `mim_lb` over every map of `names::ALL` pinned in `pins`; maps
+/// it declares that are not pinned are its own.
+fn load_previous(object: &Path, pins: &Path) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, pins.join(n))).filter(|(_, p)| p.exists()).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load_file(object).context("reading the object")?;
+    let program: &mut Xdp = ebpf.program_mut("mim_lb").context("no mim_lb program in the object")?.try_into()?;
+    program.load().context("loading mim_lb (the verifier)")?;
+    Ok(ebpf)
+}
+
 /// The section when there is nothing to compare with, saying why.
 fn unavailable(why: &str) -> Section {
     let mut s = Section::new(TITLE, &[]);
