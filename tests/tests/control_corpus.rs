@@ -55,9 +55,9 @@ fn config_corpus(good: &str) -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)> 
     vec![
         ("truncated in a table header", good.as_bytes()[..cut].to_vec(), vec!["line"]),
         ("an empty file", Vec::new(), vec!["missing field `interface`"]),
-        ("a port of the wrong type", replaced(&port_line, "port = \"7000\""), vec!["line", "invalid type: string \"7000\""]),
+        ("a port of the wrong type", replaced(&port_line, "port = \"7000\""), vec!["line", "service[0].port: invalid type: string \"7000\""]),
         ("a port out of range", replaced(&port_line, "port = 70000"), vec!["service[0].port", "70000", "out of range"]),
-        ("a weight too large for any integer", replaced("mac = \"", "weight = 99999999999999999999\nmac = \""), vec!["line", "number too large"]),
+        ("a weight too large for any integer", replaced("mac = \"", "weight = 99999999999999999999\nmac = \""), vec!["line", "service[0].backend[0].weight", "number too large"]),
         ("an unknown key", replaced(&port_line, &format!("{port_line}\ncolour = \"blue\"")), vec!["unknown field `colour`"]),
         ("a duplicate key", replaced(&port_line, &format!("{port_line}\nport = 7001")), vec!["duplicate key `port`"]),
         ("a VIP that is not an address", replaced("vip = \"", "vip = \"300."), vec!["service[0].vip", "is not an IP address"]),

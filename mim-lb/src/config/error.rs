@@ -73,20 +73,72 @@ impl ConfigError {
     }
 
     /// Turns a TOML/serde error into one that names its line, computed from the byte span
-    /// the parser reports.
-    pub(crate) fn from_toml(text: &str, err: &toml::de::Error) -> ConfigError {
+    /// the parser reports, and the key it was reading (`path`, `.` for the document itself).
+    pub(crate) fn from_toml(text: &str, path: &str, err: &toml::de::Error) -> ConfigError {
         let (line, column) = match err.span() {
             Some(span) => line_column(text, span.start),
             // Errors about the document as a whole (a missing top-level key) carry no span.
             None => (1, 1),
         };
-        ConfigError::Syntax {
-            file: None,
-            line,
-            column,
-            message: err.message().trim_end().to_owned(),
+        let message = err.message().trim_end();
+        // A key the schema does not know is named by the message itself, at the table holding
+        // it. An error of the TOML syntax itself (a number too large...) comes before any key
+        // is read: the key is then the one written on its line.
+        let key = if path == "." || path.is_empty() { key_on_line(text, line) } else { Some(path.to_owned()) };
+        let message = match key {
+            Some(key) if !message.starts_with("unknown field") => format!("{key}: {message}"),
+            _ => message.to_owned(),
+        };
+        ConfigError::Syntax { file: None, line, column, message }
+    }
+}
+
+/// The full name of the key written on 1-based line `line` (`service[0].backend[1].weight`),
+/// from the table headers above it, if the line holds `key = value`.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let mut arrays: Vec<(String, usize)> = Vec::new();
+    let mut table = String::new();
+    for (n, raw) in text.lines().enumerate() {
+        let l = raw.trim();
+        if n + 1 == line {
+            let (key, _) = l.split_once('=')?;
+            let key = key.trim().trim_matches('"');
+            if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+                return None;
+            }
+            return Some(if table.is_empty() { key.to_owned() } else { format!("{table}.{key}") });
+        }
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_owned();
+            // A new element of `name`: deeper arrays start again.
+            arrays.retain(|(a, _)| !a.starts_with(&format!("{name}.")));
+            match arrays.iter_mut().find(|(a, _)| *a == name) {
+                Some((_, i)) => *i += 1,
+                None => arrays.push((name.clone(), 0)),
+            }
+            table = indexed(&name, &arrays);
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = indexed(name.trim(), &arrays);
         }
     }
+    None
+}
+
+/// `a.b.c` with the current index after each part that is an array of tables.
+fn indexed(name: &str, arrays: &[(String, usize)]) -> String {
+    let mut out = String::new();
+    let mut prefix = String::new();
+    for part in name.split('.') {
+        prefix = if prefix.is_empty() { part.to_owned() } else { format!("{prefix}.{part}") };
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(part);
+        if let Some((_, i)) = arrays.iter().find(|(a, _)| *a == prefix) {
+            out.push_str(&format!("[{i}]"));
+        }
+    }
+    out
 }
 
 fn file_prefix(file: &Option<PathBuf>) -> String {
@@ -148,6 +200,18 @@ impl Problems {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_key_on_a_line_is_named_from_the_tables_above_it() {
+        let text = "interface = \"lo\"\n[[service]]\nport = 1\n[[service.backend]]\nweight = 1\n[[service.backend]]\nweight = 2\n\
+                    [service.health]\nrise = 1\n[[service]]\n[[service.backend]]\n\"weight\" = 3\n";
+        assert_eq!(key_on_line(text, 1).as_deref(), Some("interface"));
+        assert_eq!(key_on_line(text, 3).as_deref(), Some("service[0].port"));
+        assert_eq!(key_on_line(text, 7).as_deref(), Some("service[0].backend[1].weight"));
+        assert_eq!(key_on_line(text, 9).as_deref(), Some("service[0].health.rise"));
+        assert_eq!(key_on_line(text, 12).as_deref(), Some("service[1].backend[0].weight"));
+        assert_eq!(key_on_line(text, 2), None);
+    }
+
     use super::*;
 
     #[test]

@@ -250,8 +250,10 @@ impl Config {
 
     /// Parses and validates configuration text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: raw::RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::from_toml(text, &e))?;
+        // serde_path_to_error keeps the key being read when the parser fails (`service[0].port`),
+        // which the TOML error alone does not name.
+        let raw: raw::RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| ConfigError::from_toml(text, &e.path().to_string(), e.inner()))?;
         validate::validate(raw)
     }
 

@@ -780,10 +780,14 @@ fn unknown_keys_name_the_key_and_line() {
 }
 
 #[test]
-fn type_errors_name_the_line() {
+fn type_errors_name_the_line_and_the_key() {
     let (line, message) = syntax_error(&MINIMAL.replace("port = 7000", "port = \"7000\""));
     assert_eq!(line, 7);
-    assert!(message.contains("invalid type"), "{message}");
+    assert!(message.starts_with("service[0].port: invalid type"), "{message}");
+
+    // Nested keys are named with their indexes, as the validation's errors name them.
+    let (_, message) = syntax_error(&MINIMAL.replace("port = 7000", "port = 7000\ntable_size = 1.5"));
+    assert!(message.starts_with("service[0].table_size: invalid type"), "{message}");
 
     let (line, _) = syntax_error("interface = \"eth0\"\nservice = 3\n");
     assert_eq!(line, 2);
