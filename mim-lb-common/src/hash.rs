@@ -108,21 +108,33 @@ pub const fn table_slot(hash: u32, table_size: u32) -> u32 {
     ((hash as u64 * table_size as u64) >> 32) as u32
 }
 
-/// Seed of the active-connection sketch's hash.
-pub const SKETCH_SEED: u32 = 0x736b_6574; // "sket"
-
 /// Where a flow of flow hash `flow` lands in a backend's active-connection sketch: (register,
-/// rank), HyperLogLog's register index and 1 + leading zeros of the rest. The flow hash is
-/// mixed again first: a backend's flows share the high bits of their flow hash (they chose
-/// its Maglev slots), which must not pick the register.
+/// rank), HyperLogLog's register index and 1 + the trailing zeros of the next bits. Both come
+/// from the low 16 bits of the flow hash: a backend's flows share its high bits (they chose
+/// its Maglev slots, `table_slot`), while the low ones are as mixed as the hash. The rank is
+/// looked up, not counted: BPF has no instruction that counts zeros.
 #[inline(always)]
 pub const fn sketch_register(flow: u32) -> (u32, u8) {
-    let h = finish(flow ^ SKETCH_SEED, 1);
-    let index = h >> (32 - crate::limits::SKETCH_INDEX_BITS);
-    // The rest, with a bit set below it so the count of leading zeros is bounded.
-    let rest = (h << crate::limits::SKETCH_INDEX_BITS) | (1 << (crate::limits::SKETCH_INDEX_BITS - 1));
-    (index, rest.leading_zeros() as u8 + 1)
+    let index = flow & (crate::limits::SKETCH_REGISTERS as u32 - 1);
+    let rest = (flow >> crate::limits::SKETCH_INDEX_BITS) & (SKETCH_RANK_INPUTS as u32 - 1);
+    (index, SKETCH_RANKS[rest as usize])
 }
+
+/// Bits of the flow hash a sketch rank is taken from: ranks go up to 11, enough to count
+/// about 64 x 2^11 connections per master and window.
+pub const SKETCH_RANK_BITS: u32 = 10;
+const SKETCH_RANK_INPUTS: usize = 1 << SKETCH_RANK_BITS;
+
+/// 1 + trailing zeros of each `SKETCH_RANK_BITS`-bit value (`SKETCH_RANK_BITS + 1` for 0).
+pub const SKETCH_RANKS: [u8; SKETCH_RANK_INPUTS] = {
+    let mut t = [0u8; SKETCH_RANK_INPUTS];
+    let mut i = 0;
+    while i < SKETCH_RANK_INPUTS {
+        t[i] = if i == 0 { SKETCH_RANK_BITS as u8 + 1 } else { (i as u32).trailing_zeros() as u8 + 1 };
+        i += 1;
+    }
+    t
+};
 
 /// Hash of arbitrary bytes (userspace only: names and addresses of backends for Maglev).
 pub fn hash_bytes(seed: u32, bytes: &[u8]) -> u32 {

@@ -65,8 +65,9 @@ pub const FRAGMENT_TIMEOUT_NS: u64 = 2_000_000_000;
 
 /// Registers of a backend's active-connection sketch (HyperLogLog): `2^SKETCH_INDEX_BITS`. 64
 /// one-byte registers count the connections a master held in a window within about 13% (one
-/// standard error; exact at zero, and within a few connections below about 100), in 64 bytes
-/// per backend and generation.
+/// standard error; exact at zero, and within a few connections below about 100; up to about
+/// 100,000, where ranks of `hash::SKETCH_RANK_BITS` bits saturate), in 64 bytes per backend
+/// and generation.
 pub const SKETCH_INDEX_BITS: u32 = 6;
 pub const SKETCH_REGISTERS: usize = 1 << SKETCH_INDEX_BITS;
 
