@@ -10,6 +10,7 @@ mod build_ebpf;
 mod lab;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -76,6 +77,19 @@ enum Cmd {
         )]
         args: Vec<OsString>,
     },
+    /// The soak: the namespace lab for `--minutes N` under a random schedule (`--seed S` replays
+    /// one) of master deaths, drains, reloads, SIGHUPs and daemon restarts, with long-lived and
+    /// short TCP and UDP traffic; exits non-zero on a broken invariant (`mim-lb-soak ARGS...`;
+    /// `cargo xtask soak --help` for its options)
+    #[command(disable_help_flag = true)]
+    Soak {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
     /// Run the benchmarks (`mim-lb-bench ARGS...`)
     Bench {
         #[arg(
@@ -94,6 +108,7 @@ fn main() -> ExitCode {
         Cmd::Run { args } => run::main(args),
         Cmd::Test { args } => test::main(args),
         Cmd::Lab { args } => lab::main(args),
+        Cmd::Soak { args } => soak::main(args),
         Cmd::Bench { args } => bench::main(args),
     };
     // Printed here rather than by returning the error: anyhow's Debug form adds a backtrace
@@ -113,7 +128,7 @@ mod tests {
 
     fn args_of(line: &[&str]) -> Vec<OsString> {
         match Cli::try_parse_from(line).unwrap().command {
-            Cmd::Run { args } | Cmd::Test { args } | Cmd::Lab { args } | Cmd::Bench { args } => {
+            Cmd::Run { args } | Cmd::Test { args } | Cmd::Lab { args } | Cmd::Soak { args } | Cmd::Bench { args } => {
                 args
             }
             _ => panic!("not a pass-through command"),
@@ -135,6 +150,7 @@ mod tests {
         );
         assert_eq!(args_of(&["xtask", "lab", "--help"]), ["--help"]);
         assert!(args_of(&["xtask", "bench"]).is_empty());
+        assert_eq!(args_of(&["xtask", "soak", "--minutes", "2", "--seed", "7"]), ["--minutes", "2", "--seed", "7"]);
     }
 
     #[test]
