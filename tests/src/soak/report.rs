@@ -185,8 +185,9 @@ impl SoakReport {
         if let (Some(min), Some(max)) = (flows.iter().min(), flows.iter().max()) {
             let _ = writeln!(
                 s,
-                "connection table (FLOWS records, capacity {}): min {min}, max {max}, last {}",
+                "connection table (FLOWS records, capacity {}, filled by {} UDP flows before the start): min {min}, max {max}, last {}",
                 super::FLOW_TABLE_SIZE,
+                2 * super::FLOW_TABLE_SIZE,
                 flows.last().unwrap_or(&0)
             );
         }
