@@ -241,6 +241,23 @@ impl SoakReport {
                 "alive_at_end": self.flows.still_alive,
                 "longest_s": self.flows.longest.as_secs_f64(),
             },
+            // Every failed short attempt, and the death that excuses it (null: none does).
+            "short_failures": self.judged_failures.iter().map(|j| json!({
+                "proto": j.failure.proto.name(),
+                "started_s": j.failure.started.as_secs_f64(),
+                "ended_s": j.failure.ended.as_secs_f64(),
+                "error": j.failure.error,
+                "excused_by": j.excused_by.map(|d| json!({"master": d.master + 1, "died_s": d.at.as_secs_f64()})),
+            })).collect::<Vec<_>>(),
+            // Every long-lived flow that ended, and the death of its master that explains it.
+            "long_lived_ends": self.judged_ends.iter().map(|j| json!({
+                "proto": j.end.proto.name(),
+                "master": j.end.master + 1,
+                "opened_s": j.end.opened.as_secs_f64(),
+                "ended_s": j.end.ended.as_secs_f64(),
+                "error": j.end.error,
+                "explained_by": j.explained_by.map(|d| json!({"master": d.master + 1, "died_s": d.at.as_secs_f64()})),
+            })).collect::<Vec<_>>(),
             "flatness": self.flatness.iter().map(|f| json!({
                 "run": f.run, "what": f.what, "samples": f.samples, "first_floor": f.first_floor,
                 "last_floor": f.last_floor, "max": f.max, "growth_pct": f.growth_pct, "flat": f.flat,
