@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use mim_lb_tests::{
     Lab, LabSpec, TcpHold, count_names, in_netns, tcp_ask, tcp_ask_many,
     gateway::{Gateway, Mode, ServiceSpec, lab_config},
-    soak::{self, SoakSpec},
 };
 
 const PORT: u16 = 7000;
@@ -555,26 +554,4 @@ fn a_masters_mac_change_is_followed_without_moving_its_flows() {
     assert!(names.contains(&lab.master_name(0)), "no new connection reached the master after its MAC change");
     assert!(!to_master.is_empty(), "no forwarded frame reached the master after its MAC change");
     assert!(to_master.iter().all(|f| f.dst_mac == new_mac), "forwarded frames still go to the old MAC");
-}
-
-/// Issue 10's soak for two minutes: masters die and come back, operators drain, enable and
-/// reload (valid and invalid files, by `mim-lb reload` and by SIGHUP), the daemon restarts
-/// over its pins after SIGTERM and after SIGKILL, all at random, under long-lived and short TCP
-/// and UDP traffic. No long-lived flow to a live master breaks, no short one fails outside the
-/// window a master's death excuses, the status always agrees with what was done, and the
-/// daemon's memory and descriptors stay flat (see `mim_lb_tests::soak` for each rule, and
-/// `cargo xtask soak --minutes 30` for the long run). It lives in this file rather than one of
-/// its own so that it runs beside the other tests here: test binaries run one after another,
-/// and a binary of its own would lengthen the suite by its whole two minutes.
-/// `MIM_LB_SOAK_SEED` replays a schedule.
-#[test]
-fn soak_two_minutes_of_deaths_operator_actions_and_restarts() {
-    let seed = std::env::var("MIM_LB_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(soak::random_seed);
-    let report = soak::run(&SoakSpec::new(Duration::from_secs(120), seed)).unwrap();
-    eprintln!("{}", report.text());
-    assert!(
-        report.passed(),
-        "the soak broke invariants (replay: MIM_LB_SOAK_SEED={seed}, or cargo xtask soak --minutes 2 --seed {seed}):\n{}",
-        report.violations().join("\n")
-    );
 }
