@@ -605,14 +605,15 @@ impl Lab {
     /// the master's name, from the address it was sent to.
     pub fn start_udp_servers(&mut self, port: u16) -> Result<()> {
         for i in 0..self.masters.len() {
-            let server = start_udp(
-                &self.masters[i].ns,
-                self.master_name(i),
-                port,
-                Arc::clone(&self.counters[i]),
-            )?;
-            self.servers.push((i, port, server));
+            self.start_udp_server(i, port)?;
         }
+        Ok(())
+    }
+
+    /// Starts the UDP name service on `port` on master `i` only.
+    pub fn start_udp_server(&mut self, i: usize, port: u16) -> Result<()> {
+        let server = start_udp(&self.masters[i].ns, self.master_name(i), port, Arc::clone(&self.counters[i]))?;
+        self.servers.push((i, port, server));
         Ok(())
     }
 

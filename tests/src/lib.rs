@@ -35,6 +35,7 @@ pub mod netns;
 pub mod packet;
 pub mod process;
 pub mod servers;
+pub mod soak;
 pub mod testrun;
 
 pub use capture::{Capture, FrameInfo, mac_to_string};

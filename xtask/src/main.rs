@@ -12,6 +12,7 @@ mod fuzz;
 mod lab;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -89,6 +90,19 @@ enum Cmd {
         )]
         args: Vec<OsString>,
     },
+    /// The soak: the namespace lab for `--minutes N` under a random schedule (`--seed S` replays
+    /// one) of master deaths, drains, reloads, SIGHUPs and daemon restarts, with long-lived and
+    /// short TCP and UDP traffic; exits non-zero on a broken invariant (`mim-lb-soak ARGS...`;
+    /// `cargo xtask soak --help` for its options)
+    #[command(disable_help_flag = true)]
+    Soak {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
     /// Run the benchmarks (`mim-lb-bench ARGS...`)
     Bench {
         #[arg(
@@ -110,6 +124,7 @@ fn main() -> ExitCode {
         Cmd::Run { args } => run::main(args),
         Cmd::Test { args } => test::main(args),
         Cmd::Lab { args } => lab::main(args),
+        Cmd::Soak { args } => soak::main(args),
         Cmd::Bench { args } => bench::main(args),
         Cmd::Deb(args) => deb::main(args),
         Cmd::Fuzz { args } => fuzz::main(args),
@@ -134,6 +149,7 @@ mod tests {
             Cmd::Run { args }
             | Cmd::Test { args }
             | Cmd::Lab { args }
+            | Cmd::Soak { args }
             | Cmd::Bench { args }
             | Cmd::Fuzz { args } => {
                 args
@@ -161,6 +177,7 @@ mod tests {
             args_of(&["xtask", "fuzz", "--seed", "7", "--frames", "10"]),
             ["--seed", "7", "--frames", "10"]
         );
+        assert_eq!(args_of(&["xtask", "soak", "--minutes", "2", "--seed", "7"]), ["--minutes", "2", "--seed", "7"]);
     }
 
     #[test]
