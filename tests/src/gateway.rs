@@ -91,6 +91,20 @@ impl ServiceSpec {
     }
 }
 
+/// What a refused reload or command could have changed in a status, without the counters and
+/// check ages that move on their own: the tables' digests and every master's state, admin,
+/// weight, slots and MAC.
+pub fn status_shape(s: &mim_lb::status::Status) -> String {
+    let mut text = format!("{} {} {}\n", s.interface, s.xdp_mode, s.pin_dir);
+    for svc in &s.services {
+        text += &format!("{} {}:{} {} {}\n", svc.name, svc.vip, svc.port, svc.table_size, svc.table_digest);
+        for b in &svc.backends {
+            text += &format!("  {} {} {} {} {} {:?}\n", b.address, b.state, b.admin, b.weight, b.slots, b.mac);
+        }
+    }
+    text
+}
+
 /// A config for the lab's gateway. `extra` goes at the top (e.g. `tcp_idle_timeout_s = 3`).
 pub fn lab_config(lab: &Lab, services: &[ServiceSpec], extra: &str) -> String {
     let mut text = format!("interface = \"{}\"\n{extra}\n", lab.gateway_ifname());

@@ -12,26 +12,23 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use mim_lb::status::Status;
 use mim_lb_tests::{
     Lab, LabSpec, count_names,
-    gateway::{Gateway, Mode, ServiceSpec, lab_config},
+    gateway::{Gateway, Mode, ServiceSpec, lab_config, status_shape},
 };
 
 const PORT: u16 = 7000;
 const T: Duration = Duration::from_secs(3);
 
-/// What a refused input could have changed, without the counters and check ages that move
-/// on their own.
-fn shape(s: &Status) -> String {
-    let mut text = format!("{} {} {}\n", s.interface, s.xdp_mode, s.pin_dir);
-    for svc in &s.services {
-        text += &format!("{} {}:{} {} {}\n", svc.name, svc.vip, svc.port, svc.table_size, svc.table_digest);
-        for b in &svc.backends {
-            text += &format!("  {} {} {} {} {} {:?}\n", b.address, b.state, b.admin, b.weight, b.slots, b.mac);
-        }
-    }
-    text
+
+/// A lab whose gateway runs one TCP service with every master up, and its config.
+fn started() -> (Lab, Gateway, String) {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
+    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    gw.wait_all_up().unwrap();
+    (lab, gw, config)
 }
 
 /// Still forwarding: new connections through the VIP reach all three masters.
@@ -115,12 +112,8 @@ fn assert_refused(what: &str, answer: &serde_json::Value, words: &[&str]) {
 
 #[test]
 fn hostile_configs_and_control_messages_are_refused_and_change_nothing() {
-    let mut lab = Lab::new(LabSpec::default()).unwrap();
-    lab.start_tcp_servers(PORT).unwrap();
-    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
-    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
-    gw.wait_all_up().unwrap();
-    let before = shape(&gw.status().unwrap());
+    let (lab, gw, config) = started();
+    let before = status_shape(&gw.status().unwrap());
     gw.write_config(&config).unwrap();
     let good = std::fs::read_to_string(gw.config_path()).unwrap();
 
@@ -131,14 +124,14 @@ fn hostile_configs_and_control_messages_are_refused_and_change_nothing() {
         for word in words {
             assert!(err.contains(word), "{what}: the refusal does not say {word:?}: {err}");
         }
-        assert_eq!(shape(&gw.status().unwrap()), before, "the refused config ({what}) changed the state");
+        assert_eq!(status_shape(&gw.status().unwrap()), before, "the refused config ({what}) changed the state");
     }
     std::fs::write(gw.config_path(), &good).unwrap();
     forwards_to_every_master(&lab, "the refused configs");
 
     for (what, bytes, words) in socket_corpus() {
         assert_refused(what, &send_raw(gw.socket(), &bytes), &words);
-        assert_eq!(shape(&gw.status().unwrap()), before, "the refused message ({what}) changed the state");
+        assert_eq!(status_shape(&gw.status().unwrap()), before, "the refused message ({what}) changed the state");
     }
     forwards_to_every_master(&lab, "the refused messages");
 }
@@ -148,12 +141,8 @@ fn hostile_configs_and_control_messages_are_refused_and_change_nothing() {
 /// waits for the silent one, and the state is unchanged.
 #[test]
 fn many_concurrent_clients_are_each_answered_and_change_nothing() {
-    let mut lab = Lab::new(LabSpec::default()).unwrap();
-    lab.start_tcp_servers(PORT).unwrap();
-    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
-    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
-    gw.wait_all_up().unwrap();
-    let before = shape(&gw.status().unwrap());
+    let (lab, gw, _) = started();
+    let before = status_shape(&gw.status().unwrap());
     let socket = gw.socket().to_owned();
     let silent = UnixStream::connect(&socket).unwrap();
 
@@ -186,7 +175,7 @@ fn many_concurrent_clients_are_each_answered_and_change_nothing() {
     (&silent).read_to_string(&mut answer).unwrap();
     let answer: serde_json::Value = serde_json::from_str(answer.trim()).unwrap();
     assert_refused("a client that sends nothing", &answer, &["no request within"]);
-    assert_eq!(shape(&gw.status().unwrap()), before, "the clients changed the state");
+    assert_eq!(status_shape(&gw.status().unwrap()), before, "the clients changed the state");
     forwards_to_every_master(&lab, "the concurrent clients");
 }
 
@@ -206,12 +195,8 @@ impl Drop for Unblock<'_> {
 /// end (a runaway file; /dev/zero meets the same limit, CONFIG.md "How a file is checked").
 #[test]
 fn config_paths_that_are_not_config_files_are_refused_without_blocking_the_daemon() {
-    let mut lab = Lab::new(LabSpec::default()).unwrap();
-    lab.start_tcp_servers(PORT).unwrap();
-    let config = lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], "");
-    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
-    gw.wait_all_up().unwrap();
-    let before = shape(&gw.status().unwrap());
+    let (lab, gw, config) = started();
+    let before = status_shape(&gw.status().unwrap());
     gw.write_config(&config).unwrap();
     let good = std::fs::read(gw.config_path()).unwrap();
     let path = gw.config_path();
@@ -227,14 +212,14 @@ fn config_paths_that_are_not_config_files_are_refused_without_blocking_the_daemo
         assert_refused("a FIFO as the config", &send_raw(gw.socket(), reload), &["missing field `interface`"]);
     }
     std::fs::remove_file(&path).unwrap();
-    assert_eq!(shape(&gw.status().unwrap()), before, "the refused FIFO changed the state");
+    assert_eq!(status_shape(&gw.status().unwrap()), before, "the refused FIFO changed the state");
 
     // A valid config after 17 MiB of comments: no config is that large.
     let mut huge = format!("# {}\n", "x".repeat(1022)).into_bytes().repeat(17 * 1024);
     huge.extend_from_slice(&good);
     std::fs::write(&path, &huge).unwrap();
     assert_refused("a 17 MiB config", &send_raw(gw.socket(), reload), &["larger than 16 MiB"]);
-    assert_eq!(shape(&gw.status().unwrap()), before, "the refused 17 MiB file changed the state");
+    assert_eq!(status_shape(&gw.status().unwrap()), before, "the refused 17 MiB file changed the state");
 
     std::fs::write(&path, &good).unwrap();
     forwards_to_every_master(&lab, "the refused config paths");

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use mim_lb::status::Status;
 use mim_lb_tests::{
     Lab, LabSpec, TcpHold, count_names,
-    gateway::{Gateway, Mode, ServiceSpec, lab_config},
+    gateway::{Gateway, Mode, ServiceSpec, lab_config, status_shape},
 };
 
 const PORT: u16 = 7000;
@@ -30,17 +30,6 @@ fn echo_all(held: &mut [TcpHold], round: &str) {
     mim_lb_tests::echo_all(held, round, T);
 }
 
-/// What a reload could change, without the counters and check ages that move on their own.
-fn shape(s: &Status) -> String {
-    let mut text = format!("{} {} {}\n", s.interface, s.xdp_mode, s.pin_dir);
-    for svc in &s.services {
-        text += &format!("{} {}:{} {} {}\n", svc.name, svc.vip, svc.port, svc.table_size, svc.table_digest);
-        for b in &svc.backends {
-            text += &format!("  {} {} {} {} {} {:?}\n", b.address, b.state, b.admin, b.weight, b.slots, b.mac);
-        }
-    }
-    text
-}
 
 /// The files of refused reloads: each changes one fixed key, and also leaves master 2 out of
 /// the service, so that a reload applied even in part would show in the status.
@@ -77,20 +66,20 @@ fn a_reload_changing_a_fixed_key_is_refused_naming_it_and_changes_nothing() {
     let gw = Gateway::start(&mut lab, &config, Mode::GenericFromFile).unwrap();
     gw.wait_all_up().unwrap();
     let mut held = hold(&lab, 20);
-    let before = shape(&gw.status().unwrap());
+    let before = status_shape(&gw.status().unwrap());
 
     for (key, text) in fixed_key_changes(&lab, &gw, top) {
         std::fs::write(gw.config_path(), &text).unwrap();
         let err = format!("{:#}", gw.ctl(&["reload"]).expect_err(key));
         let want = format!("reload rejected, nothing changed: {key} cannot change while running");
         assert!(err.contains(&want), "changing {key}: {err}");
-        assert_eq!(shape(&gw.status().unwrap()), before, "the refused change of {key} changed the state");
+        assert_eq!(status_shape(&gw.status().unwrap()), before, "the refused change of {key} changed the state");
         echo_all(&mut held, key);
     }
     // SIGHUP takes the same path (the file still changes metrics_listen).
     gw.proc().signal(libc::SIGHUP).unwrap();
     gw.proc().wait_for_line("SIGHUP: reload rejected, nothing changed: metrics_listen cannot change", T).unwrap();
-    assert_eq!(shape(&gw.status().unwrap()), before, "the refused SIGHUP changed the state");
+    assert_eq!(status_shape(&gw.status().unwrap()), before, "the refused SIGHUP changed the state");
     echo_all(&mut held, "after SIGHUP");
     assert_eq!(count_names(&ask(&lab, 150)).len(), 3, "new connections no longer reach every master");
 }

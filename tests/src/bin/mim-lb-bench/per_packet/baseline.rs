@@ -57,6 +57,7 @@ const OLD_SYN_VS_KATRAN: f64 = 0.93;
 /// eviction hides a record the proofs look for.
 const MAX_COLD_FLOWS: u32 = 20_000;
 const TITLE: &str = "Issue 7: the data path before and after the flow-invariant redesign";
+const COLUMNS: [&str; 8] = ["case", "floor ns", "old ns", "new ns", "old - floor", "new - floor", "new/old", "goal"];
 
 pub(super) fn measure(w: &Warm, baseline: &Baseline, new_flows: u32) -> Result<Section> {
     let (path, commit) = match baseline {
@@ -96,8 +97,7 @@ pub(super) fn measure_previous(w: &Warm, path: &Path, commit: &str) -> Result<Se
     let est = established(w, &mut prog, old)?;
     let no_vip = no_vip(w, &prog, old)?;
     let [old_size, new_size] = sizes(old, prog.director.dataplane().program())?;
-    let columns = ["case", "floor ns", "old ns", "new ns", "old - floor", "new - floor", "new/old", "goal"];
-    let mut s = Section::new(format!("The data path against {commit} (old = {commit})"), &columns);
+    let mut s = Section::new(format!("The data path against {commit} (old = {commit})"), &COLUMNS);
     s.method = vec![format!(
         "old: the XDP program of {commit} (--previous), loaded over the maps the current control plane filled (every map it \
          declares that the current program pinned is shared). new: the current program on the same maps. Floor, old and new back \
@@ -105,16 +105,7 @@ pub(super) fn measure_previous(w: &Warm, path: &Path, commit: &str) -> Result<Se
          of both took the path named."
     )];
     for r in [&est, &no_vip] {
-        s.row(vec![
-            r.case.to_string(),
-            format!("{:.1}", r.floor),
-            format!("{:.1}", r.old),
-            format!("{:.1}", r.new),
-            format!("{:.1}", r.old - r.floor),
-            format!("{:.1}", r.new - r.floor),
-            format!("{:.2}x", r.ratio),
-            r.verdict(),
-        ]);
+        s.row(r.cells());
     }
     s.notes = vec![format!(
         "Programs as loaded: old {} xlated instructions, {} bytes of JIT code; new {}, {}.",
@@ -132,15 +123,8 @@ pub(super) fn measure_previous(w: &Warm, path: &Path, commit: &str) -> Result<Se
 /// Loads an earlier object's `mim_lb` over every map of `names::ALL` pinned in `pins`; maps
 /// it declares that are not pinned are its own.
 fn load_previous(object: &Path, pins: &Path) -> Result<Ebpf> {
-    let mut loader = EbpfLoader::new();
-    let paths: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, pins.join(n))).filter(|(_, p)| p.exists()).collect();
-    for (name, path) in &paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    let mut ebpf = loader.load_file(object).context("reading the object")?;
-    let program: &mut Xdp = ebpf.program_mut("mim_lb").context("no mim_lb program in the object")?.try_into()?;
-    program.load().context("loading mim_lb (the verifier)")?;
-    Ok(ebpf)
+    let pinned: Vec<&str> = names::ALL.iter().copied().filter(|n| pins.join(n).exists()).collect();
+    load_over(object, pins, &pinned)
 }
 
 /// The section when there is nothing to compare with, saying why.
@@ -155,10 +139,15 @@ fn unavailable(why: &str) -> Section {
 /// there: aya would create (and pin) one that is missing, and the old program would then run
 /// on an empty map of its own instead of the control plane's.
 fn load_old(object: &Path, pins: &Path) -> Result<Ebpf> {
-    let paths: Vec<(&str, PathBuf)> = OLD_MAPS.iter().map(|n| (*n, pins.join(n))).collect();
-    for (name, path) in &paths {
-        ensure!(path.exists(), "the current program pinned no map {name}");
+    for name in OLD_MAPS {
+        ensure!(pins.join(name).exists(), "the current program pinned no map {name}");
     }
+    load_over(object, pins, &OLD_MAPS)
+}
+
+/// Loads `object`'s `mim_lb` with each of `maps` taken from its pin in `pins`.
+fn load_over(object: &Path, pins: &Path, maps: &[&str]) -> Result<Ebpf> {
+    let paths: Vec<(&str, PathBuf)> = maps.iter().map(|n| (*n, pins.join(n))).collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
@@ -211,6 +200,20 @@ impl Compared {
             "flows_per_program": c.new.len(),
         });
         Compared { case, floor, old, new, ratio, ratio_absolute, goal, json }
+    }
+
+    /// The row of the comparison tables (`COLUMNS`).
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.case.to_string(),
+            format!("{:.1}", self.floor),
+            format!("{:.1}", self.old),
+            format!("{:.1}", self.new),
+            format!("{:.1}", self.old - self.floor),
+            format!("{:.1}", self.new - self.floor),
+            format!("{:.2}x", self.ratio),
+            self.verdict(),
+        ]
     }
 
     fn verdict(&self) -> String {
@@ -398,8 +401,7 @@ fn sizes(old: &Xdp, new: &Xdp) -> Result<[Size; 2]> {
 
 /// The comparison table, the goals and the Katran estimate.
 fn section(commit: &str, n: u32, rows: &[Compared], [old_size, new_size]: [Size; 2]) -> Section {
-    let columns = ["case", "floor ns", "old ns", "new ns", "old - floor", "new - floor", "new/old", "goal"];
-    let mut s = Section::new(format!("{TITLE} (old = {commit})"), &columns);
+    let mut s = Section::new(format!("{TITLE} (old = {commit})"), &COLUMNS);
     s.method = vec![
         format!(
             "old: the XDP program of {commit}, the last commit before the redesign (bd68b07), loaded over the maps the current control plane \
@@ -418,16 +420,7 @@ fn section(commit: &str, n: u32, rows: &[Compared], [old_size, new_size]: [Size;
             .into(),
     ];
     for r in rows {
-        s.row(vec![
-            r.case.to_string(),
-            format!("{:.1}", r.floor),
-            format!("{:.1}", r.old),
-            format!("{:.1}", r.new),
-            format!("{:.1}", r.old - r.floor),
-            format!("{:.1}", r.new - r.floor),
-            format!("{:.2}x", r.ratio),
-            r.verdict(),
-        ]);
+        s.row(r.cells());
     }
     let syn = rows.iter().find(|r| matches!(r.goal, Goal::BelowOld)).expect("the SYN row");
     let (katran, katran_absolute) = (OLD_SYN_VS_KATRAN * syn.ratio, OLD_SYN_VS_KATRAN * syn.ratio_absolute);
