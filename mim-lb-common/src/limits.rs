@@ -71,10 +71,11 @@ pub const FRAGMENT_TIMEOUT_NS: u64 = 2_000_000_000;
 pub const SKETCH_INDEX_BITS: u32 = 6;
 pub const SKETCH_REGISTERS: usize = 1 << SKETCH_INDEX_BITS;
 
-/// Generations of the active-connection sketch: the live one and the five before it. The
-/// control plane moves to the next every second, so the five complete ones cover the last
-/// five seconds, a count every second.
-pub const SKETCH_GENERATIONS: u32 = 6;
+/// Generations of the active-connection sketch: the live one and the six before it. The
+/// control plane moves to the next every second, so the six complete ones cover the last six
+/// seconds, a count every second: at least the 5 s active window, even when a flip comes a
+/// little late or takes a few milliseconds itself.
+pub const SKETCH_GENERATIONS: u32 = 7;
 
 /// Index of backend `backend_id`'s sketch of generation `generation` in `ACTIVE_SKETCH`:
 /// generation-major, so one generation of every backend is one range.

@@ -16,7 +16,8 @@ pub const MALFORMED: u32 = 4;
 /// (UDP fragments to a TCP-only VIP are `NOT_A_SERVICE`) that cannot be sent where the rest of
 /// its datagram goes: a later fragment with no record of its first fragment (it arrived first,
 /// more than `FRAGMENT_TIMEOUT_NS` after it, or the record was evicted), one whose first
-/// fragment's master no longer keeps flows, or a first fragment too short to hold the ports.
+/// fragment's master no longer keeps flows, a first fragment too short to hold the ports, or
+/// one to a port of the VIP where no service listens.
 /// Dropping, never guessing, guarantees that no two parts of one datagram reach different
 /// masters; the client's retransmission (or the application's) sends the datagram again.
 pub const FRAGMENT: u32 = 5;
@@ -56,10 +57,10 @@ pub const FRAGMENT_FIRST: u32 = 15;
 /// Sent to a master with XDP_TX: a later fragment, sent to the master its datagram's first
 /// fragment went to.
 pub const FRAGMENT_FOLLOWED: u32 = 16;
-/// Sent to a master with XDP_TX: a later fragment with no record of its first fragment, for a
-/// VIP whose only service for the protocol hashes the client address only (`maglev-source`),
-/// on a slot whose every flow is on its master: sent by its source alone, where the first
-/// fragment will go too.
+/// Sent to a master with XDP_TX: a later TCP fragment with no record of its first fragment,
+/// for a VIP whose only TCP service hashes the client address only (`maglev-source`), on a
+/// slot whose every flow is on its master: sent by its source alone, where the first fragment
+/// goes too (if it is for that service's port; one for another port is dropped as `FRAGMENT`).
 pub const FRAGMENT_BY_SOURCE: u32 = 17;
 
 /// Every reason with its stable name, for status output, metrics and tests.

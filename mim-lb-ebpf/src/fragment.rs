@@ -6,8 +6,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use mim_lb_common::{
-    FragmentEntry, FragmentKey, Globals, SERVICE_F_SOURCE_HASH, SERVICE_F_VIP_MARKER, ServiceEntry, limits,
-    reason,
+    FragmentEntry, FragmentKey, Globals, PROTO_TCP, SERVICE_F_SOURCE_HASH, SERVICE_F_VIP_MARKER, ServiceEntry,
+    limits, reason,
 };
 use network_types::eth::EthHdr;
 
@@ -59,7 +59,9 @@ pub fn later(globals: &Globals, packet: &Packet, eth: *mut EthHdr, bytes: u64) -
     addressed_to_gateway(eth, globals)?;
     let (backend_id, service_id, code) = match followed(packet) {
         Some((backend_id, service_id)) => (backend_id, service_id, reason::FRAGMENT_FOLLOWED),
-        None if marker.flags & SERVICE_F_SOURCE_HASH != 0 => {
+        // TCP only: a UDP flow stays on its recorded master after its slot's mark is cleared
+        // (marks are kept for TCP flows alone), so for UDP a clean slot does not name it.
+        None if marker.flags & SERVICE_F_SOURCE_HASH != 0 && packet.proto == PROTO_TCP => {
             let backend_id = select::clean_slot_owner(marker, packet).ok_or(reason::FRAGMENT)?;
             (backend_id, marker.service_id, reason::FRAGMENT_BY_SOURCE)
         }
@@ -74,6 +76,20 @@ pub fn later(globals: &Globals, packet: &Packet, eth: *mut EthHdr, bytes: u64) -
         stats::count_forward(service_id, backend_id, bytes, false);
     }
     Err(code)
+}
+
+/// A first fragment to a port of a VIP where no service listens: dropped if the VIP has a
+/// service for the protocol (its later fragments could otherwise reach a master by source
+/// while this part goes to the gateway's kernel), the kernel's otherwise.
+#[inline(always)]
+pub fn unserved_first(globals: &Globals, packet: &Packet, eth: *mut EthHdr) -> Result<(), u32> {
+    match select::service(globals, packet, 0) {
+        Some(m) if m.flags & SERVICE_F_VIP_MARKER != 0 => {
+            addressed_to_gateway(eth, globals)?;
+            Err(reason::FRAGMENT)
+        }
+        _ => Err(reason::NOT_A_SERVICE),
+    }
 }
 
 /// The master and service of the datagram's first fragment, if it passed within the timeout.

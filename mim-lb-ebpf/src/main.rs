@@ -86,11 +86,12 @@ fn try_mim_lb(ctx: &XdpContext, bytes: u64) -> Result<(), u32> {
     if packet.kind == parse::FRAGMENT {
         return fragment::later(globals, &packet, eth, bytes);
     }
-    let service = select::service(globals, &packet, packet.dport).ok_or(reason::NOT_A_SERVICE)?;
-    if service.flags & SERVICE_F_VIP_MARKER != 0 {
-        // Port 0 matched a VIP marker: no service listens there.
-        return Err(reason::NOT_A_SERVICE);
-    }
+    let service = match select::service(globals, &packet, packet.dport) {
+        // Port 0 matching a VIP marker is no service either.
+        Some(s) if s.flags & SERVICE_F_VIP_MARKER == 0 => s,
+        _ if packet.kind == parse::FIRST_FRAGMENT => return fragment::unserved_first(globals, &packet, eth),
+        _ => return Err(reason::NOT_A_SERVICE),
+    };
     addressed_to_gateway(eth, globals)?;
     let choice = select::choose(ctx, service, &packet)?;
 

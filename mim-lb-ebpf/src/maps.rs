@@ -74,7 +74,7 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry, { FRAGMENT_TABLE_SI
 /// Per generation and backend: HyperLogLog registers of the TCP flows sent to the backend
 /// while the generation was live (`stats::note_flow`). Shared by the CPUs, unlike the
 /// counters: a register is written only when it grows (a few hundred times per backend and
-/// generation), so its cache line stays shared, and per-CPU copies would cost six generations
+/// generation), so its cache line stays shared, and per-CPU copies would cost seven generations
 /// of 4096 backends on every CPU. Two CPUs growing one register at once may leave the smaller
 /// rank: an estimate a little low, never a master with connections seen as idle.
 #[btf_map]

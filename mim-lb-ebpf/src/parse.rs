@@ -237,11 +237,19 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, u32> {
                     packet.kind = FRAGMENT;
                     return Ok(packet);
                 }
-                // Offset 0: the first fragment (M set) or an atomic fragment, a whole datagram
-                // (RFC 6946), whose headers follow as in any other.
+                // Offset 0 and M set: the first fragment. Its ports are read only when TCP or
+                // UDP follows the fragment header at once: the later fragments name that header
+                // as their protocol, and a first fragment must be named as they are.
                 if off_lo_m & 1 != 0 {
                     packet.kind = FIRST_FRAGMENT;
+                    if nh != PROTO_TCP && nh != PROTO_UDP {
+                        packet.proto = nh;
+                        packet.kind = FRAGMENT;
+                        return Ok(packet);
+                    }
                 }
+                // Otherwise an atomic fragment, a whole datagram (RFC 6946), whose headers
+                // follow as in any other.
                 next = nh;
                 offset += 8;
             }

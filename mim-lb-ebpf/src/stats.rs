@@ -48,7 +48,8 @@ pub fn note_flow(backend_id: u32, flow_hash: u32) {
     let Some(sketch) = ACTIVE_SKETCH.get_ptr_mut(limits::sketch_index(generation, backend_id)) else { return };
     let (index, rank) = hash::sketch_register(flow_hash);
     // SAFETY: an array map value, valid for this program run; `index` is below
-    // `SKETCH_REGISTERS` (the top `SKETCH_INDEX_BITS` bits of a u32, masked for the verifier).
+    // `SKETCH_REGISTERS` (the low `SKETCH_INDEX_BITS` bits of the flow hash, masked again for the
+    // verifier).
     unsafe {
         let register = (*sketch).registers.as_mut_ptr().add(index as usize & (limits::SKETCH_REGISTERS - 1));
         if *register < rank {

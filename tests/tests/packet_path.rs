@@ -80,6 +80,20 @@ address = "10.0.0.13"
 mac = "02:00:00:00:00:13"
 
 [[service]]
+name = "sticky-udp"
+vip = "10.0.0.103"
+port = 5353
+protocol = "udp"
+scheduler = "maglev-source"
+health = { port = 7000 }
+[[service.backend]]
+address = "10.0.0.11"
+mac = "02:00:00:00:00:11"
+[[service.backend]]
+address = "10.0.0.12"
+mac = "02:00:00:00:00:12"
+
+[[service]]
 name = "empty"
 vip = "10.0.0.102"
 port = 7000
@@ -430,6 +444,18 @@ fn fragment_sequences() -> Vec<(&'static str, Frame, Expect)> {
         f.ipv4_frag = frag;
         f
     };
+    let tcp_port = |dst: Ipv4Addr, sport: u16, dport: u16, id: u16, frag: u16| {
+        let mut f = Frame::tcp(CLIENT4, sport, dst, dport, TCP_SYN).with_payload(&[9; 32]);
+        f.ipv4_id = id;
+        f.ipv4_frag = frag;
+        f
+    };
+    let udp_sticky = |port: u16, id: u16, frag: u16| {
+        let mut f = Frame::udp(CLIENT4, port, Ipv4Addr::new(10, 0, 0, 103), 5353).with_payload(&[9; 32]);
+        f.ipv4_id = id;
+        f.ipv4_frag = frag;
+        f
+    };
     let tcp6_part = |port: u16, id: u32, offset: u16, more: bool| {
         let mut f = Frame::tcp(CLIENT6, port, VIP6, 7000, TCP_SYN).with_payload(&[9; 32]);
         f.ipv6_ext = vec![ext_fragment_id(offset, more, id)];
@@ -480,6 +506,18 @@ fn fragment_sequences() -> Vec<(&'static str, Frame, Expect)> {
         ("maglev-source: a later fragment before its first goes by its source", tcp(STICKY_VIP4, 40170, 0x4201, LAST), Expect::Fragment(sticky, reason::FRAGMENT_BY_SOURCE)),
         ("maglev-source: its first fragment goes to the same master", tcp(STICKY_VIP4, 40170, 0x4201, FIRST), Expect::Fragment(sticky, reason::FRAGMENT_FIRST)),
         ("maglev-source: a middle one follows the first", tcp(STICKY_VIP4, 40170, 0x4201, MIDDLE), Expect::Fragment(sticky, reason::FRAGMENT_FOLLOWED)),
+        // UDP flows stay on their recorded master after their slot's mark is cleared, so a
+        // clean slot does not name a UDP flow's master: no fragment of UDP goes by source.
+        ("maglev-source UDP: a later fragment before its first is dropped", udp_sticky(40171, 0x4202, LAST), Expect::Dropped(reason::FRAGMENT)),
+        ("maglev-source: a first fragment to a port with no service is dropped", tcp_port(STICKY_VIP4, 40172, 8443, 0x4203, FIRST), Expect::Dropped(reason::FRAGMENT)),
+        ("a first fragment to a port with no service is dropped", tcp_port(VIP4, 40173, 8443, 0x4204, FIRST), Expect::Dropped(reason::FRAGMENT)),
+        // The fragment header names destination options, not UDP: its later parts will say
+        // the same, so it is one of them (no marker for that protocol: the kernel's).
+        ("IPv6 first fragment followed by another extension header is passed", {
+            let mut f = Frame::tcp(CLIENT6, 40174, VIP6, 7000, TCP_SYN).with_payload(&[9; 32]);
+            f.ipv6_ext = vec![ext_fragment_id(0, true, 0x6104), ext_padding(60, 1)];
+            f
+        }, Expect::Passed(reason::NOT_A_SERVICE)),
     ]
 }
 

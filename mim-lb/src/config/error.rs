@@ -84,7 +84,13 @@ impl ConfigError {
         // A key the schema does not know is named by the message itself, at the table holding
         // it. An error of the TOML syntax itself (a number too large...) comes before any key
         // is read: the key is then the one written on its line.
-        let key = if path == "." || path.is_empty() { key_on_line(text, line) } else { Some(path.to_owned()) };
+        let key = match (path, err.span()) {
+            (p, _) if p != "." && !p.is_empty() => Some(p.to_owned()),
+            // A missing key is not the one written where it is reported.
+            _ if message.starts_with("missing field") => None,
+            (_, Some(_)) => key_on_line(text, line),
+            (_, None) => None,
+        };
         let message = match key {
             Some(key) if !message.starts_with("unknown field") => format!("{key}: {message}"),
             _ => message.to_owned(),

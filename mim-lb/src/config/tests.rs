@@ -789,6 +789,10 @@ fn type_errors_name_the_line_and_the_key() {
     let (_, message) = syntax_error(&MINIMAL.replace("port = 7000", "port = 7000\ntable_size = 1.5"));
     assert!(message.starts_with("service[0].table_size: invalid type"), "{message}");
 
+    // A missing key is reported at no place: no key written on line 1 is named for it.
+    let (_, message) = syntax_error("pin_dir = \"/sys/fs/bpf/x\"\n");
+    assert_eq!(message, "missing field `interface`");
+
     let (line, _) = syntax_error("interface = \"eth0\"\nservice = 3\n");
     assert_eq!(line, 2);
 

@@ -418,9 +418,14 @@ impl<'a> Maps<'a> {
         reset_stats(self.ebpf, names::SERVICE_STATS, service_id)
     }
 
-    /// Zeroes the counters of a backend id about to be (re)used.
+    /// Zeroes the counters of a backend id about to be (re)used, and its active-connection
+    /// sketches: the connections of the backend that had the id are not the new one's.
     pub fn reset_backend_stats(&mut self, backend_id: u32) -> Result<(), DataplaneError> {
-        reset_stats(self.ebpf, names::BACKEND_STATS, backend_id)
+        reset_stats(self.ebpf, names::BACKEND_STATS, backend_id)?;
+        for generation in 0..limits::SKETCH_GENERATIONS {
+            self.clear_active_sketch(generation, backend_id)?;
+        }
+        Ok(())
     }
 }
 

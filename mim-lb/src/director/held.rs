@@ -4,9 +4,9 @@
 //!
 //! - Active TCP connections: the data path notes every TCP packet it forwards in the master's
 //!   active-connection sketch (`ACTIVE_SKETCH`, HyperLogLog registers, one write only when a
-//!   register grows), in one of six generations. Every second ([`SKETCH_FLIP`]) the daemon
+//!   register grows), in one of seven generations. Every second ([`SKETCH_FLIP`]) the daemon
 //!   moves the data path to the next generation and estimates, per master, the distinct
-//!   connections that sent a packet in the five complete ones, the last [`ACTIVE_WINDOW`]
+//!   connections that sent a packet in the six complete ones, the last 6 s (holding [`ACTIVE_WINDOW`])
 //!   ([`estimate`]). This counts every connection, recorded or not, whichever slot
 //!   it is on: exactly zero when none sent a packet, within about 13% beyond (a few
 //!   connections below a hundred).
@@ -100,7 +100,7 @@ pub fn with_tcp_active(counts: &HeldCounts, tcp_active: &HashMap<u32, u64>) -> H
 }
 
 /// How often the sketch moves to its next generation: each count covers the
-/// `SKETCH_GENERATIONS - 1` complete generations, the last [`ACTIVE_WINDOW`].
+/// `SKETCH_GENERATIONS - 1` complete generations, which hold the last [`ACTIVE_WINDOW`].
 pub const SKETCH_FLIP: Duration = Duration::from_secs(1);
 
 impl Director {

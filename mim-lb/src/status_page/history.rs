@@ -14,13 +14,12 @@ pub const INTERVAL: Duration = Duration::from_secs(5);
 /// Samples kept: ten minutes at `INTERVAL`.
 pub const SAMPLES: usize = 120;
 
-/// (service name, backend address) -> new flows counted so far.
-type Counters = BTreeMap<(String, String), u64>;
-
-/// The last `SAMPLES` samples, oldest first.
+/// The last `SAMPLES` samples of each master's new-flow counter, by (service name, backend
+/// address), and the JSON of their rates, made once per sample rather than per request.
 #[derive(Debug, Default)]
 pub struct History {
-    samples: VecDeque<(u64, Counters)>,
+    series: BTreeMap<(String, String), VecDeque<(u64, u64)>>,
+    json: std::sync::Arc<String>,
 }
 
 /// One master's rates, as `/history.json` gives them.
@@ -39,45 +38,49 @@ pub struct HistoryJson {
 }
 
 impl History {
-    /// Adds the counters of `status`, read at `unix_ms`, dropping the oldest sample beyond
-    /// `SAMPLES`.
+    /// Adds the counters of `status`, read at `unix_ms`: each master keeps its last `SAMPLES`;
+    /// a master absent from `SAMPLES` samples in a row is forgotten.
     pub fn push(&mut self, unix_ms: u64, status: &Status) {
-        let counters = status
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(move |b| ((s.name.clone(), b.address.to_string()), b.new_flows)))
-            .collect();
-        self.samples.push_back((unix_ms, counters));
-        while self.samples.len() > SAMPLES {
-            self.samples.pop_front();
-        }
-    }
-
-    /// Every master's rate between each pair of successive samples that both counted it. A
-    /// counter that went down (its id was given to a new backend) starts again: that
-    /// interval has no point.
-    pub fn json(&self) -> HistoryJson {
-        let mut series: BTreeMap<(String, String), Vec<(u64, f64)>> = BTreeMap::new();
-        for pair in self.samples.iter().collect::<Vec<_>>().windows(2) {
-            let ((t0, before), (t1, after)) = (pair[0], pair[1]);
-            let seconds = t1.saturating_sub(*t0) as f64 / 1000.0;
-            if seconds <= 0.0 {
-                continue;
-            }
-            for (key, n1) in after {
-                let points = series.entry(key.clone()).or_default();
-                if let Some(n0) = before.get(key).filter(|n0| *n0 <= n1) {
-                    points.push((*t1, (n1 - n0) as f64 / seconds));
+        for s in &status.services {
+            for b in &s.backends {
+                let key = (s.name.clone(), b.address.to_string());
+                let points = self.series.entry(key).or_default();
+                points.push_back((unix_ms, b.new_flows));
+                if points.len() > SAMPLES {
+                    points.pop_front();
                 }
             }
         }
-        HistoryJson {
-            interval_s: INTERVAL.as_secs(),
-            series: series
-                .into_iter()
-                .map(|((service, backend), new_flows_per_s)| Series { service, backend, new_flows_per_s })
-                .collect(),
+        let oldest = unix_ms.saturating_sub(INTERVAL.as_millis() as u64 * SAMPLES as u64);
+        self.series.retain(|_, points| points.back().is_some_and(|(t, _)| *t > oldest));
+        self.json = std::sync::Arc::new(serde_json::to_string(&self.rates()).unwrap_or_default());
+    }
+
+    /// `/history.json`, as of the last sample.
+    pub fn json(&self) -> std::sync::Arc<String> {
+        if self.json.is_empty() {
+            return std::sync::Arc::new(serde_json::to_string(&self.rates()).unwrap_or_default());
         }
+        std::sync::Arc::clone(&self.json)
+    }
+
+    /// Every master's rate between each pair of its successive samples. A counter that went
+    /// down (its id was given to a new backend) starts again: that interval has no point.
+    pub fn rates(&self) -> HistoryJson {
+        let series = self
+            .series
+            .iter()
+            .map(|((service, backend), points)| {
+                let new_flows_per_s = points
+                    .iter()
+                    .zip(points.iter().skip(1))
+                    .filter(|((t0, n0), (t1, n1))| t1 > t0 && n1 >= n0)
+                    .map(|((t0, n0), (t1, n1))| (*t1, (n1 - n0) as f64 / ((t1 - t0) as f64 / 1000.0)))
+                    .collect();
+                Series { service: service.clone(), backend: backend.clone(), new_flows_per_s }
+            })
+            .collect();
+        HistoryJson { interval_s: INTERVAL.as_secs(), series }
     }
 }
 
@@ -105,7 +108,7 @@ mod tests {
         // 10.0.0.2's id went to a new backend: its counter restarted.
         h.push(20_000, &status(&[("10.0.0.1", 250), ("10.0.0.2", 5)]));
         h.push(25_000, &status(&[("10.0.0.1", 250), ("10.0.0.2", 30), ("10.0.0.3", 7)]));
-        let json = h.json();
+        let json = h.rates();
         let of = |addr: &str| json.series.iter().find(|s| s.backend == addr).unwrap().new_flows_per_s.clone();
         assert_eq!(of("10.0.0.1"), vec![(15_000, 10.0), (20_000, 20.0), (25_000, 0.0)]);
         assert_eq!(of("10.0.0.2"), vec![(15_000, 0.0), (25_000, 5.0)]);
@@ -120,7 +123,7 @@ mod tests {
         for i in 0..(SAMPLES as u64 + 30) {
             h.push(i * 5000, &status(&[("10.0.0.1", i)]));
         }
-        let points = &h.json().series[0].new_flows_per_s;
+        let points = &h.rates().series[0].new_flows_per_s;
         assert_eq!(points.len(), SAMPLES - 1);
         assert_eq!(points[0].0, 31 * 5000, "the oldest samples were not the ones dropped");
     }

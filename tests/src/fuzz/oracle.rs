@@ -148,7 +148,15 @@ impl<'a> Oracle<'a> {
             _ => return self.later_fragment(frame, ip, id),
         };
         let (sport, dport) = (be16(&h[0..2]), be16(&h[2..4]));
-        let service = self.service(ip.dst, dport, ip.proto).ok_or(reason::NOT_A_SERVICE)?;
+        let Some(service) = self.service(ip.dst, dport, ip.proto) else {
+            // No service on that port: dropped where the VIP has one for the protocol.
+            let vip_has_proto = self.services.iter().any(|s| s.vip == ip.dst && s.proto == ip.proto);
+            return Err(match (vip_has_proto, self.to_gateway(frame)) {
+                (false, _) => reason::NOT_A_SERVICE,
+                (true, false) => reason::FOREIGN_MAC,
+                (true, true) => reason::FRAGMENT,
+            });
+        };
         let sent = self.send(frame, service, ip.src, sport, reason::FRAGMENT_FIRST)?;
         if let Some(target) = sent.target {
             self.fragments.insert((ip.src, ip.dst, ip.proto, id), target);
@@ -173,7 +181,8 @@ impl<'a> Oracle<'a> {
             return Ok(Expected { reason: reason::FRAGMENT_FOLLOWED, target: Some(*target) });
         }
         match of_vip[..] {
-            [only] if self.services[only].source_hash && !self.services[only].masters.is_empty() => Ok(Expected {
+            // TCP only: a UDP flow may stay recorded on another master than its clean slot's.
+            [only] if ip.proto == TCP && self.services[only].source_hash && !self.services[only].masters.is_empty() => Ok(Expected {
                 reason: reason::FRAGMENT_BY_SOURCE,
                 target: Some(Target { service: only, client: ip.src, client_port: 0 }),
             }),
@@ -328,8 +337,13 @@ fn ipv6(frame: &[u8], at: usize) -> Result<Ip<'_>, u32> {
                     part = Part::Later(id);
                     break;
                 }
-                // Offset 0: the first part, whose headers follow, or an atomic fragment (a
-                // whole datagram, unless a first part's header came before it).
+                // Offset 0: the first part, placed by its ports only when TCP or UDP follows at
+                // once (else it is named like its later parts, by that next header), or an
+                // atomic fragment (a whole datagram, unless a first part's header came before).
+                if more && !matches!(next, TCP | UDP) {
+                    part = Part::Later(id);
+                    break;
+                }
                 part = match part {
                     Part::First(_) => Part::First(id),
                     _ if more => Part::First(id),
