@@ -51,11 +51,7 @@ pub fn remember(packet: &Packet, service: &ServiceEntry, backend_id: u32) {
 /// a reason code, never `Ok`.
 #[inline(always)]
 pub fn later(globals: &Globals, packet: &Packet, eth: *mut EthHdr, bytes: u64) -> Result<(), u32> {
-    // Fragments carry no ports (after the first), so they are matched on the VIP alone.
-    let marker = match select::service(globals, packet, 0) {
-        Some(m) if m.flags & SERVICE_F_VIP_MARKER != 0 => m,
-        _ => return Err(reason::NOT_A_SERVICE),
-    };
+    let marker = vip_marker(globals, packet).ok_or(reason::NOT_A_SERVICE)?;
     addressed_to_gateway(eth, globals)?;
     let (backend_id, service_id, code) = match followed(packet) {
         Some((backend_id, service_id)) => (backend_id, service_id, reason::FRAGMENT_FOLLOWED),
@@ -83,13 +79,16 @@ pub fn later(globals: &Globals, packet: &Packet, eth: *mut EthHdr, bytes: u64) -
 /// while this part goes to the gateway's kernel), the kernel's otherwise.
 #[inline(always)]
 pub fn unserved_first(globals: &Globals, packet: &Packet, eth: *mut EthHdr) -> Result<(), u32> {
-    match select::service(globals, packet, 0) {
-        Some(m) if m.flags & SERVICE_F_VIP_MARKER != 0 => {
-            addressed_to_gateway(eth, globals)?;
-            Err(reason::FRAGMENT)
-        }
-        _ => Err(reason::NOT_A_SERVICE),
-    }
+    vip_marker(globals, packet).ok_or(reason::NOT_A_SERVICE)?;
+    addressed_to_gateway(eth, globals)?;
+    Err(reason::FRAGMENT)
+}
+
+/// The VIP marker of the packet's destination and protocol, if the VIP has a service for it.
+/// Fragments are matched on the VIP alone: after the first, they carry no ports.
+#[inline(always)]
+fn vip_marker(globals: &Globals, packet: &Packet) -> Option<&'static ServiceEntry> {
+    select::service(globals, packet, 0).filter(|m| m.flags & SERVICE_F_VIP_MARKER != 0)
 }
 
 /// The master and service of the datagram's first fragment, if it passed within the timeout.
