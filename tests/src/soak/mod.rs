@@ -135,8 +135,13 @@ pub fn soak_config(lab: &Lab, weights: &[u32]) -> String {
     for (name, port, protocol, check) in
         [("tcp-7000", TCP_PORT, "tcp", String::new()), ("udp-7001", UDP_PORT, "udp", format!("port = {TCP_PORT}"))]
     {
+        // Flap damping off: the schedule kills and revives masters faster than its defaults
+        // allow (three deaths of one master within a minute hold it down for 30 s), and every
+        // revival here must be taken within the rise bound. Damping has its own test
+        // (tests/tests/flap_damping.rs).
         text += &format!(
-            "\n[[service]]\nname = \"{name}\"\nvip = \"{}\"\nport = {port}\nprotocol = \"{protocol}\"\n[service.health]\n{}\n",
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{}\"\nport = {port}\nprotocol = \"{protocol}\"\n[service.health]\n{}\n\
+             [service.flap_damping]\nmax_changes = 0\n",
             lab.vip4(),
             health(&check)
         );
