@@ -2,11 +2,21 @@
 //! send again, what a received datagram means. The daemon feeds it datagrams, events and
 //! the clock, sends what it returns, and applies what it reports to its own tables.
 //!
-//! Every datagram that carries state (records, forgets, seen slots, marks, the end of a pull)
-//! is acknowledged by the peer and sent again until it is, a bounded number of times; a peer
-//! that stayed silent or lost datagrams for good gets the whole state again when it is heard
-//! from, as a director that starts asks for it (a pull). Memory is bounded by a window of
-//! datagrams in flight per peer, plus the snapshot of a pull answer being sent.
+//! Two ways to send changes (records, forgets, seen slots, cleared marks):
+//! - **to each peer** (no `[sync] group`): every change goes to every peer, is acknowledged
+//!   by each, and is sent again until it is, a bounded number of times. Fine for two or three
+//!   directors; the traffic grows with the square of their number.
+//! - **to the group** (`[sync] group`, a multicast address on the directors' segment): every
+//!   change is sent once, numbered in a stream of the sender's own. A receiver that sees a
+//!   gap in the numbers (or a beacon naming a number it never got) asks the sender for just
+//!   those (a NACK), and the sender sends them to it again from a bounded history. Nothing is
+//!   acknowledged, so a change costs one datagram whatever the number of directors.
+//!
+//! Either way, a peer that missed changes for good (beyond the retries or the history) gets
+//! the whole state, as a director that starts asks for it (a pull) from one peer: every
+//! director holds the same shared state, so one answer is enough. Whole states are sent to
+//! the one peer that needs them, acknowledged. Memory is bounded by a window of datagrams in
+//! flight per peer, the snapshot of a pull answer being sent, and the group's history.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -38,6 +48,21 @@ pub const MAX_BACKLOG: usize = 8_192;
 pub const PULL_LIMIT: Duration = Duration::from_secs(60);
 /// Width of the replay window: a datagram more than this many behind the newest is refused.
 const REPLAY_WINDOW: u64 = 1024;
+/// Group changes kept for peers that missed them: about 5.6 MB at most.
+pub const HISTORY: usize = 4096;
+/// Group changes sent per [`BURST_EVERY`]; more wait. Receivers' socket buffers take a
+/// burst, and a refresh of a large table does not flood the segment.
+pub const BURST: usize = 512;
+pub const BURST_EVERY: Duration = Duration::from_millis(50);
+/// A gap in a peer's stream is asked for after this (a datagram only reordered arrives first).
+pub const NACK_AFTER: Duration = Duration::from_millis(20);
+/// Stream numbers of one peer noted missing at once; beyond, its whole state is asked for.
+pub const MAX_MISSING: usize = 4096;
+/// Numbers one NACK makes the sender look up.
+const NACK_ANSWER_MAX: u64 = 1024;
+/// How long a starting director waits for a ready peer to pull from, once it has heard one
+/// that is not ready (a whole group starting at once has none).
+pub const PREFER_READY_FOR: Duration = Duration::from_millis(500);
 
 /// What a received datagram (or the passing of time) asks of the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,8 +91,10 @@ pub enum PullState {
     Asking { since: Instant },
     Done,
     /// Not heard from within the pull timeout (down), or no complete answer within
-    /// [`PULL_LIMIT`].
+    /// [`PULL_LIMIT`], or went down while answering.
     GaveUp,
+    /// Not needed: the state came from another peer (every director holds the same).
+    Elsewhere,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +108,18 @@ pub struct Counters {
     pub bad_auth: u64,
     pub malformed: u64,
     pub replayed: u64,
+    /// Group changes from this peer noticed missing (a gap in its stream).
+    pub missed: u64,
+    /// NACKs sent to this peer.
+    pub nacks: u64,
+}
+
+/// A number missing from a peer's stream.
+#[derive(Debug, Clone, Copy)]
+struct Missing {
+    noticed: Instant,
+    last_nack: Option<Instant>,
+    nacks: u32,
 }
 
 struct Unacked {
@@ -124,6 +163,14 @@ pub struct Peer {
     pub lag_last: Option<Duration>,
     pub lag_max: Option<Duration>,
     pub counters: Counters,
+    /// The next number expected from its group stream (0: none heard from this incarnation
+    /// since this director started; the first heard starts it, as the pull covers earlier).
+    stream_expected: u64,
+    missing: BTreeMap<u64, Missing>,
+    /// Its changes were missed beyond repair: its whole state is asked for, since then.
+    asking_all: Option<Instant>,
+    /// When a pull (for a start or a repair) was last sent to it.
+    last_pull_sent: Option<Instant>,
 }
 
 impl Peer {
@@ -148,7 +195,52 @@ impl Peer {
             lag_last: None,
             lag_max: None,
             counters: Counters::default(),
+            stream_expected: 0,
+            missing: BTreeMap::new(),
+            asking_all: None,
+            last_pull_sent: None,
         }
+    }
+
+    /// Group stream numbers of this peer noticed missing and not received yet.
+    pub fn missing(&self) -> usize {
+        self.missing.len()
+    }
+
+    /// Notes that the peer has sent everything before `next`. Gaps are remembered, or, when
+    /// too many, turned into a request for the whole state.
+    fn stream_reaches(&mut self, next: u64, now: Instant) {
+        if self.stream_expected == 0 {
+            self.stream_expected = next;
+            return;
+        }
+        if next <= self.stream_expected {
+            return;
+        }
+        let gap = next - self.stream_expected;
+        self.counters.missed += gap;
+        if gap as usize + self.missing.len() > MAX_MISSING {
+            self.missing.clear();
+            self.asking_all.get_or_insert(now);
+        } else {
+            for n in self.stream_expected..next {
+                self.missing.insert(n, Missing { noticed: now, last_nack: None, nacks: 0 });
+            }
+        }
+        self.stream_expected = next;
+    }
+
+    /// Whether change `n` of the stream is new; remembers it.
+    fn take_stream(&mut self, n: u64, now: Instant) -> bool {
+        if n == 0 {
+            return false;
+        }
+        if self.stream_expected == 0 || n >= self.stream_expected {
+            self.stream_reaches(n, now);
+            self.stream_expected = n + 1;
+            return true;
+        }
+        self.missing.remove(&n).is_some()
     }
 
     pub fn alive(&self, now: Instant) -> bool {
@@ -200,13 +292,27 @@ pub struct Engine {
     last_hello: Option<Instant>,
     pull_timeout: Duration,
     started: Instant,
+    /// The directors' multicast group, when changes go there.
+    group: Option<SocketAddr>,
+    /// The number of the next change sent to the group.
+    stream_next: u64,
+    /// The last changes sent to the group, as sent, by number.
+    history: VecDeque<(u64, Vec<u8>)>,
+    /// Group changes waiting for the next burst.
+    stream_queue: VecDeque<Body>,
+    /// Start of the current burst, and how many went in it.
+    burst: (Option<Instant>, usize),
+    /// The peer this director pulls from (an index into `peers`).
+    pull_source: Option<usize>,
+    /// When a peer was first heard from while pulling.
+    first_heard: Option<Instant>,
     /// Datagrams from addresses that are not peers, and ones that fail before a peer is known.
     pub counters: Counters,
 }
 
 impl Engine {
     /// `incarnation` must grow from one start of the daemon to the next (the wall clock in
-    /// ns does); `pull` asks every peer for its state first.
+    /// ns does); `pull` asks a peer for its state first.
     pub fn new(key: Key, me: SocketAddr, peers: &[SocketAddr], incarnation: u64, pull: bool, pull_timeout: Duration, now: Instant) -> Engine {
         let mut peers: Vec<Peer> = peers.iter().map(|a| Peer::new(*a)).collect();
         if pull {
@@ -225,11 +331,28 @@ impl Engine {
             last_hello: None,
             pull_timeout,
             started: now,
+            group: None,
+            stream_next: 1,
+            history: VecDeque::new(),
+            stream_queue: VecDeque::new(),
+            burst: (None, 0),
+            pull_source: None,
+            first_heard: None,
             counters: Counters::default(),
         }
     }
 
-    /// Begins this director's pull from every peer not pulled from yet.
+    /// Sends changes to the multicast `group` instead of to each peer.
+    pub fn with_group(mut self, group: SocketAddr) -> Engine {
+        self.group = Some(group);
+        self
+    }
+
+    pub fn group(&self) -> Option<SocketAddr> {
+        self.group
+    }
+
+    /// Begins this director's pull (from one peer, chosen when heard from).
     pub fn start_pull(&mut self, now: Instant) {
         for p in self.peers.iter_mut().filter(|p| p.pull == PullState::None) {
             p.pull = PullState::Asking { since: now };
@@ -245,8 +368,14 @@ impl Engine {
         self.peers.iter().all(|p| !matches!(p.pull, PullState::Asking { .. }))
     }
 
-    /// The peers still being pulled from, for the readiness message.
+    /// The peer being pulled from, or while none is chosen, those waited for.
     pub fn pulling_from(&self) -> Vec<SocketAddr> {
+        if let Some(i) = self.pull_source {
+            return match self.peers[i].pull {
+                PullState::Asking { .. } => vec![self.peers[i].addr],
+                _ => Vec::new(),
+            };
+        }
         self.peers.iter().filter(|p| matches!(p.pull, PullState::Asking { .. })).map(|p| p.addr).collect()
     }
 
@@ -342,6 +471,11 @@ impl Engine {
     }
 
     fn broadcast(&mut self, body: Body, oldest: Option<Instant>, now: Instant) {
+        if self.group.is_some() {
+            self.stream_queue.push_back(body);
+            self.pump_stream(now);
+            return;
+        }
         for i in 0..self.peers.len() {
             if !self.peers[i].alive(now) {
                 // It gets everything when it is back.
@@ -393,6 +527,128 @@ impl Engine {
         }
     }
 
+    /// Sends queued group changes, up to [`BURST`] per [`BURST_EVERY`].
+    fn pump_stream(&mut self, now: Instant) {
+        let Some(group) = self.group else { return };
+        if self.burst.0.is_none_or(|t| now.saturating_duration_since(t) >= BURST_EVERY) {
+            self.burst = (Some(now), 0);
+        }
+        while self.burst.1 < BURST {
+            let Some(body) = self.stream_queue.pop_front() else { break };
+            let n = self.stream_next;
+            self.stream_next += 1;
+            let seq = self.seq();
+            let bytes = wire::encode(&self.key, group, &Message { sender: self.incarnation, seq, body: Body::Stream { n, body: Box::new(body) } });
+            self.out.push((group, bytes.clone()));
+            self.counters.sent += 1;
+            self.burst.1 += 1;
+            self.history.push_back((n, bytes));
+            if self.history.len() > HISTORY {
+                self.history.pop_front();
+            }
+        }
+    }
+
+    /// Group changes queued for a later burst.
+    pub fn stream_queued(&self) -> usize {
+        self.stream_queue.len()
+    }
+
+    /// A peer's NACK: what is still in the history goes to it again (to it alone); for what
+    /// is not, it gets the whole state.
+    fn answer_nack(&mut self, i: usize, ranges: Vec<(u64, u32)>) {
+        let Some(group) = self.group else { return };
+        let oldest = self.history.front().map_or(self.stream_next, |(n, _)| *n);
+        let mut budget = NACK_ANSWER_MAX;
+        for (first, count) in ranges {
+            let end = first.saturating_add(count as u64).min(self.stream_next);
+            let mut n = first.max(1);
+            while n < end && budget > 0 {
+                budget -= 1;
+                if n < oldest {
+                    // Gone from the history: only the whole state repairs it.
+                    self.peers[i].needs_all = true;
+                    self.peers[i].counters.lost += oldest - n.min(oldest);
+                    n = oldest;
+                    continue;
+                }
+                let (_, bytes) = &self.history[(n - oldest) as usize];
+                let Ok(message) = wire::decode(&self.key, group, bytes) else { break };
+                let to = self.peers[i].addr;
+                self.send_now(to, message.body);
+                self.peers[i].counters.resent += 1;
+                n += 1;
+            }
+        }
+    }
+
+    /// Picks the peer to pull from: a ready one if one is heard, else (after
+    /// [`PREFER_READY_FOR`]) any live one; one that goes down while answering is replaced.
+    fn choose_pull_source(&mut self, now: Instant) {
+        if let Some(i) = self.pull_source {
+            let p = &mut self.peers[i];
+            match p.pull {
+                PullState::Asking { .. } if p.alive(now) => return,
+                PullState::Asking { .. } => p.pull = PullState::GaveUp,
+                PullState::Done => {
+                    for q in self.peers.iter_mut().filter(|q| matches!(q.pull, PullState::Asking { .. })) {
+                        q.pull = PullState::Elsewhere;
+                    }
+                    return;
+                }
+                _ => {}
+            }
+            self.pull_source = None;
+        }
+        let asking = |p: &Peer| matches!(p.pull, PullState::Asking { .. }) && p.alive(now);
+        if self.peers.iter().any(asking) {
+            self.first_heard.get_or_insert(now);
+        }
+        let any_will_do = self.first_heard.is_some_and(|t| now.saturating_duration_since(t) >= PREFER_READY_FOR);
+        self.pull_source = self
+            .peers
+            .iter()
+            .position(|p| asking(p) && p.ready)
+            .or_else(|| any_will_do.then(|| self.peers.iter().position(asking)).flatten());
+    }
+
+    /// Gaps in peers' streams: NACKs for what is due, the whole state for what is lost.
+    fn ask_for_missing(&mut self, now: Instant) {
+        for i in 0..self.peers.len() {
+            let peer = &mut self.peers[i];
+            let mut ranges: Vec<(u64, u32)> = Vec::new();
+            let mut lost = 0u64;
+            for (n, m) in peer.missing.iter_mut() {
+                if now.saturating_duration_since(m.noticed) < NACK_AFTER || m.last_nack.is_some_and(|t| now.saturating_duration_since(t) < RESEND_AFTER) {
+                    continue;
+                }
+                if m.nacks >= MAX_TRIES {
+                    lost += 1;
+                    continue;
+                }
+                if ranges.len() == wire::NACK_RANGES_PER_DATAGRAM && ranges.last().is_none_or(|r| r.0 + r.1 as u64 != *n) {
+                    continue;
+                }
+                m.nacks += 1;
+                m.last_nack = Some(now);
+                match ranges.last_mut() {
+                    Some(r) if r.0 + r.1 as u64 == *n => r.1 += 1,
+                    _ => ranges.push((*n, 1)),
+                }
+            }
+            if lost > 0 {
+                peer.missing.retain(|_, m| m.nacks < MAX_TRIES);
+                peer.counters.lost += lost;
+                peer.asking_all.get_or_insert(now);
+            }
+            if !ranges.is_empty() {
+                peer.counters.nacks += 1;
+                let to = peer.addr;
+                self.send_now(to, Body::Nack { ranges });
+            }
+        }
+    }
+
     fn seq(&mut self) -> u64 {
         let s = self.next_seq;
         self.next_seq += 1;
@@ -417,16 +673,34 @@ impl Engine {
             } else {
                 digests.chunks(wire::DIGESTS_PER_DATAGRAM).map(|c| c.to_vec()).collect()
             };
-            for i in 0..self.peers.len() {
-                let addr = self.peers[i].addr;
+            if let Some(group) = self.group {
+                let stream_high = self.stream_next - 1;
                 for c in &chunks {
-                    self.send_now(addr, Body::Hello { ready, digests: c.clone() });
+                    self.send_now(group, Body::Beacon { ready, stream_high, digests: c.clone() });
                 }
-                if matches!(self.peers[i].pull, PullState::Asking { .. }) {
+            } else {
+                for i in 0..self.peers.len() {
+                    let addr = self.peers[i].addr;
+                    for c in &chunks {
+                        self.send_now(addr, Body::Hello { ready, digests: c.clone() });
+                    }
+                }
+            }
+        }
+        self.choose_pull_source(now);
+        if hello_due {
+            for i in 0..self.peers.len() {
+                let own = self.pull_source == Some(i) && matches!(self.peers[i].pull, PullState::Asking { .. });
+                let wanted = own || (self.peers[i].asking_all.is_some() && self.peers[i].alive(now));
+                if wanted && self.peers[i].last_pull_sent.is_none_or(|t| now.saturating_duration_since(t) >= HELLO_EVERY) {
+                    self.peers[i].last_pull_sent = Some(now);
+                    let addr = self.peers[i].addr;
                     self.send_now(addr, Body::Pull);
                 }
             }
         }
+        self.ask_for_missing(now);
+        self.pump_stream(now);
         for i in 0..self.peers.len() {
             let alive = self.peers[i].alive(now);
             let peer = &mut self.peers[i];
@@ -444,7 +718,9 @@ impl Engine {
                     peer.backlog.clear();
                     peer.backlog_changes = 0;
                     peer.answering = None;
-                    peer.needs_all = true;
+                    // To each peer, what it missed is sent again as a whole; in a group, it
+                    // asks for what it missed when it is back.
+                    peer.needs_all = self.group.is_none();
                 }
                 continue;
             }
@@ -489,13 +765,25 @@ impl Engine {
         inbound
     }
 
-    /// A datagram from `from`.
+    /// A datagram from `from`, sent to this director's own address.
     pub fn receive(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) -> Vec<Inbound> {
+        self.receive_at(from, self.me, datagram, now)
+    }
+
+    /// A datagram from `from`, sent to the group.
+    pub fn receive_group(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) -> Vec<Inbound> {
+        match self.group {
+            Some(group) => self.receive_at(from, group, datagram, now),
+            None => Vec::new(),
+        }
+    }
+
+    fn receive_at(&mut self, from: SocketAddr, to: SocketAddr, datagram: &[u8], now: Instant) -> Vec<Inbound> {
         let Some(i) = self.peers.iter().position(|p| p.addr == from) else {
             self.counters.unknown_peer += 1;
             return Vec::new();
         };
-        let message = match wire::decode(&self.key, self.me, datagram) {
+        let message = match wire::decode(&self.key, to, datagram) {
             Ok(m) => m,
             Err(WireError::BadTag) => {
                 self.peers[i].counters.bad_auth += 1;
@@ -526,6 +814,12 @@ impl Engine {
             peer.seen_bits = 0;
             peer.seen_more.clear();
             peer.digests.clear();
+            // A restarted peer's stream starts again at 1, all of it sent while this
+            // director listened; a peer first heard now owes nothing from before (this
+            // director's pull covers that).
+            peer.stream_expected = if restarted { 1 } else { 0 };
+            peer.missing.clear();
+            peer.asking_all = None;
             if restarted {
                 peer.unacked.clear();
                 peer.backlog.clear();
@@ -558,14 +852,25 @@ impl Engine {
                 peer.ready = ready;
                 peer.digests.extend(digests);
             }
-            Body::Records(r) => inbound.push(Inbound::Records(r)),
-            Body::Forget(k) => inbound.push(Inbound::Forget(k)),
-            Body::Seen { service, table_size, slots } => inbound.push(Inbound::Seen { service, table_size, slots }),
+            Body::Beacon { ready, stream_high, digests } => {
+                peer.ready = ready;
+                peer.digests.extend(digests);
+                peer.stream_reaches(stream_high.saturating_add(1), now);
+            }
+            Body::Stream { n, body } => {
+                if peer.take_stream(n, now) {
+                    inbound.extend(change(*body));
+                } else {
+                    peer.counters.replayed += 1;
+                }
+            }
+            Body::Nack { ranges } => self.answer_nack(i, ranges),
+            body @ (Body::Records(_) | Body::Forget(_) | Body::Seen { .. }) => inbound.extend(change(body)),
             Body::Marks { service, table_size, marks } => {
                 let own_pull = matches!(peer.pull, PullState::Asking { .. });
                 inbound.push(Inbound::Marks { from, service, table_size, marks, own_pull })
             }
-            Body::Cleared { service, table_size, marks } => inbound.push(Inbound::Cleared { service, table_size, marks }),
+            body @ Body::Cleared { .. } => inbound.extend(change(body)),
             Body::Pull => {
                 if peer.answering.is_none() && !peer.answer_wanted {
                     peer.needs_all = false;
@@ -578,6 +883,7 @@ impl Engine {
                 if own_pull {
                     peer.pull = PullState::Done;
                 }
+                peer.asking_all = None;
                 inbound.push(Inbound::Pulled { from, own_pull });
             }
             Body::Ack { seq } => {
@@ -611,10 +917,25 @@ impl Engine {
             t.bad_auth += c.bad_auth;
             t.malformed += c.malformed;
             t.replayed += c.replayed;
+            t.missed += c.missed;
+            t.nacks += c.nacks;
         }
         t
     }
 }
 
+/// What a received change asks of the daemon.
+fn change(body: Body) -> Option<Inbound> {
+    match body {
+        Body::Records(r) => Some(Inbound::Records(r)),
+        Body::Forget(k) => Some(Inbound::Forget(k)),
+        Body::Seen { service, table_size, slots } => Some(Inbound::Seen { service, table_size, slots }),
+        Body::Cleared { service, table_size, marks } => Some(Inbound::Cleared { service, table_size, marks }),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod group_tests;

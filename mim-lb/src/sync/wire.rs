@@ -28,8 +28,10 @@ const HEADER: usize = 4 + 1 + 1 + 2 + 8 + 8;
 const TAG: usize = 32;
 /// Largest datagram sent: fits a 1500-byte MTU with IPv6 and UDP headers.
 pub const MAX_DATAGRAM: usize = 1400;
-/// Room for a body.
-pub const MAX_BODY: usize = MAX_DATAGRAM - HEADER - TAG;
+/// What [`Body::Stream`] adds around a change: its number and the change's kind.
+const STREAM_HEADER: usize = 8 + 1;
+/// Room for a body, also when it travels inside a [`Body::Stream`].
+pub const MAX_BODY: usize = MAX_DATAGRAM - HEADER - TAG - STREAM_HEADER;
 
 const KIND_HELLO: u8 = 1;
 const KIND_RECORDS: u8 = 2;
@@ -40,6 +42,9 @@ const KIND_PULL: u8 = 6;
 const KIND_PULL_END: u8 = 7;
 const KIND_ACK: u8 = 8;
 const KIND_CLEARED: u8 = 9;
+const KIND_STREAM: u8 = 10;
+const KIND_NACK: u8 = 11;
+const KIND_BEACON: u8 = 12;
 
 /// Shortest key accepted: 256 bits, what HMAC-SHA256 can use.
 pub const MIN_KEY_BYTES: usize = 32;
@@ -82,6 +87,15 @@ pub enum Body {
     PullEnd { records: u64, marked_slots: u64 },
     /// Acknowledges the datagram numbered `seq`.
     Ack { seq: u64 },
+    /// A change sent once to the directors' multicast group (`[sync] group`): the sender's
+    /// `n`th since it started, numbered without gaps so that a receiver sees what it missed.
+    /// Only [`Body::is_change`] bodies travel in one.
+    Stream { n: u64, body: Box<Body> },
+    /// "These numbers of your stream did not reach me": `(first, count)` ranges.
+    Nack { ranges: Vec<(u64, u32)> },
+    /// The group's heartbeat: [`Body::Hello`] plus the last number of the sender's stream, so
+    /// that a receiver notices a lost change even when no other follows it.
+    Beacon { ready: bool, stream_high: u64, digests: Vec<(ServiceKey, [u8; 8])> },
 }
 
 impl Body {
@@ -91,6 +105,12 @@ impl Body {
             self,
             Body::Records(_) | Body::Forget(_) | Body::Seen { .. } | Body::Marks { .. } | Body::Cleared { .. } | Body::PullEnd { .. }
         )
+    }
+
+    /// Whether it is a change to the shared state, which goes to every peer as it happens
+    /// (and so may travel in a [`Body::Stream`]).
+    pub fn is_change(&self) -> bool {
+        matches!(self, Body::Records(_) | Body::Forget(_) | Body::Seen { .. } | Body::Cleared { .. })
     }
 }
 
@@ -226,7 +246,9 @@ pub fn mark_chunks(marks: &[WireMark]) -> Vec<Vec<WireMark>> {
     }
     chunks
 }
-pub const DIGESTS_PER_DATAGRAM: usize = (MAX_BODY - 1 - 2) / (SERVICE_BYTES + 8);
+pub const DIGESTS_PER_DATAGRAM: usize = (MAX_BODY - 1 - 8 - 2) / (SERVICE_BYTES + 8);
+/// Ranges one [`Body::Nack`] may carry.
+pub const NACK_RANGES_PER_DATAGRAM: usize = (MAX_BODY - 2) / 12;
 
 fn kind(body: &Body) -> u8 {
     match body {
@@ -239,6 +261,17 @@ fn kind(body: &Body) -> u8 {
         Body::Pull => KIND_PULL,
         Body::PullEnd { .. } => KIND_PULL_END,
         Body::Ack { .. } => KIND_ACK,
+        Body::Stream { .. } => KIND_STREAM,
+        Body::Nack { .. } => KIND_NACK,
+        Body::Beacon { .. } => KIND_BEACON,
+    }
+}
+
+fn put_digests(out: &mut Vec<u8>, digests: &[(ServiceKey, [u8; 8])]) {
+    put_len(out, digests.len());
+    for (service, digest) in digests {
+        put_service(out, service);
+        out.extend_from_slice(digest);
     }
 }
 
@@ -246,10 +279,24 @@ fn put_body(out: &mut Vec<u8>, body: &Body) {
     match body {
         Body::Hello { ready, digests } => {
             out.push(*ready as u8);
-            put_len(out, digests.len());
-            for (service, digest) in digests {
-                put_service(out, service);
-                out.extend_from_slice(digest);
+            put_digests(out, digests);
+        }
+        Body::Beacon { ready, stream_high, digests } => {
+            out.push(*ready as u8);
+            out.extend_from_slice(&stream_high.to_be_bytes());
+            put_digests(out, digests);
+        }
+        Body::Stream { n, body } => {
+            assert!(body.is_change(), "only changes travel in a stream");
+            out.extend_from_slice(&n.to_be_bytes());
+            out.push(kind(body));
+            put_body(out, body);
+        }
+        Body::Nack { ranges } => {
+            put_len(out, ranges.len());
+            for (first, count) in ranges {
+                out.extend_from_slice(&first.to_be_bytes());
+                out.extend_from_slice(&count.to_be_bytes());
             }
         }
         Body::Records(records) => {
@@ -306,12 +353,28 @@ fn read_body(kind: u8, r: &mut Reader<'_>) -> Result<Body, WireError> {
     Ok(match kind {
         KIND_HELLO => {
             let ready = r.u8("hello")? != 0;
-            let n = r.u16("hello")? as usize;
-            let mut digests = Vec::with_capacity(n.min(DIGESTS_PER_DATAGRAM));
-            for _ in 0..n {
-                digests.push((r.service()?, r.array::<8>("digest")?));
+            Body::Hello { ready, digests: r.digests()? }
+        }
+        KIND_BEACON => {
+            let ready = r.u8("beacon")? != 0;
+            let stream_high = r.u64("beacon")?;
+            Body::Beacon { ready, stream_high, digests: r.digests()? }
+        }
+        KIND_STREAM => {
+            let n = r.u64("stream")?;
+            let inner = r.u8("stream")?;
+            if !matches!(inner, KIND_RECORDS | KIND_FORGET | KIND_SEEN | KIND_CLEARED) {
+                return Err(WireError::Malformed("stream (not a change)"));
             }
-            Body::Hello { ready, digests }
+            Body::Stream { n, body: Box::new(read_body(inner, r)?) }
+        }
+        KIND_NACK => {
+            let n = r.u16("nack")? as usize;
+            let mut ranges = Vec::with_capacity(n.min(NACK_RANGES_PER_DATAGRAM));
+            for _ in 0..n {
+                ranges.push((r.u64("nack")?, r.u32("nack")?));
+            }
+            Body::Nack { ranges }
         }
         KIND_RECORDS => {
             let n = r.u16("records")? as usize;
@@ -465,6 +528,15 @@ impl Reader<'_> {
         }
     }
 
+    fn digests(&mut self) -> Result<Vec<(ServiceKey, [u8; 8])>, WireError> {
+        let n = self.u16("digests")? as usize;
+        let mut digests = Vec::with_capacity(n.min(DIGESTS_PER_DATAGRAM));
+        for _ in 0..n {
+            digests.push((self.service()?, self.array::<8>("digest")?));
+        }
+        Ok(digests)
+    }
+
     fn service(&mut self) -> Result<ServiceKey, WireError> {
         let family = self.u8("service")?;
         let protocol = match self.u8("service")? {
@@ -557,7 +629,36 @@ mod tests {
             Body::Pull,
             Body::PullEnd { records: 12345, marked_slots: 99 },
             Body::Ack { seq: u64::MAX - 1 },
+            Body::Beacon { ready: false, stream_high: 1 << 40, digests: vec![(web(), [8; 8]); DIGESTS_PER_DATAGRAM] },
+            Body::Nack { ranges: (0..NACK_RANGES_PER_DATAGRAM as u64).map(|i| (i * 1000 + 1, i as u32 + 1)).collect() },
         ]
+    }
+
+    #[test]
+    fn every_change_survives_the_round_trip_in_a_stream_and_fits_a_datagram() {
+        for (i, body) in every_body().into_iter().filter(Body::is_change).enumerate() {
+            let m = Message { sender: 5, seq: 9, body: Body::Stream { n: i as u64 + 1, body: Box::new(body) } };
+            let bytes = encode(&key(), to(), &m);
+            assert!(bytes.len() <= MAX_DATAGRAM, "{:?} takes {} bytes", m.body, bytes.len());
+            assert_eq!(decode(&key(), to(), &bytes).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn a_stream_holding_anything_but_a_change_is_refused() {
+        // Built by hand: the encoder refuses to write one.
+        for inner in [KIND_HELLO, KIND_PULL, KIND_ACK, KIND_STREAM, KIND_MARKS, KIND_PULL_END] {
+            let mut out = encode(&key(), to(), &Message { sender: 1, seq: 1, body: Body::Pull });
+            out.truncate(out.len() - TAG);
+            out[5] = KIND_STREAM;
+            out.extend_from_slice(&7u64.to_be_bytes());
+            out.push(inner);
+            out.extend_from_slice(&[0; 16]);
+            let mut mac = mac_for(&key(), to());
+            mac.update(&out);
+            out.extend_from_slice(&mac.finalize().into_bytes());
+            assert_eq!(decode(&key(), to(), &out), Err(WireError::Malformed("stream (not a change)")), "inner kind {inner}");
+        }
     }
 
     #[test]
