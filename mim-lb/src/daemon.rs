@@ -176,7 +176,7 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
 struct Listeners {
     control: tokio::net::UnixListener,
     metrics: Option<tokio::net::TcpListener>,
-    sync: Option<tokio::net::UdpSocket>,
+    sync: Option<crate::sync::runner::Sockets>,
     signals: Signals,
 }
 
@@ -254,7 +254,7 @@ async fn start_and_serve(
     // fit only a table with the masters in it); a start over kept pins, at once.
     let pull_now = director.dataplane().reused_pins();
     let sync = match (listeners.sync, &config.sync) {
-        (Some(socket), Some(_)) => match SyncRunner::start(socket, &config, director, pull_now) {
+        (Some(sockets), Some(_)) => match SyncRunner::start(sockets, &config, director, pull_now) {
             Ok(runner) => Some(runner),
             Err(e) => {
                 neighbors.shutdown().await;

@@ -60,6 +60,12 @@ pub struct SyncStatus {
     pub unknown_peer: u64,
     /// Data-path events lost because the ring was full (repaired by the next refresh).
     pub events_lost: u64,
+    /// The multicast group changes go to (`[sync] group`); absent: to each peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Datagrams of changes sent to the group.
+    #[serde(default)]
+    pub group_sent: u64,
 }
 
 /// One peer director, as this one sees it.
@@ -87,6 +93,14 @@ pub struct PeerStatus {
     pub bad_auth: u64,
     pub malformed: u64,
     pub replayed: u64,
+    /// Changes it sent to the group that did not arrive here, noticed by a gap in their
+    /// numbers; `missing` of them are still asked for (NACKs sent: `nacks`).
+    #[serde(default)]
+    pub missed: u64,
+    #[serde(default)]
+    pub missing: usize,
+    #[serde(default)]
+    pub nacks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -480,7 +494,7 @@ fn render_sync(out: &mut String, sync: &SyncStatus) {
         let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
         let _ = writeln!(
             out,
-            "  peer {:<28} {:<10} {}, pull {}, in flight {}, lag {} (max {}), sent {} resent {} lost {}, refused {}",
+            "  peer {:<28} {:<10} {}, pull {}, in flight {}, lag {} (max {}), sent {} resent {} lost {}, refused {}{}",
             p.address,
             p.state,
             agree,
@@ -491,8 +505,12 @@ fn render_sync(out: &mut String, sync: &SyncStatus) {
             p.sent,
             p.resent,
             p.lost,
-            p.bad_auth + p.malformed + p.replayed
+            p.bad_auth + p.malformed + p.replayed,
+            if sync.group.is_some() { format!(", missed {} (asking for {})", p.missed, p.missing) } else { String::new() }
         );
+    }
+    if let Some(group) = &sync.group {
+        let _ = writeln!(out, "  group {group}: sent {}", sync.group_sent);
     }
 }
 

@@ -430,6 +430,16 @@ impl TrafficReport {
     /// `stall_limit`), a new connection succeeded after `t`, and none failed after the first
     /// that did. Returns the time from `t` to that first success.
     pub fn assert_survived(&self, what: &str, t: Instant) -> Duration {
+        self.assert_survived_until(what, t, None)
+    }
+
+    /// [`TrafficReport::assert_survived`] for one of several events: new connections that
+    /// started at or after `until` (the next event) are that event's to answer for.
+    pub fn assert_survived_before(&self, what: &str, t: Instant, until: Instant) -> Duration {
+        self.assert_survived_until(what, t, Some(until))
+    }
+
+    fn assert_survived_until(&self, what: &str, t: Instant, until: Option<Instant>) -> Duration {
         let summary = self.summary(what, t);
         eprintln!("{summary}");
         let broken: Vec<String> = self
@@ -441,7 +451,8 @@ impl TrafficReport {
         let Some((_, first)) = self.first_success_after(t) else {
             panic!("{what}: no new connection succeeded after it\n{summary}\n{}", self.attempt_lines(t, 10));
         };
-        let late = self.failures_after_recovery(t);
+        let late: Vec<&Attempt> =
+            self.failures_after_recovery(t).into_iter().filter(|a| until.is_none_or(|u| a.started < u)).collect();
         assert!(
             late.is_empty(),
             "{what}: {} new connections failed after they had worked again, e.g. {:?} after it: {}\n{summary}",

@@ -141,6 +141,11 @@ impl Keepalived {
         if self.proc.as_ref().is_some_and(|p| matches!(p.try_exit_status(), Ok(None))) {
             bail!("keepalived on director {} is running already", self.director);
         }
+        // The killed one's pid files name processes that may still be zombies for a moment
+        // (their parent is gone), which keepalived takes for a running instance.
+        for f in ["keepalived.pid", "vrrp.pid", "checkers.pid"] {
+            let _ = std::fs::remove_file(self.dir.join(f));
+        }
         let mut cmd = Command::new("keepalived");
         // -n: foreground; -l: log to stdout; -D: detailed; -P: VRRP only (no IPVS checker).
         cmd.args(["-n", "-l", "-D", "-P", "-f"])
@@ -436,6 +441,22 @@ pub fn sync_section(lab: &Lab, key: &SyncKey, i: usize) -> String {
         "[sync]\nlisten = \"{}:7946\"\npeers = [\"{}:7946\"]\nkey_file = \"{}\"\n",
         lab.director_addr4(i),
         lab.director_addr4(1 - i),
+        key.0.display()
+    )
+}
+
+/// The multicast group of [`group_sync_section`]: every lab has a bridge of its own, so labs
+/// side by side do not hear each other.
+pub const SYNC_GROUP: &str = "239.255.77.1:7947";
+
+/// Director `i`'s `[sync]` section for a group of every director of the lab: the others are
+/// its peers, changes go to [`SYNC_GROUP`], all use `key`.
+pub fn group_sync_section(lab: &Lab, key: &SyncKey, i: usize) -> String {
+    let peers: Vec<String> = (0..lab.director_count()).filter(|&j| j != i).map(|j| format!("\"{}:7946\"", lab.director_addr4(j))).collect();
+    format!(
+        "[sync]\nlisten = \"{}:7946\"\npeers = [{}]\nkey_file = \"{}\"\ngroup = \"{SYNC_GROUP}\"\n",
+        lab.director_addr4(i),
+        peers.join(", "),
         key.0.display()
     )
 }

@@ -90,6 +90,8 @@ pub struct Sync {
     /// How long a starting director waits for a peer that does not answer before it counts
     /// it as down and becomes ready without its state.
     pub pull_timeout: Duration,
+    /// The multicast group changes go to, once each, instead of to every peer.
+    pub group: Option<SocketAddr>,
 }
 
 impl fmt::Debug for Sync {
@@ -99,6 +101,7 @@ impl fmt::Debug for Sync {
             .field("peers", &self.peers)
             .field("key_file", &self.key_file)
             .field("pull_timeout", &self.pull_timeout)
+            .field("group", &self.group)
             .finish_non_exhaustive()
     }
 }

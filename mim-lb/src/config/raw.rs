@@ -31,6 +31,7 @@ pub(crate) struct RawSync {
     pub peers: Vec<String>,
     pub key_file: String,
     pub pull_timeout_s: Option<i64>,
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

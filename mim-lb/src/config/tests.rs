@@ -1075,6 +1075,21 @@ fn sync_mistakes_name_their_key() {
         &sync(&format!("listen = \"10.0.0.2:7946\"\npeers = [\"10.0.0.3:7946\"]\nkey_file = \"{good}\"\npull_timeout_s = 601")),
         "sync.pull_timeout_s: 601 is out of range 0..=600",
     );
+    let grouped = |group: &str| sync(&format!("listen = \"10.0.0.2:7946\"\npeers = [\"10.0.0.3:7946\"]\nkey_file = \"{good}\"\ngroup = \"{group}\""));
+    rejects(
+        &grouped("10.0.0.9:7947"),
+        "sync.group: 10.0.0.9 is not a multicast address; use one the directors' segment carries, like 239.255.77.1:7947 or [ff02::6d6c]:7947",
+    );
+    rejects(
+        &grouped("224.0.0.18:7947"),
+        "sync.group: 224.0.0.18 is in 224.0.0.0/24, reserved for routing protocols; use an administratively scoped group in 239.0.0.0/8",
+    );
+    rejects(&grouped("[ff02::6d6c]:7947"), "sync.group: the group and sync.listen must be of the same address family");
+    rejects(&grouped("239.255.77.1"), "sync.group: \"239.255.77.1\" is not an address and port like 10.0.0.2:7946 or [fd00::2]:7946");
+    let ok = Config::parse(&grouped("239.255.77.1:7947")).unwrap();
+    assert_eq!(ok.sync.unwrap().group, Some("239.255.77.1:7947".parse().unwrap()));
+    let v6 = Config::parse(&sync(&format!("listen = \"[fd00::2]:7946\"\npeers = [\"[fd00::3]:7946\"]\nkey_file = \"{good}\"\ngroup = \"[ff01::1]:7947\""))).unwrap_err();
+    assert!(v6.to_string().contains("sync.group: ff01::1 is interface-local and never leaves this host; use a link-local group like ff02::6d6c"), "{v6}");
     rejects(
         &sync("listen = \"10.0.0.2:7946\"\npeers = [\"10.0.0.3:7946\"]\nkey_file = \"/nonexistent/mim-lb.key\""),
         "sync.key_file: cannot read /nonexistent/mim-lb.key: No such file or directory (os error 2)",

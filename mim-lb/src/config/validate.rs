@@ -161,7 +161,30 @@ fn sync(raw: &RawSync, p: &mut Problems) -> super::Sync {
     let key_file = PathBuf::from(&raw.key_file);
     let key = sync_key(&key_file, p);
     let secs: u64 = in_range("sync.pull_timeout_s", raw.pull_timeout_s.unwrap_or(DEFAULT_PULL_TIMEOUT_S), 0, PULL_TIMEOUT_MAX_S, p);
-    super::Sync { listen, peers, key_file, key, pull_timeout: Duration::from_secs(secs) }
+    let group = raw.group.as_deref().and_then(|g| sync_group(g, listen, p));
+    super::Sync { listen, peers, key_file, key, pull_timeout: Duration::from_secs(secs), group }
+}
+
+/// The directors' multicast group: of `listen`'s family, and not a reserved block.
+fn sync_group(text: &str, listen: SocketAddr, p: &mut Problems) -> Option<SocketAddr> {
+    const KEY: &str = "sync.group";
+    let group = socket_addr(KEY, text, p)?;
+    let reason = match group.ip() {
+        ip if !ip.is_multicast() => Some(format!("{ip} is not a multicast address; use one the directors' segment carries, like 239.255.77.1:7947 or [ff02::6d6c]:7947")),
+        // 224.0.0.0/24 is local network control (VRRP, OSPF, ...); its groups are taken.
+        std::net::IpAddr::V4(v4) if v4.octets()[..3] == [224, 0, 0] => Some(format!("{v4} is in 224.0.0.0/24, reserved for routing protocols; use an administratively scoped group in 239.0.0.0/8")),
+        // ff01::/16 never leaves the host.
+        std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xff0f == 0xff01 => Some(format!("{v6} is interface-local and never leaves this host; use a link-local group like ff02::6d6c")),
+        ip if ip.is_ipv4() != listen.is_ipv4() => Some("the group and sync.listen must be of the same address family".to_owned()),
+        _ => None,
+    };
+    match reason {
+        Some(r) => {
+            p.add(KEY, r);
+            None
+        }
+        None => Some(group),
+    }
 }
 
 /// The shared key: the file's contents without surrounding whitespace, at least 32 bytes,

@@ -4,5 +4,6 @@
 //! what arrives through the director (`director::shared`).
 
 pub mod engine;
+pub mod multicast;
 pub mod runner;
 pub mod wire;

@@ -15,6 +15,7 @@ use mim_lb_common::{FLOW_EVENT_FORGOTTEN, FLOW_EVENT_RECORDED, FlowEvent, maps::
 use tokio::{io::unix::AsyncFd, net::UdpSocket};
 
 use super::{
+    multicast,
     engine::{Engine, Inbound, PullState},
     wire::{Key, WireRecord},
 };
@@ -30,14 +31,29 @@ pub const SEEN_EVERY: Duration = Duration::from_secs(1);
 /// How long a change waits for others to share its datagram: what it adds to the lag.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(5);
 
-/// Binds the sync socket (before anything touches the kernel, so a taken address fails the
+/// The sync sockets: this director's own address, and the group's when there is one.
+pub struct Sockets {
+    unicast: UdpSocket,
+    group: Option<UdpSocket>,
+}
+
+/// Binds the sync sockets (before anything touches the kernel, so a taken address fails the
 /// start).
-pub async fn bind(config: &SyncConfig) -> anyhow::Result<UdpSocket> {
+pub async fn bind(config: &SyncConfig) -> anyhow::Result<Sockets> {
     use anyhow::Context as _;
-    let socket =
+    let unicast =
         UdpSocket::bind(config.listen).await.with_context(|| format!("binding the sync socket (sync.listen) {}", config.listen))?;
-    enlarge_buffers(&socket);
-    Ok(socket)
+    enlarge_buffers(&unicast);
+    let group = match config.group {
+        Some(group) => {
+            let socket = multicast::join(config.listen, group).with_context(|| format!("joining the sync group (sync.group) {group}"))?;
+            multicast::send_from(&unicast, config.listen).with_context(|| format!("sending to the sync group (sync.group) {group} from {}", config.listen))?;
+            enlarge_buffers(&socket);
+            Some(socket)
+        }
+        None => None,
+    };
+    Ok(Sockets { unicast, group })
 }
 
 /// Socket buffers for bursts: a pull answer or a burst of new flows arrives faster than one
@@ -65,6 +81,7 @@ fn enlarge_buffers(socket: &UdpSocket) {
 
 pub struct SyncRunner {
     socket: UdpSocket,
+    group_socket: Option<UdpSocket>,
     engine: Engine,
     events: AsyncFd<RingBuf<MapData>>,
     /// The stamps last sent, per service, so that only changes go out.
@@ -100,7 +117,7 @@ impl SyncRunner {
     /// `pull_now`, else with [`SyncRunner::start_pull`] (after a fresh start's first round of
     /// health checks: the peer's marks fit only a table with its masters in it).
     pub fn start(
-        socket: UdpSocket,
+        sockets: Sockets,
         config: &crate::config::Config,
         director: &mut Director,
         pull_now: bool,
@@ -122,16 +139,21 @@ impl SyncRunner {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         let now = Instant::now();
-        let engine = Engine::new(key, config.listen, &config.peers, incarnation, pull_now, config.pull_timeout, now);
+        let mut engine = Engine::new(key, config.listen, &config.peers, incarnation, pull_now, config.pull_timeout, now);
+        if let Some(group) = config.group {
+            engine = engine.with_group(group);
+        }
         info!(
-            "flow sync on {} with {} peers: {}; pulling their state before ready (up to {:?} for a silent peer)",
+            "flow sync on {} with {} peers: {}; changes go {}; pulling the state of one before ready (up to {:?} for a silent group)",
             config.listen,
             config.peers.len(),
             config.peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
+            config.group.map_or("to each peer".to_owned(), |g| format!("to the group {g}")),
             config.pull_timeout
         );
         Ok(SyncRunner {
-            socket,
+            socket: sockets.unicast,
+            group_socket: sockets.group,
             engine,
             events,
             seen_sent: HashMap::new(),
@@ -179,9 +201,15 @@ impl SyncRunner {
         })
     }
 
-    /// Waits for a datagram.
+    /// Waits for a datagram, on either socket.
     pub async fn readable(&self) -> std::io::Result<()> {
-        self.socket.readable().await
+        match &self.group_socket {
+            Some(group) => tokio::select! {
+                r = self.socket.readable() => r,
+                r = group.readable() => r,
+            },
+            None => self.socket.readable().await,
+        }
     }
 
     /// Waits until the event ring has events. Readiness is cleared here, before
@@ -194,21 +222,32 @@ impl SyncRunner {
         }
     }
 
-    /// Reads every waiting datagram and applies it.
+    /// Reads every waiting datagram, on both sockets, and applies it.
     pub fn on_readable(&mut self, director: &mut Director) {
         // Bounded: a flood cannot keep the event loop here.
         for _ in 0..256 {
-            match self.socket.try_recv_from(&mut self.buf) {
-                Ok((n, from)) => {
-                    let datagram = self.buf[..n].to_vec();
-                    let inbound = self.engine.receive(from, &datagram, Instant::now());
-                    self.apply(director, inbound);
+            let mut got = false;
+            for to_group in [false, true] {
+                let socket = if to_group { self.group_socket.as_ref() } else { Some(&self.socket) };
+                let Some(socket) = socket else { continue };
+                match socket.try_recv_from(&mut self.buf) {
+                    Ok((n, from)) => {
+                        got = true;
+                        let datagram = self.buf[..n].to_vec();
+                        let now = Instant::now();
+                        let inbound = if to_group {
+                            self.engine.receive_group(from, &datagram, now)
+                        } else {
+                            self.engine.receive(from, &datagram, now)
+                        };
+                        self.apply(director, inbound);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => debug!("sync socket: {e}"),
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    debug!("sync socket: {e}");
-                    break;
-                }
+            }
+            if !got {
+                break;
             }
         }
         self.send();
@@ -332,6 +371,7 @@ impl SyncRunner {
                         PullState::Asking { .. } => "pulling",
                         PullState::Done => "done",
                         PullState::GaveUp => "gave up",
+                        PullState::Elsewhere => "from another peer",
                     }
                     .into(),
                     in_flight: p.in_flight(),
@@ -344,6 +384,9 @@ impl SyncRunner {
                     bad_auth: c.bad_auth,
                     malformed: c.malformed,
                     replayed: c.replayed,
+                    missed: c.missed,
+                    missing: p.missing(),
+                    nacks: c.nacks,
                 }
             })
             .collect();
@@ -352,6 +395,8 @@ impl SyncRunner {
             ready: self.not_ready().is_none(),
             peers,
             unknown_peer: self.engine.counters.unknown_peer,
+            group: self.engine.group().map(|g| g.to_string()),
+            group_sent: self.engine.counters.sent,
             events_lost: director.dataplane().maps_ro().sync_stats().map_or(0, |s| s[mim_lb_common::SYNC_STAT_LOST as usize]),
         }
     }
