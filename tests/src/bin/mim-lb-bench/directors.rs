@@ -33,10 +33,10 @@ use crate::interrupt;
 use crate::report::{Section, max, median, min};
 
 /// The TCP port of the masters' service (and the UDP service's health check).
-const PORT: u16 = 7000;
+pub(crate) const PORT: u16 = 7000;
 /// The UDP service whose every flow is recorded and shared.
-const UDP_PORT: u16 = 7001;
-const SYNC_PORT: u16 = 7946;
+pub(crate) const UDP_PORT: u16 = 7001;
+pub(crate) const SYNC_PORT: u16 = 7946;
 /// A UDP echo on director 1, for the round-trip baseline.
 const ECHO_PORT: u16 = 7950;
 /// Source ports the load uses, one per new flow (never one twice in a lab).
@@ -64,10 +64,10 @@ pub struct Settings {
 }
 
 /// The group's sync key, in a file of its own (mode 600), removed on drop.
-struct SyncKey(PathBuf);
+pub(crate) struct SyncKey(pub(crate) PathBuf);
 
 impl SyncKey {
-    fn new(lab: &Lab) -> Result<SyncKey> {
+    pub(crate) fn new(lab: &Lab) -> Result<SyncKey> {
         let path = std::env::temp_dir().join(format!("mimlb-bench-sync-{}.key", lab.id()));
         let key = SyncKey(path);
         std::fs::write(&key.0, format!("a benchmark key for lab {} of at least 32 bytes\n", lab.id()))
@@ -92,7 +92,7 @@ fn two_director_lab() -> Result<Lab> {
 }
 
 /// The UDP service, its masters checked by TCP on [`PORT`].
-fn udp_service(lab: &Lab) -> ServiceSpec {
+pub(crate) fn udp_service(lab: &Lab) -> ServiceSpec {
     ServiceSpec {
         name: "udp".into(),
         port: UDP_PORT,
@@ -214,7 +214,7 @@ fn failover_round() -> Result<FailoverRound> {
 /// per port. Nothing answers: the masters have no UDP service, so nothing comes back through
 /// a director (their ICMP errors go straight to the client). Returns (sent, failed sends, time
 /// taken).
-fn send_flows(lab: &Lab, vip: SocketAddrV4, first_port: u16, rate: u32, count: u32) -> Result<(u32, u32, Duration)> {
+pub(crate) fn send_flows(lab: &Lab, vip: SocketAddrV4, first_port: u16, rate: u32, count: u32) -> Result<(u32, u32, Duration)> {
     let limit = Duration::from_secs_f64(f64::from(count) / f64::from(rate)) + Duration::from_secs(5);
     let handle = spawn_in_netns(lab.client_ns(), "bench-flows", move || -> Result<(u32, u32, Duration)> {
         // SAFETY: plain socket(2); the fd is owned below.
@@ -271,13 +271,13 @@ fn send_flows(lab: &Lab, vip: SocketAddrV4, first_port: u16, rate: u32, count: u
 }
 
 /// Source ports handed out to the load, each once per lab.
-struct Ports(u32);
+pub(crate) struct Ports(u32);
 
 impl Ports {
-    fn new() -> Ports {
+    pub(crate) fn new() -> Ports {
         Ports(u32::from(FIRST_SOURCE_PORT))
     }
-    fn take(&mut self, n: u32) -> Result<u16> {
+    pub(crate) fn take(&mut self, n: u32) -> Result<u16> {
         if self.0 + n > 65_536 {
             bail!("{n} more new flows need more source ports than the client has left ({} after {})", 65_536 - self.0, self.0);
         }
@@ -288,7 +288,7 @@ impl Ports {
 }
 
 /// utime + stime of a process, all its threads (ms).
-fn cpu_ms(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_ms(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
     let after = stat.rsplit_once(')').context("an unexpected /proc/PID/stat")?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -302,7 +302,7 @@ fn peer(status: &Status) -> Option<&PeerStatus> {
     status.sync.as_ref().and_then(|s| s.peers.first())
 }
 
-fn udp_new_flows(status: &Status) -> u64 {
+pub(crate) fn udp_new_flows(status: &Status) -> u64 {
     status.services.iter().filter(|s| s.port == UDP_PORT && s.protocol == "udp").map(|s| s.new_flows).sum()
 }
 

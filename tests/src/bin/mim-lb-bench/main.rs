@@ -10,6 +10,8 @@
 //!   connections, and restarted;
 //! - directors: two directors with flow sync and keepalived: the active one killed under
 //!   traffic, the sync's lag, and its traffic and CPU per new flow;
+//! - sync-scale: 3, 4 and 6 directors, the sync traffic of a known load of new flows with
+//!   changes sent to each peer (the baseline) and to a multicast group;
 //! - e2e (only when asked for, `--only e2e`): short connections and 1 MiB answers through
 //!   mim-lb (native and generic XDP), HAProxy, nftables netdev forwarding and no director, in
 //!   interleaved rounds on one lab.
@@ -28,6 +30,7 @@ mod interrupt;
 mod per_packet;
 mod rebuild;
 mod report;
+mod sync_scale;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +48,7 @@ enum Bench {
     Directors,
     Counting,
     E2e,
+    SyncScale,
 }
 
 #[derive(Parser)]
@@ -52,7 +56,7 @@ enum Bench {
 struct Args {
     /// Which benchmarks to run (comma-separated). `e2e` runs only when named: it takes
     /// minutes and measures other software (HAProxy, nftables) next to mim-lb.
-    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "counting", "failover", "directors"])]
+    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "counting", "failover", "directors", "sync-scale"])]
     only: Vec<Bench>,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -169,6 +173,17 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     load_s: u64,
 
+    /// Group sizes of the sync-scale benchmark (directors, comma-separated), each measured with
+    /// changes sent to each peer and to a multicast group.
+    #[arg(long, value_delimiter = ',', default_values_t = [3usize, 4, 6])]
+    sync_sizes: Vec<usize>,
+    /// New UDP flows per second through director 0 in the sync-scale benchmark, and for how long
+    /// (s); rate x this must stay under 64,000.
+    #[arg(long, default_value_t = 2000)]
+    sync_rate: u32,
+    #[arg(long, default_value_t = 5)]
+    sync_s: u64,
+
     /// End-to-end rounds: every director in turn, every step, per round; medians reported.
     #[arg(long, default_value_t = 3)]
     e2e_rounds: usize,
@@ -218,6 +233,7 @@ fn run(args: &Args) -> Result<()> {
             "masters": args.masters, "settle_ms": args.settle_ms, "native": args.native,
             "director_rounds": args.director_rounds, "lag_rate": args.lag_rate, "lag_s": args.lag_s,
             "flow_rates": args.flow_rates, "load_s": args.load_s,
+            "sync_sizes": args.sync_sizes, "sync_rate": args.sync_rate, "sync_s": args.sync_s,
             "e2e_rounds": args.e2e_rounds, "e2e_rates": args.e2e_rates, "e2e_workers": args.e2e_workers,
             "e2e_step_ms": args.e2e_step_ms, "e2e_large_workers": args.e2e_large_workers, "e2e_large_ms": args.e2e_large_ms, "e2e_idle": args.e2e_idle,
         }),
@@ -287,6 +303,11 @@ fn run(args: &Args) -> Result<()> {
             load_s: args.load_s,
         };
         report.sections.extend(directors::measure(&settings)?);
+    }
+    if wants(Bench::SyncScale) {
+        eprintln!("mim-lb-bench: sync traffic as the group grows ...");
+        let settings = sync_scale::Settings { sizes: args.sync_sizes.clone(), rate: args.sync_rate, secs: args.sync_s };
+        report.sections.push(sync_scale::measure(&settings)?);
     }
     if wants(Bench::E2e) {
         eprintln!("mim-lb-bench: end to end ...");
