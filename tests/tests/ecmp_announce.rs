@@ -1,0 +1,146 @@
+//! Many directors behind an ECMP router, announced through BIRD (OPERATIONS.md, "Many directors
+//! behind ECMP"; CONFIG.md, `[announce]`). Three directors each run the real daemon with
+//! `[announce]` and `[sync]`, and BIRD with the shipped `dist/bird/director.conf`; the router
+//! runs BIRD with `dist/bird/router.conf` and forwards with `fib_multipath_hash_policy = 1`.
+//! Promises kept:
+//! - once ready, every director's address is a next hop of the router's route to the VIP, and
+//!   client connections through the router reach the masters, spread over the directors;
+//! - `mim-lb withdraw` takes one director out of the route (it keeps forwarding) and `mim-lb
+//!   announce` puts it back;
+//! - a VIP none of whose masters is live on a director is not announced by it;
+//! - a VIP added by a reload is announced, one removed is withdrawn;
+//! - a clean stop (SIGTERM) withdraws before the process exits.
+//!
+//! The times the router took to follow are printed (`convergence:` lines).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mim_lb_tests::{
+    Lab, LabSpec,
+    bird::{Ecmp, director_mim_lb_config},
+    gateway::ServiceSpec,
+    keepalived::SyncKey,
+};
+
+const PORT: u16 = 7000;
+/// How long the whole group may take to come up and be announced: the daemons' first checks
+/// and sync pull, BGP sessions opened (connect retry 2 s) and BFD up, on a loaded machine.
+const UP_LIMIT: Duration = Duration::from_secs(40);
+/// How long the router may take to follow a withdrawal or an announcement: BIRD hears of the
+/// route at once (netlink), the update is sent at once; this is room for a loaded machine.
+/// The measured times are printed.
+const FOLLOW_LIMIT: Duration = Duration::from_secs(10);
+/// On a clean stop the daemon keeps forwarding this long after it withdrew: the test sees the
+/// route lose the director while the process still runs.
+const WITHDRAW_WAIT_MS: u64 = 4000;
+
+fn all(n: usize) -> BTreeSet<usize> {
+    (0..n).collect()
+}
+
+fn without(n: usize, i: usize) -> BTreeSet<usize> {
+    (0..n).filter(|j| *j != i).collect()
+}
+
+fn configs(lab: &Lab, key: &SyncKey, vips: usize) -> Vec<String> {
+    let services: Vec<ServiceSpec> = (0..vips)
+        .map(|k| ServiceSpec { name: format!("web{k}"), vip: lab.vips4()[k].into(), ..ServiceSpec::tcp(lab, PORT) })
+        .collect();
+    (0..lab.director_count())
+        .map(|i| director_mim_lb_config(lab, key, i, &services, "tcp_idle_timeout_s = 2", WITHDRAW_WAIT_MS))
+        .collect()
+}
+
+#[test]
+fn directors_announce_through_bird_and_withdraw() {
+    let mut lab = Lab::new(LabSpec { vips: 2, ..LabSpec::router(3) }).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let key = SyncKey::new(&lab).unwrap();
+    let first = configs(&lab, &key, 1);
+    let mut ecmp = Ecmp::start(&mut lab, key, &first).unwrap();
+    let n = lab.director_count();
+    let vip = lab.vip4();
+
+    // Every director is a next hop once ready.
+    let t = ecmp.wait_nexthops(&lab, vip, &all(n), UP_LIMIT).unwrap();
+    println!("convergence: all {n} directors next hops of {vip} {:.2} s after the last daemon served every master", t.as_secs_f64());
+    for (i, gw) in ecmp.gateways.iter().enumerate() {
+        let a = gw.status().unwrap().announce.expect("status shows [announce]");
+        assert!(a.announcing && !a.withdrawn, "director {i}: {a:?}");
+        assert_eq!(a.vips.len(), 1, "director {i}: {a:?}");
+        assert!(a.vips[0].announced && a.vips[0].vip == vip.to_string(), "director {i}: {a:?}");
+        let text = gw.ctl(&["status"]).unwrap();
+        assert!(text.contains(&format!("Announce (table 100, protocol 250): announcing {vip}")), "director {i}:\n{text}");
+    }
+
+    // Connections through the router reach the masters, and the router's L4 hash spreads them
+    // over the directors.
+    let before: Vec<u64> = ecmp.gateways.iter().map(|g| g.status().unwrap().services[0].new_flows).collect();
+    let names = lab.ask(SocketAddr::new(vip.into(), PORT), 60, Duration::from_secs(3));
+    assert!(names.iter().all(|n| lab.master_index(n).is_some()), "{names:?}");
+    let carried: Vec<u64> =
+        ecmp.gateways.iter().zip(&before).map(|(g, b)| g.status().unwrap().services[0].new_flows - b).collect();
+    println!("new flows per director for 60 connections: {carried:?}");
+    assert_eq!(carried.iter().sum::<u64>(), 60, "every connection went through one director: {carried:?}");
+    assert!(carried.iter().filter(|c| **c > 0).count() >= 2, "the router sent every connection to one director: {carried:?}");
+
+    // `withdraw` takes director 1 out of the route; it still forwards what reaches it.
+    let out = ecmp.gateways[1].ctl(&["withdraw"]).unwrap();
+    assert!(out.contains("withdrawn"), "{out}");
+    let t = ecmp.wait_nexthops(&lab, vip, &without(n, 1), FOLLOW_LIMIT).unwrap();
+    println!("convergence: withdraw on director 1 left the router's route in {:.3} s", t.as_secs_f64());
+    assert!(ecmp.announced_routes(&lab, 1).unwrap().is_empty(), "director 1 still has its route");
+    let a = ecmp.gateways[1].status().unwrap().announce.unwrap();
+    assert!(a.withdrawn && !a.announcing && a.vips[0].reason.contains("withdrawn by the operator"), "{a:?}");
+    assert!(ecmp.gateways[1].ctl(&["status"]).unwrap().contains("WITHDRAWN by the operator"));
+    let names = lab.ask(SocketAddr::new(vip.into(), PORT), 20, Duration::from_secs(3));
+    assert!(names.iter().all(|n| lab.master_index(n).is_some()), "{names:?}");
+    // ... and `announce` brings it back.
+    ecmp.gateways[1].ctl(&["announce"]).unwrap();
+    let t = ecmp.wait_nexthops(&lab, vip, &all(n), FOLLOW_LIMIT).unwrap();
+    println!("convergence: announce on director 1 was back in the router's route in {:.3} s", t.as_secs_f64());
+
+    // A director on which no master of the VIP is live steps out; back once one is.
+    for m in 0..lab.master_count() {
+        ecmp.gateways[0].ctl(&["disable", "web0", &lab.master_addr4(m).to_string()]).unwrap();
+    }
+    ecmp.wait_nexthops(&lab, vip, &without(n, 0), FOLLOW_LIMIT).unwrap();
+    let a = ecmp.gateways[0].status().unwrap().announce.unwrap();
+    assert!(!a.vips[0].announced && a.vips[0].reason.contains("no service of this VIP has a master"), "{a:?}");
+    ecmp.gateways[0].ctl(&["enable", "web0", &lab.master_addr4(0).to_string()]).unwrap();
+    ecmp.wait_nexthops(&lab, vip, &all(n), FOLLOW_LIMIT).unwrap();
+    for m in 1..lab.master_count() {
+        ecmp.gateways[0].ctl(&["enable", "web0", &lab.master_addr4(m).to_string()]).unwrap();
+    }
+
+    // A VIP added by a reload is announced by every director; removed again, it is withdrawn.
+    let vip2 = lab.vips4()[1];
+    assert!(ecmp.nexthop_directors(&lab, vip2).unwrap().is_empty());
+    for (gw, config) in ecmp.gateways.iter().zip(configs(&lab, &ecmp.key, 2)) {
+        gw.write_config(&config).unwrap();
+        gw.ctl(&["reload"]).unwrap();
+    }
+    let t = ecmp.wait_nexthops(&lab, vip2, &all(n), UP_LIMIT).unwrap();
+    println!("convergence: {vip2}, added by a reload, announced by all in {:.3} s", t.as_secs_f64());
+    let names = lab.ask(SocketAddr::new(vip2.into(), PORT), 10, Duration::from_secs(3));
+    assert!(names.iter().all(|n| lab.master_index(n).is_some()), "{names:?}");
+    for (gw, config) in ecmp.gateways.iter().zip(configs(&lab, &ecmp.key, 1)) {
+        gw.write_config(&config).unwrap();
+        gw.ctl(&["reload"]).unwrap();
+    }
+    ecmp.wait_nexthops(&lab, vip2, &BTreeSet::new(), FOLLOW_LIMIT).unwrap();
+    ecmp.wait_nexthops(&lab, vip, &all(n), FOLLOW_LIMIT).unwrap();
+
+    // A clean stop withdraws first: the router drops director 2 while its daemon still runs
+    // (it forwards for WITHDRAW_WAIT_MS more), and the process then exits cleanly.
+    ecmp.begin_stop(2).unwrap();
+    let t = ecmp.wait_nexthops(&lab, vip, &without(n, 2), FOLLOW_LIMIT).unwrap();
+    println!("convergence: SIGTERM on director 2 left the router's route in {:.3} s", t.as_secs_f64());
+    assert!(ecmp.gateways[2].running(), "director 2's daemon exited before the router dropped it ({:.3} s)", t.as_secs_f64());
+    assert!(ecmp.announced_routes(&lab, 2).unwrap().is_empty());
+    ecmp.gateways[2].stop().unwrap();
+    let names = lab.ask(SocketAddr::new(vip.into(), PORT), 20, Duration::from_secs(3));
+    assert!(names.iter().all(|n| lab.master_index(n).is_some()), "{names:?}");
+}
