@@ -78,8 +78,8 @@ pub struct AnnounceStatus {
     pub withdrawn: bool,
     /// One per VIP of the configuration, sorted.
     pub vips: Vec<AnnouncedVip>,
-    /// The last failure to write the table, until a write succeeds.
-    pub error: Option<String>,
+    /// The last failure to write the table, until a write succeeds; empty when none.
+    pub error: String,
 }
 
 /// One VIP and whether its route is in the table.
@@ -504,8 +504,8 @@ fn render_announce(out: &mut String, a: &AnnounceStatus) {
     for v in a.vips.iter().filter(|v| !v.announced) {
         let _ = writeln!(out, "  {} not announced: {}", v.vip, v.reason);
     }
-    if let Some(e) = &a.error {
-        let _ = writeln!(out, "  error: {e}");
+    if !a.error.is_empty() {
+        let _ = writeln!(out, "  error: {}", a.error);
     }
 }
 

@@ -144,3 +144,38 @@ fn directors_announce_through_bird_and_withdraw() {
     let names = lab.ask(SocketAddr::new(vip.into(), PORT), 20, Duration::from_secs(3));
     assert!(names.iter().all(|n| lab.master_index(n).is_some()), "{names:?}");
 }
+
+/// The shipped routing examples are valid for the daemons they are for: BIRD's parser (`bird
+/// -p`), as shipped and as the lab renders them, and FRR's (`vtysh --dryrun`, which reports
+/// an unknown or misplaced command).
+#[test]
+fn shipped_bird_and_frr_examples_parse() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
+    let dir = std::env::temp_dir().join(format!("mimlb-{}", mim_lb_tests::gateway::unique_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = |program: &str, args: &[&str], file: &std::path::Path| {
+        let out = std::process::Command::new(program).args(args).arg(file).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?} {}: {}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for name in ["director.conf", "router.conf"] {
+        check("bird", &["-p", "-c"], &root.join("dist/bird").join(name));
+        check("vtysh", &["--dryrun", "-f"], &root.join("dist/frr").join(name));
+    }
+    // The lab's renderings: only the `define` lines change, and they still parse.
+    let router = mim_lb_tests::bird::set_defines(
+        &mim_lb_tests::bird::dist_config("router.conf").unwrap(),
+        &[("ROUTER", "10.9.9.1".into()), ("DIRECTORS_NET", "10.9.9.0/24".into()), ("VIPS", "[ 10.9.9.0/24{32,32} ]".into())],
+    )
+    .unwrap();
+    std::fs::write(dir.join("router.conf"), router).unwrap();
+    check("bird", &["-p", "-c"], &dir.join("router.conf"));
+    // A name the example does not define is an error, not silently ignored.
+    assert!(mim_lb_tests::bird::set_defines("define A = 1;\n", &[("B", "2".into())]).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

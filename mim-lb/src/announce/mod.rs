@@ -169,7 +169,7 @@ impl Announcer {
             announcing: !applied.installed.is_empty(),
             withdrawn: self.withdrawn,
             vips,
-            error: applied.error.clone(),
+            error: applied.error.clone().unwrap_or_default(),
         }
     }
 
