@@ -133,6 +133,14 @@ fn directors_announce_through_bird_and_withdraw() {
     ecmp.wait_nexthops(&lab, vip2, &BTreeSet::new(), FOLLOW_LIMIT).unwrap();
     ecmp.wait_nexthops(&lab, vip, &all(n), FOLLOW_LIMIT).unwrap();
 
+    // The table and protocol are named in BIRD's config too: a reload may not change them.
+    let current = configs(&lab, &ecmp.key, 1);
+    ecmp.gateways[0].write_config(&current[0].replace("table = 100", "table = 101")).unwrap();
+    let err = format!("{:#}", ecmp.gateways[0].ctl(&["reload"]).expect_err("a new announce table"));
+    assert!(err.contains("reload rejected, nothing changed: announce (table, protocol, or the section itself) cannot change while running"), "{err}");
+    ecmp.gateways[0].write_config(&current[0]).unwrap();
+    assert_eq!(ecmp.nexthop_directors(&lab, vip).unwrap(), all(n));
+
     // A clean stop withdraws first: the router drops director 2 while its daemon still runs
     // (it forwards for WITHDRAW_WAIT_MS more), and the process then exits cleanly.
     ecmp.begin_stop(2).unwrap();
