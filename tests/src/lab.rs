@@ -231,7 +231,8 @@ impl Lab {
         };
         lab.namespaces = std::iter::once(lab.bridge_ns.clone())
             .chain(std::iter::once(lab.client.ns.clone()))
-            .chain(lab.segment_hosts().map(|h| h.ns.clone()))
+            // Without a router the client is on the segment too: named once.
+            .chain(lab.segment_hosts().filter(|h| h.ns != lab.client.ns).map(|h| h.ns.clone()))
             .collect();
         lab.counters = (0..spec.masters).map(|_| Arc::default()).collect();
         lab.build(spec.ipv6, spec.prepare_masters).with_context(|| format!("building lab {}", lab.id))?;
