@@ -289,15 +289,17 @@ impl Ecmp {
         Ok(out.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect())
     }
 
-    /// Director `i` dies: SIGKILL to its mim-lb and its BIRD, and its link cut on the bridge
-    /// side (a machine that lost power). Returns the moment it was off the segment.
+    /// Director `i` dies as a machine that lost power: its link is cut on the bridge side
+    /// first, so that nothing it would send on the way out (BIRD's TCP session closed by the
+    /// kernel when BIRD dies) reaches the router, which must notice by BFD; then its mim-lb
+    /// and BIRD get SIGKILL. Returns the moment it was off the segment.
     pub fn kill(&mut self, lab: &Lab, i: usize) -> Result<Instant> {
+        lab.cut_director(i)?;
+        let gone = Instant::now();
         self.gateways[i].proc().signal(libc::SIGKILL)?;
         if let Some(p) = self.birds[i].proc.as_ref() {
             p.signal(libc::SIGKILL)?;
         }
-        lab.cut_director(i)?;
-        let gone = Instant::now();
         self.birds[i].kill()?;
         self.gateways[i].kill()?;
         Ok(gone)

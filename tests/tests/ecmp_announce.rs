@@ -59,9 +59,21 @@ fn directors_announce_through_bird_and_withdraw() {
     lab.start_tcp_servers(PORT).unwrap();
     let key = SyncKey::new(&lab).unwrap();
     let first = configs(&lab, &key, 1);
+    let (vip, vip2) = (lab.vip4(), lab.vips4()[1]);
+    // What an earlier run on director 0 left in the table: a route for a VIP no longer
+    // configured, and one for a VIP with other attributes; and a route that is not mim-lb's.
+    mim_lb_tests::netns::ip_batch(
+        Some(lab.director_ns(0)),
+        &[
+            format!("route add {vip2}/32 dev lo table 100 proto 250"),
+            format!("route add {vip}/32 dev eth0 table 100 proto 250"),
+            "route add 192.0.2.0/24 dev lo table 100 proto static".to_owned(),
+        ],
+        false,
+    )
+    .unwrap();
     let mut ecmp = Ecmp::start(&mut lab, key, &first).unwrap();
     let n = lab.director_count();
-    let vip = lab.vip4();
 
     // Every director is a next hop once ready.
     let t = ecmp.wait_nexthops(&lab, vip, &all(n), UP_LIMIT).unwrap();
@@ -74,6 +86,14 @@ fn directors_announce_through_bird_and_withdraw() {
         let text = gw.ctl(&["status"]).unwrap();
         assert!(text.contains(&format!("Announce (table 100, protocol 250): announcing {vip}")), "director {i}:\n{text}");
     }
+
+    // The start left the table right: the stale VIP's route gone, the other rewritten, the
+    // route that is not mim-lb's untouched.
+    let table = lab.run_in(lab.director_ns(0), "ip", &["-4", "route", "show", "table", "100"]).unwrap();
+    let lines: BTreeSet<String> = table.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    let want: BTreeSet<String> =
+        [format!("{vip} dev lo proto 250 scope link"), "192.0.2.0/24 dev lo proto static scope link".to_owned()].into();
+    assert_eq!(lines, want, "director 0's table 100 after the start:\n{table}");
 
     // Connections through the router reach the masters, and the router's L4 hash spreads them
     // over the directors.
@@ -116,7 +136,6 @@ fn directors_announce_through_bird_and_withdraw() {
     }
 
     // A VIP added by a reload is announced by every director; removed again, it is withdrawn.
-    let vip2 = lab.vips4()[1];
     assert!(ecmp.nexthop_directors(&lab, vip2).unwrap().is_empty());
     for (gw, config) in ecmp.gateways.iter().zip(configs(&lab, &ecmp.key, 2)) {
         gw.write_config(&config).unwrap();
@@ -151,6 +170,15 @@ fn directors_announce_through_bird_and_withdraw() {
     ecmp.gateways[2].stop().unwrap();
     let names = lab.ask(SocketAddr::new(vip.into(), PORT), 20, Duration::from_secs(3));
     assert!(names.iter().all(|n| lab.master_index(n).is_some()), "{names:?}");
+
+    // A director that dies (processes killed, link cut) leaves the route by BFD; back, it
+    // pulls its peers' state and is announced again.
+    let gone = ecmp.kill(&lab, 0).unwrap();
+    ecmp.wait_nexthops(&lab, vip, &[1].into(), FOLLOW_LIMIT).unwrap();
+    println!("convergence: director 0 killed and cut off, out of the router's route in {:.3} s (BFD 3 x 100 ms)", gone.elapsed().as_secs_f64());
+    ecmp.revive(&mut lab, 0, &[]).unwrap();
+    let t = ecmp.wait_nexthops(&lab, vip, &[0, 1].into(), UP_LIMIT).unwrap();
+    println!("convergence: director 0 revived, back in the router's route {:.2} s after its daemon served", t.as_secs_f64());
 }
 
 /// The shipped routing examples are valid for the daemons they are for: BIRD's parser (`bird
