@@ -634,6 +634,33 @@ mod tests {
     }
 
     #[test]
+    fn render_shows_what_is_announced_and_why_not() {
+        let mut s = sample();
+        s.announce = Some(AnnounceStatus {
+            table: 100,
+            protocol: 250,
+            announcing: true,
+            withdrawn: false,
+            vips: vec![
+                AnnouncedVip { vip: "10.0.0.100".into(), announced: true, reason: String::new() },
+                AnnouncedVip { vip: "10.0.0.101".into(), announced: false, reason: "no service of this VIP has a master that is up, draining or removing".into() },
+            ],
+            error: String::new(),
+        });
+        let text = render(&s);
+        assert!(text.contains("Announce (table 100, protocol 250): announcing 10.0.0.100\n"), "{text}");
+        assert!(text.contains("  10.0.0.101 not announced: no service of this VIP has a master"), "{text}");
+        let a = s.announce.as_mut().unwrap();
+        a.withdrawn = true;
+        a.announcing = false;
+        a.vips[0].announced = false;
+        a.error = "writing the route of 10.0.0.100 to table 100: Permission denied".into();
+        let text = render(&s);
+        assert!(text.contains("Announce (table 100, protocol 250): WITHDRAWN by the operator\n"), "{text}");
+        assert!(text.contains("  error: writing the route"), "{text}");
+    }
+
+    #[test]
     fn render_shows_states_reasons_and_counters() {
         let status = sample();
         let text = render(&status);

@@ -177,6 +177,21 @@ fn directors_announce_through_bird_and_withdraw() {
     ecmp.wait_nexthops(&lab, vip, &[1].into(), FOLLOW_LIMIT).unwrap();
     println!("convergence: director 0 killed and cut off, out of the router's route in {:.3} s (BFD 3 x 100 ms)", gone.elapsed().as_secs_f64());
     ecmp.revive(&mut lab, 0, &[]).unwrap();
+    // Over its kept pins it pulls its peers' state first (director 2, stopped, answers nothing
+    // for pull_timeout_s): until it is ready it announces nothing.
+    let mut not_ready_seen = 0;
+    loop {
+        let status = ecmp.gateways[0].query_status().unwrap();
+        if status.sync.as_ref().unwrap().ready {
+            break;
+        }
+        let a = status.announce.unwrap();
+        assert!(!a.vips[0].announced && a.vips[0].reason.starts_with("not ready"), "announced while not ready: {a:?}");
+        assert!(!ecmp.nexthop_directors(&lab, vip).unwrap().contains(&0), "the router has director 0 while it is not ready");
+        not_ready_seen += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(not_ready_seen > 0, "director 0 was ready at once: the pull from the stopped director 2 should take pull_timeout_s");
     let t = ecmp.wait_nexthops(&lab, vip, &[0, 1].into(), UP_LIMIT).unwrap();
     println!("convergence: director 0 revived, back in the router's route {:.2} s after its daemon served", t.as_secs_f64());
 }
