@@ -230,3 +230,40 @@ fn shipped_bird_and_frr_examples_parse() {
     assert!(mim_lb_tests::bird::set_defines("define A = 1;\n", &[("B", "2".into())]).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// IPv6 VIPs get their `/128` route the same way, next to the IPv4 ones (one director, no
+/// routing daemon: what is in the table is what a daemon would announce), and `withdraw`
+/// removes both.
+#[test]
+fn ipv6_vips_get_host_routes_too() {
+    use mim_lb_tests::gateway::{Gateway, Mode, lab_config};
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let v6 = lab.vip6().unwrap();
+    let services = [
+        ServiceSpec::tcp(&lab, PORT),
+        ServiceSpec { name: "web6".into(), vip: v6.into(), ..ServiceSpec::tcp(&lab, PORT) }.macs_from_neighbours(),
+    ];
+    let config = format!("{}\n{}", lab_config(&lab, &services, ""), mim_lb_tests::bird::announce_section(0));
+    let gw = Gateway::start(&mut lab, &config, Mode::Generic).unwrap();
+    gw.wait_all_up().unwrap();
+    gw.wait_until("both VIPs announced", Duration::from_secs(20), |s| {
+        s.announce.as_ref().is_some_and(|a| a.vips.len() == 2 && a.vips.iter().all(|v| v.announced))
+    })
+    .unwrap();
+    let routes = |family: &str| {
+        // A table that never had a route of the family does not exist for it: no routes.
+        let out = match lab.run_in(lab.gateway_ns(), "ip", &[family, "route", "show", "table", "100", "proto", "250"]) {
+            Ok(out) => out,
+            Err(e) if format!("{e:#}").contains("FIB table does not exist") => String::new(),
+            Err(e) => panic!("{e:#}"),
+        };
+        out.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect::<Vec<_>>()
+    };
+    assert_eq!(routes("-4"), [format!("{} dev lo scope link", lab.vip4())]);
+    let six = routes("-6");
+    assert!(six.len() == 1 && six[0].starts_with(&format!("{v6} dev lo metric")), "{six:?}");
+    gw.ctl(&["withdraw"]).unwrap();
+    gw.wait_until("nothing announced", Duration::from_secs(10), |s| s.announce.as_ref().is_some_and(|a| !a.announcing)).unwrap();
+    assert!(routes("-4").is_empty() && routes("-6").is_empty(), "{:?} {:?}", routes("-4"), routes("-6"));
+}
