@@ -14,7 +14,7 @@ use rtnetlink::{
 };
 use tokio::sync::watch;
 
-use super::{Applied, Found, plan};
+use super::{Applied, Found, host_len, plan};
 use crate::config::Announce;
 
 #[derive(Debug, thiserror::Error)]
@@ -85,17 +85,19 @@ impl Writer {
     ) {
         // The first pass reads the table: routes an earlier run left are removed or rewritten.
         let mut installed: Option<BTreeSet<IpAddr>> = None;
+        let mut failures: u32 = 0;
         loop {
             let (generation, want) = wishes.borrow_and_update().clone();
             let result = self.apply(installed.as_ref(), &want).await;
-            let failed = result.is_err();
             match result {
                 Ok(now) => {
+                    failures = 0;
                     installed = Some(now.clone());
                     report.send_replace(Applied { generation, installed: now, error: None });
                 }
                 Err(e) => {
-                    log::warn!("announce: {e} (tried again in {retry:?})");
+                    failures = failures.saturating_add(1);
+                    log::warn!("announce: {e} (tried again in {:?})", backoff(retry, recheck, failures));
                     // What is there is unknown now: the next pass reads the table.
                     installed = None;
                     report.send_modify(|a| {
@@ -104,7 +106,7 @@ impl Writer {
                     });
                 }
             }
-            let wait = if failed { retry } else { recheck };
+            let wait = if failures > 0 { backoff(retry, recheck, failures) } else { recheck };
             tokio::select! {
                 changed = wishes.changed() => if changed.is_err() { break },
                 _ = tokio::time::sleep(wait) => installed = None,
@@ -112,15 +114,18 @@ impl Writer {
         }
     }
 
-    /// One pass: with `installed` unknown, reads the table and rewrites every wanted route;
-    /// otherwise changes only the difference. Returns the VIPs now in the table.
+    /// One pass: with `installed` unknown, reads the table first; otherwise changes only the
+    /// difference. Returns the VIPs now in the table.
     async fn apply(&self, installed: Option<&BTreeSet<IpAddr>>, want: &BTreeSet<IpAddr>) -> Result<BTreeSet<IpAddr>, AnnounceError> {
-        let (found, rewrite) = match installed {
-            Some(set) => (set.iter().map(|vip| (*vip, host_len(vip))).collect(), false),
-            None => (self.read().await?, true),
+        let found: Vec<Found> = match installed {
+            Some(set) => {
+                set.iter().map(|vip| Found { destination: *vip, prefix_len: host_len(vip), as_written: true }).collect()
+            }
+            None => self.read().await?,
         };
-        let p = plan(&found, want, rewrite);
-        let mut now: BTreeSet<IpAddr> = found.iter().filter(|(vip, len)| *len == host_len(vip)).map(|f| f.0).collect();
+        let p = plan(&found, want);
+        let mut now: BTreeSet<IpAddr> =
+            found.iter().filter(|f| f.prefix_len == host_len(&f.destination)).map(|f| f.destination).collect();
         for (vip, len) in &p.delete {
             self.delete(*vip, *len).await?;
             if *len == host_len(vip) {
@@ -179,7 +184,7 @@ impl Writer {
             let routes = self.handle.route().get(query).execute();
             let what = || format!("reading the routes of table {}", self.config.table);
             let all: Vec<RouteMessage> = bounded(what, routes.try_collect()).await?;
-            found.extend(all.iter().filter_map(|r| ours(r, self.config)));
+            found.extend(all.iter().filter_map(|r| ours(r, self.config, self.loopback)));
         }
         Ok(found)
     }
@@ -206,12 +211,13 @@ impl Drop for Writer {
     }
 }
 
-fn host_len(vip: &IpAddr) -> u8 {
-    if vip.is_ipv4() { 32 } else { 128 }
+/// The wait before the `failures`th retry: `retry`, doubled each time, at most `cap`.
+fn backoff(retry: Duration, cap: Duration, failures: u32) -> Duration {
+    retry.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(cap)
 }
 
-/// The destination of `route` if it is in our table with our protocol number.
-fn ours(route: &RouteMessage, config: Announce) -> Option<Found> {
+/// The route `route` is, if it is in our table with our protocol number.
+fn ours(route: &RouteMessage, config: Announce, loopback: u32) -> Option<Found> {
     let table = route
         .attributes
         .iter()
@@ -233,5 +239,20 @@ fn ours(route: &RouteMessage, config: Announce) -> Option<Found> {
         AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
         _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
     });
-    Some((destination, route.header.destination_prefix_length))
+    let via_lo = route.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == loopback));
+    let as_written = via_lo && route.header.kind == RouteType::Unicast;
+    Some(Found { destination, prefix_len: route.header.destination_prefix_length, as_written })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_the_recheck_period() {
+        let (retry, cap) = (Duration::from_secs(1), Duration::from_secs(30));
+        let waits: Vec<u64> = (1..=7).map(|n| backoff(retry, cap, n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(backoff(retry, cap, u32::MAX), cap);
+    }
 }

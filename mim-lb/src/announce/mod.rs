@@ -59,28 +59,42 @@ pub fn wanted(decision: &Decision) -> BTreeSet<IpAddr> {
     decision.iter().filter(|(_, why)| why.is_none()).map(|(vip, _)| *vip).collect()
 }
 
-/// A route of ours found in the table: its destination and prefix length.
-pub type Found = (IpAddr, u8);
+/// A route of ours found in the table: its destination and prefix length, and whether it is
+/// the route this daemon writes (`dev lo`, unicast) rather than one with other attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub destination: IpAddr,
+    pub prefix_len: u8,
+    pub as_written: bool,
+}
 
 /// What to change in the table.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// Routes of ours to remove: VIPs no longer wanted (withdrawn, or gone from the config)
     /// and anything that is not a host route of a VIP (left by someone else with our number).
-    pub delete: Vec<Found>,
-    /// VIPs to write (NLM_F_REPLACE: a route of an earlier run with other attributes is
-    /// overwritten, not duplicated).
+    pub delete: Vec<(IpAddr, u8)>,
+    /// VIPs to write: missing, or there with other attributes (NLM_F_REPLACE: a route an
+    /// earlier run or an operator left is overwritten, not duplicated). A route already as
+    /// written is left alone, so a periodic check changes nothing the routing daemon would
+    /// hear of.
     pub replace: Vec<IpAddr>,
 }
 
-/// How to bring the routes `found` in the table to `want`. `rewrite`: write every wanted
-/// route even if one is there (the first pass after a start, and each periodic check), so a
-/// route an earlier run or an operator left with other attributes becomes ours.
-pub fn plan(found: &[Found], want: &BTreeSet<IpAddr>, rewrite: bool) -> Plan {
-    let host = |(addr, len): &Found| *len == if addr.is_ipv4() { 32 } else { 128 };
-    let delete: Vec<Found> = found.iter().filter(|f| !host(f) || !want.contains(&f.0)).copied().collect();
-    let present: BTreeSet<IpAddr> = found.iter().filter(|f| host(f)).map(|f| f.0).collect();
-    let replace = want.iter().filter(|vip| rewrite || !present.contains(vip)).copied().collect();
+fn host_len(vip: &IpAddr) -> u8 {
+    if vip.is_ipv4() { 32 } else { 128 }
+}
+
+/// How to bring the routes `found` in the table to `want`.
+pub fn plan(found: &[Found], want: &BTreeSet<IpAddr>) -> Plan {
+    let host = |f: &Found| f.prefix_len == host_len(&f.destination);
+    let delete = found
+        .iter()
+        .filter(|f| !host(f) || !want.contains(&f.destination))
+        .map(|f| (f.destination, f.prefix_len))
+        .collect();
+    let proper: BTreeSet<IpAddr> = found.iter().filter(|f| host(f) && f.as_written).map(|f| f.destination).collect();
+    let replace = want.iter().filter(|vip| !proper.contains(vip)).copied().collect();
     Plan { delete, replace }
 }
 
@@ -109,7 +123,7 @@ pub struct Announcer {
 /// How often the writer reads the table back and rewrites it, which repairs a route someone
 /// removed or changed by hand.
 const RECHECK: Duration = Duration::from_secs(30);
-/// How soon a failed pass is tried again.
+/// How soon a failed pass is tried again, doubling up to `RECHECK` while it keeps failing.
 const RETRY: Duration = Duration::from_secs(1);
 /// How long a stop waits for the routes to be removed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -220,20 +234,26 @@ mod tests {
     }
 
     #[test]
-    fn plan_removes_what_is_not_wanted_and_writes_what_is_missing() {
-        let found = vec![(ip("10.0.0.100"), 32), (ip("10.0.0.101"), 32), (ip("10.0.0.0"), 24), (ip("fd00::100"), 128)];
-        let want: BTreeSet<IpAddr> = [ip("10.0.0.100"), ip("10.0.0.102"), ip("fd00::100")].into();
-        let p = plan(&found, &want, false);
+    fn plan_removes_what_is_not_wanted_and_writes_what_is_missing_or_different() {
+        let f = |d: &str, len: u8, as_written: bool| Found { destination: ip(d), prefix_len: len, as_written };
+        let found = vec![
+            f("10.0.0.100", 32, true),
+            f("10.0.0.101", 32, true),
+            f("10.0.0.0", 24, true),
+            f("fd00::100", 128, true),
+            f("10.0.0.103", 32, false),
+        ];
+        let want: BTreeSet<IpAddr> = [ip("10.0.0.100"), ip("10.0.0.102"), ip("10.0.0.103"), ip("fd00::100")].into();
+        let p = plan(&found, &want);
         assert_eq!(p.delete, vec![(ip("10.0.0.101"), 32), (ip("10.0.0.0"), 24)]);
-        assert_eq!(p.replace, vec![ip("10.0.0.102")]);
-        // A rewrite writes every wanted route again.
-        let p = plan(&found, &want, true);
-        assert_eq!(p.replace, vec![ip("10.0.0.100"), ip("10.0.0.102"), ip("fd00::100")]);
+        // Missing, and there with other attributes; those as written are left alone.
+        assert_eq!(p.replace, vec![ip("10.0.0.102"), ip("10.0.0.103")]);
         // A /32 for an IPv6 address is not a host route of it.
-        let p = plan(&[(ip("fd00::100"), 32)], &want, false);
+        let p = plan(&[f("fd00::100", 32, true)], &want);
         assert_eq!(p.delete, vec![(ip("fd00::100"), 32)]);
         assert!(p.replace.contains(&ip("fd00::100")));
         // Nothing wanted: everything of ours goes.
-        assert_eq!(plan(&found, &BTreeSet::new(), true).delete.len(), 4);
+        assert_eq!(plan(&found, &BTreeSet::new()).delete.len(), 5);
+        assert!(plan(&found, &BTreeSet::new()).replace.is_empty());
     }
 }
