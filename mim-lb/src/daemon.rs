@@ -821,7 +821,7 @@ impl Daemon {
         let not_ready = self.not_ready();
         if let Some(announcer) = self.announcer.as_mut() {
             let withdrawn = announcer.withdrawn;
-            announcer.set(crate::announce::decide(director.desired(), not_ready.as_deref(), withdrawn));
+            announcer.set(crate::announce::decide(&crate::announce::live_vips(director.desired()), not_ready.as_deref(), withdrawn));
         }
     }
 

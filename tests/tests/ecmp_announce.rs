@@ -122,6 +122,14 @@ fn directors_announce_through_bird_and_withdraw() {
     let t = ecmp.wait_nexthops(&lab, vip, &all(n), FOLLOW_LIMIT).unwrap();
     println!("convergence: announce on director 1 was back in the router's route in {:.3} s", t.as_secs_f64());
 
+    // Drained masters still carry their connections: the VIP stays announced (the decision
+    // is made at once: its reason would say otherwise).
+    for m in 0..lab.master_count() {
+        ecmp.gateways[0].ctl(&["drain", "web0", &lab.master_addr4(m).to_string()]).unwrap();
+    }
+    let a = ecmp.gateways[0].query_status().unwrap().announce.unwrap();
+    assert!(a.vips[0].announced && a.vips[0].reason.is_empty(), "every master drained: {a:?}");
+    assert_eq!(ecmp.nexthop_directors(&lab, vip).unwrap(), all(n));
     // A director on which no master of the VIP is live steps out; back once one is.
     for m in 0..lab.master_count() {
         ecmp.gateways[0].ctl(&["disable", "web0", &lab.master_addr4(m).to_string()]).unwrap();

@@ -28,17 +28,24 @@ pub use kernel::AnnounceError;
 /// Why a VIP is not announced, or `None` when it is wanted in the table.
 pub type Decision = BTreeMap<IpAddr, Option<String>>;
 
-/// Whether each VIP should be announced. A VIP is announced while the director is ready, the
-/// operator has not withdrawn it, and one of its services has a master that still carries
-/// connections (up, draining or removing): a director that can reach none of a VIP's masters
-/// (its own checks fail) steps out, so the router sends clients to directors that can.
-pub fn decide(desired: &Desired, not_ready: Option<&str>, withdrawn: bool) -> Decision {
+/// Whether each VIP has a master that still carries connections (up, draining or removing)
+/// in one of its services.
+pub fn live_vips(desired: &Desired) -> BTreeMap<IpAddr, bool> {
     let mut live: BTreeMap<IpAddr, bool> = BTreeMap::new();
     for (key, service) in desired {
         let any = service.backends.values().any(|b| b.state().0.keeps_flows());
         *live.entry(key.vip).or_default() |= any;
     }
-    live.into_iter()
+    live
+}
+
+/// Whether each VIP should be announced. A VIP is announced while the director is ready, the
+/// operator has not withdrawn it, and one of its services has a master that still carries
+/// connections (`live`): a director that can reach none of a VIP's masters (its own checks
+/// fail) steps out, so the router sends clients to directors that can, while a VIP whose
+/// masters are only drained stays: their connections still need a way in.
+pub fn decide(live: &BTreeMap<IpAddr, bool>, not_ready: Option<&str>, withdrawn: bool) -> Decision {
+    live.iter()
         .map(|(vip, live)| {
             let why = if withdrawn {
                 Some("withdrawn by the operator (`mim-lb announce` announces it again)".to_owned())
@@ -49,7 +56,7 @@ pub fn decide(desired: &Desired, not_ready: Option<&str>, withdrawn: bool) -> De
             } else {
                 None
             };
-            (vip, why)
+            (*vip, why)
         })
         .collect()
 }
@@ -231,6 +238,22 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_vip_is_announced_when_ready_not_withdrawn_and_live() {
+        let live: BTreeMap<IpAddr, bool> = [(ip("10.0.0.100"), true), (ip("10.0.0.101"), false)].into();
+        let d = decide(&live, None, false);
+        assert_eq!(d[&ip("10.0.0.100")], None);
+        assert_eq!(d[&ip("10.0.0.101")].as_deref(), Some("no service of this VIP has a master that is up, draining or removing"));
+        assert_eq!(wanted(&d), [ip("10.0.0.100")].into());
+        // Not ready: nothing, with the reason readiness gives.
+        let d = decide(&live, Some("pulling flow state from peers"), false);
+        assert!(wanted(&d).is_empty());
+        assert_eq!(d[&ip("10.0.0.100")].as_deref(), Some("not ready: pulling flow state from peers"));
+        // Withdrawn by the operator wins over everything.
+        let d = decide(&live, Some("x"), true);
+        assert!(d.values().all(|why| why.as_deref().is_some_and(|w| w.starts_with("withdrawn by the operator"))));
     }
 
     #[test]
