@@ -236,8 +236,10 @@ pub struct Ecmp {
 }
 
 impl Ecmp {
-    /// Starts the router's BIRD, then on every director mim-lb with `configs[i]` (see
-    /// [`director_mim_lb_config`]) and BIRD, and waits until every daemon sees every backend up.
+    /// Starts the router's BIRD, then on directors `0..configs.len()` mim-lb with `configs[i]`
+    /// (see [`director_mim_lb_config`]) and BIRD, and waits until every daemon sees every
+    /// backend up. Fewer configs than the lab has directors leaves the others to
+    /// [`Ecmp::join`] later.
     pub fn start(lab: &mut Lab, key: SyncKey, configs: &[String]) -> Result<Ecmp> {
         let router_ns = lab.router_ns().context("the lab has no router")?.to_owned();
         let router = Bird::start(lab, &router_ns, &router_config(lab)?).context("starting BIRD on the router")?;
@@ -252,6 +254,32 @@ impl Ecmp {
             gw.wait_all_up().with_context(|| format!("director {}", gw.director()))?;
         }
         Ok(Ecmp { router, gateways, birds, key })
+    }
+
+    /// Starts the next director of the lab that is not running yet (BIRD, then mim-lb with
+    /// `config`) and returns its index; it joins the router's route once it is ready (it pulls its
+    /// peers' state first), which [`Ecmp::wait_nexthops`] waits for.
+    pub fn join(&mut self, lab: &mut Lab, config: &str) -> Result<usize> {
+        let i = self.gateways.len();
+        if i >= lab.director_count() {
+            bail!("all {} directors of the lab run already", lab.director_count());
+        }
+        // BIRD first, as on a machine where it starts at boot: its session is up by the time
+        // mim-lb is ready, and the route goes out as soon as mim-lb writes it.
+        let ns = lab.director_ns(i).to_owned();
+        self.birds.push(Bird::start(lab, &ns, &director_config(lab, i)?).with_context(|| format!("starting BIRD on director {i}"))?);
+        self.gateways.push(Gateway::start_on(lab, i, config, Mode::Generic, &[]).with_context(|| format!("starting mim-lb on director {i}"))?);
+        Ok(i)
+    }
+
+    /// `mim-lb withdraw` on director `i` (it leaves the route, keeps forwarding).
+    pub fn withdraw(&self, i: usize) -> Result<String> {
+        self.gateways[i].ctl(&["withdraw"])
+    }
+
+    /// `mim-lb announce` on director `i`.
+    pub fn announce(&self, i: usize) -> Result<String> {
+        self.gateways[i].ctl(&["announce"])
     }
 
     /// The directors whose address is a next hop of the router's route to `vip`.
@@ -306,7 +334,10 @@ impl Ecmp {
     }
 
     /// Brings director `i` back after [`Ecmp::kill`]: the link, the daemon over its pins (with
-    /// `daemon_args`), then BIRD. Its routes come back once the daemon is ready.
+    /// `daemon_args`), then BIRD. Its routes come back once the daemon is ready. The daemon
+    /// goes first: the killed one left its routes in the table (a namespace keeps them, where
+    /// a machine that lost power would have rebooted with an empty table), and the new one
+    /// removes them before BIRD could announce them.
     pub fn revive(&mut self, lab: &mut Lab, i: usize, daemon_args: &[&str]) -> Result<()> {
         lab.reconnect_director(i)?;
         self.gateways[i].restart(lab, daemon_args).with_context(|| format!("restarting mim-lb on director {i}"))?;

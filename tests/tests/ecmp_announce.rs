@@ -72,12 +72,17 @@ fn directors_announce_through_bird_and_withdraw() {
         false,
     )
     .unwrap();
-    let mut ecmp = Ecmp::start(&mut lab, key, &first).unwrap();
+    // Two directors first; the third joins once they are announced.
+    let mut ecmp = Ecmp::start(&mut lab, key, &first[..2]).unwrap();
     let n = lab.director_count();
-
-    // Every director is a next hop once ready.
+    let t = ecmp.wait_nexthops(&lab, vip, &[0, 1].into(), UP_LIMIT).unwrap();
+    println!("convergence: directors 0 and 1 next hops of {vip} {:.2} s after both daemons served every master", t.as_secs_f64());
+    assert_eq!(ecmp.join(&mut lab, &first[2]).unwrap(), 2);
+    ecmp.gateways[2].wait_all_up().unwrap();
     let t = ecmp.wait_nexthops(&lab, vip, &all(n), UP_LIMIT).unwrap();
-    println!("convergence: all {n} directors next hops of {vip} {:.2} s after the last daemon served every master", t.as_secs_f64());
+    println!("convergence: director 2 joined the route {:.2} s after its daemon served every master", t.as_secs_f64());
+    let sync = ecmp.gateways[2].status().unwrap().sync.unwrap();
+    assert!(sync.ready && sync.peers.iter().all(|p| p.pull == "done"), "director 2 announced before pulling its peers' state: {sync:?}");
     for (i, gw) in ecmp.gateways.iter().enumerate() {
         let a = gw.status().unwrap().announce.expect("status shows [announce]");
         assert!(a.announcing && !a.withdrawn, "director {i}: {a:?}");
@@ -201,7 +206,7 @@ fn directors_announce_through_bird_and_withdraw() {
     }
     assert!(not_ready_seen > 0, "director 0 was ready at once: the pull from the stopped director 2 should take pull_timeout_s");
     let t = ecmp.wait_nexthops(&lab, vip, &[0, 1].into(), UP_LIMIT).unwrap();
-    println!("convergence: director 0 revived, back in the router's route {:.2} s after its daemon served", t.as_secs_f64());
+    println!("convergence: director 0 revived, back in the router's route {:.2} s after its daemon was ready", t.as_secs_f64());
 }
 
 /// The shipped routing examples are valid for the daemons they are for: BIRD's parser (`bird
