@@ -38,6 +38,16 @@ pub fn plan(config: &Config) -> String {
         config.tcp_idle_timeout.as_secs(),
         config.udp_idle_timeout.as_secs()
     );
+    if let Some(a) = &config.announce {
+        let _ = writeln!(
+            out,
+            "announce: a route per VIP in kernel table {} (protocol {}) while ready and one of its masters is live; \
+             a stop waits {} ms after withdrawing",
+            a.table,
+            a.protocol,
+            a.withdraw_wait.as_millis()
+        );
+    }
     for service in &config.services {
         let _ = writeln!(
             out,

@@ -56,7 +56,7 @@ pub fn main() -> anyhow::Result<()> {
     {
         bail!(
             "--socket {} is for the commands that talk to a running daemon (status, drain, enable, disable, reload, \
-             simulate, ready); `run` and `detach` take the socket from the config's control_socket",
+             simulate, ready, withdraw, announce); `run` and `detach` take the socket from the config's control_socket",
             path.display()
         );
     }
@@ -120,6 +120,8 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Withdraw(args) => say(&args.path(top)?, &Request::Withdraw),
+        Command::Announce(args) => say(&args.path(top)?, &Request::Announce),
         Command::Detach(args) => detach::run(&args),
         Command::PrepareBackend(args) => prepare_backend::run(&args),
         Command::ExampleConfig => {
@@ -213,6 +215,14 @@ pub enum Command {
     /// the peers' flow state pulled), 1 otherwise: keepalived's `track_script`.
     #[command(after_help = "Examples:\n  mim-lb ready && echo ready\n  mim-lb ready --quiet --timeout 1s   (keepalived track_script)")]
     Ready(ReadyArgs),
+    /// Remove this director's VIP routes from its `[announce]` table, so that the routing
+    /// daemon withdraws them and the router sends it no new traffic; it keeps forwarding what
+    /// still arrives. Until `mim-lb announce` or a restart.
+    #[command(after_help = "Examples:\n  mim-lb withdraw                 (take this director out of ECMP)\n  mim-lb status | grep Announce   (WITHDRAWN by the operator)")]
+    Withdraw(SocketArg),
+    /// Undo `mim-lb withdraw`: put the routes of the VIPs this director can serve back.
+    #[command(after_help = "Example:\n  mim-lb announce")]
+    Announce(SocketArg),
     /// Take a stopped daemon's program off the interface and remove its pinned maps (what
     /// `run --keep-pinned`, and so the systemd unit, leaves forwarding on stop).
     #[command(after_help = "Example:\n  systemctl stop mim-lb && mim-lb detach --config /etc/mim-lb/mim-lb.toml")]
@@ -370,6 +380,8 @@ impl Command {
                 | Command::Reload(_)
                 | Command::Simulate(_)
                 | Command::Ready(_)
+                | Command::Withdraw(_)
+                | Command::Announce(_)
         )
     }
 }

@@ -129,7 +129,8 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
 
     let mut attached = None;
     let listeners = Listeners { control: listener, metrics: metrics_listener, sync: sync_socket, signals };
-    let result = start_and_serve(&config_path, overrides, config.clone(), &mut director, listeners, &mut attached).await;
+    let result =
+        start_and_serve(&config_path, overrides, config.clone(), &mut director, listeners, &mut attached, keep_pinned).await;
     let stop = attached.take();
     let dataplane = director.dataplane_mut();
     match (&result, stop, keep_pinned) {
@@ -207,6 +208,7 @@ async fn start_and_serve(
     director: &mut Director,
     listeners: Listeners,
     attached: &mut Option<Attached>,
+    keep_pinned: bool,
 ) -> Result<()> {
     // Everything that can fail without changing the data path comes before the first write,
     // so a failed start over pins an earlier run left changes nothing it forwards with.
@@ -264,6 +266,18 @@ async fn start_and_serve(
         _ => None,
     };
 
+    // Its first pass removes what an earlier run left: nothing is announced until ready.
+    let announcer = match config.announce {
+        Some(announce) => match crate::announce::Announcer::start(announce).await {
+            Ok(announcer) => Some(announcer),
+            Err(e) => {
+                neighbors.shutdown().await;
+                return Err(e).context("starting to announce the VIPs ([announce])");
+            }
+        },
+        None => None,
+    };
+
     let logger = director.dataplane_mut().take_logger();
     let log_task = logger.map(|logger| tokio::spawn(forward_program_log(logger)));
     let (report_tx, report_rx) = mpsc::channel(1024);
@@ -291,6 +305,7 @@ async fn start_and_serve(
         held_recorded: None,
         tcp_active: None,
         sketch_flips: 0,
+        announcer,
     };
     daemon.refresh_watchers(director);
     info!(
@@ -300,6 +315,15 @@ async fn start_and_serve(
         daemon.mode
     );
     let result = daemon.event_loop(director, listeners.signals, report_rx, neigh_rx, control_rx).await;
+    // Withdraw first: the router moves the traffic to the other directors while this one
+    // still forwards; only then does the program go (unless it stays, --keep-pinned).
+    if let Some(announcer) = daemon.announcer.take() {
+        let wait = daemon.config.announce.map_or(Duration::ZERO, |a| a.withdraw_wait);
+        if announcer.withdraw_all().await && !keep_pinned && !wait.is_zero() {
+            info!("routes withdrawn; forwarding what still arrives for {} ms before detaching", wait.as_millis());
+            tokio::time::sleep(wait).await;
+        }
+    }
 
     daemon.health.shutdown();
     control_task.abort();
@@ -354,6 +378,8 @@ struct Daemon {
     /// Generations the sketch moved through since this daemon cleared it; counts are taken
     /// once all the complete ones are of its own time.
     sketch_flips: u32,
+    /// The VIPs' routes for the routing daemon, with `[announce]`.
+    announcer: Option<crate::announce::Announcer>,
 }
 
 /// A read of the connection table under way on a blocking thread: when it began (both
@@ -417,6 +443,9 @@ impl Daemon {
             }
             // Outside any change: the next one then writes only its own slots.
             director.tidy();
+            // Whatever the last event changed (readiness, a master's state, a reload, an
+            // operator's withdraw) decides which VIPs are announced.
+            self.update_announce(director);
             let timer = director.next_timer_ns().map(|at| {
                 let due = tokio::time::Instant::now() + Duration::from_nanos(at.saturating_sub(monotonic_ns()));
                 self.timer_not_before.map_or(due, |t| due.max(t))
@@ -762,6 +791,7 @@ impl Daemon {
                 None => Response::message(format!("ready: serving {} services on {}", director.desired().len(), self.config.interface)),
                 Some(why) => Response::error(why),
             },
+            Request::Withdraw | Request::Announce => self.operator_announce(director, request == Request::Withdraw),
             Request::Simulate { flow } => {
                 if self.simulator.is_none() {
                     match director.dataplane().simulator() {
@@ -785,6 +815,38 @@ impl Daemon {
             return Some(format!("waiting for the first health checks of {} masters", b.waiting()));
         }
         self.sync.as_ref().and_then(|s| s.not_ready())
+    }
+
+    fn update_announce(&mut self, director: &Director) {
+        let not_ready = self.not_ready();
+        if let Some(announcer) = self.announcer.as_mut() {
+            let withdrawn = announcer.withdrawn;
+            announcer.set(crate::announce::decide(&crate::announce::live_vips(director.desired()), not_ready.as_deref(), withdrawn));
+        }
+    }
+
+    /// `mim-lb withdraw` and `mim-lb announce`: kept until the other one, or the daemon stops.
+    fn operator_announce(&mut self, director: &Director, withdraw: bool) -> Response {
+        let Some(announcer) = self.announcer.as_mut() else {
+            return Response::error("this director announces nothing: the configuration has no [announce] section");
+        };
+        let was = announcer.withdrawn;
+        announcer.withdrawn = withdraw;
+        self.update_announce(director);
+        let table = self.config.announce.map_or(0, |a| a.table);
+        let message = match (withdraw, was) {
+            (true, false) => {
+                info!("operator: withdraw: removing the VIPs' routes from table {table}; forwarding what still arrives");
+                format!("withdrawn: the VIPs' routes leave table {table}; this director keeps forwarding what still arrives")
+            }
+            (true, true) => "already withdrawn".to_owned(),
+            (false, true) => {
+                info!("operator: announce: the VIPs' routes go back into table {table}");
+                format!("announcing again: the routes of the VIPs this director can serve go back into table {table}")
+            }
+            (false, false) => "not withdrawn: nothing to undo".to_owned(),
+        };
+        Response::message(message)
     }
 
     fn admin(&mut self, director: &mut Director, service: &str, backend: IpAddr, admin: Admin) -> Response {
@@ -814,6 +876,11 @@ impl Daemon {
             ("control_socket", old.control_socket != config.control_socket),
             ("metrics_listen", old.metrics_listen != config.metrics_listen),
             ("sync", old.sync != config.sync),
+            // The routing daemon's configuration names the table and the protocol number.
+            (
+                "announce (table, protocol, or the section itself)",
+                old.announce.map(|a| (a.table, a.protocol)) != config.announce.map(|a| (a.table, a.protocol)),
+            ),
         ];
         let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
         if !changed.is_empty() {
@@ -868,6 +935,7 @@ impl Daemon {
         if let (Some(sync), Some(config)) = (&self.sync, &self.config.sync) {
             status.sync = Some(sync.status(director, config.listen));
         }
+        status.announce = self.announcer.as_ref().map(|a| a.status());
         Ok(status)
     }
 }

@@ -4,6 +4,7 @@
 //! tables, service index) -> `dataplane` (maps, program, attachment) -> kernel. `health`
 //! (checks) and `neighbor` (MACs) report to the daemon's event loop (`daemon`), which hands
 //! their verdicts to the director; `control` carries operators' commands the same way.
+pub mod announce;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -180,6 +180,13 @@ impl Collector for StatusCollector {
             gauge(e, "mim_lb_connections_age_seconds", "Age of the connection counts (since their read of the connection table began)", &[(vec![], counts.age_s)])?;
         }
 
+        // Only with [announce]: the VIPs' routes for the routing daemon.
+        if let Some(a) = &s.announce {
+            let vips: Vec<(Labels, i64)> = a.vips.iter().map(|v| (vec![("vip", v.vip.clone())], i64::from(v.announced))).collect();
+            gauge(e, "mim_lb_vip_announced", "1 while the VIP's route is in the [announce] table (the routing daemon announces it)", &vips)?;
+            gauge(e, "mim_lb_announce_withdrawn", "1 while the operator has withdrawn this director (mim-lb withdraw)", &[(vec![], i64::from(a.withdrawn))])?;
+        }
+
         let reasons = |f: fn(&crate::status::ReasonCount) -> u64| -> Vec<(Labels, u64)> {
             s.reasons.iter().map(|r| (vec![("reason", r.name.clone())], f(r))).collect()
         };
@@ -452,6 +459,27 @@ mod tests {
         status.services[0].backends[0].held_down = None;
         let line = format!("mim_lb_backend_held_down{{{svc},backend=\"10.0.0.11\"}} 0");
         assert!(render(&status).lines().any(|l| l == line));
+    }
+
+    #[test]
+    fn announced_vips_are_exported_with_announce_only() {
+        let mut status = crate::status::sample();
+        assert!(!render(&status).contains("announce"), "no [announce], no series");
+        status.announce = Some(crate::status::AnnounceStatus {
+            table: 100,
+            protocol: 250,
+            announcing: true,
+            withdrawn: false,
+            vips: vec![
+                crate::status::AnnouncedVip { vip: "10.0.0.100".into(), announced: true, reason: String::new() },
+                crate::status::AnnouncedVip { vip: "10.0.0.101".into(), announced: false, reason: "not ready: x".into() },
+            ],
+            error: String::new(),
+        });
+        let text = render(&status);
+        for line in ["mim_lb_vip_announced{vip=\"10.0.0.100\"} 1", "mim_lb_vip_announced{vip=\"10.0.0.101\"} 0", "mim_lb_announce_withdrawn 0"] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct Status {
     /// Flow sync with peer directors (absent without `[sync]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncStatus>,
+    /// The VIPs' routes for the routing daemon (absent without `[announce]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<AnnounceStatus>,
     /// How fresh the backends' `active_connections` and `inactive_connections` are (absent
     /// until the first read of the connection table, a second or so after the start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,6 +69,32 @@ pub struct SyncStatus {
     /// Datagrams of changes sent to the group.
     #[serde(default)]
     pub group_sent: u64,
+}
+
+/// The routes this director keeps for its routing daemon to announce (`[announce]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    /// The kernel table the routes are in.
+    pub table: u32,
+    /// Their route protocol number.
+    pub protocol: u8,
+    /// At least one VIP's route is in the table.
+    pub announcing: bool,
+    /// The operator withdrew this director (`mim-lb withdraw`).
+    pub withdrawn: bool,
+    /// One per VIP of the configuration, sorted.
+    pub vips: Vec<AnnouncedVip>,
+    /// The last failure to write the table, until a write succeeds; empty when none.
+    pub error: String,
+}
+
+/// One VIP and whether its route is in the table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnnouncedVip {
+    pub vip: String,
+    pub announced: bool,
+    /// Why it is not announced (empty when it is).
+    pub reason: String,
 }
 
 /// One peer director, as this one sees it.
@@ -339,6 +368,7 @@ pub fn collect(director: &Director, facts: &DaemonFacts) -> Result<Status, crate
         services,
         reasons,
         sync: None,
+        announce: None,
         connections: facts
             .held
             .map(|(age, _)| ConnectionCounts { age_s: age.as_secs_f64(), active_window_s: ACTIVE_WINDOW.as_secs_f64() }),
@@ -469,7 +499,28 @@ pub fn render(status: &Status) -> String {
     if let Some(sync) = &status.sync {
         render_sync(&mut out, sync);
     }
+    if let Some(announce) = &status.announce {
+        render_announce(&mut out, announce);
+    }
     out
+}
+
+fn render_announce(out: &mut String, a: &AnnounceStatus) {
+    let announced: Vec<&str> = a.vips.iter().filter(|v| v.announced).map(|v| v.vip.as_str()).collect();
+    let head = if a.withdrawn {
+        "WITHDRAWN by the operator".to_owned()
+    } else if announced.is_empty() {
+        "NOT ANNOUNCING".to_owned()
+    } else {
+        format!("announcing {}", announced.join(", "))
+    };
+    let _ = writeln!(out, "Announce (table {}, protocol {}): {head}", a.table, a.protocol);
+    for v in a.vips.iter().filter(|v| !v.announced) {
+        let _ = writeln!(out, "  {} not announced: {}", v.vip, v.reason);
+    }
+    if !a.error.is_empty() {
+        let _ = writeln!(out, "  error: {}", a.error);
+    }
 }
 
 /// How fresh and how exact ActConn and InActConn are.
@@ -581,6 +632,7 @@ pub(crate) fn sample() -> Status {
         }],
         reasons: vec![ReasonCount { code: 0, name: "forwarded".into(), packets: 10, bytes: 2048 }],
         sync: None,
+        announce: None,
         connections: Some(ConnectionCounts { age_s: 0.5, active_window_s: 5.0 }),
     }
 }
@@ -597,6 +649,33 @@ mod tests {
         assert_eq!(human_duration(59.9), "59s");
         assert_eq!(human_duration(3725.0), "1h2m");
         assert_eq!(human_duration(90_000.0), "1d1h");
+    }
+
+    #[test]
+    fn render_shows_what_is_announced_and_why_not() {
+        let mut s = sample();
+        s.announce = Some(AnnounceStatus {
+            table: 100,
+            protocol: 250,
+            announcing: true,
+            withdrawn: false,
+            vips: vec![
+                AnnouncedVip { vip: "10.0.0.100".into(), announced: true, reason: String::new() },
+                AnnouncedVip { vip: "10.0.0.101".into(), announced: false, reason: "no service of this VIP has a master that is up, draining or removing".into() },
+            ],
+            error: String::new(),
+        });
+        let text = render(&s);
+        assert!(text.contains("Announce (table 100, protocol 250): announcing 10.0.0.100\n"), "{text}");
+        assert!(text.contains("  10.0.0.101 not announced: no service of this VIP has a master"), "{text}");
+        let a = s.announce.as_mut().unwrap();
+        a.withdrawn = true;
+        a.announcing = false;
+        a.vips[0].announced = false;
+        a.error = "writing the route of 10.0.0.100 to table 100: Permission denied".into();
+        let text = render(&s);
+        assert!(text.contains("Announce (table 100, protocol 250): WITHDRAWN by the operator\n"), "{text}");
+        assert!(text.contains("  error: writing the route"), "{text}");
     }
 
     #[test]

@@ -18,6 +18,8 @@ use crate::servers::{ServeCounters, Served, Server, start_tcp, start_tcp_with, s
 pub const HOST_IFNAME: &str = "eth0";
 /// The bridge, inside the bridge namespace.
 pub const BRIDGE_IFNAME: &str = "br0";
+/// The router's interface towards the client, with [`LabSpec::router`].
+pub const CLIENT_SIDE_IFNAME: &str = "eth1";
 
 /// Most masters a lab can have: their addresses are .11 to .74.
 pub const MAX_MASTERS: usize = 64;
@@ -48,11 +50,16 @@ pub struct LabSpec {
     /// the VIPs: whoever moves them (keepalived, see [`crate::keepalived`]) puts them on the
     /// active director's `eth0`, and there are only IPv4 ones to move.
     pub directors: usize,
+    /// A router between the client and the segment (see [`Lab`]): the client gets a subnet
+    /// of its own behind it, and the router reaches the VIPs through routes the directors
+    /// announce (BIRD, [`crate::bird`]), by ECMP with an L4 hash. IPv4 only; no director
+    /// holds a VIP on its interface.
+    pub router: bool,
 }
 
 impl Default for LabSpec {
     fn default() -> Self {
-        LabSpec { masters: 3, ipv6: true, vips: 1, prepare_masters: true, slaves: 0, directors: 1 }
+        LabSpec { masters: 3, ipv6: true, vips: 1, prepare_masters: true, slaves: 0, directors: 1, router: false }
     }
 }
 
@@ -64,6 +71,11 @@ impl LabSpec {
     /// The default lab with `directors` directors.
     pub fn directors(directors: usize) -> LabSpec {
         LabSpec { directors, ..LabSpec::default() }
+    }
+
+    /// `directors` directors behind a router, IPv4 only ([`LabSpec::router`]).
+    pub fn router(directors: usize) -> LabSpec {
+        LabSpec { directors, router: true, ipv6: false, ..LabSpec::default() }
     }
 }
 
@@ -90,12 +102,22 @@ struct Host {
 ///   accept VIP traffic but never claim the VIP on the wire (plain hosts without
 ///   [`LabSpec::prepare_masters`]);
 /// - slaves, if any, `.201`, `.202`, ...: plain hosts;
+/// - with [`LabSpec::router`], the router takes the client's place on the segment (`.1`), and
+///   the client sits alone on a veth to the router in `172.16.y.0/24` (client `.1`, router
+///   `.254`); masters and directors route that subnet via the router, which forwards with
+///   `fib_multipath_hash_policy = 1` (the L4 hash of ECMP);
 /// - every host's `eth0` has TX checksum offload off (native XDP on veth needs it).
 #[derive(Debug)]
 pub struct Lab {
     id: String,
     bridge_ns: String,
     client: Host,
+    /// With [`LabSpec::router`]: the router, `.1` on the segment (where the client is
+    /// otherwise) and `.254` on the client's subnet.
+    router: Option<Host>,
+    /// The client's own subnet behind the router (`172.16.y.0/24`), and the router's address
+    /// there.
+    client_net: Option<(Ipv4Addr, Ipv4Addr)>,
     /// Director 0 is "the gateway" of the one-director lab.
     directors: Vec<Host>,
     masters: Vec<Host>,
@@ -140,6 +162,9 @@ impl Lab {
         if !(1..=MAX_DIRECTORS).contains(&spec.directors) {
             bail!("a lab needs 1 to {MAX_DIRECTORS} directors, not {}", spec.directors);
         }
+        if spec.router && spec.ipv6 {
+            bail!("a lab with a router is IPv4 only (ipv6: false)");
+        }
         let id = new_lab_id();
         let ns = |role: &str| format!("{NS_PREFIX}{id}-{role}");
         // Labs live on separate bridges, so equal subnets would still work; distinct ones keep
@@ -169,9 +194,23 @@ impl Lab {
                 host(&role, format!("p-{role}"), 2 + i as u8)
             })
             .collect();
+        let client_net = spec.router.then(|| (Ipv4Addr::new(172, 16, subnet.1, 0), Ipv4Addr::new(172, 16, subnet.1, 254)));
+        let client = match client_net {
+            // Alone on its veth to the router: no bridge port.
+            Some((net, _)) => Host {
+                ns: ns("client"),
+                port: String::new(),
+                mac: host_mac(subnet, 250),
+                addr4: Ipv4Addr::new(172, 16, net.octets()[2], 1),
+                addr6: None,
+            },
+            None => host("client", "p-client".into(), 1),
+        };
         let mut lab = Lab {
             bridge_ns: ns("br"),
-            client: host("client", "p-client".into(), 1),
+            client,
+            router: spec.router.then(|| host("rt", "p-rt".into(), 1)),
+            client_net,
             directors,
             masters,
             slaves,
@@ -191,15 +230,19 @@ impl Lab {
             procs: Vec::new(),
         };
         lab.namespaces = std::iter::once(lab.bridge_ns.clone())
-            .chain(lab.hosts().map(|h| h.ns.clone()))
+            .chain(std::iter::once(lab.client.ns.clone()))
+            // Without a router the client is on the segment too: named once.
+            .chain(lab.segment_hosts().filter(|h| h.ns != lab.client.ns).map(|h| h.ns.clone()))
             .collect();
         lab.counters = (0..spec.masters).map(|_| Arc::default()).collect();
         lab.build(spec.ipv6, spec.prepare_masters).with_context(|| format!("building lab {}", lab.id))?;
         Ok(lab)
     }
 
-    fn hosts(&self) -> impl Iterator<Item = &Host> {
-        std::iter::once(&self.client)
+    /// The hosts on the segment: the client (or, with a router, the router in its place),
+    /// directors, masters, slaves.
+    fn segment_hosts(&self) -> impl Iterator<Item = &Host> {
+        std::iter::once(self.router.as_ref().unwrap_or(&self.client))
             .chain(self.directors.iter())
             .chain(self.masters.iter())
             .chain(self.slaves.iter())
@@ -261,6 +304,12 @@ impl Lab {
             ],
         )?;
         set_sysctls(&self.client.ns, &host_sysctls)?;
+        if let Some(r) = &self.router {
+            set_sysctls(&r.ns, &host_sysctls)?;
+            // A router, spreading flows over equal-cost next hops by their L4 5-tuple, as
+            // OPERATIONS.md asks of the router in front of the directors.
+            set_sysctls(&r.ns, &[("net.ipv4.ip_forward", "1"), ("net.ipv4.fib_multipath_hash_policy", "1")])?;
+        }
         for d in &self.directors {
             set_sysctls(&d.ns, &host_sysctls)?;
         }
@@ -279,7 +328,7 @@ impl Lab {
         let mut bridge = vec![format!(
             "link add {BRIDGE_IFNAME} type bridge stp_state 0 forward_delay 0 mcast_snooping 0"
         )];
-        for h in self.hosts() {
+        for h in self.segment_hosts() {
             bridge.push(format!(
                 "link add {} type veth peer name {HOST_IFNAME} address {} netns {}",
                 h.port,
@@ -291,7 +340,7 @@ impl Lab {
         bridge.push(format!("link set {BRIDGE_IFNAME} up"));
         ip_batch(Some(&self.bridge_ns), &bridge, false)?;
 
-        for h in self.hosts() {
+        for h in self.segment_hosts() {
             let mut lines = vec![
                 "link set lo up".to_owned(),
                 format!("link set {HOST_IFNAME} up"),
@@ -303,7 +352,8 @@ impl Lab {
             let vip_dev = if self.is_director(h) {
                 // With several directors the VIP is the active one's, put there by whoever
                 // elects it; a static copy on each would have them all answer ARP for it.
-                (self.directors.len() == 1).then_some(HOST_IFNAME)
+                // Behind a router, the router's routes bring VIP traffic, not ARP.
+                (self.directors.len() == 1 && self.router.is_none()).then_some(HOST_IFNAME)
             } else if prepare_masters && self.is_master(h) {
                 Some("lo")
             } else {
@@ -325,8 +375,43 @@ impl Lab {
                     lines.push(format!("addr add {v}/128 dev {dev} nodad{deprecated}"));
                 }
             }
+            if let (Some((net, _)), Some(router)) = (self.client_net, &self.router)
+                && h.ns != router.ns
+            {
+                // Masters answer the client directly (direct routing), through the router.
+                lines.push(format!("route add {net}/24 via {}", router.addr4));
+            }
             ip_batch(Some(&h.ns), &lines, false)?;
             in_netns(&h.ns, || disable_tx_checksum(HOST_IFNAME))??;
+        }
+        if let (Some((_, via)), Some(router)) = (self.client_net, &self.router) {
+            // The client's own link: made from the router's namespace, its far end created
+            // directly in the client's.
+            ip_batch(
+                Some(&router.ns),
+                &[
+                    format!(
+                        "link add {CLIENT_SIDE_IFNAME} type veth peer name {HOST_IFNAME} address {} netns {}",
+                        crate::capture::mac_to_string(&self.client.mac),
+                        self.client.ns
+                    ),
+                    format!("link set {CLIENT_SIDE_IFNAME} up"),
+                    format!("addr add {via}/24 dev {CLIENT_SIDE_IFNAME}"),
+                ],
+                false,
+            )?;
+            ip_batch(
+                Some(&self.client.ns),
+                &[
+                    "link set lo up".to_owned(),
+                    format!("link set {HOST_IFNAME} up"),
+                    format!("addr add {}/24 dev {HOST_IFNAME}", self.client.addr4),
+                    format!("route add default via {via}"),
+                ],
+                false,
+            )?;
+            in_netns(&self.client.ns, || disable_tx_checksum(HOST_IFNAME))??;
+            in_netns(&router.ns, || disable_tx_checksum(CLIENT_SIDE_IFNAME))??;
         }
         Ok(())
     }
@@ -343,6 +428,15 @@ impl Lab {
 
     pub fn bridge_ns(&self) -> &str {
         &self.bridge_ns
+    }
+    /// The router's namespace, with [`LabSpec::router`].
+    pub fn router_ns(&self) -> Option<&str> {
+        self.router.as_ref().map(|r| r.ns.as_str())
+    }
+    /// The router's address on the segment (the directors' BGP neighbour), with
+    /// [`LabSpec::router`].
+    pub fn router_addr4(&self) -> Option<Ipv4Addr> {
+        self.router.as_ref().map(|r| r.addr4)
     }
     pub fn client_ns(&self) -> &str {
         &self.client.ns

@@ -19,6 +19,7 @@
 //! Traffic only ever goes to the lab's own namespaces, and every helper that sends or waits
 //! takes a count or a timeout.
 
+pub mod bird;
 pub mod capture;
 pub mod client;
 pub mod continuity;

@@ -56,6 +56,7 @@ grep -q "^ExecStart=/usr/sbin/mim-lb run --config /etc/mim-lb/mim-lb.toml --keep
 zcat /usr/share/man/man8/mim-lb-drain.8.gz | grep -q "^.TH mim-lb-drain 8" && echo "MARK man"
 grep -q simulate /usr/share/bash-completion/completions/mim-lb && echo "MARK bash completion"
 test -s /usr/share/zsh/vendor-completions/_mim-lb && test -s /usr/share/fish/vendor_completions.d/mim-lb.fish && echo "MARK other completions"
+E=/usr/share/doc/mim-lb/examples; grep -q "merge paths" $E/bird/router.conf && grep -q "krt_source" $E/bird/director.conf && grep -q maximum-paths $E/frr/router.conf && grep -q import-table $E/frr/director.conf && echo "MARK routing examples"
 echo "# edited by the operator" >> /etc/mim-lb/mim-lb.toml
 dpkg -i --force-confold /tmp/mim-lb.deb
 grep -q "^# edited by the operator" /etc/mim-lb/mim-lb.toml && echo "MARK reinstall kept the edited config"
@@ -105,6 +106,7 @@ fn the_debian_package_installs_checks_its_example_config_and_purges() {
         "MARK man".to_owned(),
         "MARK bash completion".to_owned(),
         "MARK other completions".to_owned(),
+        "MARK routing examples".to_owned(),
         "MARK reinstall kept the edited config".to_owned(),
         "MARK removed, conffile kept".to_owned(),
         "MARK purged".to_owned(),

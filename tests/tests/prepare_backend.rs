@@ -23,7 +23,7 @@ const ARP_REPLY: u16 = 2;
 
 /// A lab whose masters are plain hosts: no VIP on `lo`, no ARP settings.
 fn plain_lab(masters: usize, vips: usize) -> Lab {
-    Lab::new(LabSpec { masters, ipv6: true, vips, prepare_masters: false, slaves: 0, directors: 1 })
+    Lab::new(LabSpec { masters, ipv6: true, vips, prepare_masters: false, slaves: 0, directors: 1, router: false })
         .expect("building the lab")
 }
 

@@ -67,6 +67,12 @@ fn build(binary: &Path, out: &Path) -> Result<PathBuf> {
         install(&root, &format!("/usr/share/doc/mim-lb/{doc}"), &std::fs::read(repo.join(doc))?, 0o644)?;
     }
     install(&root, "/usr/share/doc/mim-lb/examples/keepalived.conf", &std::fs::read(repo.join("dist/keepalived.conf"))?, 0o644)?;
+    // Both halves of announcing the VIPs to an ECMP router (OPERATIONS.md, "Many directors
+    // behind ECMP").
+    for example in ["bird/director.conf", "bird/router.conf", "frr/director.conf", "frr/router.conf"] {
+        let text = std::fs::read(repo.join("dist").join(example)).with_context(|| format!("reading dist/{example}"))?;
+        install(&root, &format!("/usr/share/doc/mim-lb/examples/{example}"), &text, 0o644)?;
+    }
     install(&root, "/usr/share/doc/mim-lb/copyright", COPYRIGHT.as_bytes(), 0o644)?;
     man_pages(binary, &root)?;
     completions(binary, &root)?;
@@ -171,7 +177,7 @@ fn control(version: &str, arch: &str, installed_kib: u64) -> String {
          Installed-Size: {installed_kib}\n\
          Depends: libc6\n\
          Recommends: bpftool\n\
-         Suggests: keepalived\n\
+         Suggests: keepalived, bird2 | frr\n\
          Section: net\n\
          Priority: optional\n\
          Homepage: https://github.com/mim-lb/mim-lb\n\

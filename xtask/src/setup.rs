@@ -46,6 +46,12 @@ const PACKAGES: &[Package] = &[
     tool("procps", "sysctl"),
     // VRRP between the two directors of the namespace tests that move the VIP.
     tool("keepalived", "keepalived"),
+    // BGP for the ECMP lab: the router and every director run their own `bird` (`-c conf -s
+    // sock -P pid` in their namespace); the system's bird service is neither needed nor used
+    // (Debian's postinst starts it on a machine with systemd; that does not matter).
+    tool("bird2", "bird"),
+    // `vtysh --dryrun` checks the shipped FRR examples (no FRR daemon is run).
+    tool("frr", "vtysh"),
     // The status page test loads the page in a headless browser.
     tool("chromium-headless-shell", "chromium-headless-shell"),
     // A pseudo-terminal for the CLI in tests of what it draws on a terminal (`script`).

@@ -75,6 +75,23 @@ pub struct Config {
     pub services: Vec<Service>,
     /// Flow sharing with other directors of the same group; `None` for a lone director.
     pub sync: Option<Sync>,
+    /// Routes for the VIPs in a kernel table a routing daemon announces from; `None`: this
+    /// director announces nothing (one director, or VRRP).
+    pub announce: Option<Announce>,
+}
+
+/// The `[announce]` section: where the daemon puts a route for each VIP it can serve, for a
+/// routing daemon (BIRD, FRR) to announce to the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announce {
+    /// The kernel routing table (never main, local or default).
+    pub table: u32,
+    /// The routes' `rtm_protocol`: how this daemon knows its own routes, and how the routing
+    /// daemon's filter picks them.
+    pub protocol: u8,
+    /// On a clean stop that detaches the program: how long it keeps forwarding after the
+    /// routes are gone, while the router moves the traffic to the other directors.
+    pub withdraw_wait: Duration,
 }
 
 /// The `[sync]` section: where this director listens for its peers, who they are, and the

@@ -21,6 +21,15 @@ pub(crate) struct RawConfig {
     #[serde(default, rename = "service")]
     pub services: Vec<RawService>,
     pub sync: Option<RawSync>,
+    pub announce: Option<RawAnnounce>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAnnounce {
+    pub table: i64,
+    pub protocol: Option<i64>,
+    pub withdraw_wait_ms: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

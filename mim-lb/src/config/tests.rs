@@ -1156,3 +1156,43 @@ fn a_bad_flap_damping_rejects_the_whole_file_with_every_problem() {
         ]
     );
 }
+
+#[test]
+fn announce_section_is_read_with_its_defaults() {
+    let c = Config::parse(&format!("{MINIMAL}\n[announce]\ntable = 100\n")).unwrap();
+    let a = c.announce.unwrap();
+    assert_eq!((a.table, a.protocol, a.withdraw_wait), (100, 250, Duration::from_secs(2)));
+    let c = Config::parse(&format!("{MINIMAL}\n[announce]\ntable = 4000\nprotocol = 201\nwithdraw_wait_ms = 0\n")).unwrap();
+    let a = c.announce.unwrap();
+    assert_eq!((a.table, a.protocol, a.withdraw_wait), (4000, 201, Duration::ZERO));
+    assert!(Config::parse(MINIMAL).unwrap().announce.is_none());
+    // The table is required.
+    assert!(Config::parse(&format!("{MINIMAL}\n[announce]\nprotocol = 201\n")).is_err());
+}
+
+/// Every error CONFIG.md gives as an example under `[announce]` is what a file with that value
+/// gets, word for word: the expectation is the document's.
+#[test]
+fn announce_errors_are_the_ones_config_md_shows() {
+    let doc = include_str!("../../../CONFIG.md");
+    let start = doc.find("## `[announce]`").expect("CONFIG.md has an [announce] section");
+    let section = &doc[start..start + doc[start..].find("\n## Limits").expect("followed by Limits")];
+    let errors = &section[section.find("Errors:").expect("the section lists errors")..];
+    let text = errors.split_whitespace().collect::<Vec<_>>().join(" ");
+    let examples: Vec<&str> = text.split('`').skip(1).step_by(2).filter(|e| e.starts_with("announce.")).collect();
+    assert!(examples.len() >= 5, "{examples:?}");
+    for example in examples {
+        let (key, reason) = example.split_once(": ").unwrap();
+        let field = key.strip_prefix("announce.").unwrap();
+        let value: i64 = reason.split_whitespace().next().unwrap().parse().unwrap();
+        let body = if field == "table" { format!("table = {value}") } else { format!("table = 100\n{field} = {value}") };
+        rejects(&format!("{MINIMAL}\n[announce]\n{body}\n"), example);
+    }
+    // The reserved ids the examples do not show are refused too.
+    for table in [253, 255] {
+        assert!(problems(&format!("{MINIMAL}\n[announce]\ntable = {table}\n"))[0].contains("the kernel's"));
+    }
+    for protocol in [11, 186, 197, 2] {
+        assert_eq!(problems(&format!("{MINIMAL}\n[announce]\ntable = 100\nprotocol = {protocol}\n")).len(), 1);
+    }
+}

@@ -18,7 +18,7 @@ use super::{
     endpoint,
     error::Problems,
     parse_mac,
-    raw::{RawBackend, RawConfig, RawFlapDamping, RawHealth, RawService, RawSync},
+    raw::{RawAnnounce, RawBackend, RawConfig, RawFlapDamping, RawHealth, RawService, RawSync},
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mim-lb";
@@ -106,6 +106,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .unzip();
     check_service_duplicates(&services, &endpoints, &mut p);
     let sync = raw.sync.as_ref().map(|s| sync(s, &mut p));
+    let announce = raw.announce.as_ref().map(|a| announce(a, &mut p));
 
     p.into_result(Config {
         interface: raw.interface,
@@ -118,7 +119,62 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         metrics_listen,
         services,
         sync,
+        announce,
     })
+}
+
+/// The protocol number of the routes when the file names none: unused by the kernel and by the
+/// routing daemons in iproute2's `rt_protos`.
+pub const DEFAULT_ANNOUNCE_PROTOCOL: i64 = 250;
+const DEFAULT_WITHDRAW_WAIT_MS: i64 = 2000;
+const WITHDRAW_WAIT_MAX_MS: i64 = 60_000;
+
+fn announce(raw: &RawAnnounce, p: &mut Problems) -> super::Announce {
+    let table = match raw.table {
+        0 => {
+            p.add("announce.table", "0 is not a routing table (RT_TABLE_UNSPEC); use a table of its own, like 100");
+            1
+        }
+        253..=255 => {
+            let name = ["default", "main", "local"][(raw.table - 253) as usize];
+            p.add(
+                "announce.table",
+                format!(
+                    "{} is the kernel's {name} table, which this host routes with; use a table of its own, like 100",
+                    raw.table
+                ),
+            );
+            1
+        }
+        _ => in_range("announce.table", raw.table, 1, i64::from(u32::MAX), p),
+    };
+    let number = raw.protocol.unwrap_or(DEFAULT_ANNOUNCE_PROTOCOL);
+    let protocol = match number {
+        0..=4 => {
+            p.add("announce.protocol", format!("{number} is one of the kernel's own route protocols (0 to 4); use a number of its own, like 250"));
+            DEFAULT_ANNOUNCE_PROTOCOL as u8
+        }
+        11 | 12 | 186..=197 => {
+            let owner = match number {
+                11 | 186..=197 => "FRR",
+                _ => "BIRD",
+            };
+            p.add(
+                "announce.protocol",
+                format!("{number} is {owner}'s own route protocol: it would take mim-lb's routes for its own and flush them; use a number of its own, like 250"),
+            );
+            DEFAULT_ANNOUNCE_PROTOCOL as u8
+        }
+        _ => in_range("announce.protocol", number, 5, 255, p),
+    };
+    let wait: u64 = in_range(
+        "announce.withdraw_wait_ms",
+        raw.withdraw_wait_ms.unwrap_or(DEFAULT_WITHDRAW_WAIT_MS),
+        0,
+        WITHDRAW_WAIT_MAX_MS,
+        p,
+    );
+    super::Announce { table, protocol, withdraw_wait: Duration::from_millis(wait) }
 }
 
 const DEFAULT_PULL_TIMEOUT_S: i64 = 3;

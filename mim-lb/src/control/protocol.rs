@@ -26,6 +26,11 @@ pub enum Request {
     /// Whether this director may take the VIP: program attached, tables written, the peers'
     /// flow state pulled. `ok` true when ready, else `error` says what it waits for.
     Ready,
+    /// Remove this director's VIP routes (`[announce]`), so the router stops sending it new
+    /// traffic; it keeps forwarding what still arrives.
+    Withdraw,
+    /// Undo `withdraw`: announce again whatever the director can serve.
+    Announce,
 }
 
 /// The answer. `ok` false comes with `error`; otherwise the field that fits the request.
@@ -72,6 +77,8 @@ mod tests {
         assert_eq!(back, Request::Simulate { flow: "10.0.0.1:4000-10.0.0.100:7000/tcp".into() });
         assert!(serde_json::from_str::<Request>(r#"{"command":"format-disk"}"#).is_err());
         assert_eq!(serde_json::to_string(&Request::Ready).unwrap(), r#"{"command":"ready"}"#);
+        assert_eq!(serde_json::to_string(&Request::Withdraw).unwrap(), r#"{"command":"withdraw"}"#);
+        assert_eq!(serde_json::to_string(&Request::Announce).unwrap(), r#"{"command":"announce"}"#);
     }
 
     #[test]
