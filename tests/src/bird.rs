@@ -206,23 +206,11 @@ pub fn announce_section(withdraw_wait_ms: u64) -> String {
     format!("[announce]\ntable = {ANNOUNCE_TABLE}\nprotocol = {ANNOUNCE_PROTOCOL}\nwithdraw_wait_ms = {withdraw_wait_ms}\n")
 }
 
-/// Director `i`'s `[sync]`: every other director is a peer.
-pub fn sync_section(lab: &Lab, key: &SyncKey, i: usize) -> String {
-    let peers: Vec<String> =
-        (0..lab.director_count()).filter(|j| *j != i).map(|j| format!("\"{}:7946\"", lab.director_addr4(j))).collect();
-    format!(
-        "[sync]\nlisten = \"{}:7946\"\npeers = [{}]\nkey_file = \"{}\"\n",
-        lab.director_addr4(i),
-        peers.join(", "),
-        key.0.display()
-    )
-}
-
 /// Director `i`'s whole mim-lb config: `services`, `extra` at the top, `[announce]` and
-/// `[sync]` with every other director.
+/// `[sync]` with every other director and the sync group.
 pub fn director_mim_lb_config(lab: &Lab, key: &SyncKey, i: usize, services: &[ServiceSpec], extra: &str, withdraw_wait_ms: u64) -> String {
     // `extra` (top-level keys) goes before the services, the sections after them.
-    format!("{}\n{}\n{}", lab_config(lab, services, extra), sync_section(lab, key, i), announce_section(withdraw_wait_ms))
+    format!("{}\n{}\n{}", lab_config(lab, services, extra), crate::keepalived::group_sync_section(lab, key, i), announce_section(withdraw_wait_ms))
 }
 
 /// The router's BIRD, and mim-lb with BIRD on every director of a router lab. Declare it after

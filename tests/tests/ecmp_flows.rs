@@ -1,0 +1,156 @@
+//! No flow lost while the set of directors behind an ECMP router changes (issue 9;
+//! OPERATIONS.md, "Many directors behind ECMP"). Four directors in a router lab, each with
+//! the real daemon (`[announce]`, `[sync]` with a multicast group) and BIRD; the router
+//! spreads flows over their routes by the L4 hash. Long-lived connections to every master and
+//! a stream of new ones run through it all:
+//! - (c) a fourth director joins (it pulls its peers' state before it announces);
+//! - (a) a director is killed (processes killed, link cut): the router drops it by BFD;
+//! - (b) a master is drained on every director, connections are opened on the slots that
+//!   changed (each recorded only by the director its SYN reached), and a director is killed
+//!   at once;
+//! - (d) a director is withdrawn (it leaves the route and keeps forwarding what still reaches
+//!   it), then stopped.
+//!
+//! Pass: every long-lived connection keeps exchanging data throughout; new connections fail
+//! only until the router's route converged (each event's time is printed, with which
+//! director carried how many new flows).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mim_lb_tests::{
+    Lab, LabSpec, echo_all,
+    bird::{Ecmp, director_mim_lb_config},
+    continuity::{Traffic, TrafficSpec},
+    gateway::ServiceSpec,
+    keepalived::SyncKey,
+};
+
+const PORT: u16 = 7000;
+const UP_LIMIT: Duration = Duration::from_secs(40);
+const FOLLOW_LIMIT: Duration = Duration::from_secs(10);
+/// Traffic before and after each event.
+const SETTLE: Duration = Duration::from_secs(2);
+
+fn set(v: &[usize]) -> BTreeSet<usize> {
+    v.iter().copied().collect()
+}
+
+/// New flows each director carried so far (None: not running).
+fn carried(ecmp: &Ecmp) -> Vec<Option<u64>> {
+    ecmp.gateways.iter().map(|g| g.running().then(|| g.status().map(|s| s.services[0].new_flows).unwrap_or(0))).collect()
+}
+
+fn print_carried(what: &str, before: &[Option<u64>], after: &[Option<u64>]) {
+    let per: Vec<String> = after
+        .iter()
+        .enumerate()
+        .map(|(i, a)| match (before.get(i).copied().flatten(), a) {
+            (b, Some(a)) => format!("director {i}: {}", a - b.unwrap_or(0)),
+            (_, None) => format!("director {i}: gone"),
+        })
+        .collect();
+    println!("new flows carried {what}: {}", per.join(", "));
+}
+
+#[test]
+fn directors_join_die_and_leave_under_traffic_without_losing_a_flow() {
+    let mut lab = Lab::new(LabSpec::router(4)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let key = SyncKey::new(&lab).unwrap();
+    let vip = lab.vip4();
+    let target = SocketAddr::new(vip.into(), PORT);
+    let configs: Vec<String> = (0..4)
+        .map(|i| director_mim_lb_config(&lab, &key, i, &[ServiceSpec::tcp(&lab, PORT)], "tcp_idle_timeout_s = 60", 1000))
+        .collect();
+    let mut ecmp = Ecmp::start(&mut lab, key, &configs[..3]).unwrap();
+    ecmp.wait_nexthops(&lab, vip, &set(&[0, 1, 2]), UP_LIMIT).unwrap();
+    let traffic = Traffic::start(&lab, TrafficSpec::new(target)).unwrap();
+    std::thread::sleep(SETTLE);
+
+    // (c) A fourth director joins.
+    let mut c0 = carried(&ecmp);
+    let joined = Instant::now();
+    let i = ecmp.join(&mut lab, &configs[3]).unwrap();
+    assert_eq!(i, 3);
+    let t = ecmp.wait_nexthops(&lab, vip, &set(&[0, 1, 2, 3]), UP_LIMIT).unwrap();
+    println!("convergence (c): director 3 in the router's route {:.2} s after it was started", t.as_secs_f64());
+    let pulls: Vec<String> = ecmp.gateways[3].status().unwrap().sync.unwrap().peers.iter().map(|p| p.pull.clone()).collect();
+    assert_eq!(pulls.iter().filter(|p| *p == "done").count(), 1, "the joiner pulled from one peer: {pulls:?}");
+    std::thread::sleep(SETTLE);
+    let c1 = carried(&ecmp);
+    print_carried("around the join", &c0, &c1);
+    assert!(c1[3].unwrap() > 0, "the router sent the joined director nothing: {c1:?}");
+    c0 = c1;
+
+    // (a) A director is killed.
+    let killed = ecmp.kill(&lab, 0).unwrap();
+    let t = ecmp.wait_nexthops(&lab, vip, &set(&[1, 2, 3]), FOLLOW_LIMIT).unwrap();
+    let converged_a = killed.elapsed();
+    println!("convergence (a): director 0 killed, out of the router's route {:.3} s after (checked every 20 ms; waited {:.3} s)", converged_a.as_secs_f64(), t.as_secs_f64());
+    std::thread::sleep(SETTLE);
+    let c1 = carried(&ecmp);
+    print_carried("around the kill of director 0", &c0, &c1);
+    c0 = c1;
+
+    // (b) A master change, connections on the slots it changed, and a director killed at once.
+    let drained = lab.master_addr4(0).to_string();
+    for d in 1..4 {
+        ecmp.gateways[d].ctl(&["drain", &format!("{vip}:{PORT}"), &drained]).unwrap();
+    }
+    let mut opened = lab.hold(target, 40, Duration::from_secs(3));
+    echo_all(&mut opened, "after the drain", Duration::from_secs(5));
+    let changed = Instant::now();
+    ecmp.kill(&lab, 1).unwrap();
+    echo_all(&mut opened, "right after director 1 was killed", Duration::from_secs(10));
+    ecmp.wait_nexthops(&lab, vip, &set(&[2, 3]), FOLLOW_LIMIT).unwrap();
+    let converged_b = changed.elapsed();
+    println!("convergence (b): director 1 killed right after a drain, out of the route {:.3} s after", converged_b.as_secs_f64());
+    echo_all(&mut opened, "after the route converged", Duration::from_secs(5));
+    std::thread::sleep(SETTLE);
+    let c1 = carried(&ecmp);
+    print_carried("around the drain and the kill of director 1", &c0, &c1);
+    c0 = c1;
+
+    // (d) A director is withdrawn, keeps forwarding, and leaves.
+    let withdrawn = Instant::now();
+    ecmp.withdraw(2).unwrap();
+    let t = ecmp.wait_nexthops(&lab, vip, &set(&[3]), FOLLOW_LIMIT).unwrap();
+    println!("convergence (d): director 2 withdrawn, out of the route in {:.3} s", t.as_secs_f64());
+    std::thread::sleep(SETTLE);
+    echo_all(&mut opened, "after director 2 was withdrawn", Duration::from_secs(5));
+    ecmp.gateways[2].stop().unwrap();
+    std::thread::sleep(SETTLE);
+    echo_all(&mut opened, "after director 2 left", Duration::from_secs(5));
+    let c1 = carried(&ecmp);
+    print_carried("around director 2's withdrawal and stop", &c0, &c1);
+
+    let report = traffic.finish_after(SETTLE);
+    let end = Instant::now();
+    println!("{}", report.summary("the whole run", joined));
+    assert!(report.broken_held().is_empty(), "long-lived connections broke: {}", report.summary("the whole run", joined));
+    // With ECMP a new connection fails only if the router hashed it to the director that went
+    // away, and only until the router's route has dropped that director; one that starts after
+    // must not fail. A join and a withdrawal move flows between live directors: nothing may
+    // fail at all.
+    let windows = [
+        ("director 3 joining", joined, killed, None),
+        ("director 0 killed", killed, changed, Some(converged_a)),
+        ("a drain and director 1 killed", changed, withdrawn, Some(converged_b)),
+        ("director 2 withdrawn and stopped", withdrawn, end, None),
+    ];
+    for (what, from, to, converged) in windows {
+        let failed: Vec<_> = report.attempts.iter().filter(|a| a.started >= from && a.started < to && a.outcome.is_err()).collect();
+        let late: Vec<_> = failed.iter().filter(|a| converged.is_none_or(|c| a.started >= from + c)).collect();
+        println!(
+            "{what}: {} new connections failed, the last one begun {:?} after it (the route converged after {:?})",
+            failed.len(),
+            failed.iter().map(|a| a.started - from).max(),
+            converged
+        );
+        assert!(late.is_empty(), "{what}: {} new connections failed that began after the route converged ({converged:?})\n{}", late.len(), report.attempt_lines(from, 40));
+    }
+    drop(opened);
+    drop(ecmp);
+}
