@@ -154,3 +154,64 @@ fn directors_join_die_and_leave_under_traffic_without_losing_a_flow() {
     drop(opened);
     drop(ecmp);
 }
+
+/// Fragments behind an ECMP router (OPERATIONS.md, "MTU, ICMP and fragments"): the router
+/// hashes a fragment without its ports, so a flow's fragmented datagrams may take another
+/// director than its whole ones. The Linux router keeps each datagram's fragments together
+/// (every director counts exactly two later fragments per first one, none dropped), and every
+/// director sends a flow to the same master: from one client port, a small request and a
+/// 4,000-byte one (three fragments) are answered by the same master.
+#[test]
+fn fragments_and_whole_datagrams_of_a_flow_reach_one_master_through_different_directors() {
+    const UDP_PORT: u16 = 7001;
+    let mut lab = Lab::new(LabSpec::router(3)).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    lab.start_udp_servers(UDP_PORT).unwrap();
+    let key = SyncKey::new(&lab).unwrap();
+    let vip = lab.vip4();
+    let udp = ServiceSpec {
+        name: "udp".into(),
+        port: UDP_PORT,
+        protocol: "udp",
+        health: format!("port = {PORT}\ninterval_ms = 100\ntimeout_ms = 100\nrise = 1"),
+        ..ServiceSpec::tcp(&lab, PORT)
+    };
+    let configs: Vec<String> = (0..3).map(|i| director_mim_lb_config(&lab, &key, i, std::slice::from_ref(&udp), "", 1000)).collect();
+    let ecmp = Ecmp::start(&mut lab, key, &configs).unwrap();
+    ecmp.wait_nexthops(&lab, vip, &set(&[0, 1, 2]), UP_LIMIT).unwrap();
+
+    let target = SocketAddr::new(vip.into(), UDP_PORT);
+    let big = vec![0x42u8; 4000];
+    const FLOWS: u16 = 60;
+    let answers: Vec<(String, String)> = mim_lb_tests::in_netns(lab.client_ns(), || {
+        (0..FLOWS)
+            .map(|k| {
+                let port = Some(41000 + k);
+                let small = mim_lb_tests::client::udp_ask_with(target, port, b"who?\n", Duration::from_secs(3)).unwrap();
+                let large = mim_lb_tests::client::udp_ask_with(target, port, &big, Duration::from_secs(3)).unwrap();
+                (small, large)
+            })
+            .collect()
+    })
+    .unwrap();
+    for (k, (small, large)) in answers.iter().enumerate() {
+        assert_eq!(small, large, "client port {}: the whole datagram and the fragmented one went to different masters", 41000 + k);
+    }
+
+    let count = |i: usize, name: &str| {
+        ecmp.gateways[i].status().unwrap().reasons.iter().find(|r| r.name == name).map_or(0, |r| r.packets)
+    };
+    let first: Vec<u64> = (0..3).map(|i| count(i, "fragment_first")).collect();
+    let followed: Vec<u64> = (0..3).map(|i| count(i, "fragment_followed")).collect();
+    let dropped: Vec<u64> = (0..3).map(|i| count(i, "fragment")).collect();
+    let whole: Vec<u64> = (0..3).map(|i| count(i, "forwarded")).collect();
+    println!("per director: first fragments {first:?}, later fragments {followed:?}, fragments dropped {dropped:?}, forwarded {whole:?}");
+    assert_eq!(first.iter().sum::<u64>(), u64::from(FLOWS), "{first:?}");
+    assert_eq!(followed.iter().sum::<u64>(), 2 * u64::from(FLOWS), "{followed:?}");
+    assert_eq!(dropped.iter().sum::<u64>(), 0);
+    for i in 0..3 {
+        assert_eq!(followed[i], 2 * first[i], "director {i}: a datagram's fragments took more than one director: {first:?} {followed:?}");
+    }
+    assert!(whole.iter().filter(|c| **c > 0).count() >= 2, "the whole datagrams were spread by their ports: {whole:?}");
+    drop(ecmp);
+}
