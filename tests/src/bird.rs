@@ -229,14 +229,20 @@ impl Ecmp {
     /// backend up. Fewer configs than the lab has directors leaves the others to
     /// [`Ecmp::join`] later.
     pub fn start(lab: &mut Lab, key: SyncKey, configs: &[String]) -> Result<Ecmp> {
+        Ecmp::start_edited(lab, key, configs, |c| c.to_owned())
+    }
+
+    /// [`Ecmp::start`] with every BIRD config (router and directors) passed through `edit`
+    /// first: a variant of the shipped examples (e.g. a benchmark without BFD).
+    pub fn start_edited(lab: &mut Lab, key: SyncKey, configs: &[String], edit: impl Fn(&str) -> String) -> Result<Ecmp> {
         let router_ns = lab.router_ns().context("the lab has no router")?.to_owned();
-        let router = Bird::start(lab, &router_ns, &router_config(lab)?).context("starting BIRD on the router")?;
+        let router = Bird::start(lab, &router_ns, &edit(&router_config(lab)?)).context("starting BIRD on the router")?;
         let mut gateways = Vec::new();
         let mut birds = Vec::new();
         for (i, config) in configs.iter().enumerate() {
             gateways.push(Gateway::start_on(lab, i, config, Mode::Generic, &[]).with_context(|| format!("starting mim-lb on director {i}"))?);
             let ns = lab.director_ns(i).to_owned();
-            birds.push(Bird::start(lab, &ns, &director_config(lab, i)?).with_context(|| format!("starting BIRD on director {i}"))?);
+            birds.push(Bird::start(lab, &ns, &edit(&director_config(lab, i)?)).with_context(|| format!("starting BIRD on director {i}"))?);
         }
         for gw in &gateways {
             gw.wait_all_up().with_context(|| format!("director {}", gw.director()))?;

@@ -12,9 +12,9 @@
 
 mod account;
 mod director;
-mod load;
+pub(crate) mod load;
 mod maps;
-mod service;
+pub(crate) mod service;
 mod tables;
 
 use std::collections::BTreeMap;

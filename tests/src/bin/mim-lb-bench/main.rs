@@ -12,6 +12,9 @@
 //!   traffic, the sync's lag, and its traffic and CPU per new flow;
 //! - sync-scale: 3, 4 and 6 directors, the sync traffic of a known load of new flows with
 //!   changes sent to each peer (the baseline) and to a multicast group;
+//! - ecmp: three directors behind a BIRD router: convergence after a director loss against the
+//!   configured detection time (BFD, hold time), and new connections per second through 1, 2
+//!   and 3 of them;
 //! - e2e (only when asked for, `--only e2e`): short connections and 1 MiB answers through
 //!   mim-lb (native and generic XDP), HAProxy, nftables netdev forwarding and no director, in
 //!   interleaved rounds on one lab.
@@ -25,6 +28,7 @@ mod batch;
 mod counting;
 mod directors;
 mod e2e;
+mod ecmp;
 mod failover;
 mod interrupt;
 mod per_packet;
@@ -49,6 +53,7 @@ enum Bench {
     Counting,
     E2e,
     SyncScale,
+    Ecmp,
 }
 
 #[derive(Parser)]
@@ -56,7 +61,7 @@ enum Bench {
 struct Args {
     /// Which benchmarks to run (comma-separated). `e2e` runs only when named: it takes
     /// minutes and measures other software (HAProxy, nftables) next to mim-lb.
-    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "counting", "failover", "directors", "sync-scale"])]
+    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "counting", "failover", "directors", "sync-scale", "ecmp"])]
     only: Vec<Bench>,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -184,6 +189,18 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     sync_s: u64,
 
+    /// Director kills per detection setup in the ECMP benchmark (a new lab each).
+    #[arg(long, default_value_t = 3)]
+    ecmp_rounds: usize,
+    /// Interleaved rounds of the ECMP connection-rate steps (1, 2, 3 directors), each step's
+    /// length (ms) and its closed-loop workers.
+    #[arg(long, default_value_t = 3)]
+    ecmp_rate_rounds: usize,
+    #[arg(long, default_value_t = 4000)]
+    ecmp_step_ms: u64,
+    #[arg(long, default_value_t = 16)]
+    ecmp_workers: usize,
+
     /// End-to-end rounds: every director in turn, every step, per round; medians reported.
     #[arg(long, default_value_t = 3)]
     e2e_rounds: usize,
@@ -234,6 +251,7 @@ fn run(args: &Args) -> Result<()> {
             "director_rounds": args.director_rounds, "lag_rate": args.lag_rate, "lag_s": args.lag_s,
             "flow_rates": args.flow_rates, "load_s": args.load_s,
             "sync_sizes": args.sync_sizes, "sync_rate": args.sync_rate, "sync_s": args.sync_s,
+            "ecmp_rounds": args.ecmp_rounds, "ecmp_rate_rounds": args.ecmp_rate_rounds, "ecmp_step_ms": args.ecmp_step_ms, "ecmp_workers": args.ecmp_workers,
             "e2e_rounds": args.e2e_rounds, "e2e_rates": args.e2e_rates, "e2e_workers": args.e2e_workers,
             "e2e_step_ms": args.e2e_step_ms, "e2e_large_workers": args.e2e_large_workers, "e2e_large_ms": args.e2e_large_ms, "e2e_idle": args.e2e_idle,
         }),
@@ -308,6 +326,16 @@ fn run(args: &Args) -> Result<()> {
         eprintln!("mim-lb-bench: sync traffic as the group grows ...");
         let settings = sync_scale::Settings { sizes: args.sync_sizes.clone(), rate: args.sync_rate, secs: args.sync_s };
         report.sections.push(sync_scale::measure(&settings)?);
+    }
+    if wants(Bench::Ecmp) {
+        eprintln!("mim-lb-bench: many directors behind ECMP ...");
+        let settings = ecmp::Settings {
+            rounds: args.ecmp_rounds,
+            rate_rounds: args.ecmp_rate_rounds,
+            step: std::time::Duration::from_millis(args.ecmp_step_ms),
+            workers: args.ecmp_workers,
+        };
+        report.sections.extend(ecmp::measure(&settings)?);
     }
     if wants(Bench::E2e) {
         eprintln!("mim-lb-bench: end to end ...");
