@@ -33,7 +33,8 @@ const UP_LIMIT: Duration = Duration::from_secs(40);
 /// The measured times are printed.
 const FOLLOW_LIMIT: Duration = Duration::from_secs(10);
 /// On a clean stop the daemon keeps forwarding this long after it withdrew: the test sees the
-/// route lose the director while the process still runs.
+/// route lose the director while the process still runs. The directors start with 0 and get
+/// this by a reload (`withdraw_wait_ms` follows reloads).
 const WITHDRAW_WAIT_MS: u64 = 4000;
 
 fn all(n: usize) -> BTreeSet<usize> {
@@ -44,12 +45,12 @@ fn without(n: usize, i: usize) -> BTreeSet<usize> {
     (0..n).filter(|j| *j != i).collect()
 }
 
-fn configs(lab: &Lab, key: &SyncKey, vips: usize) -> Vec<String> {
+fn configs(lab: &Lab, key: &SyncKey, vips: usize, withdraw_wait_ms: u64) -> Vec<String> {
     let services: Vec<ServiceSpec> = (0..vips)
         .map(|k| ServiceSpec { name: format!("web{k}"), vip: lab.vips4()[k].into(), ..ServiceSpec::tcp(lab, PORT) })
         .collect();
     (0..lab.director_count())
-        .map(|i| director_mim_lb_config(lab, key, i, &services, "tcp_idle_timeout_s = 2", WITHDRAW_WAIT_MS))
+        .map(|i| director_mim_lb_config(lab, key, i, &services, "tcp_idle_timeout_s = 2", withdraw_wait_ms))
         .collect()
 }
 
@@ -58,7 +59,7 @@ fn directors_announce_through_bird_and_withdraw() {
     let mut lab = Lab::new(LabSpec { vips: 2, ..LabSpec::router(3) }).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
     let key = SyncKey::new(&lab).unwrap();
-    let first = configs(&lab, &key, 1);
+    let first = configs(&lab, &key, 1, 0);
     let (vip, vip2) = (lab.vip4(), lab.vips4()[1]);
     // What an earlier run on director 0 left in the table: a route for a VIP no longer
     // configured, and one for a VIP with other attributes; and a route that is not mim-lb's.
@@ -150,7 +151,7 @@ fn directors_announce_through_bird_and_withdraw() {
 
     // A VIP added by a reload is announced by every director; removed again, it is withdrawn.
     assert!(ecmp.nexthop_directors(&lab, vip2).unwrap().is_empty());
-    for (gw, config) in ecmp.gateways.iter().zip(configs(&lab, &ecmp.key, 2)) {
+    for (gw, config) in ecmp.gateways.iter().zip(configs(&lab, &ecmp.key, 2, WITHDRAW_WAIT_MS)) {
         gw.write_config(&config).unwrap();
         gw.ctl(&["reload"]).unwrap();
     }
@@ -158,7 +159,7 @@ fn directors_announce_through_bird_and_withdraw() {
     println!("convergence: {vip2}, added by a reload, announced by all in {:.3} s", t.as_secs_f64());
     let names = lab.ask(SocketAddr::new(vip2.into(), PORT), 10, Duration::from_secs(3));
     assert!(names.iter().all(|n| lab.master_index(n).is_some()), "{names:?}");
-    for (gw, config) in ecmp.gateways.iter().zip(configs(&lab, &ecmp.key, 1)) {
+    for (gw, config) in ecmp.gateways.iter().zip(configs(&lab, &ecmp.key, 1, WITHDRAW_WAIT_MS)) {
         gw.write_config(&config).unwrap();
         gw.ctl(&["reload"]).unwrap();
     }
@@ -166,7 +167,7 @@ fn directors_announce_through_bird_and_withdraw() {
     ecmp.wait_nexthops(&lab, vip, &all(n), FOLLOW_LIMIT).unwrap();
 
     // The table and protocol are named in BIRD's config too: a reload may not change them.
-    let current = configs(&lab, &ecmp.key, 1);
+    let current = configs(&lab, &ecmp.key, 1, WITHDRAW_WAIT_MS);
     ecmp.gateways[0].write_config(&current[0].replace("table = 100", "table = 101")).unwrap();
     let err = format!("{:#}", ecmp.gateways[0].ctl(&["reload"]).expect_err("a new announce table"));
     assert!(err.contains("reload rejected, nothing changed: announce (table, protocol, or the section itself) cannot change while running"), "{err}");
@@ -176,6 +177,11 @@ fn directors_announce_through_bird_and_withdraw() {
     // A clean stop withdraws first: the router drops director 2 while its daemon still runs
     // (it forwards for WITHDRAW_WAIT_MS more), and the process then exits cleanly.
     ecmp.begin_stop(2).unwrap();
+    // The wait it had from the reload, not the 0 it started with.
+    ecmp.gateways[2]
+        .proc()
+        .wait_for_line(&format!("forwarding what still arrives for {WITHDRAW_WAIT_MS} ms before detaching"), FOLLOW_LIMIT)
+        .unwrap();
     let t = ecmp.wait_nexthops(&lab, vip, &without(n, 2), FOLLOW_LIMIT).unwrap();
     println!("convergence: SIGTERM on director 2 left the router's route in {:.3} s", t.as_secs_f64());
     assert!(ecmp.gateways[2].running(), "director 2's daemon exited before the router dropped it ({:.3} s)", t.as_secs_f64());

@@ -296,7 +296,8 @@ fn scraped_families(text: &str) -> BTreeMap<String, (String, Vec<Vec<String>>)> 
 fn every_documented_metric_is_served_with_its_labels() {
     let mut lab = Lab::new(LabSpec::default()).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
-    let gw = start(&mut lab, &format!("metrics_listen = \"{METRICS}\""));
+    // With [announce] (its table is the lab gateway's own), so that its families are served too.
+    let gw = start(&mut lab, &format!("metrics_listen = \"{METRICS}\"\n[announce]\ntable = 100"));
     // The connection gauges are served once the connections were first counted: about 7 s
     // after the start, when the sketch's six windows are all of this daemon (OPERATIONS.md).
     gw.wait_until("the first connection count", Duration::from_secs(15), |s| s.connections.is_some()).unwrap();
