@@ -190,6 +190,24 @@ fn restart_over_pins_keeps_their_size_or_refuses() {
     assert_forwards(&prog, 8, 40_301);
 }
 
+/// An upgrade from a build with fixed sizes (room for 64 services, whatever the config held):
+/// the new build reuses those maps at their size, with every flow, and serves up to 64.
+#[test]
+fn an_upgrade_over_fixed_size_pins_keeps_them() {
+    // The old layout is exactly room for MAX_SERVICES.
+    let mut prog = ProgramUnderTest::pinned(&services(&format!("max_services = {}", limits::MAX_SERVICES), 1)).unwrap();
+    assert_eq!(max_entries(&prog, names::MAGLEV), limits::MAGLEV_MAP_ENTRIES, "the old fixed size");
+    let flows_id = prog.map_id(names::FLOWS).unwrap();
+    let input = Frame::tcp(CLIENT, 40_400, vip(1), 7000, TCP_ACK).bytes();
+    let before = prog.run(&input).unwrap().bytes;
+    prog.restart(&services("", 1), GATEWAY_MAC).unwrap();
+    assert_eq!(room(&prog), limits::MAX_SERVICES);
+    assert_eq!(prog.map_id(names::FLOWS).unwrap(), flows_id);
+    assert_eq!(prog.run(&input).unwrap().bytes, before);
+    prog.apply(&services("", 20)).unwrap();
+    assert_forwards(&prog, 20, 40_401);
+}
+
 /// A service entry whose table is larger than a region would read into the next service's
 /// regions: the program refuses it (an internal error) rather than forward by another
 /// service's table.
