@@ -692,7 +692,7 @@ fn check_pins(dir: &Path, flow_table_size: u32, room: ServiceRoom) -> Result<Opt
 fn room_of_pinned(entries: u32, room: ServiceRoom) -> Result<u32, String> {
     let per_service = limits::maglev_map_entries(1);
     let pinned = entries / per_service;
-    if entries % per_service != 0 || !(1..=limits::MAX_SERVICES).contains(&pinned) {
+    if !entries.is_multiple_of(per_service) || !(1..=limits::MAX_SERVICES).contains(&pinned) {
         return Err(format!(
             "MAGLEV has {entries} entries, which is not room for 1 to {} services of {per_service} entries",
             limits::MAX_SERVICES

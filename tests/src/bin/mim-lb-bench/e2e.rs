@@ -13,7 +13,7 @@
 mod account;
 mod director;
 mod load;
-mod maps;
+pub mod maps;
 mod service;
 mod tables;
 

@@ -6,6 +6,8 @@
 //! - rebuild: the control plane's Maglev build and table write, and a one-master health flip;
 //! - batch: the control plane's batched map reads and writes (a full-size connection table, a
 //!   Maglev region, a failover's writes) against one syscall per element;
+//! - memory: the kernel memory of every map at the defaults, sized from the configuration,
+//!   next to the old fixed sizes loaded in the same run;
 //! - failover: the real daemon in the namespace lab, a master killed under a stream of new
 //!   connections, and restarted;
 //! - directors: two directors with flow sync and keepalived: the active one killed under
@@ -25,6 +27,7 @@ mod directors;
 mod e2e;
 mod failover;
 mod interrupt;
+mod memory;
 mod per_packet;
 mod rebuild;
 mod report;
@@ -44,6 +47,7 @@ enum Bench {
     Failover,
     Directors,
     Counting,
+    Memory,
     E2e,
 }
 
@@ -52,7 +56,7 @@ enum Bench {
 struct Args {
     /// Which benchmarks to run (comma-separated). `e2e` runs only when named: it takes
     /// minutes and measures other software (HAProxy, nftables) next to mim-lb.
-    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "counting", "failover", "directors"])]
+    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "counting", "memory", "failover", "directors"])]
     only: Vec<Bench>,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -262,6 +266,10 @@ fn run(args: &Args) -> Result<()> {
         eprintln!("mim-lb-bench: connection counting ...");
         let settings = counting::Settings { flows: args.counting_flows, runs: args.counting_runs, repeat: args.repeat };
         report.sections.push(counting::measure(&settings)?);
+    }
+    if wants(Bench::Memory) {
+        eprintln!("mim-lb-bench: map memory ...");
+        report.sections.push(memory::measure()?);
     }
     if wants(Bench::Failover) {
         eprintln!("mim-lb-bench: failover ...");
