@@ -148,10 +148,10 @@ pub fn bench_flow_insert(ctx: XdpContext) -> u32 {
     };
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
     let entry = FlowEntry { backend_id: 1, service_id: 0, slot: u32::from(sport), flags: 0, last_seen_ns: now };
-    // The result goes into the frame, so the insert cannot be dropped.
+    // The result goes into the frame, so the insert cannot be dropped (with the bounds
+    // checked again: the helper call invalidated the packet pointers).
     let failed = BENCH_FLOWS.insert(&key, &entry, 0).is_err();
-    use_and_swap(ctx.data(), failed as u32, 0);
-    XDP_TX
+    clock_into_frame(&ctx, failed as u64)
 }
 
 #[inline(always)]
