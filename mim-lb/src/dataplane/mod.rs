@@ -708,3 +708,25 @@ fn room_of_pinned(entries: u32, room: ServiceRoom) -> Result<u32, String> {
     }
     Ok(pinned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_maglev_maps_are_reused_at_their_room_or_refused() {
+        let entries = limits::maglev_map_entries;
+        let room = |wanted, least| ServiceRoom { wanted, least };
+        // Larger or smaller than wanted: kept as it is, as long as it holds `least`.
+        assert_eq!(room_of_pinned(entries(64), room(8, 1)), Ok(64));
+        assert_eq!(room_of_pinned(entries(8), room(16, 5)), Ok(8));
+        assert_eq!(room_of_pinned(entries(5), room(16, 5)), Ok(5));
+        let err = room_of_pinned(entries(4), room(16, 5)).unwrap_err();
+        assert!(err.starts_with("MAGLEV holds room for 4 services and this configuration needs 5"), "{err}");
+        assert!(err.contains("detach"), "{err}");
+        // Not whole services, none, or more than any build made.
+        assert!(room_of_pinned(entries(2) + 1, room(8, 1)).is_err());
+        assert!(room_of_pinned(0, room(8, 1)).is_err());
+        assert!(room_of_pinned(entries(limits::MAX_SERVICES + 1), room(8, 1)).is_err());
+    }
+}
