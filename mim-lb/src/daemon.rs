@@ -132,8 +132,8 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
     let gateway_mac = neighbor::interface_mac(&config.interface)
         .await
         .with_context(|| format!("reading the MAC address of {}", config.interface))?;
-    let dataplane = Dataplane::load(&load_options(&config, Some(config.pin_dir.clone())))
-    .context("loading the XDP program")?;
+    let dataplane =
+        Dataplane::load(&load_options(&config, Some(config.pin_dir.clone()))).context("loading the XDP program")?;
     log_service_room(&config, &dataplane);
     let reused = dataplane.reused_pins();
     let mut director = if reused {
