@@ -9,7 +9,9 @@ pub const MAGLEV_MAX_TABLE_SIZE: u32 = 65_537;
 /// the share of each backend within a fraction of a percent of its weight.
 pub const MAGLEV_DEFAULT_TABLE_SIZE: u32 = 65_537;
 
-/// How many services (VIP, port, protocol) one director serves.
+/// How many services (VIP, port, protocol) one director can serve: the ceiling of the
+/// `max_services` setting. The Maglev maps are sized at start for `max_services` services
+/// (`maglev_map_entries`), not for this many.
 pub const MAX_SERVICES: u32 = 64;
 
 /// Slots in one half of the service index. A power of two much larger than `MAX_SERVICES`, so
@@ -22,8 +24,17 @@ pub const MAX_BACKENDS: u32 = 4096;
 /// Default capacity of the connection table (an LRU map; overridable at load time).
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 
-/// Number of entries in the Maglev map: two halves per service.
-pub const MAGLEV_MAP_ENTRIES: u32 = MAX_SERVICES * 2 * MAGLEV_MAX_TABLE_SIZE;
+/// Entries of the Maglev map for room for `services` services: two regions of
+/// `MAGLEV_MAX_TABLE_SIZE` slots each. Every region has the largest table's size whatever the
+/// service's own is, so a reload may change a table's size without moving any other service.
+#[inline(always)]
+pub const fn maglev_map_entries(services: u32) -> u32 {
+    services * 2 * MAGLEV_MAX_TABLE_SIZE
+}
+
+/// Entries the BPF object declares for the Maglev map (room for `MAX_SERVICES`). The control
+/// plane always loads it with the size `max_services` asks for instead.
+pub const MAGLEV_MAP_ENTRIES: u32 = maglev_map_entries(MAX_SERVICES);
 
 /// Entries in the per-reason counter map. Reason codes are below this.
 pub const REASON_SLOTS: u32 = 32;
@@ -34,9 +45,16 @@ pub const fn maglev_index(service_id: u32, half: u32, slot: u32) -> u32 {
     (service_id * 2 + half) * MAGLEV_MAX_TABLE_SIZE + slot
 }
 
-/// Entries in the per-slot maps that follow the live table rather than a region (`SLOT_SEEN`,
-/// `MAGLEV_OLD`): one table's worth per service.
-pub const SLOT_MAP_ENTRIES: u32 = MAX_SERVICES * MAGLEV_MAX_TABLE_SIZE;
+/// Entries of the per-slot maps that follow the live table rather than a region (`SLOT_SEEN`,
+/// `MAGLEV_OLD`) for room for `services` services: one table's worth per service.
+#[inline(always)]
+pub const fn slot_map_entries(services: u32) -> u32 {
+    services * MAGLEV_MAX_TABLE_SIZE
+}
+
+/// Entries the BPF object declares for the per-slot maps (room for `MAX_SERVICES`); loaded
+/// with the size `max_services` asks for, like the Maglev map.
+pub const SLOT_MAP_ENTRIES: u32 = slot_map_entries(MAX_SERVICES);
 
 /// Index of slot `slot` of `service_id` in `SLOT_SEEN` and `MAGLEV_OLD`.
 #[inline(always)]

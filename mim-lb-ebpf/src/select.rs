@@ -106,6 +106,13 @@ fn choose_by<const QUIET: bool>(ctx: &XdpContext, service: &ServiceEntry, packet
     if table_size == 0 {
         return Err(reason::NO_BACKEND);
     }
+    // Regions are `MAGLEV_MAX_TABLE_SIZE` apart: a larger table would read the next
+    // service's slots, and an id past `MAX_SERVICES` could wrap the index around onto
+    // another's. The control plane writes neither; this keeps a bad entry harmless (an index
+    // past the map's size, which `max_services` sets, is refused by the lookup itself).
+    if table_size > limits::MAGLEV_MAX_TABLE_SIZE || service.service_id >= limits::MAX_SERVICES {
+        return Err(reason::INTERNAL);
+    }
     let slot = hash::table_slot(h, table_size);
     let index = limits::maglev_index(service.service_id, service.active_table & 1, slot);
     let entry = *MAGLEV.get(index).ok_or(reason::INTERNAL)?;
@@ -204,7 +211,10 @@ pub fn keeper_of(service_id: u32, id: u32) -> Option<&'static BackendEntry> {
 /// slot a flow may be recorded elsewhere, which a packet without ports cannot look up.
 #[inline(always)]
 pub fn clean_slot_owner(service: &ServiceEntry, packet: &Packet) -> Option<u32> {
-    if service.table_size == 0 {
+    if service.table_size == 0
+        || service.table_size > limits::MAGLEV_MAX_TABLE_SIZE
+        || service.service_id >= limits::MAX_SERVICES
+    {
         return None;
     }
     let slot = hash::table_slot(packet_hash(true, packet), service.table_size);
@@ -246,7 +256,11 @@ fn unrecorded_tcp<const QUIET: bool>(
 ) -> Result<Choice, u32> {
     let owner = entry & MAGLEV_BACKEND_MASK;
     let mut began_on = maglev_prev(entry);
-    if began_on == 0 && service.flags & SERVICE_F_RESIZED != 0 && service.old_table_size != 0 {
+    if began_on == 0
+        && service.flags & SERVICE_F_RESIZED != 0
+        && service.old_table_size != 0
+        && service.old_table_size <= limits::MAGLEV_MAX_TABLE_SIZE
+    {
         let old_slot =
             hash::table_slot(packet_hash(service.flags & SERVICE_F_OLD_SOURCE_HASH != 0, packet), service.old_table_size);
         began_on = MAGLEV_OLD.get(limits::slot_index(service.service_id, old_slot)).copied().unwrap_or(0);

@@ -92,6 +92,31 @@ fn log_open_file_limit(raised: Result<crate::rlimit::OpenFileLimit, crate::rlimi
     }
 }
 
+/// How the daemon loads the program for `config`: the maps sized by it.
+pub fn load_options(config: &Config, pin_dir: Option<PathBuf>) -> LoadOptions {
+    let (wanted, least) = config.service_room();
+    LoadOptions {
+        pin_dir,
+        flow_table_size: config.flow_table_size,
+        service_room: crate::dataplane::ServiceRoom { wanted, least },
+    }
+}
+
+/// Says what reloads may serve, and when pinned maps keep another size than the config asks.
+fn log_service_room(config: &Config, dataplane: &Dataplane) {
+    let room = dataplane.service_room();
+    let (wanted, _) = config.service_room();
+    let how = if config.max_services.is_some() { "max_services" } else { "by default twice the services configured, at least 8" };
+    if room == wanted {
+        info!("maps sized for {room} services ({how}); reloads may serve up to {room}");
+    } else {
+        info!(
+            "the pinned maps hold room for {room} services, kept as they are (the configuration asks for {wanted}, \
+             {how}); reloads may serve up to {room}. A fresh start (after `mim-lb detach`) sizes them anew"
+        );
+    }
+}
+
 async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_pinned: bool) -> Result<()> {
     let signals = Signals::install()?;
     let _lock = InstanceLock::acquire(&config.control_socket, &config.pin_dir)?;
@@ -107,11 +132,9 @@ async fn serve(config_path: PathBuf, overrides: Overrides, config: Config, keep_
     let gateway_mac = neighbor::interface_mac(&config.interface)
         .await
         .with_context(|| format!("reading the MAC address of {}", config.interface))?;
-    let dataplane = Dataplane::load(&LoadOptions {
-        pin_dir: Some(config.pin_dir.clone()),
-        flow_table_size: config.flow_table_size,
-    })
-    .context("loading the XDP program")?;
+    let dataplane =
+        Dataplane::load(&load_options(&config, Some(config.pin_dir.clone()))).context("loading the XDP program")?;
+    log_service_room(&config, &dataplane);
     let reused = dataplane.reused_pins();
     let mut director = if reused {
         let (director, found) = Director::recover(dataplane, gateway_mac).context("reading the pinned maps")?;
@@ -873,6 +896,7 @@ impl Daemon {
             ("xdp_mode", old.xdp_mode != config.xdp_mode),
             ("pin_dir", old.pin_dir != config.pin_dir),
             ("flow_table_size", old.flow_table_size != config.flow_table_size),
+            ("max_services", old.max_services != config.max_services),
             ("control_socket", old.control_socket != config.control_socket),
             ("metrics_listen", old.metrics_listen != config.metrics_listen),
             ("sync", old.sync != config.sync),

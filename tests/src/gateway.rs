@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mim_lb::{
-    dataplane::{Dataplane, LoadOptions},
+    dataplane::{Dataplane, LoadOptions, ServiceRoom},
     status::{BackendStatus, Status},
 };
 
@@ -479,7 +479,12 @@ impl Drop for Gateway {
 fn attach_peer_pass(lab: &Lab, director: usize) -> Result<Dataplane> {
     let peer = lab.director_peer_ifname(director).to_owned();
     in_netns(lab.bridge_ns(), move || -> Result<Dataplane> {
-        let mut dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size: 1024 })?;
+        let mut dataplane = Dataplane::load(&LoadOptions {
+            flow_table_size: 1024,
+            // Only its pass program runs: the smallest maps.
+            service_room: ServiceRoom::exactly(1),
+            ..LoadOptions::default()
+        })?;
         dataplane
             .pass_program_mut()
             .attach(&peer, aya::programs::XdpMode::Driver)

@@ -9,6 +9,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::programs::{TestRun as _, TestRunOptions};
 use mim_lb::{
     config::{Config, ServiceKey},
+    daemon,
     dataplane::{Dataplane, LoadOptions},
     director::Director,
 };
@@ -47,7 +48,7 @@ impl ProgramUnderTest {
     /// Like [`ProgramUnderTest::new`] with a connection table of `flow_table_size` entries.
     pub fn with_flow_table(config: &str, flow_table_size: u32) -> Result<Self> {
         let config = Config::parse(config).map_err(|e| anyhow!("test config: {e}"))?;
-        let dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size })
+        let dataplane = Dataplane::load(&LoadOptions { flow_table_size, ..daemon::load_options(&config, None) })
             .context("loading the XDP program")?;
         let mut prog = ProgramUnderTest { director: Director::new(dataplane, GATEWAY_MAC), pin_dir: None };
         prog.apply_parsed(&config)?;
@@ -70,7 +71,7 @@ impl ProgramUnderTest {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        let loaded = Dataplane::load(&LoadOptions { pin_dir: Some(dir.clone()), flow_table_size });
+        let loaded = Dataplane::load(&LoadOptions { flow_table_size, ..daemon::load_options(&config, Some(dir.clone())) });
         let dataplane = match loaded {
             Ok(d) => d,
             Err(e) => {
@@ -88,8 +89,10 @@ impl ProgramUnderTest {
     /// `gateway_mac` as the interface's MAC, and applies `config`.
     pub fn restart(&mut self, config: &str, gateway_mac: [u8; 6]) -> Result<()> {
         let dir = self.pin_dir.clone().context("only a pinned program can restart")?;
-        let dataplane = Dataplane::load(&LoadOptions { pin_dir: Some(dir), flow_table_size: 65_536 })
-            .context("loading the XDP program over the pins")?;
+        let parsed = Config::parse(config).map_err(|e| anyhow!("test config: {e}"))?;
+        let dataplane =
+            Dataplane::load(&LoadOptions { flow_table_size: 65_536, ..daemon::load_options(&parsed, Some(dir)) })
+                .context("loading the XDP program over the pins")?;
         anyhow::ensure!(dataplane.reused_pins(), "the restart did not find the pins");
         let (director, _) = Director::recover(dataplane, gateway_mac).context("taking over the pinned maps")?;
         self.director = director;
@@ -109,7 +112,7 @@ impl ProgramUnderTest {
 
     /// Loads the program without applying any config.
     pub fn unconfigured() -> Result<Self> {
-        let dataplane = Dataplane::load(&LoadOptions { pin_dir: None, flow_table_size: 65_536 })
+        let dataplane = Dataplane::load(&LoadOptions { flow_table_size: 65_536, ..LoadOptions::default() })
             .context("loading the XDP program")?;
         Ok(ProgramUnderTest { director: Director::new(dataplane, GATEWAY_MAC), pin_dir: None })
     }

@@ -517,6 +517,55 @@ fn a_failed_start_over_kept_pins_keeps_forwarding() {
     echo_all(&mut held, "after the next start");
 }
 
+/// The maps keep the room for services they were made with across restarts over their pins
+/// (CONFIG.md, `max_services`): a start asking for less reuses them as they are and says so;
+/// one needing more than they hold is refused, naming the key and the way out, while the
+/// program keeps forwarding the held connections; a fitting file takes over again.
+#[test]
+fn a_restart_over_pins_keeps_their_room_or_is_refused() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let config = |lab: &Lab, n: u16, top: &str| {
+        // Every service checks the masters' one server, on PORT.
+        let specs: Vec<ServiceSpec> = (0..n)
+            .map(|i| ServiceSpec { health: format!("{HEALTH}\nport = {PORT}"), ..ServiceSpec::tcp(lab, PORT + i) })
+            .collect();
+        lab_config(lab, &specs, top)
+    };
+    let first = config(&lab, 1, "");
+    let mut gw = Gateway::start_with_args(&mut lab, &first, Mode::Generic, &["--keep-pinned"]).unwrap();
+    gw.proc().wait_for_line("maps sized for 8 services", T).unwrap();
+    gw.wait_all_up().unwrap();
+    let mut held = hold(&lab, 20);
+
+    gw.stop().unwrap();
+    gw.write_config(&config(&lab, 1, "max_services = 4")).unwrap();
+    gw.restart(&mut lab, &["--keep-pinned"]).unwrap();
+    gw.proc()
+        .wait_for_line(
+            "the pinned maps hold room for 8 services, kept as they are (the configuration asks for 4, max_services); reloads may serve up to 8",
+            T,
+        )
+        .unwrap();
+    gw.proc().wait_for_line("replaced the running program", T).unwrap();
+    echo_all(&mut held, "after a restart asking for less room");
+
+    gw.stop().unwrap();
+    gw.write_config(&config(&lab, 9, "")).unwrap();
+    let (status, log) = gw.restart_failing(&mut lab, &["--keep-pinned"]).unwrap();
+    assert!(!status.success(), "the start succeeded: {log}");
+    assert!(log.contains("MAGLEV holds room for 8 services and this configuration needs 9"), "{log}");
+    assert!(log.contains("max_services") && log.contains("detach"), "{log}");
+    assert!(gw.pin_dir().join("XDP_LINK").exists(), "the refused start removed the link pin");
+    echo_all(&mut held, "after a refused start");
+
+    gw.write_config(&config(&lab, 8, "")).unwrap();
+    gw.restart(&mut lab, &["--keep-pinned"]).unwrap();
+    gw.proc().wait_for_line("replaced the running program", T).unwrap();
+    gw.wait_all_up().unwrap();
+    echo_all(&mut held, "after a start filling the pinned room");
+}
+
 /// A master configured without `mac` changes its MAC and announces it (arp_notify): the daemon
 /// sees it through the neighbour table, `status` shows the new MAC, frames go to it, and held
 /// connections to that master and the others keep talking (a MAC change alone moves no flow).

@@ -245,7 +245,7 @@ fn array_ranges_start_and_end_where_asked() {
         assert_eq!(got, table[start as usize..(start + len) as usize], "{start}+{len}");
     }
     assert!(batch::lookup_array::<u32>(&data, base, 0).unwrap().is_empty());
-    let end = limits::MAGLEV_MAP_ENTRIES;
+    let end = limits::maglev_map_entries(prog.director.dataplane().service_room());
     assert_eq!(batch::lookup_array::<u32>(&data, end - 2, 2).unwrap().len(), 2, "the last two entries");
     assert!(matches!(batch::lookup_array::<u32>(&data, end - 2, 3), Err(BatchError::OutOfRange { .. })));
 }

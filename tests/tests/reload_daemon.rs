@@ -47,6 +47,7 @@ fn fixed_key_changes(lab: &Lab, gw: &Gateway, top: &str) -> Vec<(&'static str, S
         ("xdp_mode", changed("xdp_mode = \"generic\"", "xdp_mode = \"native\"")),
         ("pin_dir", file(&format!("{pin_dir}-other"), &socket, &body)),
         ("flow_table_size", changed("flow_table_size = 4096", "flow_table_size = 8192")),
+        ("max_services", changed("max_services = 4", "max_services = 5")),
         ("control_socket", file(&pin_dir, &format!("{socket}.other"), &body)),
         ("metrics_listen", changed("metrics_listen = \"127.0.0.1:9469\"", "metrics_listen = \"127.0.0.1:9470\"")),
     ]
@@ -60,7 +61,7 @@ fn fixed_key_changes(lab: &Lab, gw: &Gateway, top: &str) -> Vec<(&'static str, S
 fn a_reload_changing_a_fixed_key_is_refused_naming_it_and_changes_nothing() {
     let mut lab = Lab::new(LabSpec::default()).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
-    let top = "xdp_mode = \"generic\"\nflow_table_size = 4096\nmetrics_listen = \"127.0.0.1:9469\"";
+    let top = "xdp_mode = \"generic\"\nflow_table_size = 4096\nmax_services = 4\nmetrics_listen = \"127.0.0.1:9469\"";
     let service = ServiceSpec { health: HEALTH.into(), ..ServiceSpec::tcp(&lab, PORT) };
     let config = lab_config(&lab, &[service], top);
     let gw = Gateway::start(&mut lab, &config, Mode::GenericFromFile).unwrap();
@@ -81,6 +82,50 @@ fn a_reload_changing_a_fixed_key_is_refused_naming_it_and_changes_nothing() {
     gw.proc().wait_for_line("SIGHUP: reload rejected, nothing changed: metrics_listen cannot change", T).unwrap();
     assert_eq!(status_shape(&gw.status().unwrap()), before, "the refused SIGHUP changed the state");
     echo_all(&mut held, "after SIGHUP");
+    assert_eq!(count_names(&ask(&lab, 150)).len(), 3, "new connections no longer reach every master");
+}
+
+/// The maps are sized at start for twice the services configured (at least 8): the daemon
+/// says so, a reload within that room adds services, and one beyond it is refused whole,
+/// naming `max_services` and saying a restart grows it; the status and the held connections
+/// are as before. Fails if the room is not enforced by the daemon's reload, or a refused
+/// reload applies part of its file.
+#[test]
+fn a_reload_beyond_the_room_for_services_is_refused_whole() {
+    let mut lab = Lab::new(LabSpec::default()).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    // Every service checks the masters' one server, on PORT.
+    let spec = |lab: &Lab, port: u16| ServiceSpec { health: format!("{HEALTH}\nport = {PORT}"), ..ServiceSpec::tcp(lab, port) };
+    let config = |lab: &Lab, n: u16| {
+        let specs: Vec<ServiceSpec> = (0..n).map(|i| spec(lab, PORT + i)).collect();
+        lab_config(lab, &specs, "")
+    };
+    let first = config(&lab, 1);
+    let gw = Gateway::start(&mut lab, &first, Mode::Generic).unwrap();
+    gw.proc().wait_for_line("maps sized for 8 services (by default twice the services configured, at least 8); reloads may serve up to 8", T).unwrap();
+    gw.wait_all_up().unwrap();
+    let mut held = hold(&lab, 20);
+
+    // Eight: the whole room.
+    let (pin_dir, socket) = (gw.pin_dir().display().to_string(), gw.socket().display().to_string());
+    let file = |body: String| format!("pin_dir = \"{pin_dir}\"\ncontrol_socket = \"{socket}\"\n{body}");
+    std::fs::write(gw.config_path(), file(config(&lab, 8))).unwrap();
+    gw.ctl(&["reload"]).unwrap();
+    gw.wait_all_up().unwrap();
+    let before = status_shape(&gw.status().unwrap());
+    assert_eq!(gw.status().unwrap().services.len(), 8);
+    echo_all(&mut held, "after the reload to 8 services");
+
+    // Nine: refused whole.
+    std::fs::write(gw.config_path(), file(config(&lab, 9))).unwrap();
+    let err = format!("{:#}", gw.ctl(&["reload"]).expect_err("nine services"));
+    assert!(
+        err.contains("reload rejected, nothing changed: max_services: the maps were sized at start for 8 services, and this configuration needs 9"),
+        "{err}"
+    );
+    assert!(err.contains("Restart mim-lb with a larger max_services"), "{err}");
+    assert_eq!(status_shape(&gw.status().unwrap()), before, "the refused reload changed the state");
+    echo_all(&mut held, "after the refused reload");
     assert_eq!(count_names(&ask(&lab, 150)).len(), 3, "new connections no longer reach every master");
 }
 

@@ -10,11 +10,28 @@
 //! - `bench_clock`, `bench_clock_coarse`: the floor plus one `bpf_ktime_get_ns` (what mim-lb
 //!   reads when it records a flow or sees a packet on a changed slot), or one
 //!   `bpf_ktime_get_coarse_ns` instead, writing the time into the frame.
+//! - `bench_flow_insert`: the floor plus what mim-lb's record of a new flow costs: the flow's
+//!   key from the packet, a coarse clock read and one insert into an LRU hash map of mim-lb's
+//!   key and value types and of the size the benchmark gives mim-lb's connection table. Run
+//!   on the same frame again and again, each run replaces the record the last one made, as
+//!   mim-lb's runs of a SYN on a changed slot do.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
-use mim_lb_common::{FAMILY_V4, PROTO_TCP, hash};
+use aya_ebpf::{
+    btf_maps::LruHashMap,
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+use mim_lb_common::{FAMILY_V4, FlowEntry, FlowKey, PROTO_TCP, hash};
+
+/// Entries of `BENCH_FLOWS`: what the per-packet benchmark sizes mim-lb's connection table to
+/// (an LRU map's cost per insert does not depend much on its size, but its memory does).
+const BENCH_FLOWS_ENTRIES: usize = 65_536;
+
+/// `bench_flow_insert`'s connection table.
+#[btf_map]
+static BENCH_FLOWS: LruHashMap<FlowKey, FlowEntry, BENCH_FLOWS_ENTRIES> = LruHashMap::new();
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -112,6 +129,29 @@ pub fn bench_clock(ctx: XdpContext) -> u32 {
 pub fn bench_clock_coarse(ctx: XdpContext) -> u32 {
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
     clock_into_frame(&ctx, now)
+}
+
+#[xdp]
+pub fn bench_flow_insert(ctx: XdpContext) -> u32 {
+    let Some((src, dst, sport, dport)) = ipv4_tcp(&ctx) else {
+        return XDP_PASS;
+    };
+    let up = upper_words();
+    let key = FlowKey {
+        src: [src, up[0], up[1], up[2]],
+        dst: [dst, up[0], up[1], up[2]],
+        sport,
+        dport,
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        _pad0: [0; 2],
+    };
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+    let entry = FlowEntry { backend_id: 1, service_id: 0, slot: u32::from(sport), flags: 0, last_seen_ns: now };
+    // The result goes into the frame, so the insert cannot be dropped (with the bounds
+    // checked again: the helper call invalidated the packet pointers).
+    let failed = BENCH_FLOWS.insert(&key, &entry, 0).is_err();
+    clock_into_frame(&ctx, failed as u64)
 }
 
 #[inline(always)]

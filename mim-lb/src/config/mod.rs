@@ -60,6 +60,9 @@ pub struct Config {
     pub pin_dir: PathBuf,
     /// Capacity of the connection table.
     pub flow_table_size: u32,
+    /// Room for services the maps are made with at start (`None`: by `DEFAULT_SERVICE_ROOM_*`,
+    /// see [`Config::service_room`]). Reloads may serve at most that many at once.
+    pub max_services: Option<u32>,
     /// How long a recorded TCP flow may stay silent and still count as alive: while any flow
     /// on a master that lost its Maglev slot is alive, the slot keeps consulting the
     /// connection table and a removed master is kept (draining).
@@ -258,7 +261,30 @@ pub struct Backend {
     pub weight: u32,
 }
 
+/// Without `max_services`, the maps are made with room for twice the services configured at
+/// start (so a reload can add as many again, or replace every one), at least this many...
+pub const DEFAULT_SERVICE_ROOM_MIN: u32 = 8;
+/// ...and for each service configured at start, room for this many.
+pub const DEFAULT_SERVICE_ROOM_PER_SERVICE: u32 = 2;
+
 impl Config {
+    /// The room for services to make the maps with at start, and the least room pinned maps
+    /// must have to be reused: `max_services` for both when set; otherwise twice the services
+    /// configured (at least `DEFAULT_SERVICE_ROOM_MIN`, at most `limits::MAX_SERVICES`), and
+    /// pinned maps that fit the services configured. Each service of room costs 2 MiB of
+    /// kernel memory (two Maglev regions and two per-slot tables of 65,537 slots).
+    pub fn service_room(&self) -> (u32, u32) {
+        let configured = self.services.len() as u32;
+        match self.max_services {
+            Some(n) => (n, n),
+            None => {
+                let wanted = (configured * DEFAULT_SERVICE_ROOM_PER_SERVICE)
+                    .clamp(DEFAULT_SERVICE_ROOM_MIN, mim_lb_common::limits::MAX_SERVICES);
+                (wanted, configured.clamp(1, wanted))
+            }
+        }
+    }
+
     /// Reads and validates a configuration file. Errors name the file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = read_config_file(path).map_err(|source| ConfigError::Read {

@@ -14,6 +14,7 @@ pub(crate) struct RawConfig {
     pub xdp_mode: Option<String>,
     pub pin_dir: Option<String>,
     pub flow_table_size: Option<i64>,
+    pub max_services: Option<i64>,
     pub tcp_idle_timeout_s: Option<i64>,
     pub udp_idle_timeout_s: Option<i64>,
     pub control_socket: Option<String>,

@@ -279,6 +279,34 @@ fn flow_table_size_range() {
 }
 
 #[test]
+fn max_services_range_and_default() {
+    let with = |n: i64| format!("max_services = {n}\n{MINIMAL}");
+    assert_eq!(Config::parse(&with(1)).unwrap().max_services, Some(1));
+    assert_eq!(Config::parse(&with(1)).unwrap().service_room(), (1, 1));
+    assert_eq!(Config::parse(&with(64)).unwrap().service_room(), (64, 64));
+    rejects(&with(0), "max_services: 0 is out of range 1..=64");
+    rejects(&with(65), "max_services: 65 is out of range 1..=64");
+    // Without it: twice the services configured, at least 8, at most 64; pins fit that
+    // hold the services configured.
+    let config = Config::parse(MINIMAL).unwrap();
+    assert_eq!(config.max_services, None);
+    assert_eq!(config.service_room(), (8, 1));
+    let services = |n: u32| {
+        let mut text = String::from("interface = \"eth0\"\n");
+        for i in 0..n {
+            text += &format!("[[service]]\nname = \"s{i}\"\nvip = \"10.0.0.100\"\nport = {}\n", i + 1);
+        }
+        text
+    };
+    assert_eq!(Config::parse(&services(5)).unwrap().service_room(), (10, 5));
+    assert_eq!(Config::parse(&services(40)).unwrap().service_room(), (64, 40));
+    rejects(
+        &format!("max_services = 2\n{}", services(3)),
+        "max_services: 3 services are configured, more than max_services (2)",
+    );
+}
+
+#[test]
 fn at_least_one_service() {
     rejects(
         "interface = \"eth0\"\n",

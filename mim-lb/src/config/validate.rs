@@ -55,6 +55,14 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(n) => in_range("flow_table_size", n, FLOW_TABLE_MIN, FLOW_TABLE_MAX, &mut p),
     };
 
+    let max_services: Option<u32> =
+        raw.max_services.map(|n| in_range("max_services", n, 1, i64::from(limits::MAX_SERVICES), &mut p));
+    if let Some(max) = max_services.filter(|m| raw.services.len() > *m as usize) {
+        p.add(
+            "max_services",
+            format!("{} services are configured, more than max_services ({max})", raw.services.len()),
+        );
+    }
     let tcp_idle_timeout = idle_timeout("tcp_idle_timeout_s", raw.tcp_idle_timeout_s, DEFAULT_TCP_IDLE_S, &mut p);
     let udp_idle_timeout = idle_timeout("udp_idle_timeout_s", raw.udp_idle_timeout_s, DEFAULT_UDP_IDLE_S, &mut p);
     let control_socket = control_socket(raw.control_socket.as_deref(), &mut p);
@@ -113,6 +121,7 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         xdp_mode,
         pin_dir,
         flow_table_size,
+        max_services,
         tcp_idle_timeout,
         udp_idle_timeout,
         control_socket,

@@ -71,6 +71,8 @@ pub enum DataplaneError {
     Simulation(String),
     #[error("pinned XDP link {path}: {detail}")]
     Link { path: PathBuf, detail: String },
+    #[error("room for {} services (at least {}) is not within 1..={}", .0.wanted, .0.least, limits::MAX_SERVICES)]
+    Room(ServiceRoom),
 }
 
 /// How the XDP program is attached to an interface.
@@ -123,11 +125,35 @@ pub struct LoadOptions {
     pub pin_dir: Option<PathBuf>,
     /// Capacity of the connection table.
     pub flow_table_size: u32,
+    /// How many services the Maglev maps hold room for.
+    pub service_room: ServiceRoom,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { pin_dir: None, flow_table_size: limits::DEFAULT_FLOW_TABLE_SIZE }
+        LoadOptions {
+            pin_dir: None,
+            flow_table_size: limits::DEFAULT_FLOW_TABLE_SIZE,
+            service_room: ServiceRoom::exactly(limits::MAX_SERVICES),
+        }
+    }
+}
+
+/// Room for services in the maps indexed by service id (`MAGLEV`, `SLOT_SEEN`,
+/// `MAGLEV_OLD`), which hold two full Maglev regions (plus two per-slot tables) per service
+/// whatever the table sizes: 2 MiB of kernel memory per service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceRoom {
+    /// What new maps are created with.
+    pub wanted: u32,
+    /// The least pinned maps must hold to be reused: a pinned set with room for fewer is
+    /// refused (it cannot grow without losing the flows it holds).
+    pub least: u32,
+}
+
+impl ServiceRoom {
+    pub fn exactly(services: u32) -> Self {
+        ServiceRoom { wanted: services, least: services }
     }
 }
 
@@ -161,6 +187,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
     reused_pins: bool,
+    /// Services the maps hold room for (service ids are below it).
+    service_room: u32,
     attachment: Option<Attachment>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -169,18 +197,29 @@ impl Dataplane {
     /// Loads the embedded program into the kernel (it passes the verifier here). With a pin
     /// directory, maps an earlier run pinned there are reused (after checking they fit this
     /// build) and new ones are pinned; [`Dataplane::reused_pins`] tells which happened.
-    /// Nothing is attached yet.
+    /// Reused maps keep the room for services they were made with
+    /// ([`Dataplane::service_room`]). Nothing is attached yet.
     pub fn load(options: &LoadOptions) -> Result<Self, DataplaneError> {
-        let mut loader = EbpfLoader::new();
-        loader.map_max_entries(names::FLOWS, options.flow_table_size);
-        let mut reused_pins = false;
+        let room = options.service_room;
+        if room.least > room.wanted || !(1..=limits::MAX_SERVICES).contains(&room.wanted) {
+            return Err(DataplaneError::Room(room));
+        }
+        let mut reused_room = None;
         let pin_paths: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
-                reused_pins = check_pins(dir, options.flow_table_size)?;
+                reused_room = check_pins(dir, options.flow_table_size, room)?;
                 names::ALL.iter().map(|name| (*name, dir.join(name))).collect()
             }
             None => Vec::new(),
         };
+        let service_room = reused_room.unwrap_or(room.wanted);
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::FLOWS, options.flow_table_size);
+        // Also over pins: the kernel keeps the pinned map's size, and aya bounds its
+        // userspace accesses by the size given here.
+        loader.map_max_entries(names::MAGLEV, limits::maglev_map_entries(service_room));
+        loader.map_max_entries(names::SLOT_SEEN, limits::slot_map_entries(service_room));
+        loader.map_max_entries(names::MAGLEV_OLD, limits::slot_map_entries(service_room));
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -200,7 +239,8 @@ impl Dataplane {
         let dataplane = Dataplane {
             ebpf,
             pin_dir: options.pin_dir.clone(),
-            reused_pins,
+            reused_pins: reused_room.is_some(),
+            service_room,
             attachment: None,
             logger,
         };
@@ -210,6 +250,12 @@ impl Dataplane {
     /// Whether the maps were pinned by an earlier run (their contents are live state).
     pub fn reused_pins(&self) -> bool {
         self.reused_pins
+    }
+
+    /// How many services the maps hold room for: service ids are below it. Fixed for the
+    /// life of the maps (pinned ones keep the room they were created with).
+    pub fn service_room(&self) -> u32 {
+        self.service_room
     }
 
     /// The data-path program (for BPF_PROG_TEST_RUN).
@@ -534,19 +580,19 @@ const MIN_READABLE_ABI_VERSION: u32 = 1;
 const MAPS_ADDED_SINCE_OLDEST: [&str; 2] = [names::SLOT_SEEN, names::MAGLEV_OLD];
 
 /// What this build expects of each pinned map: (name, type, key size, value size, entries).
-fn expected_maps(flow_table_size: u32) -> [(&'static str, MapType, usize, usize, u32); 15] {
+fn expected_maps(flow_table_size: u32, service_room: u32) -> [(&'static str, MapType, usize, usize, u32); 15] {
     use core::mem::size_of;
     [
         (names::GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
         (names::SERVICES, MapType::Array, 4, size_of::<ServiceEntry>(), 2 * limits::SERVICE_SLOTS),
-        (names::MAGLEV, MapType::Array, 4, 4, limits::MAGLEV_MAP_ENTRIES),
+        (names::MAGLEV, MapType::Array, 4, 4, limits::maglev_map_entries(service_room)),
         (names::BACKENDS, MapType::Array, 4, size_of::<BackendEntry>(), limits::MAX_BACKENDS),
         (names::FLOWS, MapType::LruHash, size_of::<FlowKey>(), size_of::<FlowEntry>(), flow_table_size),
         (names::REASON_STATS, MapType::PerCpuArray, 4, size_of::<Counter>(), limits::REASON_SLOTS),
         (names::SERVICE_STATS, MapType::PerCpuArray, 4, size_of::<TrafficStats>(), limits::MAX_SERVICES),
         (names::BACKEND_STATS, MapType::PerCpuArray, 4, size_of::<TrafficStats>(), limits::MAX_BACKENDS),
-        (names::SLOT_SEEN, MapType::Array, 4, 4, limits::SLOT_MAP_ENTRIES),
-        (names::MAGLEV_OLD, MapType::Array, 4, 4, limits::SLOT_MAP_ENTRIES),
+        (names::SLOT_SEEN, MapType::Array, 4, 4, limits::slot_map_entries(service_room)),
+        (names::MAGLEV_OLD, MapType::Array, 4, 4, limits::slot_map_entries(service_room)),
         (names::FLOW_EVENTS, MapType::RingBuf, 0, 0, limits::FLOW_EVENTS_BYTES),
         (names::SYNC_STATS, MapType::PerCpuArray, 4, 8, mim_lb_common::SYNC_STAT_SLOTS),
         (
@@ -577,21 +623,27 @@ fn pinned_abi_version(dir: &Path) -> Option<u32> {
 }
 
 /// Creates the pin directory if needed and decides whether pins found there can be reused.
-/// Returns whether a complete, compatible set was found; a partial or mismatching set is an
-/// error rather than something to overwrite, because it holds live flows.
-fn check_pins(dir: &Path, flow_table_size: u32) -> Result<bool, DataplaneError> {
+/// Returns the room for services of a complete, compatible set if one was found; a partial or
+/// mismatching set is an error rather than something to overwrite, because it holds live
+/// flows.
+fn check_pins(dir: &Path, flow_table_size: u32, room: ServiceRoom) -> Result<Option<u32>, DataplaneError> {
     std::fs::create_dir_all(dir)
         .map_err(|source| DataplaneError::PinDir { dir: dir.to_path_buf(), source })?;
     if !on_bpffs(dir) {
         return Err(DataplaneError::NotBpffs(dir.to_path_buf()));
     }
-    let expected = expected_maps(flow_table_size);
     let present: Vec<&str> =
-        expected.iter().map(|e| e.0).filter(|name| dir.join(name).exists()).collect();
+        names::ALL.iter().copied().filter(|name| dir.join(name).exists()).collect();
     if present.is_empty() {
-        return Ok(false);
+        return Ok(None);
     }
     let incompatible = |detail: String| DataplaneError::IncompatiblePins { dir: dir.to_path_buf(), detail };
+    let pinned_room = match MapInfo::from_pin(dir.join(names::MAGLEV)) {
+        Ok(info) => room_of_pinned(info.max_entries(), room).map_err(incompatible)?,
+        // Missing: reported below as an incomplete set.
+        Err(_) => room.wanted,
+    };
+    let expected = expected_maps(flow_table_size, pinned_room);
     // Maps added since the oldest readable ABI may be missing only from a set that ABI filled:
     // from a newer set, a missing one held live state (an old table during a resize).
     let abi = pinned_abi_version(dir);
@@ -630,5 +682,51 @@ fn check_pins(dir: &Path, flow_table_size: u32) -> Result<bool, DataplaneError> 
     if let Some(v) = abi.filter(|v| !(MIN_READABLE_ABI_VERSION..=ABI_VERSION).contains(v)) {
         return Err(incompatible(format!("they were filled by ABI version {v}, this build speaks {ABI_VERSION}")));
     }
-    Ok(true)
+    Ok(Some(pinned_room))
+}
+
+/// The room for services of a pinned Maglev map of `entries` entries, if it can serve `room`:
+/// at least `room.least` services. Pinned maps keep their size (growing one would mean a new
+/// map, and the flows the old one steers would be lost), so one with room for more than
+/// `room.wanted` is reused as it is, and one with room for fewer than `room.least` refused.
+fn room_of_pinned(entries: u32, room: ServiceRoom) -> Result<u32, String> {
+    let per_service = limits::maglev_map_entries(1);
+    let pinned = entries / per_service;
+    if !entries.is_multiple_of(per_service) || !(1..=limits::MAX_SERVICES).contains(&pinned) {
+        return Err(format!(
+            "MAGLEV has {entries} entries, which is not room for 1 to {} services of {per_service} entries",
+            limits::MAX_SERVICES
+        ));
+    }
+    if pinned < room.least {
+        return Err(format!(
+            "MAGLEV holds room for {pinned} services and this configuration needs {} (max_services, or the \
+             number of services). Pinned maps keep their size: to grow them, detach (which loses the recorded \
+             flows) or go back to a configuration of at most {pinned} services",
+            room.least
+        ));
+    }
+    Ok(pinned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_maglev_maps_are_reused_at_their_room_or_refused() {
+        let entries = limits::maglev_map_entries;
+        let room = |wanted, least| ServiceRoom { wanted, least };
+        // Larger or smaller than wanted: kept as it is, as long as it holds `least`.
+        assert_eq!(room_of_pinned(entries(64), room(8, 1)), Ok(64));
+        assert_eq!(room_of_pinned(entries(8), room(16, 5)), Ok(8));
+        assert_eq!(room_of_pinned(entries(5), room(16, 5)), Ok(5));
+        let err = room_of_pinned(entries(4), room(16, 5)).unwrap_err();
+        assert!(err.starts_with("MAGLEV holds room for 4 services and this configuration needs 5"), "{err}");
+        assert!(err.contains("detach"), "{err}");
+        // Not whole services, none, or more than any build made.
+        assert!(room_of_pinned(entries(2) + 1, room(8, 1)).is_err());
+        assert!(room_of_pinned(0, room(8, 1)).is_err());
+        assert!(room_of_pinned(entries(limits::MAX_SERVICES + 1), room(8, 1)).is_err());
+    }
 }

@@ -23,6 +23,11 @@ impl IdPool {
         self.used.insert(id);
     }
 
+    /// Ids reserved or taken.
+    pub(super) fn used(&self) -> usize {
+        self.used.len()
+    }
+
     pub(super) fn take(&mut self) -> Result<u32, DirectorError> {
         let id = (self.first..self.end)
             .find(|id| !self.used.contains(id))
@@ -32,17 +37,18 @@ impl IdPool {
     }
 }
 
-/// Both pools. Service ids index the Maglev map and counters (`0..MAX_SERVICES`); backend
-/// ids index `BACKENDS`, where 0 means "no backend" (`1..MAX_BACKENDS`).
+/// Both pools. Service ids index the Maglev maps and counters (`0..room`, the room for
+/// services the maps were made with); backend ids index `BACKENDS`, where 0 means "no
+/// backend" (`1..MAX_BACKENDS`).
 pub(super) struct Pools {
     pub services: IdPool,
     pub backends: IdPool,
 }
 
 impl Pools {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(service_room: u32) -> Self {
         Pools {
-            services: IdPool::new(0, limits::MAX_SERVICES, "service"),
+            services: IdPool::new(0, service_room.min(limits::MAX_SERVICES), "service"),
             backends: IdPool::new(1, limits::MAX_BACKENDS, "backend"),
         }
     }

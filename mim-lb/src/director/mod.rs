@@ -66,6 +66,14 @@ pub enum DirectorError {
     Index(#[from] IndexError),
     #[error("no free {what} id: at most {max} at once, counting those still draining or being replaced")]
     Capacity { what: &'static str, max: u32 },
+    #[error(
+        "max_services: the maps were sized at start for {room} services, and this configuration needs \
+         {needed} at once (a service a reload replaces keeps its room until the new tables are live, \
+         so it counts beside its successor); nothing was changed. Restart mim-lb with a larger \
+         max_services to grow them (over pinned maps, only after `mim-lb detach`, which loses the \
+         recorded flows; see CONFIG.md, max_services)"
+    )]
+    ServiceRoom { room: u32, needed: usize },
     #[error("no service {0} (give VIP:PORT[/PROTO] or the service's name)")]
     UnknownService(String),
     #[error("service {service} has no backend {backend}")]
@@ -368,13 +376,17 @@ impl Director {
     /// Nothing is written unless the whole change can be made.
     pub fn apply_config(&mut self, config: &Config) -> Result<ApplyReport, DirectorError> {
         let mut ids = self.id_pools();
+        let room = self.dataplane.service_room();
+        let kept = config.services.iter().filter(|s| self.desired.contains_key(&s.key())).count();
+        // Services the change leaves written until its flip keep their ids meanwhile.
+        let needed = ids.services.used() + config.services.len() - kept;
         let mut next = Desired::new();
         for service in &config.services {
             let key = service.key();
             let old = self.desired.get(&key);
             let id = match old {
                 Some(o) => o.id,
-                None => ids.services.take()?,
+                None => ids.services.take().map_err(|_| DirectorError::ServiceRoom { room, needed })?,
             };
             let unchecked = service.health.kind == CheckKind::None;
             let mut backends = BTreeMap::new();
@@ -670,7 +682,7 @@ impl Director {
     }
 
     fn id_pools(&self) -> ids::Pools {
-        let mut pools = ids::Pools::new();
+        let mut pools = ids::Pools::new(self.dataplane.service_room());
         // Ids still written stay reserved: the data path may read them until the next flip.
         for (key, s) in &self.desired {
             pools.services.reserve(s.id);
@@ -998,5 +1010,11 @@ mod tests {
     #[test]
     fn maglev_limits_are_respected_by_the_map_layout() {
         assert!(limits::maglev_index(limits::MAX_SERVICES - 1, 1, limits::MAGLEV_MAX_TABLE_SIZE - 1) < limits::MAGLEV_MAP_ENTRIES);
+        for room in 1..=limits::MAX_SERVICES {
+            // The last slot of the last service's second region is the map's last entry.
+            let last = limits::maglev_index(room - 1, 1, limits::MAGLEV_MAX_TABLE_SIZE - 1);
+            assert_eq!(last + 1, limits::maglev_map_entries(room));
+            assert_eq!(limits::slot_index(room - 1, limits::MAGLEV_MAX_TABLE_SIZE - 1) + 1, limits::slot_map_entries(room));
+        }
     }
 }

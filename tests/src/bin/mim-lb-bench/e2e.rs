@@ -13,7 +13,7 @@
 mod account;
 mod director;
 pub(crate) mod load;
-mod maps;
+pub mod maps;
 pub(crate) mod service;
 mod tables;
 

@@ -6,6 +6,8 @@
 //! - rebuild: the control plane's Maglev build and table write, and a one-master health flip;
 //! - batch: the control plane's batched map reads and writes (a full-size connection table, a
 //!   Maglev region, a failover's writes) against one syscall per element;
+//! - memory: the kernel memory of every map at the defaults, sized from the configuration,
+//!   next to the old fixed sizes loaded in the same run;
 //! - failover: the real daemon in the namespace lab, a master killed under a stream of new
 //!   connections, and restarted;
 //! - directors: two directors with flow sync and keepalived: the active one killed under
@@ -31,6 +33,7 @@ mod e2e;
 mod ecmp;
 mod failover;
 mod interrupt;
+mod memory;
 mod per_packet;
 mod rebuild;
 mod report;
@@ -51,6 +54,7 @@ enum Bench {
     Failover,
     Directors,
     Counting,
+    Memory,
     E2e,
     SyncScale,
     Ecmp,
@@ -61,7 +65,7 @@ enum Bench {
 struct Args {
     /// Which benchmarks to run (comma-separated). `e2e` runs only when named: it takes
     /// minutes and measures other software (HAProxy, nftables) next to mim-lb.
-    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "counting", "failover", "directors", "sync-scale", "ecmp"])]
+    #[arg(long, value_delimiter = ',', default_values = ["per-packet", "rebuild", "batch", "counting", "memory", "failover", "directors", "sync-scale", "ecmp"])]
     only: Vec<Bench>,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -296,6 +300,10 @@ fn run(args: &Args) -> Result<()> {
         eprintln!("mim-lb-bench: connection counting ...");
         let settings = counting::Settings { flows: args.counting_flows, runs: args.counting_runs, repeat: args.repeat };
         report.sections.push(counting::measure(&settings)?);
+    }
+    if wants(Bench::Memory) {
+        eprintln!("mim-lb-bench: map memory ...");
+        report.sections.push(memory::measure()?);
     }
     if wants(Bench::Failover) {
         eprintln!("mim-lb-bench: failover ...");

@@ -348,7 +348,7 @@ fn idle_section(s: &Settings, steps: &[(String, Pace)], samples: &Samples, idle:
 pub fn maps_section(maps: &[MapMemory]) -> Section {
     let mut section = Section::new("end to end: mim-lb's maps", &["map", "type", "entries", "key B", "value B", "kernel KiB"]);
     section.method = vec![
-        "The kernel memory of every map the daemon pinned, at the lab's config (one TCP service of 3 masters, every other setting at its default), \
+        "The kernel memory of every map the daemon pinned, at the lab's config (one TCP service of 3 masters, every other setting at its default: the Maglev maps sized for it, room for 8 services), \
          from `bpftool -j map show pinned` (bytes_memlock). The daemon's RSS is in the director processes' section."
             .into(),
     ];
