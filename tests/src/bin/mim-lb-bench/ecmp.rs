@@ -44,8 +44,11 @@ pub struct Settings {
     pub workers: usize,
 }
 
-/// The detection setups measured: (name, BIRD config edit, configured detection time).
-fn setups() -> Vec<(&'static str, fn(&str) -> String, Duration)> {
+/// A detection setup: its name, the edit of the shipped BIRD configs, the detection time it
+/// configures.
+type Setup = (&'static str, fn(&str) -> String, Duration);
+
+fn setups() -> Vec<Setup> {
     vec![
         ("BFD 3 x 100 ms (the shipped examples)", |c: &str| c.to_owned(), Duration::from_millis(300)),
         ("BFD off, BGP hold time 3 s", |c: &str| c.replace("bfd on;", "bfd off;"), Duration::from_secs(3)),
