@@ -511,8 +511,11 @@ impl Daemon {
                     }
                 }
                 _ = sync_tick.tick(), if syncing => {
+                    // What the peers are told is the whole readiness: a fresh start whose first
+                    // health checks are not applied yet has an empty table, and a peer that
+                    // chose it to pull from would get nothing.
+                    let ready = self.not_ready().is_none();
                     if let Some(sync) = self.sync.as_mut() {
-                        let ready = sync.not_ready().is_none();
                         sync.on_tick(director, ready);
                     }
                 }

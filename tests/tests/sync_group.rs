@@ -104,8 +104,9 @@ fn a_group_of_three_shares_each_change_once_and_each_director_carries_every_flow
     echo_all(&mut opened, "after director 0's return", Duration::from_secs(5));
 
     // Directors 0 and 1 die together: director 2 never carried a packet of these connections.
-    let both = Instant::now();
-    directors.kill(&lab, 0).unwrap();
+    // From the moment director 0 is off the segment: a connection begun just before may
+    // still have made it through.
+    let both = directors.kill(&lab, 0).unwrap();
     kill(&lab, &mut directors, 1, 2);
     echo_all(&mut opened, "through director 2", Duration::from_secs(5));
 
@@ -113,6 +114,94 @@ fn a_group_of_three_shares_each_change_once_and_each_director_carries_every_flow
     report.assert_survived_before("killing director 0", killed, revived);
     report.assert_survived_before("director 0's return", revived, both);
     report.assert_survived("killing directors 0 and 1", both);
+    drop(directors);
+    drop(key);
+}
+
+/// IPv6 directors on a link-local group (`[ff02::6d6c]:7947`, CONFIG.md's example) hear each
+/// other over it. A director still in its first round of health checks (its table empty)
+/// tells its peers it is not ready, so a peer that starts never chooses it to pull from;
+/// once ready it says so.
+#[test]
+fn a_link_local_ipv6_group_works_and_a_starting_director_is_not_ready_to_its_peers() {
+    use mim_lb_tests::gateway::{Gateway, lab_config};
+    let mut lab = Lab::new(LabSpec { directors: 2, ..LabSpec::default() }).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let key = SyncKey::new(&lab).unwrap();
+    let addr6 = |i: usize| format!("[{}]:7946", lab.director_addr6(i).unwrap());
+    let sync = |i: usize| {
+        format!(
+            "[sync]\nlisten = \"{}\"\npeers = [\"{}\"]\nkey_file = \"{}\"\ngroup = \"[ff02::6d6c]:7947\"\n",
+            addr6(i),
+            addr6(1 - i),
+            key.0.display()
+        )
+    };
+    // Director 1's first round of checks takes 30 checks 100 ms apart.
+    let slow = ServiceSpec { health: "interval_ms = 100\ntimeout_ms = 100\nrise = 30\nfall = 2".into(), ..ServiceSpec::tcp(&lab, PORT) };
+    let config0 = format!("{}\n{}", lab_config(&lab, &[ServiceSpec::tcp(&lab, PORT)], ""), sync(0));
+    let config1 = format!("{}\n{}", lab_config(&lab, &[slow], ""), sync(1));
+    let d0 = Gateway::start_on(&mut lab, 0, &config0, Mode::Generic, &[]).unwrap();
+    d0.wait_all_up().unwrap();
+    let d1 = Gateway::start_on(&mut lab, 1, &config1, Mode::Generic, &[]).unwrap();
+    let seen = d0
+        .wait_until("director 1 heard on the IPv6 group", Duration::from_secs(10), |s| {
+            s.sync.as_ref().is_some_and(|y| y.peers[0].state == "up")
+        })
+        .unwrap();
+    let why = format!("{:#}", d1.ctl(&["ready"]).expect_err("director 1 is in its first round of checks"));
+    assert!(why.contains("first health checks"), "{why}");
+    assert!(!seen.sync.unwrap().peers[0].ready, "director 1 told its peer it was ready with an empty table");
+    d0.wait_until("director 1 ready, as it tells its peer", Duration::from_secs(20), |s| {
+        s.sync.as_ref().is_some_and(|y| y.peers[0].ready && y.peers[0].tables_agree == Some(true))
+    })
+    .unwrap();
+    let s1 = d1.status().unwrap().sync.unwrap();
+    assert_eq!(s1.group.as_deref(), Some("[ff02::6d6c]:7947"));
+    assert_eq!(s1.peers[0].pull, "done", "{s1:?}");
+    drop((d0, d1));
+    drop(key);
+}
+
+/// A running director that receives a whole state it did not ask for (a repair: here, in the
+/// each-peer mode, after a partition longer than the 2 s that counts a peer down) stays
+/// ready: its `[announce]` route stays in the table throughout (`ip monitor route` sees no
+/// deletion), so a routing daemon never withdraws it.
+#[test]
+fn a_repairing_whole_state_keeps_a_running_director_ready_and_announced() {
+    use mim_lb_tests::keepalived::sync_section;
+    let mut lab = Lab::new(LabSpec { directors: 2, ipv6: false, ..LabSpec::default() }).unwrap();
+    lab.start_tcp_servers(PORT).unwrap();
+    let key = SyncKey::new(&lab).unwrap();
+    let configs = director_configs(&lab, &[ServiceSpec::tcp(&lab, PORT)], "", |i| {
+        format!("{}{}", sync_section(&lab, &key, i), mim_lb_tests::bird::announce_section(0))
+    });
+    let directors = Directors::start_daemons(&mut lab, Mode::Generic, &configs).unwrap();
+    directors.wait_synced(Duration::from_secs(20)).unwrap();
+    let d0 = directors.gateway(0);
+    d0.wait_until("its VIP announced", Duration::from_secs(10), |s| s.announce.as_ref().is_some_and(|a| a.announcing)).unwrap();
+    let mut monitor = std::process::Command::new("ip");
+    monitor.args(["-4", "monitor", "route"]);
+    let ns0 = lab.director_ns(0).to_owned();
+    let monitor = lab.spawn_in(&ns0, &mut monitor).unwrap();
+
+    // A partition of the sync traffic, both ways, until each counts the other down.
+    let block = |verb: &str| {
+        for i in 0..2 {
+            let other = format!("{}/32", lab.director_addr4(1 - i));
+            lab.run_in(lab.director_ns(i), "ip", &["route", verb, "blackhole", &other]).unwrap();
+        }
+    };
+    block("add");
+    d0.wait_until("its peer down", Duration::from_secs(10), |s| s.sync.as_ref().is_some_and(|y| y.peers[0].state == "down")).unwrap();
+    let since = d0.proc().line_count();
+    block("del");
+    d0.proc().wait_for_line_since(since, "finished sending its state (own pull: false)", Duration::from_secs(10)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let vip = lab.vip4().to_string();
+    let deleted: Vec<String> = monitor.lines().into_iter().filter(|l| l.starts_with("Deleted") && l.contains(&vip)).collect();
+    assert!(deleted.is_empty(), "the VIP's route was withdrawn while a repair was settled: {deleted:?}");
+    assert!(d0.status().unwrap().announce.unwrap().announcing);
     drop(directors);
     drop(key);
 }

@@ -16,7 +16,8 @@
 //! the whole state, as a director that starts asks for it (a pull) from one peer: every
 //! director holds the same shared state, so one answer is enough. Whole states are sent to
 //! the one peer that needs them, acknowledged. Memory is bounded by a window of datagrams in
-//! flight per peer, the snapshot of a pull answer being sent, and the group's history.
+//! flight per peer, the snapshot of a pull answer being sent, and the group's history and
+//! queue ([`HISTORY`], [`MAX_STREAM_QUEUE`]).
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -50,6 +51,9 @@ pub const PULL_LIMIT: Duration = Duration::from_secs(60);
 const REPLAY_WINDOW: u64 = 1024;
 /// Group changes kept for peers that missed them: about 5.6 MB at most.
 pub const HISTORY: usize = 4096;
+/// Group changes waiting for their burst, at most; beyond, the oldest is dropped and every
+/// peer is owed the whole state (as a peer's backlog does to each peer).
+pub const MAX_STREAM_QUEUE: usize = HISTORY;
 /// Group changes sent per [`BURST_EVERY`]; more wait. Receivers' socket buffers take a
 /// burst, and a refresh of a large table does not flood the segment.
 pub const BURST: usize = 512;
@@ -137,14 +141,51 @@ struct Waiting {
     in_pull_answer: bool,
 }
 
+/// Which datagram numbers of a peer's incarnation were seen: the newest, and a window of
+/// [`REPLAY_WINDOW`] behind it.
+#[derive(Default)]
+struct ReplayWindow {
+    newest: u64,
+    bits: u128,
+    more: std::collections::BTreeSet<u64>,
+}
+
+impl ReplayWindow {
+    /// Whether `seq` is new; remembers it.
+    fn fresh(&mut self, seq: u64) -> bool {
+        if seq > self.newest {
+            let shift = seq - self.newest;
+            self.bits = if shift >= 128 { 0 } else { self.bits << shift };
+            self.bits |= 1;
+            self.newest = seq;
+            self.more.retain(|s| s.saturating_add(REPLAY_WINDOW) > seq);
+            return true;
+        }
+        let behind = self.newest - seq;
+        if behind >= REPLAY_WINDOW {
+            return false;
+        }
+        if behind < 128 {
+            let bit = 1u128 << behind;
+            let new = self.bits & bit == 0;
+            self.bits |= bit;
+            new
+        } else {
+            self.more.insert(seq)
+        }
+    }
+}
+
 /// One peer, by address.
 pub struct Peer {
     pub addr: SocketAddr,
     /// Its incarnation, once heard (0: never).
     incarnation: u64,
-    newest_seq: u64,
-    seen_bits: u128,
-    seen_more: std::collections::BTreeSet<u64>,
+    /// Datagrams to this director's own address, and to the group: two windows, because the
+    /// sender numbers both alike and the two sockets are read in turn (a burst on one must not
+    /// push the other's datagrams out of the window).
+    window: ReplayWindow,
+    group_window: ReplayWindow,
     pub last_heard: Option<Instant>,
     pub ready: bool,
     pub digests: HashMap<ServiceKey, [u8; 8]>,
@@ -171,6 +212,9 @@ pub struct Peer {
     asking_all: Option<Instant>,
     /// When a pull (for a start or a repair) was last sent to it.
     last_pull_sent: Option<Instant>,
+    /// When the whole state it is sending began to arrive (group mode: its first record or
+    /// mark sent to this director alone).
+    answer_since: Option<Instant>,
 }
 
 impl Peer {
@@ -178,9 +222,8 @@ impl Peer {
         Peer {
             addr,
             incarnation: 0,
-            newest_seq: 0,
-            seen_bits: 0,
-            seen_more: Default::default(),
+            window: ReplayWindow::default(),
+            group_window: ReplayWindow::default(),
             last_heard: None,
             ready: false,
             digests: HashMap::new(),
@@ -199,6 +242,7 @@ impl Peer {
             missing: BTreeMap::new(),
             asking_all: None,
             last_pull_sent: None,
+            answer_since: None,
         }
     }
 
@@ -252,28 +296,9 @@ impl Peer {
         self.unacked.len() + self.backlog.len()
     }
 
-    /// Whether `seq` of the current incarnation is new; remembers it.
-    fn fresh(&mut self, seq: u64) -> bool {
-        if seq > self.newest_seq {
-            let shift = seq - self.newest_seq;
-            self.seen_bits = if shift >= 128 { 0 } else { self.seen_bits << shift };
-            self.seen_bits |= 1;
-            self.newest_seq = seq;
-            self.seen_more.retain(|s| s.saturating_add(REPLAY_WINDOW) > seq);
-            return true;
-        }
-        let behind = self.newest_seq - seq;
-        if behind >= REPLAY_WINDOW {
-            return false;
-        }
-        if behind < 128 {
-            let bit = 1u128 << behind;
-            let new = self.seen_bits & bit == 0;
-            self.seen_bits |= bit;
-            new
-        } else {
-            self.seen_more.insert(seq)
-        }
+    /// Whether `seq` of the current incarnation is new on its path; remembers it.
+    fn fresh(&mut self, seq: u64, to_group: bool) -> bool {
+        if to_group { self.group_window.fresh(seq) } else { self.window.fresh(seq) }
     }
 }
 
@@ -473,6 +498,13 @@ impl Engine {
     fn broadcast(&mut self, body: Body, oldest: Option<Instant>, now: Instant) {
         if self.group.is_some() {
             self.stream_queue.push_back(body);
+            if self.stream_queue.len() > MAX_STREAM_QUEUE {
+                self.stream_queue.pop_front();
+                self.counters.lost += 1;
+                for p in self.peers.iter_mut() {
+                    p.needs_all = true;
+                }
+            }
             self.pump_stream(now);
             return;
         }
@@ -528,11 +560,15 @@ impl Engine {
     }
 
     /// Sends queued group changes, up to [`BURST`] per [`BURST_EVERY`].
-    fn pump_stream(&mut self, now: Instant) {
-        let Some(group) = self.group else { return };
+    fn new_burst_if_due(&mut self, now: Instant) {
         if self.burst.0.is_none_or(|t| now.saturating_duration_since(t) >= BURST_EVERY) {
             self.burst = (Some(now), 0);
         }
+    }
+
+    fn pump_stream(&mut self, now: Instant) {
+        let Some(group) = self.group else { return };
+        self.new_burst_if_due(now);
         while self.burst.1 < BURST {
             let Some(body) = self.stream_queue.pop_front() else { break };
             let n = self.stream_next;
@@ -556,19 +592,26 @@ impl Engine {
 
     /// A peer's NACK: what is still in the history goes to it again (to it alone); for what
     /// is not, it gets the whole state.
-    fn answer_nack(&mut self, i: usize, ranges: Vec<(u64, u32)>) {
+    fn answer_nack(&mut self, i: usize, ranges: Vec<(u64, u32)>, now: Instant) {
         let Some(group) = self.group else { return };
         let oldest = self.history.front().map_or(self.stream_next, |(n, _)| *n);
         let mut budget = NACK_ANSWER_MAX;
+        // Resends share the group's burst budget: a NACK cannot make this director send more
+        // than its pacing allows (what is left out, the peer asks for again).
+        self.new_burst_if_due(now);
         for (first, count) in ranges {
             let end = first.saturating_add(count as u64).min(self.stream_next);
             let mut n = first.max(1);
-            while n < end && budget > 0 {
+            while n < end && budget > 0 && self.burst.1 < BURST {
                 budget -= 1;
                 if n < oldest {
-                    // Gone from the history: only the whole state repairs it.
-                    self.peers[i].needs_all = true;
-                    self.peers[i].counters.lost += oldest - n.min(oldest);
+                    // Gone from the history: only the whole state repairs it (once: not again
+                    // while one is wanted or on its way).
+                    let peer = &mut self.peers[i];
+                    if !peer.needs_all && !peer.answer_wanted && peer.answering.is_none() {
+                        peer.needs_all = true;
+                        peer.counters.lost += oldest - n.min(oldest);
+                    }
                     n = oldest;
                     continue;
                 }
@@ -577,6 +620,7 @@ impl Engine {
                 let to = self.peers[i].addr;
                 self.send_now(to, message.body);
                 self.peers[i].counters.resent += 1;
+                self.burst.1 += 1;
                 n += 1;
             }
         }
@@ -610,6 +654,10 @@ impl Engine {
             .iter()
             .position(|p| asking(p) && p.ready)
             .or_else(|| any_will_do.then(|| self.peers.iter().position(asking)).flatten());
+        // Each source gets its own [`PULL_LIMIT`], from when it is asked.
+        if let Some(i) = self.pull_source {
+            self.peers[i].pull = PullState::Asking { since: now };
+        }
     }
 
     /// Gaps in peers' streams: NACKs for what is due, the whole state for what is lost.
@@ -703,10 +751,14 @@ impl Engine {
         self.pump_stream(now);
         for i in 0..self.peers.len() {
             let alive = self.peers[i].alive(now);
+            let is_source = self.pull_source == Some(i);
             let peer = &mut self.peers[i];
             if let PullState::Asking { since } = peer.pull {
+                // A peer never heard is given up after the pull timeout; the one asked, after
+                // PULL_LIMIT without a complete answer (the next live one is asked then). Others
+                // heard stay candidates.
                 let waited = now.saturating_duration_since(since);
-                if (peer.last_heard.is_none() && waited >= self.pull_timeout) || waited >= PULL_LIMIT {
+                if (peer.last_heard.is_none() && waited >= self.pull_timeout) || (is_source && waited >= PULL_LIMIT) {
                     peer.pull = PullState::GaveUp;
                 }
             }
@@ -810,9 +862,8 @@ impl Engine {
             // one is moot.
             let restarted = peer.incarnation != 0;
             peer.incarnation = message.sender;
-            peer.newest_seq = 0;
-            peer.seen_bits = 0;
-            peer.seen_more.clear();
+            peer.window = ReplayWindow::default();
+            peer.group_window = ReplayWindow::default();
             peer.digests.clear();
             // A restarted peer's stream starts again at 1, all of it sent while this
             // director listened; a peer first heard now owes nothing from before (this
@@ -829,7 +880,7 @@ impl Engine {
                 peer.needs_all = false;
             }
         }
-        if !peer.fresh(message.seq) {
+        if !peer.fresh(message.seq, Some(to) == self.group) {
             // A copy resent because our ack was lost: acknowledge again, apply nothing.
             if message.body.reliable() {
                 self.send_now(from, Body::Ack { seq: message.seq });
@@ -864,9 +915,16 @@ impl Engine {
                     peer.counters.replayed += 1;
                 }
             }
-            Body::Nack { ranges } => self.answer_nack(i, ranges),
-            body @ (Body::Records(_) | Body::Forget(_) | Body::Seen { .. }) => inbound.extend(change(body)),
+            Body::Nack { ranges } => self.answer_nack(i, ranges, now),
+            body @ (Body::Records(_) | Body::Forget(_) | Body::Seen { .. }) => {
+                if self.group.is_some() && matches!(body, Body::Records(_)) {
+                    // In a group, records come alone only in a whole state.
+                    peer.answer_since.get_or_insert(now);
+                }
+                inbound.extend(change(body))
+            }
             Body::Marks { service, table_size, marks } => {
+                peer.answer_since.get_or_insert(now);
                 let own_pull = matches!(peer.pull, PullState::Asking { .. });
                 inbound.push(Inbound::Marks { from, service, table_size, marks, own_pull })
             }
@@ -883,7 +941,12 @@ impl Engine {
                 if own_pull {
                     peer.pull = PullState::Done;
                 }
+                // The whole state holds what the changes found missing before it began to
+                // arrive said (it was read after they were sent); asking for them again would
+                // only bring another whole state.
+                let since = peer.answer_since.take().unwrap_or(now);
                 peer.asking_all = None;
+                peer.missing.retain(|_, m| m.noticed >= since);
                 inbound.push(Inbound::Pulled { from, own_pull });
             }
             Body::Ack { seq } => {

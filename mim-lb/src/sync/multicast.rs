@@ -3,7 +3,7 @@
 
 use std::{
     io,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, SocketAddr, SocketAddrV6},
 };
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -15,12 +15,20 @@ pub fn join(listen: SocketAddr, group: SocketAddr) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(group), Type::DGRAM, Some(Protocol::UDP))?;
     // Another program on the host may use the same group and port.
     socket.set_reuse_address(true)?;
-    match (group.ip(), listen.ip()) {
-        (IpAddr::V4(g), IpAddr::V4(l)) => socket.join_multicast_v4(&g, &l)?,
-        (IpAddr::V6(g), IpAddr::V6(l)) => socket.join_multicast_v6(&g, interface_index(IpAddr::V6(l))?)?,
+    let bind_to: SocketAddr = match (group.ip(), listen.ip()) {
+        (IpAddr::V4(g), IpAddr::V4(l)) => {
+            socket.join_multicast_v4(&g, &l)?;
+            group
+        }
+        (IpAddr::V6(g), IpAddr::V6(l)) => {
+            let index = interface_index(IpAddr::V6(l))?;
+            socket.join_multicast_v6(&g, index)?;
+            // A link-local group (ff02::/16) is bound only with its link named.
+            SocketAddrV6::new(g, group.port(), 0, index).into()
+        }
         _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "the group and sync.listen are of different families")),
-    }
-    socket.bind(&group.into())?;
+    };
+    socket.bind(&bind_to.into())?;
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket.into())
 }

@@ -79,6 +79,12 @@ fn enlarge_buffers(socket: &UdpSocket) {
     }
 }
 
+struct Settle {
+    peer: SocketAddr,
+    reported: HashMap<ServiceKey, std::collections::HashSet<u32>>,
+    own_pull: bool,
+}
+
 pub struct SyncRunner {
     socket: UdpSocket,
     group_socket: Option<UdpSocket>,
@@ -95,7 +101,9 @@ pub struct SyncRunner {
     /// Peers to send the whole state with the next read of the connection table.
     answer_wanted: Vec<SocketAddr>,
     /// Whole states received, whose marks are settled with the next read of the table.
-    settles: Vec<(SocketAddr, HashMap<ServiceKey, std::collections::HashSet<u32>>)>,
+    /// `own_pull`: the answer to this director's own start-up pull, which readiness waits
+    /// for; a repair a running director receives does not take its readiness away.
+    settles: Vec<Settle>,
     /// When the queued changes go (see [`FLUSH_DELAY`]).
     flush_at: Option<Instant>,
     /// After a failed read of the connection table, the next is not tried before this.
@@ -189,7 +197,7 @@ impl SyncRunner {
 
     /// Why this director is not ready yet, if its pull is not over.
     pub fn not_ready(&self) -> Option<String> {
-        if !self.settles.is_empty() {
+        if self.settles.iter().any(|s| s.own_pull) {
             return Some("settling the marks of the peers' state".into());
         }
         let waiting = self.engine.pulling_from();
@@ -428,7 +436,7 @@ impl SyncRunner {
                 Inbound::Pulled { from, own_pull } => {
                     debug!("flow sync: {from} finished sending its state (own pull: {own_pull})");
                     let reported = self.pulled_marks.remove(&from).unwrap_or_default();
-                    self.settles.push((from, reported));
+                    self.settles.push(Settle { peer: from, reported, own_pull });
                     Ok(())
                 }
             };
@@ -489,7 +497,7 @@ impl SyncRunner {
     /// longer live.
     pub fn on_table_read(&mut self, director: &mut Director, flows: &[(mim_lb_common::FlowKey, mim_lb_common::FlowEntry)], read_ns: u64) {
         self.read_again_at = None;
-        for (peer, reported) in std::mem::take(&mut self.settles) {
+        for Settle { peer, reported, .. } in std::mem::take(&mut self.settles) {
             if let Err(e) = self.settle_after_pull(director, peer, reported, flows, read_ns) {
                 warn!("flow sync: settling marks after {peer}'s state: {e}");
             }

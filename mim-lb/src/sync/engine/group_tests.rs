@@ -256,8 +256,9 @@ fn a_change_no_longer_in_the_history_brings_the_whole_state_instead() {
     }
     assert!(m.engines[0].stream_next > HISTORY as u64 + 1, "{}", m.engines[0].stream_next);
     m.carry = Box::new(|_, _, _| true);
-    m.run(20, Duration::from_millis(50));
-    assert!(m.got[0].contains(&Inbound::SendAll(addr(2))), "0 is asked for the whole state");
+    m.run(80, Duration::from_millis(50));
+    let whole = m.got[0].iter().filter(|i| **i == Inbound::SendAll(addr(2))).count();
+    assert_eq!(whole, 1, "0 sends its whole state once, not again for every NACK of the same gap");
     assert!(m.got[2].contains(&Inbound::Pulled { from: addr(0), own_pull: false }));
     assert!(m.engines[2].peers()[0].missing() == 0);
 }
@@ -361,4 +362,98 @@ fn config_order_picks_the_same_source_whatever_is_heard_first() {
     m.run(6, Duration::from_millis(50));
     let pulls: Vec<Option<usize>> = m.sent_by(2).into_iter().filter(|s| matches!(s.body, Body::Pull)).map(|s| s.to).collect();
     assert!(pulls.iter().all(|t| *t == Some(0)), "{pulls:?}");
+}
+
+#[test]
+fn a_flood_of_changes_keeps_the_queue_bounded_and_owes_every_peer_the_whole_state() {
+    let mut m = Mesh::new(3, &[]);
+    m.run(2, Duration::from_millis(50));
+    // Ten times what the queue holds, faster than the pacing lets out.
+    for _ in 0..10 * MAX_STREAM_QUEUE * wire::FORGETS_PER_DATAGRAM {
+        m.engines[0].queue_forget(record(1).key, m.now);
+    }
+    m.engines[0].flush(m.now);
+    assert!(m.engines[0].stream_queued() <= MAX_STREAM_QUEUE, "{}", m.engines[0].stream_queued());
+    assert!(m.engines[0].counters.lost > 0);
+    let inbound = m.engines[0].tick(true, &[], m.now);
+    assert!(inbound.contains(&Inbound::SendAll(addr(1))) && inbound.contains(&Inbound::SendAll(addr(2))), "{inbound:?}");
+}
+
+#[test]
+fn a_nack_cannot_make_the_sender_exceed_its_pacing() {
+    let mut m = Mesh::new(2, &[]);
+    m.run(2, Duration::from_millis(50));
+    // 0 sends (paced) more than a burst, over several bursts, all delivered.
+    for _ in 0..3 {
+        m.queue(0, 0..(BURST * wire::RECORDS_PER_DATAGRAM) as u32);
+        m.run(1, BURST_EVERY);
+    }
+    let high = m.engines[0].stream_next - 1;
+    assert!(high as usize >= 2 * BURST);
+    // A NACK for everything at once, in a fresh burst: at most a burst is sent again now.
+    m.now += BURST_EVERY;
+    let nack = wire::encode(&key(), addr(0), &Message { sender: 101, seq: 1 << 20, body: Body::Nack { ranges: vec![(1, high as u32)] } });
+    m.engines[0].receive(addr(1), &nack, m.now);
+    let resent = m.engines[0].take_out().len();
+    assert!(resent > 0 && resent <= BURST, "{resent} datagrams sent again for one NACK");
+}
+
+#[test]
+fn group_datagrams_are_not_refused_as_replays_after_a_burst_to_this_director_alone() {
+    let mut m = Mesh::new(2, &[]);
+    m.run(2, Duration::from_millis(50));
+    m.engines[0].queue_record(record(1), None, m.now);
+    m.engines[0].flush(m.now);
+    let group_datagram = m.engines[0].take_out().pop().unwrap().1;
+    // Meanwhile 0 numbered thousands of datagrams to 1 alone (a whole state), and one of
+    // them is read first.
+    let later = wire::encode(&key(), addr(1), &Message { sender: 100, seq: 50_000, body: Body::Pull });
+    m.engines[1].receive(addr(0), &later, m.now);
+    assert_eq!(m.engines[1].receive_group(addr(0), &group_datagram, m.now), vec![Inbound::Records(vec![record(1)])]);
+}
+
+#[test]
+fn a_source_that_stays_up_but_never_answers_is_replaced_after_the_pull_limit() {
+    let mut m = Mesh::new(3, &[2]);
+    m.state = (0..20).map(record).collect();
+    // 0 (asked first: first in the list and ready) hears the pulls but its answers never
+    // arrive; its beacons do.
+    m.carry = Box::new(|from, to, body| !(from == 0 && to == 2 && !matches!(body, Body::Beacon { .. })));
+    m.run(20, Duration::from_millis(50));
+    assert_eq!(m.engines[2].pulling_from(), vec![addr(0)]);
+    m.run((PULL_LIMIT.as_secs() + 2) as usize, Duration::from_secs(1));
+    m.run(20, Duration::from_millis(50));
+    assert!(m.engines[2].pulled());
+    let states: Vec<PullState> = m.engines[2].peers().iter().map(|p| p.pull).collect();
+    assert_eq!(states, vec![PullState::GaveUp, PullState::Done], "the next live peer was asked");
+    assert_eq!(m.records_at(2), m.state);
+}
+
+#[test]
+fn a_gap_gone_from_the_history_brings_the_whole_state_once() {
+    use std::{cell::Cell, rc::Rc};
+    let mut m = Mesh::new(2, &[]);
+    m.run(2, Duration::from_millis(50));
+    // Phase 0: 0's changes do not reach 1. Phase 1: they do, but 1's NACKs do not reach 0,
+    // while 0 sends more than its history holds. Phase 2: everything passes.
+    let phase = Rc::new(Cell::new(0u8));
+    let p = phase.clone();
+    m.carry = Box::new(move |from, _, body| match p.get() {
+        0 => !(from == 0 && is_stream(body)),
+        1 => !(from == 1 && matches!(body, Body::Nack { .. })),
+        _ => true,
+    });
+    m.queue(0, 0..(10 * wire::RECORDS_PER_DATAGRAM) as u32);
+    phase.set(1);
+    m.queue(0, 0..1);
+    assert_eq!(m.engines[1].peers()[0].missing(), 10);
+    while m.engines[0].stream_next as usize <= HISTORY + 20 {
+        m.queue(0, 0..(BURST * wire::RECORDS_PER_DATAGRAM) as u32);
+        m.run(1, BURST_EVERY);
+    }
+    phase.set(2);
+    m.run(80, Duration::from_millis(50));
+    let whole = m.got[0].iter().filter(|i| **i == Inbound::SendAll(addr(1))).count();
+    assert_eq!(whole, 1, "one whole state repairs the gap; NACKs of it while it is on its way, or after, bring no more");
+    assert_eq!(m.engines[1].peers()[0].missing(), 0);
 }

@@ -212,7 +212,7 @@ fn a_peer_back_from_a_partition_is_sent_the_whole_state_again() {
 
 #[test]
 fn the_replay_window_accepts_reordering_and_refuses_repeats() {
-    let mut peer = Peer::new(addr(A));
+    let mut peer = ReplayWindow::default();
     assert!(peer.fresh(5));
     assert!(peer.fresh(3));
     assert!(!peer.fresh(3));
