@@ -298,13 +298,23 @@ fn the_ecmp_demo_spreads_flows_breaks_no_connection_and_leaves_nothing_behind() 
     assert!(left.is_empty(), "the demo left behind:\n{}", left.join("\n"));
 }
 
-/// More than two directors need `--ecmp`: a clear error, before anything is built.
+/// More than two directors need `--ecmp`, and `--ecmp` 2 to 8: a clear error, before
+/// anything is built.
 #[test]
 fn three_directors_without_ecmp_is_an_error_naming_the_flag() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mim-lb-lab")).args(["--non-interactive", "--directors", "3"]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mim-lb-lab")).arg("--non-interactive").args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = run(&["--directors", "3"]);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("--directors 3 needs --ecmp"), "{stderr}");
+    let (code, stderr) = run(&["--directors", "1", "--ecmp"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--ecmp needs 2 to 8 directors"), "{stderr}");
+    let (code, stderr) = run(&["--directors", "9", "--ecmp"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("9 is not in 1..=8"), "{stderr}");
 }
 
 /// `cargo xtask lab --keep`: every command of the guide it prints runs, exactly as printed
