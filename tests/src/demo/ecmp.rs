@@ -429,6 +429,9 @@ fn story(lab: &mut Lab, mut ecmp: Ecmp, opts: &Options) -> Result<EcmpSummary> {
     ecmp.revive(lab, KILLED, &[])?;
     let revive_in = ticker.until(lab, &ecmp, &traffic, &all, FOLLOW_LIMIT)?;
     said(revive_in, revive_from, &format!("director {k} is back in the router's route"), &format!("director {k} is not back in the route"), FOLLOW_LIMIT);
+    if let Some(pulls) = pulls(lab, &ecmp, KILLED) {
+        println!("      director {k}'s pull of its peers' flows before it announced (`mim-lb status`, Sync): {pulls}");
+    }
     ticker.run_for(lab, &ecmp, &traffic, opts.phase)?;
 
     heading(6, &format!("`mim-lb withdraw` on director {w}: it leaves the route, and forwards what still reaches it"));
@@ -464,6 +467,16 @@ fn story(lab: &mut Lab, mut ecmp: Ecmp, opts: &Options) -> Result<EcmpSummary> {
     }
     drop(ecmp);
     Ok(summary)
+}
+
+/// Director `i`'s pulls of its peers' state, by peer: "B done, C done" (`done`, `pulling`,
+/// `gave up` or `none`: it needs one peer's).
+fn pulls(lab: &Lab, ecmp: &Ecmp, i: usize) -> Option<String> {
+    let sync = ecmp.gateways[i].query_status().ok()?.sync?;
+    let peer = |address: &str| {
+        (0..lab.director_count()).find(|&j| address.split(':').next() == Some(&lab.director_addr4(j).to_string())).map_or_else(|| address.to_owned(), name)
+    };
+    Some(sync.peers.iter().map(|p| format!("{} {}", peer(&p.address), p.pull)).collect::<Vec<_>>().join(", "))
 }
 
 fn summarize(lab: &Lab, report: &TrafficReport, e: &Events, carried: Vec<u64>) -> EcmpSummary {
