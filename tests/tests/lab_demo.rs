@@ -270,13 +270,14 @@ fn the_ecmp_demo_spreads_flows_breaks_no_connection_and_leaves_nothing_behind() 
     assert_eq!(summary["ecmp"], true, "{summary}");
     assert_eq!(summary["held"], 9, "{summary}");
     assert_eq!(summary["held_broken"], 0, "{summary}");
-    // Every director carried new flows, and the rows account for the new connections: each
-    // went through one director (the dead one's last ones may be uncounted).
+    // Every director carried new flows, and the counts account for the new connections: each
+    // went through one director (what the dead one carried in its last milliseconds, and the
+    // connections that failed on it, may be uncounted).
     let carried: Vec<u64> = ["A", "B", "C"].iter().map(|d| summary["carried"][d].as_u64().unwrap_or(0)).collect();
     assert!(carried.iter().all(|&n| n > 0), "a director carried no flow: {summary}");
     let (ok, failed) = (summary["new_ok"].as_u64().unwrap(), summary["new_failed"].as_u64().unwrap());
     let sum: u64 = carried.iter().sum();
-    assert!(sum * 10 >= ok * 9 && sum <= ok + failed + 10, "flows carried {carried:?} for {ok} ok and {failed} failed new connections: {summary}");
+    assert!(sum * 100 >= ok * 95 && sum <= ok + failed + 10, "flows carried {carried:?} for {ok} ok and {failed} failed new connections: {summary}");
     // The route followed each event; new connections failed only before it dropped the dead one.
     for key in ["kill_out_after_ms", "revive_in_after_ms", "withdraw_out_after_ms", "announce_in_after_ms"] {
         assert!(summary[key].as_u64().is_some(), "no {key}: {summary}");

@@ -350,6 +350,15 @@ impl Ticker {
         d
     }
 
+    /// Counts what every running director carried since the last row.
+    fn count_all(&mut self, ecmp: &Ecmp) {
+        for i in 0..self.carried.len() {
+            if let Some(n) = new_flows(ecmp, i) {
+                self.count(i, n);
+            }
+        }
+    }
+
     /// Counts what director `i` carried since the last row, before it dies: its next row
     /// shows that, the rows after it "down".
     fn last_look(&mut self, ecmp: &Ecmp, i: usize) {
@@ -447,8 +456,9 @@ fn story(lab: &mut Lab, mut ecmp: Ecmp, opts: &Options) -> Result<EcmpSummary> {
     let announce_in = ticker.until(lab, &ecmp, &traffic, &all, FOLLOW_LIMIT)?;
     said(announce_in, announced, &format!("director {w} is back in the router's route"), &format!("director {w} is not back in the route"), FOLLOW_LIMIT);
     ticker.run_for(lab, &ecmp, &traffic, opts.phase)?;
-    ticker.row(lab, &ecmp, &traffic);
     let report = traffic.finish();
+    // The flows of the last part of a second, which no row showed, count too.
+    ticker.count_all(&ecmp);
     if signals::interrupted() {
         bail!(signals::Interrupted);
     }
