@@ -1,7 +1,9 @@
 //! `cargo xtask lab`, the demo, run as CI runs it: the real `mim-lb-lab` binary, plain output.
 //! It must tell its story to the end (every master served, clients recovered after the kill),
 //! and leave nothing behind, also when Ctrl-C stops it halfway; with `--directors 2` as well
-//! (two directors with keepalived; the active one dies, and no connection may break).
+//! (two directors with keepalived; the active one dies, and no connection may break), and with
+//! `--directors 3 --ecmp` (three directors behind an ECMP router with BIRD; one dies and comes
+//! back, another is withdrawn and announced: every director carries flows, none breaks).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -109,7 +111,8 @@ impl Drop for Demo {
 }
 
 /// Everything of the demo with this pid that could outlive it: namespaces, pin directories,
-/// the gateway's config directory, and processes (the daemon) started for it.
+/// the daemons' and BIRD's directories, the sync key, and processes (the daemons, keepalived,
+/// BIRD) started for it.
 fn leftovers(pid: u32) -> Vec<String> {
     let tag = format!("{pid:x}-");
     let mut found = Vec::new();
@@ -119,7 +122,7 @@ fn leftovers(pid: u32) -> Vec<String> {
             found.push(format!("namespace {line}"));
         }
     }
-    for (dir, prefix) in [("/sys/fs/bpf", "mim-lb-test-"), ("/tmp", "mimlb-")] {
+    for (dir, prefix) in [("/sys/fs/bpf", "mim-lb-test-"), ("/tmp", "mimlb-"), ("/tmp", "mimlb-sync-")] {
         for entry in std::fs::read_dir(dir).unwrap().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(&format!("{prefix}{tag}")) {
@@ -127,7 +130,7 @@ fn leftovers(pid: u32) -> Vec<String> {
             }
         }
     }
-    // The daemon's command line names its config file in /tmp/mimlb-<pid>-<n>/.
+    // The daemon's (and BIRD's) command line names its config file in /tmp/mimlb-<pid>-<n>/.
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
@@ -204,6 +207,13 @@ fn ctrl_c_in_the_middle_of_the_two_director_demo_removes_the_lab() {
     ctrl_c_in_the_middle_removes_the_lab_of(&["--directors", "2"]);
 }
 
+/// The same with three directors behind an ECMP router, where BIRD on the router and on every
+/// director, three daemons and the sync key must go too.
+#[test]
+fn ctrl_c_in_the_middle_of_the_ecmp_demo_removes_the_lab() {
+    ctrl_c_in_the_middle_removes_the_lab_of(&["--directors", "3", "--ecmp"]);
+}
+
 fn ctrl_c_in_the_middle_removes_the_lab_of(args: &[&str]) {
     let mut demo = Demo::start(args);
     let pid = demo.pid();
@@ -248,6 +258,66 @@ fn the_two_director_demo_breaks_no_connection_and_leaves_nothing_behind() {
     assert!(left.is_empty(), "the demo left behind:\n{}", left.join("\n"));
 }
 
+/// `cargo xtask lab --directors 3 --ecmp`: three directors behind a router that spreads
+/// connections by ECMP. The router's route has every director; each carries new flows (its
+/// status' `new_flows`, shown per second); one dies and the router drops it, it comes back and
+/// rejoins, another is withdrawn and announced again. No long-lived connection may break, and
+/// new connections fail only until the router dropped the dead director.
+#[test]
+fn the_ecmp_demo_spreads_flows_breaks_no_connection_and_leaves_nothing_behind() {
+    let (pid, summary, output) = run_to_the_end(&["--directors", "3", "--ecmp"]);
+    assert_eq!(summary["directors"], 3, "{summary}");
+    assert_eq!(summary["ecmp"], true, "{summary}");
+    assert_eq!(summary["held"], 9, "{summary}");
+    assert_eq!(summary["held_broken"], 0, "{summary}");
+    // Every director carried new flows, and the counts account for the new connections: each
+    // went through one director (what the dead one carried in its last milliseconds, and the
+    // connections that failed on it, may be uncounted).
+    let carried: Vec<u64> = ["A", "B", "C"].iter().map(|d| summary["carried"][d].as_u64().unwrap_or(0)).collect();
+    assert!(carried.iter().all(|&n| n > 0), "a director carried no flow: {summary}");
+    let (ok, failed) = (summary["new_ok"].as_u64().unwrap(), summary["new_failed"].as_u64().unwrap());
+    let sum: u64 = carried.iter().sum();
+    assert!(sum * 100 >= ok * 95 && sum <= ok + failed + 10, "flows carried {carried:?} for {ok} ok and {failed} failed new connections: {summary}");
+    // The route followed each event; new connections failed only before it dropped the dead one.
+    for key in ["kill_out_after_ms", "revive_in_after_ms", "withdraw_out_after_ms", "announce_in_after_ms"] {
+        assert!(summary[key].as_u64().is_some(), "no {key}: {summary}");
+    }
+    assert_eq!(summary["failed_otherwise"], 0, "{summary}");
+    assert_eq!(summary["failed_before_converged"], summary["new_failed"], "{summary}");
+
+    // The human side shows the same story: the router's route with a next hop per director,
+    // and rows whose next hops lose and regain the dead and the withdrawn director.
+    assert!(output.contains("router# ip route show"), "{output}");
+    assert_eq!(output.lines().filter(|l| l.trim_start().starts_with("nexthop via")).count(), 3, "{output}");
+    assert!(output.contains(">> the router dropped director A"), "{output}");
+    assert!(output.contains(">> director A is back in the router's route"), "{output}");
+    assert!(output.contains(">> the router dropped director B"), "{output}");
+    let rows_ending = |hops: &str| output.lines().filter(|l| is_traffic_row(l) && l.ends_with(&format!("| {hops}"))).count();
+    assert!(rows_ending("B C") > 0 && rows_ending("A C") > 0 && rows_ending("A B C") > 0, "{output}");
+    assert!(output.contains("Removing the lab"), "{output}");
+    let left = leftovers(pid);
+    assert!(left.is_empty(), "the demo left behind:\n{}", left.join("\n"));
+}
+
+/// More than two directors need `--ecmp`, and `--ecmp` 2 to 8: a clear error, before
+/// anything is built.
+#[test]
+fn three_directors_without_ecmp_is_an_error_naming_the_flag() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mim-lb-lab")).arg("--non-interactive").args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = run(&["--directors", "3"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--directors 3 needs --ecmp"), "{stderr}");
+    let (code, stderr) = run(&["--directors", "1", "--ecmp"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--ecmp needs 2 to 8 directors"), "{stderr}");
+    let (code, stderr) = run(&["--directors", "9", "--ecmp"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("9 is not in 1..=8"), "{stderr}");
+}
+
 /// `cargo xtask lab --keep`: every command of the guide it prints runs, exactly as printed
 /// and in the order printed, against the lab it leaves running; Ctrl-C then removes the lab.
 #[test]
@@ -259,6 +329,12 @@ fn every_command_the_keep_guide_prints_runs_as_printed() {
 #[test]
 fn every_command_the_two_director_keep_guide_prints_runs_as_printed() {
     every_command_of_the_keep_guide_runs(&["--directors", "2", "--keep"], 8);
+}
+
+/// The same with three directors behind an ECMP router.
+#[test]
+fn every_command_the_ecmp_keep_guide_prints_runs_as_printed() {
+    every_command_of_the_keep_guide_runs(&["--directors", "3", "--ecmp", "--keep"], 10);
 }
 
 fn every_command_of_the_keep_guide_runs(args: &[&str], at_least: usize) {
@@ -290,6 +366,11 @@ fn every_command_of_the_keep_guide_runs(args: &[&str], at_least: usize) {
             "mim-lb status" | "mim-lb status on A" | "mim-lb status on B" => "ActConn",
             "is B ready?" => "ready",
             "keepalived on A" => "vrrp_instance",
+            "its route to the VIP" => "nexthop via",
+            "its BGP sessions" => "Established",
+            "A's announced route" => "dev lo",
+            "take B out of ECMP" => "withdrawn",
+            "and back in" => "announcing again",
             "take a master out" => "-> disabled",
             "drain one and wait" => "holds no active connection",
             "put it back" => "-> ",

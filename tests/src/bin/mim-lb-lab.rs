@@ -21,7 +21,7 @@ use mim_lb_tests::lab::{MAX_MASTERS, MAX_SLAVES};
     bin_name = "cargo xtask lab",
     about = "The mim-lb demo: a client, a gateway running mim-lb, masters and slaves in network \
              namespaces; traffic through the VIP while one master's service dies and comes back",
-    after_help = "Examples:\n  cargo xtask lab\n  cargo xtask lab --keep\n  cargo xtask lab --masters 5 --requests-per-second 200\n  cargo xtask lab --directors 2   (two directors with keepalived; the active one dies)\n  cargo xtask lab --non-interactive   (CI: plain lines, short phases)"
+    after_help = "Examples:\n  cargo xtask lab\n  cargo xtask lab --keep\n  cargo xtask lab --masters 5 --requests-per-second 200\n  cargo xtask lab --directors 2   (two directors with keepalived; the active one dies)\n  cargo xtask lab --directors 3 --ecmp   (three directors behind an ECMP router; one dies, one is withdrawn)\n  cargo xtask lab --non-interactive   (CI: plain lines, short phases)"
 )]
 struct Args {
     /// Leave the lab running after the summary (until Ctrl-C), with the commands to look around.
@@ -48,10 +48,16 @@ struct Args {
     /// How mim-lb attaches its XDP program to the gateway's interface.
     #[arg(long, value_enum, default_value_t = XdpMode::Native)]
     xdp_mode: XdpMode,
-    /// Directors in front of the masters. With 2, each runs mim-lb and keepalived, and the
-    /// story kills the active director (not a master's service) and brings it back.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
-    directors: u8,
+    /// Directors in front of the masters [default: 1, or 3 with --ecmp]. With 2, each runs
+    /// mim-lb and keepalived, and the story kills the active director (not a master's service)
+    /// and brings it back. More than 2 need --ecmp.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=demo::ecmp::MAX_DIRECTORS as i64))]
+    directors: Option<u8>,
+    /// The directors (2 to 8) sit behind a router that spreads connections over them by ECMP,
+    /// each announcing the VIP with BIRD; the story kills one, brings it back, and withdraws
+    /// another (needs bird2).
+    #[arg(long)]
+    ecmp: bool,
     /// Plain lines instead of a live table, short phases, and a last line `summary-json: {...}`
     /// for scripts (the default when stdout is not a terminal).
     #[arg(long)]
@@ -68,6 +74,16 @@ fn options(args: &Args) -> Result<Options> {
     if args.kill == 0 || args.kill > args.masters {
         bail!("--kill {} names no master: there are {} (master-1 to master-{})", args.kill, args.masters, args.masters);
     }
+    let directors = args.directors.unwrap_or(if args.ecmp { 3 } else { 1 });
+    if args.ecmp && directors < 2 {
+        bail!("--ecmp needs 2 to {} directors, not {directors} (e.g. --directors 3 --ecmp)", demo::ecmp::MAX_DIRECTORS);
+    }
+    if !args.ecmp && directors > 2 {
+        bail!(
+            "--directors {directors} needs --ecmp: more than two directors run behind an ECMP router \
+             (try: cargo xtask lab --directors {directors} --ecmp)"
+        );
+    }
     let live = !args.non_interactive && std::io::stdout().is_terminal();
     let phase = args.phase_seconds.unwrap_or(if live { 6 } else { 3 });
     Ok(Options {
@@ -83,7 +99,8 @@ fn options(args: &Args) -> Result<Options> {
             XdpMode::Generic => Mode::Generic,
         },
         check_interval: Duration::from_millis(args.check_interval_ms.into()),
-        directors: args.directors.into(),
+        directors: directors.into(),
+        ecmp: args.ecmp,
     })
 }
 
@@ -98,7 +115,9 @@ fn main() -> ExitCode {
             );
         }
         signals::install().context("installing the Ctrl-C handler")?;
-        if opts.directors > 1 {
+        if opts.ecmp {
+            demo::ecmp::run(&opts).map(|summary| summary.problems())
+        } else if opts.directors > 1 {
             demo::pair::run(&opts).map(|summary| summary.problems())
         } else {
             demo::run(&opts).map(|summary| summary.problems())

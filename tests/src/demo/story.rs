@@ -46,8 +46,11 @@ pub struct Options {
     pub keep: bool,
     pub mode: Mode,
     pub check_interval: Duration,
-    /// 1: the one-gateway story; 2: two directors and keepalived ([`super::pair`]).
+    /// 1: the one-gateway story; 2: two directors and keepalived ([`super::pair`]); with
+    /// [`Options::ecmp`], 2 to 8 directors behind a router ([`super::ecmp`]).
     pub directors: usize,
+    /// The directors sit behind an ECMP router and announce the VIP with BIRD.
+    pub ecmp: bool,
 }
 
 /// Runs the demo and returns its summary. With [`Options::keep`], returns only after Ctrl-C,
@@ -88,8 +91,13 @@ pub(super) const STEPS: usize = 6;
 
 /// Prints `[n/6] title ...`, runs `f`, and finishes the line with how long it took.
 pub(super) fn step<T>(n: usize, title: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    step_of(n, STEPS, title, f)
+}
+
+/// [`step`] for a story of `steps` steps.
+pub(super) fn step_of<T>(n: usize, steps: usize, title: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let gap = if n > 1 { "\n" } else { "" };
-    print!("{gap}[{n}/{STEPS}] {title} ... ");
+    print!("{gap}[{n}/{steps}] {title} ... ");
     let _ = std::io::stdout().flush();
     let started = Instant::now();
     let value = f();
