@@ -203,7 +203,10 @@ fn rates(settings: &Settings) -> Result<Section> {
     // (k, round) -> (rate, failures, p50 ms, p99 ms, per-director share)
     let mut results: Vec<(usize, f64, u64, f64, f64, Vec<u64>)> = Vec::new();
     for round in 0..settings.rate_rounds {
-        for k in [1, 2, 3] {
+        // Every other round runs the other way round, so that a drift of the machine's load
+        // within a round does not always fall on the same step.
+        let order = if round % 2 == 0 { [1, 2, 3] } else { [3, 2, 1] };
+        for k in order {
             eprintln!("mim-lb-bench: ECMP connection rate, round {} of {}, {k} directors ...", round + 1, settings.rate_rounds);
             route_through(&ecmp, &lab, k)?;
             let before: Vec<u64> = ecmp.gateways.iter().map(|g| g.status().map(|s| s.services[1].new_flows)).collect::<Result<_>>()?;
@@ -232,7 +235,7 @@ fn rates(settings: &Settings) -> Result<Section> {
     s.method = vec![format!(
         "The router lab above, one lab: a closed loop of {} workers, each opening a connection, asking one short line and closing, for \
          {:.0} s per step, with the router's route holding 1, 2 or 3 directors (`mim-lb withdraw` on the others, `announce` back), in \
-         {} interleaved rounds. Baseline: one director, in the same rounds.",
+         {} interleaved rounds (1, 2, 3 directors, then 3, 2, 1, ...). Baseline: one director, in the same rounds.",
         settings.workers,
         settings.step.as_secs_f64(),
         settings.rate_rounds
