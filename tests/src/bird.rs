@@ -171,11 +171,7 @@ impl Bird {
 impl Drop for Bird {
     fn drop(&mut self) {
         if let Some(proc) = self.proc.take() {
-            let _ = proc.signal(libc::SIGTERM);
-            if proc.wait_exit(Duration::from_secs(5)).is_err() {
-                let _ = proc.signal(libc::SIGKILL);
-                let _ = proc.wait_exit(Duration::from_secs(2));
-            }
+            proc.stop_politely();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

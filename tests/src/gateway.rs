@@ -81,6 +81,18 @@ impl ServiceSpec {
         }
     }
 
+    /// A UDP service on `port` of the lab's first IPv4 VIP with every master, checked by TCP on
+    /// `tcp_port` (a UDP service has no handshake to check) every 100 ms.
+    pub fn udp_checked_by_tcp(lab: &Lab, port: u16, tcp_port: u16) -> ServiceSpec {
+        ServiceSpec {
+            name: format!("udp-{port}"),
+            port,
+            protocol: "udp",
+            health: format!("port = {tcp_port}\ninterval_ms = 100\ntimeout_ms = 100\nrise = 1"),
+            ..ServiceSpec::tcp(lab, tcp_port)
+        }
+    }
+
     /// The same service with no master's MAC in the config: the daemon resolves them from
     /// the neighbour table.
     pub fn macs_from_neighbours(mut self) -> ServiceSpec {
@@ -458,11 +470,7 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         if let Some(proc) = self.proc.take() {
-            let _ = proc.signal(libc::SIGTERM);
-            if proc.wait_exit(Duration::from_secs(5)).is_err() {
-                let _ = proc.signal(libc::SIGKILL);
-                let _ = proc.wait_exit(Duration::from_secs(2));
-            }
+            proc.stop_politely();
         }
         // A killed or --keep-pinned daemon leaves its pins (and a pinned attachment, which goes
         // with the lab's namespace); remove them whatever happened.

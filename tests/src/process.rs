@@ -219,6 +219,16 @@ impl Proc {
         unsafe { libc::kill(-(self.inner.pid as libc::pid_t), signal) };
     }
 
+    /// SIGTERM, up to 5 s for the exit, then SIGKILL: how a harness stops a daemon it owns
+    /// (on drop, also while a test unwinds). Errors are ignored: it may be gone already.
+    pub fn stop_politely(&self) {
+        let _ = self.signal(libc::SIGTERM);
+        if self.wait_exit(Duration::from_secs(5)).is_err() {
+            let _ = self.signal(libc::SIGKILL);
+            let _ = self.wait_exit(Duration::from_secs(2));
+        }
+    }
+
     /// The exit status if the process has ended.
     pub fn try_exit_status(&self) -> Result<Option<ExitStatus>> {
         let mut child = self.inner.child.lock().unwrap();

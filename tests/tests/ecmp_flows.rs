@@ -169,13 +169,7 @@ fn fragments_and_whole_datagrams_of_a_flow_reach_one_master_through_different_di
     lab.start_udp_servers(UDP_PORT).unwrap();
     let key = SyncKey::new(&lab).unwrap();
     let vip = lab.vip4();
-    let udp = ServiceSpec {
-        name: "udp".into(),
-        port: UDP_PORT,
-        protocol: "udp",
-        health: format!("port = {PORT}\ninterval_ms = 100\ntimeout_ms = 100\nrise = 1"),
-        ..ServiceSpec::tcp(&lab, PORT)
-    };
+    let udp = ServiceSpec { name: "udp".into(), ..ServiceSpec::udp_checked_by_tcp(&lab, UDP_PORT, PORT) };
     let configs: Vec<String> = (0..3).map(|i| director_mim_lb_config(&lab, &key, i, std::slice::from_ref(&udp), "", 1000)).collect();
     let ecmp = Ecmp::start(&mut lab, key, &configs).unwrap();
     ecmp.wait_nexthops(&lab, vip, &set(&[0, 1, 2]), UP_LIMIT).unwrap();

@@ -41,13 +41,7 @@ fn spread_in(mode: Mode) {
     let tcp4 = ServiceSpec::tcp(&lab, PORT);
     let tcp6 = ServiceSpec { name: "tcp6".into(), vip: lab.vip6().unwrap().into(), ..ServiceSpec::tcp(&lab, PORT) };
     // UDP masters are checked with TCP on the TCP port: a UDP service has no handshake to check.
-    let udp4 = ServiceSpec {
-        name: "udp4".into(),
-        port: UDP_PORT,
-        protocol: "udp",
-        health: format!("port = {PORT}\ninterval_ms = 100\ntimeout_ms = 100\nrise = 1"),
-        ..ServiceSpec::tcp(&lab, PORT)
-    };
+    let udp4 = ServiceSpec { name: "udp4".into(), ..ServiceSpec::udp_checked_by_tcp(&lab, UDP_PORT, PORT) };
     let config = lab_config(&lab, &[tcp4, tcp6, udp4], "");
     let gw = Gateway::start(&mut lab, &config, mode).unwrap();
     gw.wait_all_up().unwrap();

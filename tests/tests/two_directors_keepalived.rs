@@ -542,13 +542,7 @@ fn with_flow_sync_udp_flows_keep_their_master_through_the_backup() {
     lab.start_udp_servers(UDP_PORT).unwrap();
     let key = SyncKey::new(&lab).unwrap();
     // UDP masters are checked with TCP on the TCP port.
-    let udp = ServiceSpec {
-        name: "udp".into(),
-        port: UDP_PORT,
-        protocol: "udp",
-        health: format!("port = {PORT}\ninterval_ms = 100\ntimeout_ms = 100\nrise = 1"),
-        ..ServiceSpec::tcp(&lab, PORT)
-    };
+    let udp = ServiceSpec { name: "udp".into(), ..ServiceSpec::udp_checked_by_tcp(&lab, UDP_PORT, PORT) };
     let services = [ServiceSpec::tcp(&lab, PORT), udp];
     let mut directors = synced_pair_with(&mut lab, &key, 60, &services);
     let target = SocketAddr::new(lab.vip4().into(), UDP_PORT);

@@ -1,16 +1,8 @@
 //! The group mode (`[sync] group`): N engines and a simulated segment that carries a
 //! datagram to the group to every other director, and may lose it on the way to some.
 
-use std::net::IpAddr;
-
-use mim_lb_common::{FAMILY_V4, PROTO_TCP};
-
+use super::tests::{key, record, web};
 use super::*;
-use crate::config::Protocol;
-
-fn key() -> Key {
-    Key::new(b"a shared key of thirty-two bytes!").unwrap()
-}
 
 fn group() -> SocketAddr {
     "239.255.77.1:7947".parse().unwrap()
@@ -18,23 +10,6 @@ fn group() -> SocketAddr {
 
 fn addr(i: usize) -> SocketAddr {
     format!("10.0.0.{}:7946", i + 2).parse().unwrap()
-}
-
-fn web() -> ServiceKey {
-    ServiceKey { vip: "10.0.0.100".parse().unwrap(), port: 7000, protocol: Protocol::Tcp }
-}
-
-fn record(n: u32) -> WireRecord {
-    let key = FlowKey {
-        src: [u32::from_ne_bytes([10, 9, (n >> 8) as u8, n as u8]), 0, 0, 0],
-        dst: [u32::from_ne_bytes([10, 0, 0, 100]), 0, 0, 0],
-        sport: 40000u16.to_be(),
-        dport: 7000u16.to_be(),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        _pad0: [0; 2],
-    };
-    WireRecord { key, backend: IpAddr::from([10, 0, 0, 11 + (n % 3) as u8]), age_ms: n }
 }
 
 /// What one datagram was: to the group or to one director, from whom, of which kind.

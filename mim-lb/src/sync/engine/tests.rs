@@ -5,7 +5,7 @@ use mim_lb_common::{FAMILY_V4, PROTO_TCP};
 use super::*;
 use crate::config::Protocol;
 
-fn key() -> Key {
+pub(super) fn key() -> Key {
     Key::new(b"a shared key of thirty-two bytes!").unwrap()
 }
 
@@ -16,11 +16,12 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-fn web() -> ServiceKey {
+pub(super) fn web() -> ServiceKey {
     ServiceKey { vip: "10.0.0.100".parse().unwrap(), port: 7000, protocol: Protocol::Tcp }
 }
 
-fn record(n: u32) -> WireRecord {
+/// A TCP flow to 10.0.0.100:7000 from client `n`, on one of three masters.
+pub(super) fn record(n: u32) -> WireRecord {
     let key = FlowKey {
         src: [u32::from_ne_bytes([10, 9, (n >> 8) as u8, n as u8]), 0, 0, 0],
         dst: [u32::from_ne_bytes([10, 0, 0, 100]), 0, 0, 0],
