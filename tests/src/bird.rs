@@ -5,7 +5,8 @@
 //! `dist/bird/director.conf`, with only their `define` lines set to the lab's values: a change
 //! to the examples is a change to what this lab runs.
 //!
-//! [`Ecmp`] runs the whole set (the router's BIRD, and mim-lb with BIRD on every director) and
+//! [`Ecmp`] runs the whole set (the router's BIRD, and mim-lb with BIRD on every director; or
+//! any [`RoutingDaemon`], such as FRR in [`crate::frr`], on either side) and
 //! does to a director what a test needs: withdraw, stop, kill (processes and link), start
 //! again; [`Ecmp::wait_nexthops`] waits for the router's route to a VIP to have exactly a given
 //! set of directors as next hops, and says how long that took.
@@ -296,8 +297,8 @@ impl<R: RoutingDaemon, D: RoutingDaemon> Ecmp<R, D> {
         Ok(Ecmp { router, gateways, speakers, key })
     }
 
-    /// Starts the next director of the lab that is not running yet (BIRD, then mim-lb with
-    /// `config`) and returns its index; it joins the router's route once it is ready (it pulls its
+    /// Starts the next director of the lab that is not running yet (its routing daemon, then
+    /// mim-lb with `config`) and returns its index; it joins the router's route once it is ready (it pulls its
     /// peers' state first), which [`Ecmp::wait_nexthops`] waits for.
     pub fn join(&mut self, lab: &mut Lab, config: &str) -> Result<usize> {
         let i = self.gateways.len();
@@ -357,9 +358,9 @@ impl<R: RoutingDaemon, D: RoutingDaemon> Ecmp<R, D> {
     }
 
     /// Director `i` dies as a machine that lost power: its link is cut on the bridge side
-    /// first, so that nothing it would send on the way out (BIRD's TCP session closed by the
-    /// kernel when BIRD dies) reaches the router, which must notice by BFD; then its mim-lb
-    /// and BIRD get SIGKILL. Returns the moment it was off the segment.
+    /// first, so that nothing it would send on the way out (the BGP session closed by the
+    /// kernel when the routing daemon dies) reaches the router, which must notice by BFD; then
+    /// its mim-lb and routing daemon get SIGKILL. Returns the moment it was off the segment.
     pub fn kill(&mut self, lab: &Lab, i: usize) -> Result<Instant> {
         lab.cut_director(i)?;
         let gone = Instant::now();
@@ -370,10 +371,10 @@ impl<R: RoutingDaemon, D: RoutingDaemon> Ecmp<R, D> {
     }
 
     /// Brings director `i` back after [`Ecmp::kill`]: the link, the daemon over its pins (with
-    /// `daemon_args`), then BIRD. Its routes come back once the daemon is ready. The daemon
-    /// goes first: the killed one left its routes in the table (a namespace keeps them, where
-    /// a machine that lost power would have rebooted with an empty table), and the new one
-    /// removes them before BIRD could announce them.
+    /// `daemon_args`), then the routing daemon. Its routes come back once the daemon is ready.
+    /// The daemon goes first: the killed one left its routes in the table (a namespace keeps
+    /// them, where a machine that lost power would have rebooted with an empty table), and the
+    /// new one removes them before the routing daemon could announce them.
     pub fn revive(&mut self, lab: &mut Lab, i: usize, daemon_args: &[&str]) -> Result<()> {
         lab.reconnect_director(i)?;
         self.gateways[i].restart(lab, daemon_args).with_context(|| format!("restarting mim-lb on director {i}"))?;
@@ -381,7 +382,7 @@ impl<R: RoutingDaemon, D: RoutingDaemon> Ecmp<R, D> {
     }
 
     /// SIGTERM to director `i`'s mim-lb (a clean stop: it withdraws first); returns at once
-    /// with the moment it was sent. BIRD keeps running.
+    /// with the moment it was sent. The routing daemon keeps running.
     pub fn begin_stop(&self, i: usize) -> Result<Instant> {
         self.gateways[i].proc().signal(libc::SIGTERM)?;
         Ok(Instant::now())

@@ -11,7 +11,7 @@
 //! it, by `vtysh` (here `vtysh --vty_socket DIR -f frr.conf`) to daemons started without one.
 //! No system FRR is used or touched.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -96,6 +96,29 @@ pub fn director_config(lab: &Lab, i: usize) -> Result<String> {
             ("director1", format!("director{}", i + 1)),
         ],
     )
+}
+
+/// Kills the FRR daemons whose pid files are in `dir`, the directory of an [`Frr`] whose test
+/// process is gone. The lab starts every process with a parent-death signal, but FRR's daemons
+/// change their credentials and capabilities at start, which may clear it (a zebra started
+/// that way outlived its SIGKILLed parent in a trial), and would then keep a killed run's
+/// namespaces alive. A pid counts only if that process names `dir` in its
+/// command line, so a reused pid is left alone. Returns how many were killed.
+pub fn kill_stale_daemons(dir: &Path) -> usize {
+    let Some(dir_text) = dir.to_str() else { return 0 };
+    let mut killed = 0;
+    for daemon in DAEMONS {
+        let Ok(text) = std::fs::read_to_string(dir.join(format!("{daemon}.pid"))) else { continue };
+        let Ok(pid) = text.trim().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if pid > 0 && String::from_utf8_lossy(&cmdline).contains(dir_text) {
+            // SAFETY: kill(2) of a process checked above to be one of this harness's daemons.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                killed += 1;
+            }
+        }
+    }
+    killed
 }
 
 /// zebra, bgpd and bfdd in a namespace, configured by vtysh. Dropping it stops them and
