@@ -8,7 +8,8 @@
 //! Every [`Frr`] runs its own `zebra`, `bgpd` and `bfdd` in the foreground, with every file
 //! (pid files, the zebra socket, the vty sockets, bfdd's control socket) in a directory of its
 //! own, and no TCP vty; the integrated config is applied the way the system's `frrinit` does
-//! it, by `vtysh` (here `vtysh --vty_socket DIR -f frr.conf`) to daemons started without one.
+//! it, by `vtysh -b` (here `vtysh --vty_socket DIR --config_dir DIR -b`) to daemons started
+//! without one.
 //! No system FRR is used or touched.
 
 use std::path::{Path, PathBuf};
@@ -140,6 +141,8 @@ impl Frr {
         // Each daemon starts with an empty config of its own: without -f it would read
         // /etc/frr/<daemon>.conf.
         std::fs::write(dir.join("empty.conf"), "").context("writing empty.conf")?;
+        // vtysh -b reads its own settings from the same directory (or complains).
+        std::fs::write(dir.join("vtysh.conf"), "").context("writing vtysh.conf")?;
         let mut frr = Frr { ns: ns.to_owned(), dir, procs: Vec::new() };
         frr.restart(lab)?;
         Ok(frr)
@@ -167,11 +170,15 @@ impl Frr {
             let ready = if daemon == "zebra" { "zserv.api" } else { "" };
             self.wait_for(daemon, &[&format!("{daemon}.vty"), ready])?;
         }
-        let conf = self.dir.join("frr.conf");
-        let out = self.vtysh_args(&["-f", conf.to_str().expect("utf-8 path")])?;
-        // vtysh -f goes on past a bad line and still exits 0: any complaint is a failure.
+        // `vtysh -b` as at boot (frrinit), from this directory's frr.conf. Either way (`-f`
+        // too) bgpd holds its peers for about 5 s after it starts ("released from
+        // config-pending hold" with `debug bgp neighbor-events`): a director with FRR joins the
+        // route about 5 s after it is ready, where one with BIRD takes under a second.
+        let dir = self.dir.to_str().expect("utf-8 path").to_owned();
+        let out = self.vtysh_args(&["--config_dir", &dir, "-b"])?;
+        // Any complaint is a failure.
         if !out.trim().is_empty() {
-            bail!("vtysh -f frr.conf in {} complained:\n{out}", self.ns);
+            bail!("vtysh -b (frr.conf) in {} complained:\n{out}", self.ns);
         }
         // ...and one that reached no daemon says nothing on stdout: bgpd must have its part.
         let running = self.vtysh("show running-config")?;

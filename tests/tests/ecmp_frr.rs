@@ -7,7 +7,8 @@
 //!   once ready every director's address is a next hop of the router's route to the VIP;
 //!   client connections through the router reach the masters, spread over the directors;
 //! - `mim-lb withdraw` takes one director out of the route and `mim-lb announce` puts it back;
-//! - a director that dies (link cut, processes killed) leaves the route by BFD.
+//! - a director that dies (link cut, processes killed) leaves the route by BFD;
+//! - (a limit) any host route in the table is announced, whatever its protocol number.
 //!
 //! And the halves interoperate: an FRR router with BIRD directors.
 //!
@@ -97,6 +98,17 @@ fn directors_announce_through_frr_and_withdraw() {
 
     let carried = spread(&lab, &ecmp);
     println!("new flows per director for 60 connections: {carried:?}");
+
+    // Unlike BIRD's example, FRR's cannot keep only mim-lb's protocol number (OPERATIONS.md):
+    // another host route in the table is announced too, which is why the table must be
+    // mim-lb's alone. If this stops holding, the docs' warning is stale.
+    let o = lab.router_addr4().unwrap().octets();
+    let other = std::net::Ipv4Addr::new(o[0], o[1], o[2], 200);
+    let route = format!("{other}/32");
+    lab.run_in(lab.director_ns(0), "ip", &["route", "add", &route, "dev", "lo", "table", "100", "proto", "static"]).unwrap();
+    ecmp.wait_nexthops(&lab, other, &[0].into(), FOLLOW_LIMIT).unwrap();
+    lab.run_in(lab.director_ns(0), "ip", &["route", "del", &route, "table", "100"]).unwrap();
+    ecmp.wait_nexthops(&lab, other, &BTreeSet::new(), FOLLOW_LIMIT).unwrap();
 
     // `withdraw` takes director 1 out of the route; `announce` brings it back.
     let out = ecmp.withdraw(1).unwrap();
