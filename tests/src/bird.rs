@@ -5,7 +5,8 @@
 //! `dist/bird/director.conf`, with only their `define` lines set to the lab's values: a change
 //! to the examples is a change to what this lab runs.
 //!
-//! [`Ecmp`] runs the whole set (the router's BIRD, and mim-lb with BIRD on every director) and
+//! [`Ecmp`] runs the whole set (the router's BIRD, and mim-lb with BIRD on every director; or
+//! any [`RoutingDaemon`], such as FRR in [`crate::frr`], on either side) and
 //! does to a director what a test needs: withdraw, stop, kill (processes and link), start
 //! again; [`Ecmp::wait_nexthops`] waits for the router's route to a VIP to have exactly a given
 //! set of directors as next hops, and says how long that took.
@@ -27,7 +28,7 @@ use crate::process::Proc;
 use crate::Lab;
 
 /// The repository's root (for `dist/`).
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository").to_owned()
 }
 
@@ -209,12 +210,52 @@ pub fn director_mim_lb_config(lab: &Lab, key: &SyncKey, i: usize, services: &[Se
     format!("{}\n{}\n{}", lab_config(lab, services, extra), crate::keepalived::group_sync_section(lab, key, i), announce_section(withdraw_wait_ms))
 }
 
-/// The router's BIRD, and mim-lb with BIRD on every director of a router lab. Declare it after
-/// the [`Lab`], so that it is dropped first.
-pub struct Ecmp {
-    pub router: Bird,
+/// What [`Ecmp`] needs of a routing daemon (BIRD, or FRR in [`crate::frr`]) on the router
+/// and on a director: started with the lab's rendering of its shipped example (passed through
+/// `edit` first), killed, started again, and its sessions shown when a wait fails.
+pub trait RoutingDaemon: Sized {
+    fn start_router(lab: &mut Lab, edit: &dyn Fn(&str) -> String) -> Result<Self>;
+    fn start_director(lab: &mut Lab, i: usize, edit: &dyn Fn(&str) -> String) -> Result<Self>;
+    /// Starts again with the same config after [`RoutingDaemon::kill`].
+    fn restart(&mut self, lab: &mut Lab) -> Result<()>;
+    /// SIGKILL: no BGP notification, no withdrawal.
+    fn kill(&mut self) -> Result<()>;
+    /// The BGP (and BFD) sessions, for an error message.
+    fn sessions(&self) -> String;
+}
+
+impl RoutingDaemon for Bird {
+    fn start_router(lab: &mut Lab, edit: &dyn Fn(&str) -> String) -> Result<Self> {
+        let ns = lab.router_ns().context("the lab has no router")?.to_owned();
+        Bird::start(lab, &ns, &edit(&router_config(lab)?))
+    }
+
+    fn start_director(lab: &mut Lab, i: usize, edit: &dyn Fn(&str) -> String) -> Result<Self> {
+        let ns = lab.director_ns(i).to_owned();
+        Bird::start(lab, &ns, &edit(&director_config(lab, i)?))
+    }
+
+    fn restart(&mut self, lab: &mut Lab) -> Result<()> {
+        Bird::restart(self, lab)
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        Bird::kill(self)
+    }
+
+    fn sessions(&self) -> String {
+        self.birdc(&["show", "protocols"]).unwrap_or_default()
+    }
+}
+
+/// The router's routing daemon (`R`), and mim-lb with a routing daemon (`D`) on every director
+/// of a router lab; BIRD on both unless said otherwise. Declare it after the [`Lab`], so that
+/// it is dropped first.
+pub struct Ecmp<R = Bird, D = Bird> {
+    pub router: R,
     pub gateways: Vec<Gateway>,
-    pub birds: Vec<Bird>,
+    /// The directors' routing daemons, by director.
+    pub speakers: Vec<D>,
     /// Declared last: the directors' configs name its file.
     pub key: SyncKey,
 }
@@ -231,33 +272,38 @@ impl Ecmp {
     /// [`Ecmp::start`] with every BIRD config (router and directors) passed through `edit`
     /// first: a variant of the shipped examples (e.g. a benchmark without BFD).
     pub fn start_edited(lab: &mut Lab, key: SyncKey, configs: &[String], edit: impl Fn(&str) -> String) -> Result<Ecmp> {
-        let router_ns = lab.router_ns().context("the lab has no router")?.to_owned();
-        let router = Bird::start(lab, &router_ns, &edit(&router_config(lab)?)).context("starting BIRD on the router")?;
+        Ecmp::launch(lab, key, configs, &edit)
+    }
+}
+
+impl<R: RoutingDaemon, D: RoutingDaemon> Ecmp<R, D> {
+    /// [`Ecmp::start_edited`] with any routing daemons: `R` on the router, `D` on the
+    /// directors (e.g. `Ecmp::<Frr, Frr>::launch`).
+    pub fn launch(lab: &mut Lab, key: SyncKey, configs: &[String], edit: &dyn Fn(&str) -> String) -> Result<Self> {
+        let router = R::start_router(lab, edit).context("starting the routing daemon on the router")?;
         let mut gateways = Vec::new();
-        let mut birds = Vec::new();
+        let mut speakers = Vec::new();
         for (i, config) in configs.iter().enumerate() {
             gateways.push(Gateway::start_on(lab, i, config, Mode::Generic, &[]).with_context(|| format!("starting mim-lb on director {i}"))?);
-            let ns = lab.director_ns(i).to_owned();
-            birds.push(Bird::start(lab, &ns, &edit(&director_config(lab, i)?)).with_context(|| format!("starting BIRD on director {i}"))?);
+            speakers.push(D::start_director(lab, i, edit).with_context(|| format!("starting the routing daemon on director {i}"))?);
         }
         for gw in &gateways {
             gw.wait_all_up().with_context(|| format!("director {}", gw.director()))?;
         }
-        Ok(Ecmp { router, gateways, birds, key })
+        Ok(Ecmp { router, gateways, speakers, key })
     }
 
-    /// Starts the next director of the lab that is not running yet (BIRD, then mim-lb with
-    /// `config`) and returns its index; it joins the router's route once it is ready (it pulls its
+    /// Starts the next director of the lab that is not running yet (its routing daemon, then
+    /// mim-lb with `config`) and returns its index; it joins the router's route once it is ready (it pulls its
     /// peers' state first), which [`Ecmp::wait_nexthops`] waits for.
     pub fn join(&mut self, lab: &mut Lab, config: &str) -> Result<usize> {
         let i = self.gateways.len();
         if i >= lab.director_count() {
             bail!("all {} directors of the lab run already", lab.director_count());
         }
-        // BIRD first, as on a machine where it starts at boot: its session is up by the time
-        // mim-lb is ready, and the route goes out as soon as mim-lb writes it.
-        let ns = lab.director_ns(i).to_owned();
-        self.birds.push(Bird::start(lab, &ns, &director_config(lab, i)?).with_context(|| format!("starting BIRD on director {i}"))?);
+        // The routing daemon first, as on a machine where it starts at boot: its session is up
+        // by the time mim-lb is ready, and the route goes out as soon as mim-lb writes it.
+        self.speakers.push(D::start_director(lab, i, &|c| c.to_owned()).with_context(|| format!("starting the routing daemon on director {i}"))?);
         self.gateways.push(Gateway::start_on(lab, i, config, Mode::Generic, &[]).with_context(|| format!("starting mim-lb on director {i}"))?);
         Ok(i)
     }
@@ -290,7 +336,7 @@ impl Ecmp {
             }
             if started.elapsed() >= timeout {
                 let route = lab.run_in(lab.router_ns().expect("router"), "ip", &["-4", "route", "show", &vip.to_string()])?;
-                let sessions = self.router.birdc(&["show", "protocols"]).unwrap_or_default();
+                let sessions = self.router.sessions();
                 bail!("the router's next hops for {vip}: directors {have:?}, not {want:?}, after {timeout:?}\nroute: {route}\n{sessions}");
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -308,34 +354,31 @@ impl Ecmp {
     }
 
     /// Director `i` dies as a machine that lost power: its link is cut on the bridge side
-    /// first, so that nothing it would send on the way out (BIRD's TCP session closed by the
-    /// kernel when BIRD dies) reaches the router, which must notice by BFD; then its mim-lb
-    /// and BIRD get SIGKILL. Returns the moment it was off the segment.
+    /// first, so that nothing it would send on the way out (the BGP session closed by the
+    /// kernel when the routing daemon dies) reaches the router, which must notice by BFD; then
+    /// its mim-lb and routing daemon get SIGKILL. Returns the moment it was off the segment.
     pub fn kill(&mut self, lab: &Lab, i: usize) -> Result<Instant> {
         lab.cut_director(i)?;
         let gone = Instant::now();
         self.gateways[i].proc().signal(libc::SIGKILL)?;
-        if let Some(p) = self.birds[i].proc.as_ref() {
-            p.signal(libc::SIGKILL)?;
-        }
-        self.birds[i].kill()?;
+        self.speakers[i].kill()?;
         self.gateways[i].kill()?;
         Ok(gone)
     }
 
     /// Brings director `i` back after [`Ecmp::kill`]: the link, the daemon over its pins (with
-    /// `daemon_args`), then BIRD. Its routes come back once the daemon is ready. The daemon
-    /// goes first: the killed one left its routes in the table (a namespace keeps them, where
-    /// a machine that lost power would have rebooted with an empty table), and the new one
-    /// removes them before BIRD could announce them.
+    /// `daemon_args`), then the routing daemon. Its routes come back once the daemon is ready.
+    /// The daemon goes first: the killed one left its routes in the table (a namespace keeps
+    /// them, where a machine that lost power would have rebooted with an empty table), and the
+    /// new one removes them before the routing daemon could announce them.
     pub fn revive(&mut self, lab: &mut Lab, i: usize, daemon_args: &[&str]) -> Result<()> {
         lab.reconnect_director(i)?;
         self.gateways[i].restart(lab, daemon_args).with_context(|| format!("restarting mim-lb on director {i}"))?;
-        self.birds[i].restart(lab).with_context(|| format!("restarting BIRD on director {i}"))
+        self.speakers[i].restart(lab).with_context(|| format!("restarting the routing daemon on director {i}"))
     }
 
     /// SIGTERM to director `i`'s mim-lb (a clean stop: it withdraws first); returns at once
-    /// with the moment it was sent. BIRD keeps running.
+    /// with the moment it was sent. The routing daemon keeps running.
     pub fn begin_stop(&self, i: usize) -> Result<Instant> {
         self.gateways[i].proc().signal(libc::SIGTERM)?;
         Ok(Instant::now())

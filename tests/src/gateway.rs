@@ -160,6 +160,8 @@ pub fn cleanup_stale_pins() -> Result<usize> {
                 continue;
             };
             if !Path::new(&format!("/proc/{owner}")).exists() {
+                // FRR's daemons outlive a killed run; their pid files are in the directory.
+                crate::frr::kill_stale_daemons(&entry.path());
                 match std::fs::remove_dir_all(entry.path()) {
                     Ok(()) => removed += 1,
                     // Another run removing the same leftovers got there first.

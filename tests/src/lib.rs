@@ -25,6 +25,7 @@ pub mod client;
 pub mod continuity;
 pub mod demo;
 pub mod fault;
+pub mod frr;
 // The XDP program fuzzer (`cargo xtask fuzz`, and a short run in the suite).
 pub mod fuzz;
 pub mod gateway;

@@ -49,10 +49,43 @@ pub(crate) fn alive(pid: u32) -> bool {
 pub(crate) struct Cleaned {
     netns: usize,
     pin_dirs: usize,
+    daemons: usize,
+}
+
+/// The routing daemons a test harness runs with their pid files in a `mimlb-<pidhex>-<n>`
+/// temp directory (tests/src/frr.rs). They may outlive a killed test run: they change their
+/// credentials at start, which may clear the parent-death signal the harness gives them.
+const DAEMON_PID_FILES: [&str; 3] = ["zebra.pid", "bgpd.pid", "bfdd.pid"];
+
+/// Kills the daemons recorded in the temp directories of test runs that are gone, each only if
+/// its command line names that directory (so a reused pid is left alone). The directories
+/// themselves are left to the harness, which removes them (gateway::cleanup_stale_pins).
+fn kill_stale_daemons() -> usize {
+    let tmp = std::env::temp_dir();
+    let Ok(entries) = std::fs::read_dir(&tmp) else { return 0 };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name.to_str().and_then(netns_owner).is_none_or(alive) {
+            continue;
+        }
+        let dir = entry.path();
+        let Some(dir_text) = dir.to_str() else { continue };
+        for file in DAEMON_PID_FILES {
+            let Ok(text) = std::fs::read_to_string(dir.join(file)) else { continue };
+            let Ok(pid) = text.trim().parse::<i32>() else { continue };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            // SAFETY: kill(2) of a process whose command line names the dead run's directory.
+            if pid > 0 && String::from_utf8_lossy(&cmdline).contains(dir_text) && unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                killed += 1;
+            }
+        }
+    }
+    killed
 }
 
 pub(crate) fn remove_stale() -> Result<Cleaned> {
-    let mut cleaned = Cleaned::default();
+    let mut cleaned = Cleaned { daemons: kill_stale_daemons(), ..Cleaned::default() };
 
     let list = util::stdout_of(util::command("ip").args(["netns", "list"]))?;
     for name in parse_netns_list(&list) {
@@ -140,12 +173,15 @@ pub fn main(args: Vec<OsString>) -> Result<ExitCode> {
     };
     println!(
         "xtask test: {outcome} in {:.1}s; stale lab namespaces removed: {} before, {} after; \
-         stale pin dirs removed: {} before, {} after",
+         stale pin dirs removed: {} before, {} after; stale routing daemons killed: {} before, {} \
+         after",
         elapsed.as_secs_f64(),
         before.netns,
         after.netns,
         before.pin_dirs,
         after.pin_dirs,
+        before.daemons,
+        after.daemons,
     );
     Ok(util::exit_code(status))
 }
