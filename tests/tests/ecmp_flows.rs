@@ -33,6 +33,12 @@ const FOLLOW_LIMIT: Duration = Duration::from_secs(10);
 /// Traffic before and after each event.
 const SETTLE: Duration = Duration::from_secs(2);
 
+/// The two tests build a router lab each (a router, three or four directors with BIRD and
+/// mim-lb, masters): on a two-CPU machine, both at once stretch the sync lag (about 10 ms on
+/// its own) past the moment scenario (b) kills a director right after opening connections,
+/// which is what OPERATIONS.md says can be lost ("the sync lag"). They take turns.
+static ONE_LAB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn set(v: &[usize]) -> BTreeSet<usize> {
     v.iter().copied().collect()
 }
@@ -56,6 +62,7 @@ fn print_carried(what: &str, before: &[Option<u64>], after: &[Option<u64>]) {
 
 #[test]
 fn directors_join_die_and_leave_under_traffic_without_losing_a_flow() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut lab = Lab::new(LabSpec::router(4)).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
     let key = SyncKey::new(&lab).unwrap();
@@ -149,7 +156,11 @@ fn directors_join_die_and_leave_under_traffic_without_losing_a_flow() {
             failed.iter().map(|a| a.started - from).max(),
             converged
         );
-        assert!(late.is_empty(), "{what}: {} new connections failed that began after the route converged ({converged:?})\n{}", late.len(), report.attempt_lines(from, 40));
+        let shown: Vec<String> = late
+            .iter()
+            .map(|a| format!("  +{:?} (connection {}): {}", a.started - from, a.number, a.outcome.as_ref().err().map_or("", |e| e.as_str())))
+            .collect();
+        assert!(late.is_empty(), "{what}: {} new connections failed that began after the route converged ({converged:?}):\n{}", late.len(), shown.join("\n"));
     }
     drop(opened);
     drop(ecmp);
@@ -163,6 +174,7 @@ fn directors_join_die_and_leave_under_traffic_without_losing_a_flow() {
 /// 4,000-byte one (three fragments) are answered by the same master.
 #[test]
 fn fragments_and_whole_datagrams_of_a_flow_reach_one_master_through_different_directors() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const UDP_PORT: u16 = 7001;
     let mut lab = Lab::new(LabSpec::router(3)).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
@@ -177,19 +189,27 @@ fn fragments_and_whole_datagrams_of_a_flow_reach_one_master_through_different_di
     let target = SocketAddr::new(vip.into(), UDP_PORT);
     let big = vec![0x42u8; 4000];
     const FLOWS: u16 = 60;
-    let answers: Vec<(String, String)> = mim_lb_tests::in_netns(lab.client_ns(), || {
+    // One socket per flow (its port chosen by the kernel), asking twice: the same 5-tuple.
+    let answers: Vec<(u16, String, String)> = mim_lb_tests::in_netns(lab.client_ns(), || {
+        let ask = |socket: &std::net::UdpSocket, request: &[u8]| {
+            socket.send(request).unwrap();
+            let mut buf = [0u8; 1500];
+            let n = socket.recv(&mut buf).unwrap();
+            String::from_utf8_lossy(&buf[..n]).trim_end().to_owned()
+        };
         (0..FLOWS)
-            .map(|k| {
-                let port = Some(41000 + k);
-                let small = mim_lb_tests::client::udp_ask_with(target, port, b"who?\n", Duration::from_secs(3)).unwrap();
-                let large = mim_lb_tests::client::udp_ask_with(target, port, &big, Duration::from_secs(3)).unwrap();
-                (small, large)
+            .map(|_| {
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                socket.connect(target).unwrap();
+                socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let port = socket.local_addr().unwrap().port();
+                (port, ask(&socket, b"who?\n"), ask(&socket, &big))
             })
             .collect()
     })
     .unwrap();
-    for (k, (small, large)) in answers.iter().enumerate() {
-        assert_eq!(small, large, "client port {}: the whole datagram and the fragmented one went to different masters", 41000 + k);
+    for (port, small, large) in &answers {
+        assert_eq!(small, large, "client port {port}: the whole datagram and the fragmented one went to different masters");
     }
 
     let count = |i: usize, name: &str| {

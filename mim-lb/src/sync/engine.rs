@@ -395,11 +395,10 @@ impl Engine {
 
     /// The peer being pulled from, or while none is chosen, those waited for.
     pub fn pulling_from(&self) -> Vec<SocketAddr> {
-        if let Some(i) = self.pull_source {
-            return match self.peers[i].pull {
-                PullState::Asking { .. } => vec![self.peers[i].addr],
-                _ => Vec::new(),
-            };
+        if let Some(i) = self.pull_source
+            && matches!(self.peers[i].pull, PullState::Asking { .. })
+        {
+            return vec![self.peers[i].addr];
         }
         self.peers.iter().filter(|p| matches!(p.pull, PullState::Asking { .. })).map(|p| p.addr).collect()
     }
@@ -948,6 +947,13 @@ impl Engine {
                 peer.asking_all = None;
                 peer.missing.retain(|_, m| m.noticed >= since);
                 inbound.push(Inbound::Pulled { from, own_pull });
+                if own_pull {
+                    // One whole state is the group's: the others are not needed, from now (not
+                    // from the next tick: readiness and status must agree at every moment).
+                    for q in self.peers.iter_mut().filter(|q| matches!(q.pull, PullState::Asking { .. })) {
+                        q.pull = PullState::Elsewhere;
+                    }
+                }
             }
             Body::Ack { seq } => {
                 if let Some(u) = peer.unacked.remove(&seq)

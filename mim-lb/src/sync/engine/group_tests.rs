@@ -111,6 +111,14 @@ impl Mesh {
                         } else {
                             self.engines[j].receive(addr(from), &bytes, self.now)
                         };
+                        // What readiness reads (nobody is waited for) and what status shows
+                        // (a peer still "pulling") agree after every datagram.
+                        let e = &self.engines[j];
+                        assert!(
+                            !(e.pulling_from().is_empty() && e.peers().iter().any(|p| matches!(p.pull, PullState::Asking { .. }))),
+                            "director {j} waits for nobody while a peer is still asked: {:?}",
+                            e.peers().iter().map(|p| p.pull).collect::<Vec<_>>()
+                        );
                         self.take(j, inbound);
                     }
                 }
