@@ -77,15 +77,21 @@ fn wait_bfd_up(frr: &Frr, n: usize) -> Duration {
     }
 }
 
-#[test]
-fn directors_announce_through_frr_and_withdraw() {
+/// A router lab of three directors, the masters serving, `R` on the router and `D` on the
+/// directors with the shipped examples, every daemon serving every master.
+fn three_directors<R: mim_lb_tests::bird::RoutingDaemon, D: mim_lb_tests::bird::RoutingDaemon>() -> (Lab, Ecmp<R, D>) {
     let mut lab = Lab::new(LabSpec::router(3)).unwrap();
     lab.start_tcp_servers(PORT).unwrap();
     let key = SyncKey::new(&lab).unwrap();
     let configs = configs(&lab, &key);
-    let vip = lab.vip4();
-    let n = lab.director_count();
-    let mut ecmp = Ecmp::<Frr, Frr>::launch(&mut lab, key, &configs, &|c| c.to_owned()).unwrap();
+    let ecmp = Ecmp::<R, D>::launch(&mut lab, key, &configs, &|c| c.to_owned()).unwrap();
+    (lab, ecmp)
+}
+
+#[test]
+fn directors_announce_through_frr_and_withdraw() {
+    let (mut lab, mut ecmp) = three_directors::<Frr, Frr>();
+    let (vip, n) = (lab.vip4(), lab.director_count());
     let t = ecmp.wait_nexthops(&lab, vip, &all(n), UP_LIMIT).unwrap();
     println!("convergence: all 3 directors next hops of {vip} {:.2} s after every daemon served every master", t.as_secs_f64());
 
@@ -149,13 +155,8 @@ fn directors_announce_through_frr_and_withdraw() {
 /// The halves interoperate: FRR's router config takes BIRD's directors.
 #[test]
 fn frr_router_takes_bird_directors() {
-    let mut lab = Lab::new(LabSpec::router(3)).unwrap();
-    lab.start_tcp_servers(PORT).unwrap();
-    let key = SyncKey::new(&lab).unwrap();
-    let configs = configs(&lab, &key);
-    let vip = lab.vip4();
-    let n = lab.director_count();
-    let ecmp = Ecmp::<Frr, Bird>::launch(&mut lab, key, &configs, &|c| c.to_owned()).unwrap();
+    let (lab, ecmp) = three_directors::<Frr, Bird>();
+    let (vip, n) = (lab.vip4(), lab.director_count());
     let t = ecmp.wait_nexthops(&lab, vip, &all(n), UP_LIMIT).unwrap();
     println!("convergence: all 3 BIRD directors next hops of {vip} at the FRR router {:.2} s after every daemon was ready", t.as_secs_f64());
     let carried = spread(&lab, &ecmp);
