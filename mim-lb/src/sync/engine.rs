@@ -633,12 +633,8 @@ impl Engine {
             match p.pull {
                 PullState::Asking { .. } if p.alive(now) => return,
                 PullState::Asking { .. } => p.pull = PullState::GaveUp,
-                PullState::Done => {
-                    for q in self.peers.iter_mut().filter(|q| matches!(q.pull, PullState::Asking { .. })) {
-                        q.pull = PullState::Elsewhere;
-                    }
-                    return;
-                }
+                // The answer's end marked the other peers already.
+                PullState::Done => return,
                 _ => {}
             }
             self.pull_source = None;
